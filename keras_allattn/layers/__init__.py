@@ -1,0 +1,7 @@
+from keras_allattn.layers.adaptive_span import AdaptiveSpan
+from keras_allattn.layers.feed_forward import FeedForward
+from keras_allattn.layers.persistent_memory_attention import (
+    PersistentMemoryAttention,
+)
+from keras_allattn.layers.relative_position import RelativePosition
+from keras_allattn.layers.segment_memory import SegmentMemory

@@ -1,0 +1,2 @@
+from keras_allattn.models.all_attention_lm import AllAttentionLM
+from keras_allattn.models.all_attention_lm import SpanTrimming

@@ -1,0 +1,212 @@
+"""The all-attention math (SPEC §1), written with `keras.ops` only.
+
+This module is the portable reference path. Backend-specific fused kernels
+are reached through `all_attention(..., implementation=...)`, the single
+dispatch point, and are tested against `portable_all_attention`.
+
+Layout conventions (shape comments use these letters):
+    B batch, M queries (block), A attended distances (span after trimming),
+    H heads, D head width, N persistent vectors per head.
+Context scores are indexed by column `c = 0 .. A-1` holding distance
+`r = A - c` (the oldest key first), as in the reference implementation.
+"""
+
+import math
+
+from keras import ops
+from keras import random
+
+INTEGRATIONS = ("joint", "separate")
+IMPLEMENTATIONS = ("auto", "portable")
+
+# Added to the renormalisation denominators, as the reference does.
+SPAN_EPSILON = 1e-8
+
+
+def span_mask(span_ratio, max_span, span_ramp, length):
+    """Soft adaptive-span mask over the `length` most recent distances.
+
+    `m(r) = clip((R + z * L - r + 1) / R, 0, 1)` for distances
+    `r = length .. 1` (column `c` holds distance `length - c`).
+
+    Args:
+        span_ratio: float tensor (H,), the learned ratios `z` in [0, 1].
+        max_span: int, the maximum span `L`.
+        span_ramp: int, the ramp width `R`.
+        length: int, the number of distances kept (`<= max_span`).
+
+    Returns:
+        A float32 tensor (H, length).
+    """
+    distance = ops.arange(length, 0, -1, dtype="float32")  # (A,)
+    z = ops.cast(span_ratio, "float32")[:, None]  # (H, 1)
+    mask = (span_ramp + z * max_span - distance[None, :] + 1.0) / span_ramp
+    return ops.clip(mask, 0.0, 1.0)
+
+
+def unskew(scores, length):
+    """Turn query-by-key scores into query-by-distance scores.
+
+    Args:
+        scores: (..., M, length + M): score of query `i` with key `j`, where
+            key `j` sits `length + i - j` positions before query `i`.
+        length: the number of distances `A`.
+
+    Returns:
+        (..., M, length): column `c` holds the score at distance `A - c`.
+    """
+    *lead, m, total = scores.shape
+    flat = ops.reshape(scores, (*lead, m * total))
+    flat = ops.pad(flat, [(0, 0)] * len(lead) + [(0, m)])
+    rows = ops.reshape(flat, (*lead, m, total + 1))
+    return rows[..., :length]
+
+
+def skew(weights):
+    """Inverse of `unskew`: place distance weights at their key positions.
+
+    Args:
+        weights: (..., M, A), column `c` for distance `A - c`.
+
+    Returns:
+        (..., M, A + M) weights over keys, zeros elsewhere.
+    """
+    *lead, m, length = weights.shape
+    padded = ops.pad(weights, [(0, 0)] * len(lead) + [(0, 0), (0, m + 1)])
+    flat = ops.reshape(padded, (*lead, m * (length + m + 1)))
+    flat = flat[..., : m * (length + m)]
+    return ops.reshape(flat, (*lead, m, length + m))
+
+
+def apply_span_mask(weights, mask, normalize=True):
+    """Multiplies attention weights by a span mask, then renormalises.
+
+    Args:
+        weights: (..., A) attention weights.
+        mask: a tensor broadcastable to `weights`, values in [0, 1].
+        normalize: whether to divide by the masked sum plus 1e-8.
+
+    Returns:
+        The masked weights, same shape as `weights`.
+    """
+    weights = weights * mask
+    if normalize:
+        weights = _renormalise(weights, ops.sum(weights, -1, keepdims=True))
+    return weights
+
+
+def _renormalise(weights, total):
+    return weights / (total + SPAN_EPSILON)
+
+
+def _dropout(weights, rate, seed_generator, training):
+    if training and rate > 0.0:
+        return random.dropout(weights, rate, seed=seed_generator)
+    return weights
+
+
+def portable_all_attention(
+    query,
+    key,
+    value,
+    position_keys,
+    persistent_keys=None,
+    persistent_values=None,
+    span_ratio=None,
+    max_span=None,
+    span_ramp=32,
+    integration="joint",
+    dropout_rate=0.0,
+    seed_generator=None,
+    training=False,
+):
+    """All-attention with `keras.ops`; the reference for fused kernels.
+
+    Args:
+        query: (B, M, H, D) projected queries.
+        key: (B, A + M, H, D) projected keys of `[memory; inputs]`, the
+            memory trimmed to its last `A` rows.
+        value: (B, A + M, H, D) projected values, same rows as `key`.
+        position_keys: (D, A) relative-position keys; column `c` is the key
+            of distance `A - c`.
+        persistent_keys: None or (H, N, D) persistent keys, as used (the
+            reference's stored value times `sqrt(D)`).
+        persistent_values: None or (H, N, D) persistent values, as used.
+        span_ratio: None or (H,) adaptive-span ratios `z`.
+        max_span: int `L`, needed with `span_ratio`.
+        span_ramp: int `R`.
+        integration: "joint" (one softmax over context and persistent
+            scores) or "separate" (two softmaxes, outputs summed).
+        dropout_rate: dropout on the attention weights.
+        seed_generator: a `keras.random.SeedGenerator` for the dropout.
+        training: whether dropout is active.
+
+    Returns:
+        (B, M, H, D) attention outputs, in the dtype of `query`.
+    """
+    out_dtype = query.dtype
+    length = position_keys.shape[-1]
+    head_dim = query.shape[-1]
+    scale = 1.0 / math.sqrt(head_dim)
+    q = ops.transpose(query, (0, 2, 1, 3))  # (B, H, M, D)
+    k = ops.transpose(key, (0, 2, 1, 3))  # (B, H, A+M, D)
+    v = ops.transpose(value, (0, 2, 1, 3))  # (B, H, A+M, D)
+
+    context = unskew(ops.matmul(q, ops.swapaxes(k, -1, -2)), length)
+    context = context + ops.matmul(q, ops.cast(position_keys, q.dtype))
+    context = ops.cast(context, "float32") * scale  # (B, H, M, A)
+
+    mask = None
+    if span_ratio is not None:
+        mask = span_mask(span_ratio, max_span, span_ramp, length)
+        mask = mask[None, :, None, :]  # (1, H, 1, A)
+
+    persistent = None
+    if persistent_keys is not None:
+        pk = ops.cast(persistent_keys, q.dtype)[None]  # (1, H, N, D)
+        persistent = ops.matmul(q, ops.swapaxes(pk, -1, -2))
+        persistent = ops.cast(persistent, "float32") * scale  # (B, H, M, N)
+
+    if persistent is None or integration == "separate":
+        context = ops.softmax(context, axis=-1)
+        if mask is not None:
+            context = apply_span_mask(context, mask)
+        if persistent is not None:
+            persistent = ops.softmax(persistent, axis=-1)
+    else:
+        num_context = context.shape[-1]
+        joint = ops.softmax(ops.concatenate([context, persistent], -1), -1)
+        context, persistent = joint[..., :num_context], joint[..., num_context:]
+        if mask is not None:
+            context = context * mask
+            total = ops.sum(context, -1, keepdims=True) + ops.sum(
+                persistent, -1, keepdims=True
+            )
+            context = _renormalise(context, total)
+            persistent = _renormalise(persistent, total)
+
+    context = _dropout(context, dropout_rate, seed_generator, training)
+    out = ops.matmul(ops.cast(skew(context), v.dtype), v)  # (B, H, M, D)
+    if persistent is not None:
+        persistent = _dropout(persistent, dropout_rate, seed_generator, training)
+        pv = ops.cast(persistent_values, v.dtype)[None]  # (1, H, N, D)
+        out = out + ops.matmul(ops.cast(persistent, v.dtype), pv)
+    return ops.cast(ops.transpose(out, (0, 2, 1, 3)), out_dtype)
+
+
+def all_attention(*args, implementation="auto", **kwargs):
+    """The dispatch point for all-attention implementations.
+
+    Takes the arguments of `portable_all_attention` plus `implementation`:
+    "auto" picks the fastest implementation available for the current
+    backend and device, "portable" forces the `keras.ops` reference path.
+
+    Returns:
+        (B, M, H, D) attention outputs.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"`implementation` must be one of {IMPLEMENTATIONS}. "
+            f"Received: implementation={implementation!r}"
+        )
+    return portable_all_attention(*args, **kwargs)

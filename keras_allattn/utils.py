@@ -1,0 +1,67 @@
+"""Argument validation and initializers shared by the layers and the model."""
+
+import math
+import numbers
+
+import keras
+
+
+def torch_default_uniform(fan_in):
+    """PyTorch's default `nn.Linear` init: uniform in +-1/sqrt(fan_in)."""
+    limit = 1.0 / math.sqrt(fan_in)
+    return keras.initializers.RandomUniform(-limit, limit)
+
+
+def check_positive(name, value):
+    """Returns `value` if it is an integer >= 1, else raises ValueError."""
+    if (
+        not isinstance(value, numbers.Integral)
+        or isinstance(value, bool)
+        or value < 1
+    ):
+        raise ValueError(
+            f"`{name}` must be a positive integer. Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+def check_non_negative(name, value):
+    """Returns `value` if it is an integer >= 0, else raises ValueError."""
+    if (
+        not isinstance(value, numbers.Integral)
+        or isinstance(value, bool)
+        or value < 0
+    ):
+        raise ValueError(
+            f"`{name}` must be a non-negative integer. "
+            f"Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+def check_unit_interval(name, value):
+    """Returns `value` as float if it lies in [0, 1], else raises ValueError."""
+    if not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"`{name}` must be a number in [0, 1]. Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def check_rate(name, value):
+    """Returns `value` as float if it lies in [0, 1), else raises ValueError."""
+    if not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ValueError(
+            f"`{name}` must be a number in [0, 1). Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def check_choice(name, value, choices):
+    """Returns `value` if it is one of `choices`, else raises ValueError."""
+    if value not in choices:
+        raise ValueError(
+            f"`{name}` must be one of {tuple(choices)}. "
+            f"Received: {name}={value!r}"
+        )
+    return value
