@@ -68,6 +68,10 @@ class SegmentMemory(keras.layers.Layer):
                 f"drop_remainder=True). Received: a batch of size {batch}"
             )
         memory = ops.cast(self.memory, inputs.dtype)
+        if keras.backend.backend() == "torch":
+            # torch assigns in place: keep the old value apart from the
+            # variable's storage before overwriting it.
+            memory = ops.copy(memory)
         self.memory.assign(
             ops.cast(self.next_memory(memory, inputs), self.memory.dtype)
         )

@@ -1,0 +1,46 @@
+import os
+import pathlib
+
+import keras
+import numpy as np
+import pytest
+
+DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh NumPy generator per test (seeded from the test's name)."""
+    seed = abs(hash(request.node.nodeid)) % (2**31)
+    keras.utils.set_random_seed(seed)
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def data_dir():
+    if not DATA.is_dir():
+        pytest.skip(f"shared corpora not found at {DATA}")
+    return DATA
+
+
+def randomize(layer_or_model, rng, span_low=0.0, span_high=1.0):
+    """Random values for weights whose initial values are special.
+
+    LayerNorm gains/biases are 1/0 and span ratios 0 at initialisation;
+    tests draw them at random so that every term of the function counts.
+    """
+    for variable in layer_or_model.weights:
+        name = variable.path
+        if name.endswith("gamma") or name.endswith("beta") or name.endswith(
+            "bias"
+        ):
+            variable.assign(rng.normal(0.3, 0.5, variable.shape))
+        elif name.endswith("span_ratio"):
+            variable.assign(rng.uniform(span_low, span_high, variable.shape))
+
+
+def backend():
+    return keras.backend.backend()
+
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -1,0 +1,221 @@
+import keras
+import numpy as np
+import pytest
+
+from keras_allattn import AdaptiveSpan
+from keras_allattn import FeedForward
+from keras_allattn import PersistentMemoryAttention
+from keras_allattn import RelativePosition
+from keras_allattn import SegmentMemory
+from tests import reference
+from tests.conftest import randomize
+
+B, M, D_MODEL, H, L = 2, 5, 16, 4, 12
+
+
+def build_attention(rng, **kwargs):
+    positions = RelativePosition(head_dim=D_MODEL // H, max_span=L)
+    layer = PersistentMemoryAttention(num_heads=H, max_span=L, **kwargs)
+    x = rng.normal(size=(B, M, D_MODEL)).astype("float32")
+    table = positions(x)
+    layer(x, memory=np.zeros((B, L, D_MODEL), "float32"), position_keys=table)
+    randomize(layer, rng, 0.0, 0.8)
+    return layer, positions
+
+
+CASES = [
+    dict(persistent_memory_size=0, adaptive_span=False),
+    dict(persistent_memory_size=0, adaptive_span=True, span_ramp=4),
+    dict(persistent_memory_size=6, adaptive_span=False),
+    dict(persistent_memory_size=6, adaptive_span=True, span_ramp=4),
+    dict(persistent_memory_size=6, integration="separate"),
+    dict(
+        persistent_memory_size=6,
+        adaptive_span=True,
+        span_ramp=4,
+        integration="separate",
+    ),
+]
+
+
+@pytest.mark.parametrize("kwargs", CASES, ids=lambda c: str(sorted(c.items())))
+def test_attention_matches_numpy_over_two_segments(rng, kwargs):
+    layer, positions = build_attention(rng, **kwargs)
+    w = reference.attention_weights(layer, positions.table)
+    memory = np.zeros((B, L, D_MODEL))
+    for segment in range(2):
+        x = rng.normal(size=(B, M, D_MODEL))
+        expected = reference.attention(
+            x, memory, w, H, L, layer.span_ramp, layer.integration
+        )
+        actual = layer(
+            x.astype("float32"),
+            memory=memory.astype("float32"),
+            position_keys=positions(x),
+        )
+        assert reference.relative_error(actual, expected) < 1e-5, segment
+        memory = np.concatenate([memory, x], axis=1)[:, -L:]
+
+
+def test_attention_block_longer_than_span(rng):
+    layer, positions = build_attention(rng, persistent_memory_size=3)
+    w = reference.attention_weights(layer, positions.table)
+    x = rng.normal(size=(B, 2 * L + 3, D_MODEL))
+    memory = rng.normal(size=(B, L, D_MODEL))
+    expected = reference.attention(x, memory, w, H, L)
+    actual = layer(
+        x.astype("float32"),
+        memory=memory.astype("float32"),
+        position_keys=positions(x),
+    )
+    assert reference.relative_error(actual, expected) < 1e-5
+
+
+def test_trimmed_attention_is_exact(rng):
+    layer, positions = build_attention(
+        rng, persistent_memory_size=4, adaptive_span=True, span_ramp=2
+    )
+    layer.span.span_ratio.assign(np.array([0.1, 0.3, 0.0, 0.2]))
+    assert layer.span.current_spans().max() == 6
+    x = rng.normal(size=(B, M, D_MODEL)).astype("float32")
+    memory = rng.normal(size=(B, L, D_MODEL)).astype("float32")
+    table = positions(x)
+    full = layer(x, memory=memory, position_keys=table)
+    layer.set_attended_span(6)
+    trimmed = layer(x, memory=memory, position_keys=table)
+    assert reference.relative_error(trimmed, full) < 1e-6
+    layer.set_attended_span(3)
+    wrong = layer(x, memory=memory, position_keys=table)
+    assert reference.relative_error(wrong, full) > 1e-3
+
+
+def test_adaptive_span_layer(rng):
+    layer = AdaptiveSpan(num_heads=3, max_span=40, span_ramp=8, span_loss_coeff=0.5)
+    weights = rng.uniform(size=(2, 3, 4, 40)).astype("float32")
+    layer.build()
+    z = np.array([0.0, 0.25, 1.0])
+    layer.span_ratio.assign(z)
+    mask = reference.span_mask(z, 40, 8)[:, ::-1]  # columns: distance 40 .. 1
+    out = layer(weights)
+    masked = weights * mask[None, :, None, :]
+    expected = masked / (masked.sum(-1, keepdims=True) + 1e-8)
+    assert reference.relative_error(out, expected) < 1e-6
+    out = layer(weights, normalize=False)
+    assert reference.relative_error(out, masked) < 1e-6
+    assert layer.current_spans().tolist() == [8, 18, 40]
+    loss = keras.ops.convert_to_numpy(layer.span_loss())
+    np.testing.assert_allclose(loss, 0.5 * 40 * z.mean(), rtol=1e-6)
+    constraint = layer.span_ratio.constraint
+    clipped = keras.ops.convert_to_numpy(constraint(np.array([-0.5, 0.5, 1.5])))
+    np.testing.assert_allclose(clipped, [0.0, 0.5, 1.0])
+
+
+def test_adaptive_span_adds_loss():
+    layer = AdaptiveSpan(num_heads=2, max_span=10, span_init=0.5, span_loss_coeff=2.0)
+    layer(np.ones((1, 2, 3, 10), "float32"))
+    assert len(layer.losses) == 1
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(layer.losses[0]), 2.0 * 10 * 0.5, rtol=1e-6
+    )
+
+
+def test_segment_memory_carries_state(rng):
+    layer = SegmentMemory(batch_size=2, memory_length=4)
+    a = rng.normal(size=(2, 3, 5)).astype("float32")
+    b = rng.normal(size=(2, 3, 5)).astype("float32")
+    first = keras.ops.convert_to_numpy(layer(a))
+    np.testing.assert_array_equal(first, np.zeros((2, 4, 5)))
+    second = keras.ops.convert_to_numpy(layer(b))
+    np.testing.assert_allclose(second[:, 1:], a)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(layer.memory), np.concatenate([a, b], 1)[:, -4:]
+    )
+    layer.reset()
+    assert not np.any(keras.ops.convert_to_numpy(layer.memory))
+    with pytest.raises(ValueError, match="batch_size.*Received: a batch of size 3"):
+        layer(rng.normal(size=(3, 3, 5)).astype("float32"))
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        RelativePosition(head_dim=4, max_span=9),
+        AdaptiveSpan(num_heads=2, max_span=9, span_ramp=3, span_init=0.2,
+                     span_loss_coeff=1e-3),
+        PersistentMemoryAttention(num_heads=2, max_span=9, persistent_memory_size=3,
+                                  adaptive_span=True, span_ramp=3, span_init=0.1,
+                                  span_loss_coeff=1e-4, integration="separate",
+                                  dropout=0.1),
+        SegmentMemory(batch_size=3, memory_length=7),
+        FeedForward(feedforward_dim=12, dropout=0.2),
+    ],
+    ids=lambda layer: type(layer).__name__,
+)
+def test_config_round_trip(layer):
+    config = layer.get_config()
+    clone = type(layer).from_config(config)
+    assert clone.get_config() == config
+    restored = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(layer)
+    )
+    assert type(restored) is type(layer)
+    assert restored.get_config() == config
+
+
+def test_attention_weights_and_training_step(rng):
+    layer, positions = build_attention(
+        rng, persistent_memory_size=3, adaptive_span=True, span_loss_coeff=1e-3
+    )
+    names = sorted(v.path.split("/")[-1] for v in layer.trainable_weights)
+    assert names == sorted(["kernel"] * 4 + ["persistent_keys",
+                                             "persistent_values", "span_ratio"])
+    assert len(layer.losses) == 1
+
+
+def test_feed_forward_matches_numpy(rng):
+    layer = FeedForward(feedforward_dim=12)
+    x = rng.normal(size=(2, 3, 8)).astype("float32")
+    layer(x)
+    randomize(layer, rng)
+    w1, b1 = (reference._np(v) for v in (layer.inner_dense.kernel, layer.inner_dense.bias))
+    w2, b2 = (reference._np(v) for v in (layer.outer_dense.kernel, layer.outer_dense.bias))
+    expected = np.maximum(x @ w1 + b1, 0) @ w2 + b2
+    assert reference.relative_error(layer(x), expected) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_heads=0, max_span=4), "num_heads=0"),
+        (dict(num_heads=2, max_span=0), "max_span=0"),
+        (dict(num_heads=2, max_span=4, persistent_memory_size=-1),
+         "persistent_memory_size=-1"),
+        (dict(num_heads=2, max_span=4, span_ramp=0), "span_ramp=0"),
+        (dict(num_heads=2, max_span=4, adaptive_span=True, span_init=1.5),
+         "span_init=1.5"),
+        (dict(num_heads=2, max_span=4, integration="concat"),
+         "integration='concat'"),
+        (dict(num_heads=2, max_span=4, dropout=1.0), "dropout=1.0"),
+        (dict(num_heads=2, max_span=4, implementation="cuda"),
+         "implementation='cuda'"),
+    ],
+)
+def test_attention_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        PersistentMemoryAttention(**kwargs)
+
+
+def test_attention_width_not_divisible(rng):
+    layer = PersistentMemoryAttention(num_heads=3, max_span=4)
+    positions = RelativePosition(head_dim=4, max_span=4)
+    x = rng.normal(size=(1, 2, 8)).astype("float32")
+    with pytest.raises(ValueError, match="width=8, num_heads=3"):
+        layer(x, memory=np.zeros((1, 4, 8), "float32"), position_keys=positions(x))
+
+
+def test_attention_memory_too_short(rng):
+    layer, positions = build_attention(rng)
+    x = rng.normal(size=(B, M, D_MODEL)).astype("float32")
+    with pytest.raises(ValueError, match="max_span=12 rows"):
+        layer(x, memory=np.zeros((B, 5, D_MODEL), "float32"),
+              position_keys=positions(x))

@@ -1,0 +1,236 @@
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from keras_allattn import AllAttentionLM
+from tests import reference
+from tests.conftest import randomize
+
+V, B, M = 23, 2, 6
+
+BASE = dict(
+    vocabulary_size=V,
+    num_layers=2,
+    hidden_dim=16,
+    num_heads=4,
+    persistent_memory_size=5,
+    max_span=10,
+    block_size=M,
+    batch_size=B,
+    adaptive_span=False,
+)
+
+
+def make_model(rng, **overrides):
+    model = AllAttentionLM(**{**BASE, **overrides})
+    randomize(model, rng, 0.0, 0.7)
+    return model
+
+
+def to_numpy(x):
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+CASES = [
+    dict(),
+    dict(adaptive_span=True, span_ramp=3),
+    dict(integration="separate"),
+    dict(adaptive_span=True, span_ramp=3, integration="separate"),
+    dict(persistent_memory_size=0, adaptive_span=True, span_ramp=3),
+    dict(persistent_memory_size=0, feedforward_dim=24),
+    dict(feedforward_dim=24, adaptive_span=True, span_ramp=3),
+]
+
+
+@pytest.mark.parametrize("overrides", CASES, ids=lambda c: str(sorted(c.items())))
+def test_model_matches_numpy_over_two_segments(rng, overrides):
+    model = make_model(rng, **overrides)
+    config = model.get_config()
+    weights = reference.extract_weights(model)
+    memories = [np.zeros((B, 10, 16))] * 2
+    for segment in range(2):
+        tokens = rng.integers(0, V, (B, M)).astype("int32")
+        expected, memories = reference.model_forward(tokens, memories, weights, config)
+        actual = model(tokens)
+        assert actual.dtype == "float32" or str(actual.dtype).endswith("float32")
+        assert reference.relative_error(actual, expected) < 1e-5, segment
+        for memory_layer, memory in zip(model.segment_memories, memories):
+            assert reference.relative_error(memory_layer.memory, memory) < 1e-6
+
+
+def test_two_segments_equal_one_double_block(rng):
+    model = make_model(rng, adaptive_span=True, span_ramp=3)
+    tokens = rng.integers(0, V, (B, 2 * M)).astype("int32")
+    first = model(tokens[:, :M])
+    second = model(tokens[:, M:])
+    whole, _ = model.call_with_memory(tokens, model.initial_memories(B))
+    stitched = np.concatenate([to_numpy(first), to_numpy(second)], axis=1)
+    assert reference.relative_error(stitched, whole) < 1e-5
+
+
+def test_call_with_memory_matches_stateful_calls(rng):
+    model = make_model(rng)
+    memories = model.initial_memories(B)
+    for _ in range(3):
+        tokens = rng.integers(0, V, (B, M)).astype("int32")
+        logits, memories = model.call_with_memory(tokens, memories)
+        assert reference.relative_error(logits, model(tokens)) < 1e-6
+    for memory, layer in zip(memories, model.segment_memories):
+        assert reference.relative_error(memory, layer.memory) == 0.0
+    # Token by token over the memory gives the same logits as the block.
+    tokens = rng.integers(0, V, (B, 4)).astype("int32")
+    block_logits, _ = model.call_with_memory(tokens, memories)
+    steps = []
+    for t in range(4):
+        step_logits, memories = model.call_with_memory(tokens[:, t : t + 1], memories)
+        steps.append(to_numpy(step_logits))
+    assert reference.relative_error(np.concatenate(steps, 1), block_logits) < 1e-5
+
+
+def test_reset_memory(rng):
+    model = make_model(rng)
+    tokens = rng.integers(0, V, (B, M)).astype("int32")
+    fresh = to_numpy(model(tokens))
+    assert not np.allclose(to_numpy(model(tokens)), fresh)
+    assert np.any(to_numpy(model.segment_memories[0].memory))
+    model.reset_memory()
+    assert not np.any(to_numpy(model.segment_memories[1].memory))
+    np.testing.assert_allclose(to_numpy(model(tokens)), fresh, rtol=1e-6, atol=1e-6)
+
+
+def test_trimming_to_learned_spans_is_exact(rng):
+    model = make_model(
+        rng, max_span=160, adaptive_span=True, span_ramp=4, span_granularity=16,
+        block_size=8,
+    )
+    for attention, top in zip(model.attention_layers, (0.1, 0.3)):
+        attention.span.span_ratio.assign(rng.uniform(0.0, top, (4,)))
+    spans = model.current_spans()
+    tokens = rng.integers(0, V, (3, B, 8)).astype("int32")
+    full = [to_numpy(model(t)) for t in tokens]
+    model.reset_memory()
+    assert model.update_span_trimming()
+    attended = model.attended_spans()
+    for largest, length in zip(spans.max(axis=1), attended):
+        assert largest <= length < 160 and length % 16 == 0
+    trimmed = [to_numpy(model(t)) for t in tokens]
+    assert reference.relative_error(np.stack(trimmed), np.stack(full)) < 1e-6
+    assert not model.update_span_trimming()
+    # A span that outgrows its trimmed length widens the attention again.
+    model.attention_layers[0].span.span_ratio.assign(np.full((4,), 0.9))
+    assert model.update_span_trimming()
+    assert model.attended_spans()[0] == 160
+
+
+def test_save_and_load_keras_file(rng, tmp_path):
+    model = make_model(rng, adaptive_span=True, span_loss_coeff=1e-3, dropout=0.1)
+    tokens = rng.integers(0, V, (B, M)).astype("int32")
+    model(tokens)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, AllAttentionLM)
+    assert loaded.get_config() == model.get_config()
+    nxt = rng.integers(0, V, (B, M)).astype("int32")
+    np.testing.assert_array_equal(to_numpy(loaded(nxt)), to_numpy(model(nxt)))
+
+
+NEXT_BACKEND = {"tensorflow": "jax", "jax": "torch", "torch": "tensorflow"}
+
+LOAD_SCRIPT = """
+import sys, json, numpy as np, keras
+import keras_allattn
+path, inputs, expected = sys.argv[1:4]
+model = keras.saving.load_model(path)
+out = keras.ops.convert_to_numpy(model(np.load(inputs)))
+want = np.load(expected)
+print(json.dumps({"backend": keras.backend.backend(),
+                  "error": float(np.abs(out - want).max() / np.abs(want).max())}))
+"""
+
+
+def test_model_saved_under_one_backend_loads_under_another(rng, tmp_path):
+    model = make_model(rng, adaptive_span=True)
+    model(rng.integers(0, V, (B, M)).astype("int32"))  # non-zero memory
+    model.save(tmp_path / "model.keras")
+    tokens = rng.integers(0, V, (B, M)).astype("int32")
+    np.save(tmp_path / "tokens.npy", tokens)
+    np.save(tmp_path / "expected.npy", to_numpy(model(tokens)))
+    other = NEXT_BACKEND[keras.backend.backend()]
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT, str(tmp_path / "model.keras"),
+         str(tmp_path / "tokens.npy"), str(tmp_path / "expected.npy")],
+        env={**os.environ, "KERAS_BACKEND": other},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["backend"] == other
+    assert report["error"] < 1e-5
+
+
+def test_mixed_precision_logits_are_float32(rng):
+    model = make_model(rng, dtype="mixed_bfloat16", adaptive_span=True)
+    logits = model(rng.integers(0, V, (B, M)).astype("int32"))
+    assert keras.backend.standardize_dtype(logits.dtype) == "float32"
+    assert model.attention_layers[0].compute_dtype == "bfloat16"
+
+
+def test_span_loss_is_added(rng):
+    model = make_model(rng, adaptive_span=True, span_loss_coeff=0.01)
+    model(rng.integers(0, V, (B, M)).astype("int32"))
+    expected = sum(
+        0.01 * 10 * to_numpy(a.span.span_ratio).mean() for a in model.attention_layers
+    )
+    np.testing.assert_allclose(sum(to_numpy(x) for x in model.losses), expected,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(hidden_dim=18), "hidden_dim=18, num_heads=4"),
+        (dict(persistent_memory_size=-2), "persistent_memory_size=-2"),
+        (dict(max_span=0), "max_span=0"),
+        (dict(span_ramp=0), "span_ramp=0"),
+        (dict(block_size=0), "block_size=0"),
+        (dict(batch_size=0), "batch_size=0"),
+        (dict(span_init=-0.1), "span_init=-0.1"),
+        (dict(span_init=1.01), "span_init=1.01"),
+        (dict(integration="sum"), "integration='sum'"),
+        (dict(vocabulary_size=0), "vocabulary_size=0"),
+        (dict(feedforward_dim=0), "feedforward_dim=0"),
+        (dict(dropout=-0.1), "dropout=-0.1"),
+        (dict(embedding_dropout=1.5), "embedding_dropout=1.5"),
+        (dict(span_loss_coeff=-1.0), "span_loss_coeff=-1.0"),
+    ],
+)
+def test_bad_constructor_arguments(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        AllAttentionLM(**{**BASE, **overrides})
+
+
+def test_bad_call_inputs(rng):
+    model = make_model(rng)
+    with pytest.raises(ValueError, match="batch_size`=2.*batch of size 3"):
+        model(rng.integers(0, V, (3, M)).astype("int32"))
+    bad = rng.integers(0, V, (B, M)).astype("int32")
+    bad[1, 2] = V
+    with pytest.raises(ValueError, match=f"vocabulary_size={V}.*token id {V}"):
+        model(bad)
+    bad[1, 2] = -1
+    with pytest.raises(ValueError, match="token id -1"):
+        model.call_with_memory(bad, model.initial_memories(B))
+    with pytest.raises(ValueError, match="num_layers=2 tensors. Received: 1"):
+        model.call_with_memory(bad, model.initial_memories(B)[:1])
+    with pytest.raises(ValueError, match=r"memories\[0\]"):
+        model.call_with_memory(
+            rng.integers(0, V, (B, M)), [np.zeros((B, 3, 16), "float32")] * 2
+        )
