@@ -219,3 +219,51 @@ def test_attention_memory_too_short(rng):
     with pytest.raises(ValueError, match="max_span=12 rows"):
         layer(x, memory=np.zeros((B, 5, D_MODEL), "float32"),
               position_keys=positions(x))
+
+
+def test_dispatch_uses_the_portable_path_where_no_kernel_applies(rng):
+    from keras_allattn.ops import attention as attention_ops
+
+    q = rng.normal(size=(2, 3, 2, 4)).astype("float32")
+    k = rng.normal(size=(2, 8, 2, 4)).astype("float32")
+    pos = rng.normal(size=(4, 5)).astype("float32")
+    pk = rng.normal(size=(2, 3, 4)).astype("float32")
+    args = (q, k, k, pos, pk, pk)
+    auto = attention_ops.all_attention(*args, implementation="auto")
+    portable = attention_ops.portable_all_attention(*args)
+    assert reference.relative_error(auto, portable) == 0.0
+    with pytest.raises(ValueError, match="No fused all-attention kernel applies"):
+        attention_ops.all_attention(*args, implementation="fused")
+    with pytest.raises(ValueError, match="dropout"):
+        attention_ops.all_attention(
+            *args, implementation="fused", dropout_rate=0.1,
+            dropout_seed=keras.random.SeedGenerator(1),
+        )
+
+
+def test_span_mask_gradient_passes_at_the_clip_ends():
+    """As torch.clamp in the reference: at z = 0 the ends are whole distances."""
+    from keras_allattn.ops.attention import span_mask
+
+    z = np.zeros((1,), "float32")
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        grad = jax.grad(lambda z: span_mask(z, 16, 4, 16).sum())(z)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        zt = tf.Variable(z)
+        with tf.GradientTape() as tape:
+            total = tf.reduce_sum(span_mask(zt, 16, 4, 16))
+        grad = tape.gradient(total, zt)
+    else:
+        import torch
+
+        zt = torch.tensor(z, requires_grad=True)
+        span_mask(zt, 16, 4, 16).sum().backward()
+        grad = zt.grad
+    # m(r) = (4 - r + 1) / 4 for r = 1..5 (r = 1 and r = 5 are the ends),
+    # each with dm/dz = L / R = 4.
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(grad), [5 * 4.0])

@@ -234,3 +234,35 @@ def test_bad_call_inputs(rng):
         model.call_with_memory(
             rng.integers(0, V, (B, M)), [np.zeros((B, 3, 16), "float32")] * 2
         )
+
+
+def test_remat_gives_the_same_training_step(rng):
+    x = rng.integers(0, V, (2 * B, M)).astype("int32")
+    y = rng.integers(0, V, (2 * B, M)).astype("int32")
+    models = [make_model(rng, adaptive_span=True, remat=remat) for remat in (False, True)]
+    models[1].set_weights(models[0].get_weights())
+    for model in models:
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=keras.backend.backend() != "torch",
+        )
+        model.fit(x, y, batch_size=B, shuffle=False, verbose=0)
+    for a, b in zip(models[0].trainable_weights, models[1].trainable_weights):
+        assert reference.relative_error(b, a) < 1e-5, a.path
+
+
+def test_dropout_trains_with_remat(rng):
+    model = make_model(rng, adaptive_span=True, remat=True, dropout=0.3)
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x = rng.integers(0, V, (2 * B, M)).astype("int32")
+    history = model.fit(x, x, batch_size=B, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    model.reset_memory()
+    eval_a = model.predict(x[:B], batch_size=B, verbose=0)
+    model.reset_memory()
+    eval_b = model.predict(x[:B], batch_size=B, verbose=0)
+    np.testing.assert_allclose(eval_a, eval_b, rtol=1e-6)  # no dropout in predict

@@ -51,6 +51,10 @@ class PersistentMemoryAttention(keras.layers.Layer):
         dropout: float in [0, 1), dropout rate on the attention weights.
         implementation: "auto" or "portable"; see
             `keras_allattn.ops.all_attention`.
+        remat: bool, recompute the attention (scores, weights and their
+            products with the values) in the backward pass instead of
+            keeping the `(B, H, M, span)` tensors: the portable path then
+            needs memory proportional to the span only once per layer.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -95,6 +99,7 @@ class PersistentMemoryAttention(keras.layers.Layer):
         integration="joint",
         dropout=0.0,
         implementation="auto",
+        remat=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -112,6 +117,7 @@ class PersistentMemoryAttention(keras.layers.Layer):
         self.implementation = check_choice(
             "implementation", implementation, IMPLEMENTATIONS
         )
+        self.remat = bool(remat)
         self.attended_span = self.max_span
         self.span = None
         if self.adaptive_span:
@@ -202,35 +208,38 @@ class PersistentMemoryAttention(keras.layers.Layer):
         value = self._split_heads(self.value_dense(context))
         positions = position_keys[:, self.max_span - length :]  # (D, A)
 
-        persistent_keys = persistent_values = None
+        # Tensor arguments of the attention, by name; None when unused.
+        tensors = {"query": query, "key": key, "value": value,
+                   "position_keys": positions}
         if self.persistent_memory_size:
-            persistent_keys = ops.cast(
+            tensors["persistent_keys"] = ops.cast(
                 self.persistent_keys, self.compute_dtype
             ) * math.sqrt(self.head_dim)
-            persistent_values = ops.cast(
+            tensors["persistent_values"] = ops.cast(
                 self.persistent_values, self.compute_dtype
             ) * math.sqrt(self.persistent_memory_size)
-        span_ratio = None
         if self.span is not None:
-            span_ratio = self.span.span_ratio
+            tensors["span_ratio"] = ops.convert_to_tensor(self.span.span_ratio)
             self.span.add_span_loss()
+        dropout = bool(training) and self.dropout > 0
+        if dropout:
+            # A seed drawn outside keeps recomputation (remat) identical.
+            tensors["dropout_seed"] = self.seed_generator.next()
+        names = list(tensors)
 
-        out = all_attention(
-            query,
-            key,
-            value,
-            positions,
-            persistent_keys=persistent_keys,
-            persistent_values=persistent_values,
-            span_ratio=span_ratio,
-            max_span=self.max_span,
-            span_ramp=self.span_ramp,
-            integration=self.integration,
-            dropout_rate=self.dropout,
-            seed_generator=self.seed_generator,
-            training=bool(training),
-            implementation=self.implementation,
-        )  # (B, M, H, D)
+        def attend(*values):
+            return all_attention(
+                **dict(zip(names, values)),
+                max_span=self.max_span,
+                span_ramp=self.span_ramp,
+                integration=self.integration,
+                dropout_rate=self.dropout if dropout else 0.0,
+                implementation=self.implementation,
+            )
+
+        if self.remat:
+            attend = keras.remat(attend)
+        out = attend(*tensors.values())  # (B, M, H, D)
         out = ops.reshape(out, (-1, inputs.shape[1], self.hidden_dim))
         return self.output_dense(out)
 
@@ -251,6 +260,7 @@ class PersistentMemoryAttention(keras.layers.Layer):
                 "integration": self.integration,
                 "dropout": self.dropout,
                 "implementation": self.implementation,
+                "remat": self.remat,
             }
         )
         return config

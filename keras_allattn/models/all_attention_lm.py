@@ -10,6 +10,7 @@ from keras_allattn.layers.persistent_memory_attention import (
 )
 from keras_allattn.layers.relative_position import RelativePosition
 from keras_allattn.layers.segment_memory import SegmentMemory
+from keras_allattn import presets as preset_table
 from keras_allattn.ops.attention import IMPLEMENTATIONS
 from keras_allattn.ops.attention import INTEGRATIONS
 from keras_allattn.utils import check_choice
@@ -77,6 +78,9 @@ class AllAttentionLM(keras.Model):
         implementation: "auto" or "portable"; see
             `keras_allattn.ops.all_attention`.
         span_granularity: int, the memory trimming step in tokens.
+        remat: bool, recompute the attention weights in the backward pass
+            instead of keeping them (gradient checkpointing); see
+            `PersistentMemoryAttention`.
         dtype: the dtype policy of the layers (e.g. "mixed_bfloat16");
             logits are always float32.
         **kwargs: `keras.Model` arguments such as `name`.
@@ -128,6 +132,7 @@ class AllAttentionLM(keras.Model):
         integration="joint",
         implementation="auto",
         span_granularity=256,
+        remat=False,
         dtype=None,
         **kwargs,
     ):
@@ -187,8 +192,7 @@ class AllAttentionLM(keras.Model):
                     batch_size, max_span, dtype=dtype, name=f"memory_{i}"
                 )
             )
-            self.attention_layers.append(
-                PersistentMemoryAttention(
+            attention = PersistentMemoryAttention(
                     num_heads=num_heads,
                     max_span=max_span,
                     persistent_memory_size=persistent_memory_size,
@@ -199,10 +203,11 @@ class AllAttentionLM(keras.Model):
                     integration=integration,
                     dropout=dropout,
                     implementation=implementation,
+                    remat=remat,
                     dtype=dtype,
                     name=f"attention_{i}",
                 )
-            )
+            self.attention_layers.append(attention)
             self.attention_norms.append(
                 keras.layers.LayerNormalization(
                     epsilon=1e-5, dtype=dtype, name=f"attention_norm_{i}"
@@ -263,6 +268,7 @@ class AllAttentionLM(keras.Model):
         self.integration = integration
         self.implementation = implementation
         self.span_granularity = span_granularity
+        self.remat = remat
 
     def __setattr__(self, name, value):
         # The torch backend's Module refuses layer attributes before
@@ -414,6 +420,32 @@ class AllAttentionLM(keras.Model):
         self.update_span_trimming()
         return super().predict(*args, **kwargs)
 
+    @classmethod
+    def presets(cls):
+        """Preset names mapped to their one-line descriptions."""
+        return {
+            name: preset_table.PRESETS[name]["description"]
+            for name in preset_table.preset_names()
+        }
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """A new model with the geometry of preset `name` (SPEC §5).
+
+        Args:
+            name: a name from `AllAttentionLM.presets()`.
+            **overrides: constructor arguments replacing the preset's, e.g.
+                `batch_size=8, max_span=2048, dtype="mixed_bfloat16"`.
+
+        Returns:
+            An `AllAttentionLM` with freshly initialised weights. The
+            preset's training recipe is `keras_allattn.presets.get_preset(
+            name)["recipe"]`.
+        """
+        preset = preset_table.get_preset(name)
+        preset_table.check_buildable(name)
+        return cls(**{**preset["model"], **overrides})
+
     def get_config(self):
         return {
             "vocabulary_size": self.vocabulary_size,
@@ -434,6 +466,7 @@ class AllAttentionLM(keras.Model):
             "integration": self.integration,
             "implementation": self.implementation,
             "span_granularity": self.span_granularity,
+            "remat": self.remat,
             "dtype": keras.dtype_policies.serialize(self.dtype_policy),
             "name": self.name,
             "trainable": self.trainable,

@@ -13,11 +13,14 @@ Context scores are indexed by column `c = 0 .. A-1` holding distance
 
 import math
 
+import keras
 from keras import ops
 from keras import random
 
+from keras_allattn.ops.random import stateless_dropout
+
 INTEGRATIONS = ("joint", "separate")
-IMPLEMENTATIONS = ("auto", "portable")
+IMPLEMENTATIONS = ("auto", "portable", "fused")
 
 # Added to the renormalisation denominators, as the reference does.
 SPAN_EPSILON = 1e-8
@@ -41,7 +44,10 @@ def span_mask(span_ratio, max_span, span_ramp, length):
     distance = ops.arange(length, 0, -1, dtype="float32")  # (A,)
     z = ops.cast(span_ratio, "float32")[:, None]  # (H, 1)
     mask = (span_ramp + z * max_span - distance[None, :] + 1.0) / span_ramp
-    return ops.clip(mask, 0.0, 1.0)
+    # Clip whose gradient passes on [0, 1] ends included, as torch.clamp's
+    # does in the reference: at z = 0 both ends fall on whole distances.
+    inside = ops.logical_and(mask >= 0.0, mask <= 1.0)
+    return ops.where(inside, mask, ops.clip(mask, 0.0, 1.0))
 
 
 def unskew(scores, length):
@@ -99,9 +105,9 @@ def _renormalise(weights, total):
     return weights / (total + SPAN_EPSILON)
 
 
-def _dropout(weights, rate, seed_generator, training):
-    if training and rate > 0.0:
-        return random.dropout(weights, rate, seed=seed_generator)
+def _dropout(weights, rate, seed):
+    if rate > 0.0:
+        return stateless_dropout(weights, rate, seed)
     return weights
 
 
@@ -117,8 +123,7 @@ def portable_all_attention(
     span_ramp=32,
     integration="joint",
     dropout_rate=0.0,
-    seed_generator=None,
-    training=False,
+    dropout_seed=None,
 ):
     """All-attention with `keras.ops`; the reference for fused kernels.
 
@@ -137,9 +142,11 @@ def portable_all_attention(
         span_ramp: int `R`.
         integration: "joint" (one softmax over context and persistent
             scores) or "separate" (two softmaxes, outputs summed).
-        dropout_rate: dropout on the attention weights.
-        seed_generator: a `keras.random.SeedGenerator` for the dropout.
-        training: whether dropout is active.
+        dropout_rate: dropout rate on the attention weights (0 when not
+            training).
+        dropout_seed: the seed of the dropout: a `keras.random.SeedGenerator`
+            or a seed tensor (`SeedGenerator.next()`), needed when
+            `dropout_rate > 0`.
 
     Returns:
         (B, M, H, D) attention outputs, in the dtype of `query`.
@@ -185,10 +192,19 @@ def portable_all_attention(
             context = _renormalise(context, total)
             persistent = _renormalise(persistent, total)
 
-    context = _dropout(context, dropout_rate, seed_generator, training)
+    if dropout_rate > 0.0 and dropout_seed is None:
+        raise ValueError(
+            "`dropout_seed` is needed when `dropout_rate` > 0. Received: "
+            f"dropout_rate={dropout_rate}, dropout_seed=None"
+        )
+    if isinstance(dropout_seed, random.SeedGenerator):
+        dropout_seed = dropout_seed.next()
+    context = _dropout(context, dropout_rate, dropout_seed)
     out = ops.matmul(ops.cast(skew(context), v.dtype), v)  # (B, H, M, D)
     if persistent is not None:
-        persistent = _dropout(persistent, dropout_rate, seed_generator, training)
+        persistent = _dropout(
+            persistent, dropout_rate, dropout_seed + 1 if dropout_rate else None
+        )
         pv = ops.cast(persistent_values, v.dtype)[None]  # (1, H, N, D)
         out = out + ops.matmul(ops.cast(persistent, v.dtype), pv)
     return ops.cast(ops.transpose(out, (0, 2, 1, 3)), out_dtype)
@@ -198,8 +214,12 @@ def all_attention(*args, implementation="auto", **kwargs):
     """The dispatch point for all-attention implementations.
 
     Takes the arguments of `portable_all_attention` plus `implementation`:
-    "auto" picks the fastest implementation available for the current
-    backend and device, "portable" forces the `keras.ops` reference path.
+
+    - "portable": the `keras.ops` reference path, on every backend.
+    - "fused": the fused kernel of the backend (Triton on PyTorch with CUDA
+      tensors); raises ValueError where there is none or where attention
+      dropout is active (the kernels have no dropout).
+    - "auto": the fused kernel where it applies, else the portable path.
 
     Returns:
         (B, M, H, D) attention outputs.
@@ -209,4 +229,31 @@ def all_attention(*args, implementation="auto", **kwargs):
             f"`implementation` must be one of {IMPLEMENTATIONS}. "
             f"Received: implementation={implementation!r}"
         )
+    if implementation != "portable":
+        fused, reason = _fused_kernel(*args, **kwargs)
+        if fused is not None:
+            kwargs.pop("dropout_rate", None)
+            kwargs.pop("dropout_seed", None)
+            return fused(*args, **kwargs)
+        if implementation == "fused":
+            raise ValueError(
+                f"No fused all-attention kernel applies here: {reason}. "
+                f"Received: implementation={implementation!r}"
+            )
     return portable_all_attention(*args, **kwargs)
+
+
+def _fused_kernel(query, *args, dropout_rate=0.0, **kwargs):
+    """The backend's fused kernel for these inputs, or (None, reason)."""
+    if dropout_rate > 0.0:
+        return None, "attention dropout is active"
+    backend = keras.backend.backend()
+    if backend == "torch":
+        from keras_allattn.ops import triton_attention
+
+        if not getattr(query, "is_cuda", False):
+            return None, "the inputs are not on a CUDA device"
+        if not triton_attention.triton_available():
+            return None, "triton is not installed"
+        return triton_attention.triton_all_attention, ""
+    return None, f"no fused kernel for the {backend} backend"
