@@ -1,0 +1,313 @@
+"""Check and time the fused Triton all-attention kernel on a CUDA GPU.
+
+For enwik8-small-like shapes (B=64, M=512, H=8, D=64, N=1024) this script
+  * checks the forward output and every gradient of `triton_all_attention`
+    against `portable_all_attention` (the keras.ops reference, PyTorch
+    backend): in float32 (the kernel's exact-fp32 `tl.dot` path) and in
+    bfloat16 (the kernel on bf16 inputs against the float32 reference on the
+    same bf16-rounded inputs; the portable path's own bf16 error is printed
+    beside it for scale). The check runs on the first `--check-batch` rows of
+    the batch to bound the reference's memory (it materialises (B, H, M, A+M)
+    scores);
+  * times forward and forward+backward in bf16 at the full batch with
+    `triton.testing.do_bench` (median, ms), the peak memory of one
+    forward+backward, and the portable path's times for comparison;
+  * optionally times a few alternative tile configurations.
+
+Configurations: "fixed" (A = 2048 attended distances, no adaptive span) and
+"adaptive" (L = A = 8192, span ratios chosen so that the heads' spans are
+about 768..1280, ~1024 on average: the kernel skips the key tiles beyond
+each head's span). One JSON line per configuration (and per tile variant);
+errors are caught and printed per configuration.
+
+Usage (on the GPU machine, Keras carried as wheels, see GPU.md):
+    KERAS_BACKEND=torch python3 benchmarks/triton_kernel_check.py
+    ... --configs fixed --check-batch 4 --no-sweep --no-portable-timing
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+SPAN_RAMP = 32
+
+CONFIGS = {
+    # name: (B, M, H, D, A, N, max_span or None, mean span or None)
+    "fixed": dict(B=64, M=512, H=8, D=64, A=2048, N=1024, max_span=None, span=None),
+    "adaptive": dict(B=64, M=512, H=8, D=64, A=8192, N=1024, max_span=8192, span=1024),
+    # For `--smoke` (CPU, Triton interpreter): the script's own logic.
+    "tiny": dict(B=2, M=37, H=2, D=16, A=100, N=20, max_span=120, span=40),
+}
+
+# Alternative tiles timed with --sweep: keyword arguments of the kernel.
+SWEEP = [
+    # The defaults are block_q=64, block_k=64, num_warps=8, num_stages=2 for
+    # every kernel and 8 position-gradient replicas. Register use at D=64
+    # (ptxas, triton 3.6, sm_90a): dq (64,64,8) spills ~1 KB with the span
+    # gradient; dq/dkdv (32,64,8) spill nothing (but dq at 32 rows doubles
+    # the position-gradient atomics).
+    dict(num_warps=4),
+    dict(num_stages=3),
+    dict(block_k=128),
+    dict(backward={"dq": (32, 64, 8, 2), "dkdv": (32, 64, 8, 2)}),
+    dict(backward={"dkdv": (32, 64, 4, 2)}),
+    dict(backward={"dq": (32, 64, 4, 2), "dkdv": (32, 64, 4, 2)}),
+    dict(backward={"persistent": (64, 128, 8, 2)}),
+    dict(position_grad_replicas=1),
+    dict(position_grad_replicas=32),
+]
+
+
+def make_inputs(shape, batch, dtype, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    B, M, H, D, A, N = (shape[k] for k in ("B", "M", "H", "D", "A", "N"))
+    B = batch
+
+    def rnd(*size, scale=1.0):
+        x = torch.randn(*size, generator=gen) * scale
+        return x.to(device=device, dtype=dtype)
+
+    # Scales of a trained model's projections: logits of order 1.
+    inputs = {
+        "query": rnd(B, M, H, D, scale=0.5),
+        "key": rnd(B, A + M, H, D, scale=0.5),
+        "value": rnd(B, A + M, H, D),
+        "position_keys": rnd(D, A, scale=0.5),
+        "persistent_keys": rnd(H, N, D, scale=0.5),
+        "persistent_values": rnd(H, N, D),
+    }
+    kwargs = {"span_ramp": SPAN_RAMP, "integration": "joint"}
+    if shape["max_span"] is not None:
+        L = shape["max_span"]
+        spans = torch.linspace(0.75, 1.25, H) * shape["span"]
+        z = ((spans - SPAN_RAMP) / L).clamp(0, 1)
+        inputs["span_ratio"] = z.to(device=device, dtype=torch.float32)
+        kwargs["max_span"] = L
+    grad = rnd(B, M, H, D)
+    return inputs, grad, kwargs
+
+
+def leaves(inputs, dtype=None):
+    out = {}
+    for name, t in inputs.items():
+        t = t.detach()
+        if dtype is not None and t.is_floating_point() and name != "span_ratio":
+            t = t.to(dtype)
+        out[name] = t.clone().requires_grad_()
+    return out
+
+
+def forward_backward(fn, inputs, grad, **kwargs):
+    args = leaves(inputs)
+    out = fn(**args, **kwargs)
+    out.backward(grad.to(out.dtype))
+    result = {"output": out.detach()}
+    result.update({name: t.grad for name, t in args.items()})
+    return result
+
+
+def rel_errors(result, ref):
+    errors = {}
+    for name, r in ref.items():
+        x = result.get(name)
+        if x is None or r is None:
+            errors[name] = None
+            continue
+        x, r = x.double(), r.double()
+        errors[name] = float((x - r).norm() / r.norm())
+    return errors
+
+
+def portable(**kwargs):
+    from keras_allattn.ops.attention import portable_all_attention
+
+    return portable_all_attention(**kwargs)
+
+
+def check(shape, args):
+    from keras_allattn.ops.triton_attention import triton_all_attention
+
+    record = {}
+    # float32: kernel (exact fp32 dots) against the portable path.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    inputs, grad, kwargs = make_inputs(shape, args.check_batch, torch.float32, args.device)
+    ref = forward_backward(portable, inputs, grad, **kwargs)
+    got = forward_backward(triton_all_attention, inputs, grad, **kwargs)
+    record["fp32_rel_err"] = rel_errors(got, ref)
+    del got
+    # bfloat16: kernel on bf16 inputs against the fp32 reference on the
+    # same bf16-rounded inputs.
+    rounded = {
+        k: (v.to(torch.bfloat16).float() if k != "span_ratio" else v)
+        for k, v in inputs.items()
+    }
+    grad_r = grad.to(torch.bfloat16).float()
+    ref = forward_backward(portable, rounded, grad_r, **kwargs)
+    bf16_inputs = {
+        k: (v.to(torch.bfloat16) if k != "span_ratio" else v) for k, v in inputs.items()
+    }
+    got = forward_backward(triton_all_attention, bf16_inputs, grad_r.bfloat16(), **kwargs)
+    record["bf16_rel_err"] = rel_errors(got, ref)
+    del got
+    if args.portable_bf16_error:
+        got = forward_backward(portable, bf16_inputs, grad_r.bfloat16(), **kwargs)
+        record["portable_bf16_rel_err"] = rel_errors(got, ref)
+        del got
+    del ref
+    empty_cache()
+    return record
+
+
+def time_fn(fn, inputs, grad, kwargs, backward):
+    import triton.testing
+
+    args = leaves(inputs)
+    tensors = [t for t in args.values()]
+
+    if backward:
+        def step():
+            out = fn(**args, **kwargs)
+            out.backward(grad)
+    else:
+        def step():
+            with torch.no_grad():
+                fn(**args, **kwargs)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    ms = triton.testing.do_bench(
+        step, warmup=args_global.warmup, rep=args_global.rep,
+        grad_to_none=tensors if backward else None, return_mode="median",
+    )
+    return ms, peak
+
+
+def timings(shape, args, tiles=None):
+    from keras_allattn.ops.triton_attention import triton_all_attention
+
+    inputs, grad, kwargs = make_inputs(shape, shape["B"], torch.bfloat16, args.device)
+    kw = dict(kwargs, **(tiles or {}))
+    record = {}
+    t0 = time.time()
+    fwd, _ = time_fn(triton_all_attention, inputs, grad, kw, backward=False)
+    fwd_bwd, peak = time_fn(triton_all_attention, inputs, grad, kw, backward=True)
+    record.update(
+        triton_fwd_ms=round(fwd, 3), triton_fwd_bwd_ms=round(fwd_bwd, 3),
+        triton_peak_gib=round(peak, 2), bench_s=round(time.time() - t0, 1),
+    )
+    tokens = shape["B"] * shape["M"]
+    record["triton_fwd_bwd_tokens_per_s_one_layer"] = round(tokens / (fwd_bwd / 1e3))
+    # Useful matmul work of the forward (context: Q K^T, Q P, A V over the
+    # attended distances; persistent: Q Mk^T, A Mv): 2 flops per MAC.
+    span = shape["A"] if shape["span"] is None else min(shape["A"], shape["span"] + SPAN_RAMP)
+    flops = 2 * shape["B"] * shape["H"] * shape["M"] * shape["D"] * (3 * span + 2 * shape["N"])
+    record["fwd_tflops_useful"] = round(flops / (fwd / 1e3) / 1e12, 1)
+    if tiles is None and args.portable_timing:
+        try:
+            pf, _ = time_fn(portable, inputs, grad, kwargs, backward=False)
+            pfb, ppeak = time_fn(portable, inputs, grad, kwargs, backward=True)
+            record.update(
+                portable_fwd_ms=round(pf, 3), portable_fwd_bwd_ms=round(pfb, 3),
+                portable_peak_gib=round(ppeak, 2),
+            )
+        except Exception as error:  # e.g. out of memory at A = 8192
+            record["portable_timing_error"] = repr(error)[:300]
+    del inputs, grad
+    empty_cache()
+    return record
+
+
+def empty_cache():
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def emit(record):
+    print(json.dumps(record), flush=True)
+
+
+def main():
+    global args_global
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", default="fixed,adaptive")
+    parser.add_argument("--check-batch", type=int, default=4)
+    parser.add_argument("--no-check", dest="check", action="store_false")
+    parser.add_argument("--no-sweep", dest="sweep", action="store_false")
+    parser.add_argument("--no-portable-timing", dest="portable_timing", action="store_false")
+    parser.add_argument("--no-portable-bf16-error", dest="portable_bf16_error", action="store_false")
+    parser.add_argument("--warmup", type=int, default=25)
+    parser.add_argument("--rep", type=int, default=100)
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="CPU self-test of this script: tiny shapes, Triton interpreter, checks only",
+    )
+    args = parser.parse_args()
+    args.device = "cuda"
+    if args.smoke:
+        args.device = "cpu"
+        args.configs, args.check_batch, args.sweep = "tiny", 2, False
+    args_global = args
+
+    import triton
+
+    emit({
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "keras_backend": os.environ.get("KERAS_BACKEND"),
+    })
+    for name in args.configs.split(","):
+        shape = CONFIGS[name]
+        record = {"config": name, "shape": shape, "dtype_timed": "bfloat16"}
+        try:
+            if args.check:
+                t0 = time.time()
+                record.update(check(shape, args))
+                record["check_batch"] = args.check_batch
+                record["check_s"] = round(time.time() - t0, 1)
+        except Exception as error:
+            record["check_error"] = repr(error)[:500]
+            record["check_traceback"] = traceback.format_exc()[-1500:]
+            empty_cache()
+        try:
+            if args.device == "cuda":
+                record.update(timings(shape, args))
+        except Exception as error:
+            record["timing_error"] = repr(error)[:500]
+            record["timing_traceback"] = traceback.format_exc()[-1500:]
+            empty_cache()
+        emit(record)
+        if args.sweep:
+            for tiles in SWEEP:
+                variant = {"config": name, "tiles": tiles}
+                try:
+                    variant.update(timings(shape, args, tiles))
+                except Exception as error:
+                    variant["error"] = repr(error)[:500]
+                    empty_cache()
+                emit(variant)
+
+
+args_global = None
+
+if __name__ == "__main__":
+    if "--smoke" in sys.argv:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif not torch.cuda.is_available():
+        emit_error = {"error": "CUDA is not available: run this on the GPU machine"}
+        print(json.dumps(emit_error))
+        sys.exit(1)
+    main()

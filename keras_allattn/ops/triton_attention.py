@@ -1,0 +1,855 @@
+"""Fused all-attention for the PyTorch backend, written in Triton.
+
+`triton_all_attention` computes exactly the function of
+`keras_allattn.ops.attention.portable_all_attention` (SPEC §1, without
+dropout) on torch tensors, forward and backward, without materialising any
+(B, H, M, A) tensor in device memory:
+
+* forward: one program per (query tile, batch, head); an online (flash
+  attention) softmax in float32 over the context key tiles, then over the
+  persistent tiles ("joint": the same running softmax; "separate": a second
+  one). The adaptive-span mask enters in log space (`log m(r)` added to the
+  logits), and key tiles wholly beyond a head's span are never visited: the
+  span ratio `z` is read inside the kernel, so the cost follows the learned
+  span.
+* relative positions: for a query tile `[i0, i0+BQ)` and key tile
+  `[j0, j0+BK)` the distances form a band (`c = A - r = j - i`). The kernel
+  keeps `Q @ P[:, chunk]` for two consecutive chunks of `BK` position
+  columns; the tile's position scores are read out of them with `tl.gather`
+  (the skew), so walking the key tiles costs one `Q @ P` product of the size
+  of `Q @ K^T` per tile.
+* backward: the flash-attention backward, recomputing the probabilities
+  from the saved log-sum-exp. Three kernels: dQ (with the position-key
+  gradient and the span-ratio gradient), dK/dV, and the persistent
+  keys/values (split over the batch, partial sums added outside). The
+  position-key gradient `sum_{b,h,i} dS(i, r) q_i` is accumulated with
+  float32 `tl.atomic_add` into a few replicated buffers (summed outside;
+  not bitwise deterministic); the span-ratio gradient is written as
+  per-program partials and summed outside.
+* span-ratio gradient: `dz = (L/R) sum_r exp(s(r) - lse) (dP(r) - Delta)`
+  over the distances whose unclipped mask `(R + z L - r + 1) / R` lies in
+  [0, 1], boundaries included. Inside the ramp this is the log-space
+  derivative `dS(r) (L/R) / m(r)`; at the ends it reproduces the gradient of
+  the reference's multiply-and-renormalise form under torch's clamp (which
+  passes the gradient at `m = 0` and `m = 1` exactly). That matters at
+  `z = 0`, the recipe's initial value, where both ends fall on integer
+  distances: the pure log-space derivative differs there in sign and size.
+
+Triton is imported lazily: importing this module never needs triton (nor
+torch); the kernels are built on first use. Set `TRITON_INTERPRET=1`
+before the first call to run the kernels on CPU tensors with Triton's
+interpreter.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+INTEGRATIONS = ("joint", "separate")
+
+tl = None  # triton.language, bound by `_build`
+_BUILD_LOCK = threading.Lock()
+_BUILT = None
+
+# Names of the functions below that `_build` wraps with `triton.jit`.
+_JIT_NAMES = (
+    "_max_combine",
+    "_sum_combine",
+    "_span_setup",
+    "_span_mask",
+    "_band",
+    "_context_logits",
+    "_online",
+    "_load_rows",
+    "_load_cols",
+    "_add_position_grad",
+    "_fwd_kernel",
+    "_bwd_dq_kernel",
+    "_bwd_dkdv_kernel",
+    "_bwd_persistent_kernel",
+)
+
+
+def triton_available():
+    """Whether triton (and torch) can be imported."""
+    try:
+        import torch  # noqa: F401
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Triton device functions. They are plain functions here and become
+# `triton.jit` functions in `_build` (annotations are strings thanks to
+# `from __future__ import annotations`, so `tl` is not needed at import).
+# ---------------------------------------------------------------------------
+
+
+# The kernels use only builtins of `triton.language` plus their own jit
+# functions (`tl.full` for `tl.zeros`, `tl.reduce` for `tl.max`/`tl.sum`):
+# the standard-library jit functions are interpreter-aware only when
+# `TRITON_INTERPRET=1` was set before triton was first imported, while these
+# run in the interpreter whenever it is set before the first call here (Keras's
+# torch backend imports triton early). `_build` swaps in triton's own combine
+# functions where it has them.
+
+
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+def _sum_combine(a, b):
+    return a + b
+
+
+def _span_setup(Z, h, A, max_span, span_ramp, HAS_SPAN: tl.constexpr):
+    """`top = R + z L` (so `m(r) = (top - r + 1) / R`) and a bound on `r`.
+
+    Every distance `r >= r_bound + 1` has `m(r) = 0`.
+    """
+    if HAS_SPAN:
+        z = tl.load(Z + h).to(tl.float32)
+        top = span_ramp + z * max_span
+        r_bound = tl.minimum(tl.floor(top).to(tl.int32) + 1, A)
+    else:
+        top = span_ramp * 0.0
+        r_bound = A + 0 * h
+    return top, r_bound
+
+
+def _span_mask(i, j, A, top, span_ramp):
+    """`m(r)` for the tile's distances `r = A + i - j`, float32 (BQ, BK)."""
+    r = (A + i[:, None] - j[None, :]).to(tl.float32)
+    mval = ((top - r) + 1.0) / span_ramp
+    return tl.minimum(tl.maximum(mval, 0.0), 1.0)
+
+
+def _band(qp_hi, qp_lo, cols, rows, BQ: tl.constexpr, BK: tl.constexpr, LO_W: tl.constexpr):
+    """Skew: position scores of the (query, key) tile out of two chunks.
+
+    `qp_hi[a, u]` holds `q_a . P[:, c0 + u]` (BQ, BK) and `qp_lo[a, u]` holds
+    `q_a . P[:, c0 - LO_W + u]` (BQ, LO_W), with `c0 = j0 - i0`. The tile's
+    entry (a, b) needs column `c0 + b - a`. Requires `LO_W >= BQ - 1`.
+    `cols - rows` must be `b - a` (e.g. `j0 + b` and `j0 + a`): built from
+    loop-varying values so that the index tensors are recomputed in each
+    iteration instead of being hoisted and held in registers.
+    """
+    diff = cols[None, :] - rows[:, None]  # b - a
+    hi = tl.gather(qp_hi, tl.maximum(diff, 0), 1)
+    lo = tl.gather(qp_lo, tl.minimum(diff + LO_W, LO_W - 1), 1)
+    return tl.where(diff >= 0, hi, lo)
+
+
+def _context_logits(x, i, j, A, M, top, span_ramp, HAS_SPAN: tl.constexpr):
+    """Masked logits in log2 units: `x` plus `log2 m(r)`, -inf off band."""
+    r = A + i[:, None] - j[None, :]
+    valid = (r >= 1) & (r <= A) & (i[:, None] < M)
+    if HAS_SPAN:
+        mval = _span_mask(i, j, A, top, span_ramp)
+        valid = valid & (mval > 0.0)
+        x = x + tl.log2(tl.maximum(mval, 1e-30))
+    return tl.where(valid, x, float("-inf"))
+
+
+def _online(m_i, l_i, acc, s, v, PREC: tl.constexpr):
+    """One step of the online softmax (log2 units); returns the new state."""
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+def _load_rows(base, rows, stride, n_rows, offs_d, D: tl.constexpr, BD: tl.constexpr):
+    """A (rows, BD) tile of a row-major (n_rows, D) slab, zeros outside.
+
+    The mask is constant along `d` unless `D` is padded, so the loads
+    vectorise.
+    """
+    mask = (rows[:, None] < n_rows) & (rows[:, None] >= 0)
+    if D != BD:
+        mask = mask & (offs_d[None, :] < D)
+    return tl.load(base + rows[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+
+
+def _load_cols(base, cols, stride, n_cols, offs_d, D: tl.constexpr, BD: tl.constexpr):
+    """The transposed (BD, cols) tile of a row-major (n_cols, D) slab."""
+    mask = (cols[None, :] >= 0) & (cols[None, :] < n_cols)
+    if D != BD:
+        mask = mask & (offs_d[:, None] < D)
+    return tl.load(base + offs_d[:, None] + cols[None, :] * stride, mask=mask, other=0.0)
+
+
+def _add_position_grad(DPOS, cols, offs_d, dpos, A, D: tl.constexpr, BD: tl.constexpr):
+    """Atomically add a (BD, cols) tile into the (A, D) position gradient."""
+    mask = (cols[None, :] >= 0) & (cols[None, :] < A)
+    if D != BD:
+        mask = mask & (offs_d[:, None] < D)
+    tl.atomic_add(DPOS + cols[None, :] * D + offs_d[:, None], dpos, mask=mask, sem="relaxed")
+
+
+def _fwd_kernel(
+    Q, K, V, POS, MK, MV, Z, O, OC, OP, LSE_C, LSE_P,
+    s_qb, s_qm, s_qh, s_kb, s_km, s_kh, s_vb, s_vm, s_vh, s_ob, s_om, s_oh,
+    s_mkh, s_mkn, s_mvh, s_mvn,
+    H, M, A, N, max_span, span_ramp, scale_log2,
+    HAS_SPAN: tl.constexpr, HAS_PERS: tl.constexpr, SEPARATE: tl.constexpr,
+    D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    i0 = pid_q * BQ
+    offs_a = tl.arange(0, BQ)
+    offs_b = tl.arange(0, BK)
+    offs_d = tl.arange(0, BD)
+    i = i0 + offs_a
+    total = A + M
+
+    q = _load_rows(Q + b * s_qb + h * s_qh, i, s_qm, M, offs_d, D, BD)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    top, r_bound = _span_setup(Z, h, A, max_span, span_ramp, HAS_SPAN)
+    # Keys seen by some query of the tile: j >= i0 and r = A + i - j <= r_bound.
+    j_lo = tl.maximum(i0, A + i0 - r_bound)
+    j_hi = tl.minimum(A + i0 + BQ - 1, total - 1)
+
+    p_prev = _load_cols(POS, j_lo - i0 - BK + offs_b, D, A, offs_d, D, BD).to(q.dtype)
+    qp_prev = tl.dot(q, p_prev, input_precision=PREC)
+    m_i = tl.full([BQ], -1.0e30, tl.float32)
+    l_i = tl.full([BQ], 0.0, tl.float32)
+    acc = tl.full([BQ, BD], 0.0, tl.float32)
+    for j0 in range(j_lo, j_hi, BK):
+        j = j0 + offs_b
+        p_cur = _load_cols(POS, j0 - i0 + offs_b, D, A, offs_d, D, BD).to(q.dtype)
+        qp_cur = tl.dot(q, p_cur, input_precision=PREC)
+        kt = _load_cols(k_base, j, s_km, total, offs_d, D, BD)
+        band = _band(qp_cur, qp_prev, j, j0 + offs_a, BQ, BK, BK)
+        x = tl.dot(q, kt, input_precision=PREC) + band
+        s = _context_logits(x * scale_log2, i, j, A, M, top, span_ramp, HAS_SPAN)
+        v = _load_rows(v_base, j, s_vm, total, offs_d, D, BD)
+        m_i, l_i, acc = _online(m_i, l_i, acc, s, v, PREC)
+        qp_prev = qp_cur
+
+    m2 = tl.full([BQ], -1.0e30, tl.float32)
+    l2 = tl.full([BQ], 0.0, tl.float32)
+    acc2 = tl.full([BQ, BD], 0.0, tl.float32)
+    if HAS_PERS:
+        for n0 in range(0, N, BK):
+            n = n0 + offs_b
+            mkt = _load_cols(MK + h * s_mkh, n, s_mkn, N, offs_d, D, BD).to(q.dtype)
+            s = tl.dot(q, mkt, input_precision=PREC) * scale_log2
+            s = tl.where(n[None, :] < N, s, float("-inf"))
+            mv = _load_rows(MV + h * s_mvh, n, s_mvn, N, offs_d, D, BD).to(V.dtype.element_ty)
+            if SEPARATE:
+                m2, l2, acc2 = _online(m2, l2, acc2, s, mv, PREC)
+            else:
+                m_i, l_i, acc = _online(m_i, l_i, acc, s, mv, PREC)
+
+    row_ok = i < M
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    tl.store(LSE_C + bh * M + i, m_i + tl.log2(l_safe), mask=row_ok)
+    out = acc / l_safe[:, None]
+    o_off = b * s_ob + h * s_oh + i[:, None] * s_om + offs_d[None, :]
+    o_mask = row_ok[:, None] & (offs_d[None, :] < D)
+    if HAS_PERS:
+        if SEPARATE:
+            l2_safe = tl.where(l2 > 0.0, l2, 1.0)
+            tl.store(LSE_P + bh * M + i, m2 + tl.log2(l2_safe), mask=row_ok)
+            out2 = acc2 / l2_safe[:, None]
+            tl.store(OC + o_off, out, mask=o_mask)
+            tl.store(OP + o_off, out2, mask=o_mask)
+            out = out + out2
+    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=o_mask)
+
+
+def _bwd_dq_kernel(
+    Q, K, V, POS, MK, MV, Z, DO, LSE_C, LSE_P, DEL_C, DEL_P, DQ, DPOS, DZP,
+    s_qb, s_qm, s_qh, s_kb, s_km, s_kh, s_vb, s_vm, s_vh, s_ob, s_om, s_oh,
+    s_mkh, s_mkn, s_mvh, s_mvn,
+    H, M, A, N, max_span, span_ramp, scale_log2, scale, dz_coef, REPLICAS,
+    HAS_SPAN: tl.constexpr, HAS_PERS: tl.constexpr, NEED_DPOS: tl.constexpr,
+    NEED_DZ: tl.constexpr,
+    D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    i0 = pid_q * BQ
+    offs_a = tl.arange(0, BQ)
+    offs_b = tl.arange(0, BK)
+    offs_d = tl.arange(0, BD)
+    i = i0 + offs_a
+    total = A + M
+    row_ok = i < M
+
+    q = _load_rows(Q + b * s_qb + h * s_qh, i, s_qm, M, offs_d, D, BD)
+    op_dtype = q.dtype
+    # Programs spread their position-gradient atomics over REPLICAS copies
+    # (summed outside) so that concurrent programs contend less.
+    DPOS += (bh % REPLICAS) * A * D
+    do = _load_rows(DO + b * s_ob + h * s_oh, i, s_om, M, offs_d, D, BD)
+    lse_c = tl.load(LSE_C + bh * M + i, mask=row_ok, other=0.0)
+    del_c = tl.load(DEL_C + bh * M + i, mask=row_ok, other=0.0)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    top, r_bound = _span_setup(Z, h, A, max_span, span_ramp, HAS_SPAN)
+    j_lo = tl.maximum(i0, A + i0 - r_bound)
+    j_hi = tl.minimum(A + i0 + BQ - 1, total - 1)
+
+    # (a, u) -> key column b = a + u of the tile for distance chunk c0 + u
+    # ("cur") and b = a + u - BK for chunk c0 - BK + u ("prev").
+    c_prev = j_lo - i0 - BK
+    p_prev = _load_cols(POS, c_prev + offs_b, D, A, offs_d, D, BD).to(q.dtype)
+    qp_prev = tl.dot(q, p_prev, input_precision=PREC)
+    # The two parts of a chunk have disjoint supports, so the pending part
+    # can be kept in the operand dtype without rounding anything twice.
+    g_pend = tl.full([BQ, BK], 0.0, op_dtype)
+    dz_acc = tl.full([BQ], 0.0, tl.float32)
+    dq = tl.full([BQ, BD], 0.0, tl.float32)
+    for j0 in range(j_lo, j_hi, BK):
+        j = j0 + offs_b
+        c0 = j0 - i0
+        p_cur = _load_cols(POS, c0 + offs_b, D, A, offs_d, D, BD).to(q.dtype)
+        qp_cur = tl.dot(q, p_cur, input_precision=PREC)
+        kt = _load_cols(k_base, j, s_km, total, offs_d, D, BD)
+        band = _band(qp_cur, qp_prev, j, j0 + offs_a, BQ, BK, BK)
+        x = tl.dot(q, kt, input_precision=PREC) + band
+        s_raw = x * scale_log2
+        s = _context_logits(s_raw, i, j, A, M, top, span_ramp, HAS_SPAN)
+        prob = tl.math.exp2(s - lse_c[:, None])
+        vt = _load_cols(v_base, j, s_vm, total, offs_d, D, BD)
+        dp = tl.dot(do.to(vt.dtype), vt, input_precision=PREC)
+        ds = prob * (dp - del_c[:, None])  # d loss / d logit (natural units)
+        if HAS_SPAN:
+            if NEED_DZ:
+                # d loss / d z = (L / R) sum_r dL/dm(r) over the distances
+                # whose unclipped mask x(r) = (R + z L - r + 1) / R lies in
+                # [0, 1] (the clip passes the gradient there, boundaries
+                # included, as torch's clamp does), with
+                # dL/dm(r) = exp(s(r) - lse) (dP(r) - Delta): the weight the
+                # key would have at m = 1 (a / m inside the ramp; also defined
+                # where m = 0 exactly, which log m cannot express).
+                r_f = (A + i[:, None] - j[None, :]).to(tl.float32)
+                x_mask = ((top - r_f) + 1.0) / span_ramp
+                ramp = (x_mask >= 0.0) & (x_mask <= 1.0) & (r_f >= 1.0) & (r_f <= A)
+                ramp = ramp & (i[:, None] < M)
+                p_raw = tl.math.exp2(tl.where(ramp, s_raw - lse_c[:, None], float("-inf")))
+                dz_acc += tl.reduce(p_raw * (dp - del_c[:, None]), 1, _sum_combine)
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+        # Unskew dS into distance chunks; the "prev" chunk is now complete.
+        ds_low = ds.to(op_dtype)
+        a_plus_u = j[None, :] + offs_a[:, None] - j0  # loop-varying on purpose
+        g_cur = tl.where(a_plus_u < BK, tl.gather(ds_low, tl.minimum(a_plus_u, BK - 1), 1), 0.0)
+        g_low = tl.where(
+            a_plus_u >= BK, tl.gather(ds_low, tl.maximum(a_plus_u - BK, 0), 1), g_pend
+        )
+        dq += tl.dot(g_low, tl.trans(p_prev), input_precision=PREC)
+        if NEED_DPOS:
+            dpos = tl.dot(tl.trans(q), g_low, input_precision=PREC) * scale
+            _add_position_grad(DPOS, c_prev + offs_b, offs_d, dpos, A, D, BD)
+        g_pend = g_cur.to(op_dtype)
+        p_prev = p_cur
+        qp_prev = qp_cur
+        c_prev = c0
+    # Flush the last chunk.
+    g_low = g_pend
+    dq += tl.dot(g_low, tl.trans(p_prev), input_precision=PREC)
+    if NEED_DPOS:
+        dpos = tl.dot(tl.trans(q), g_low, input_precision=PREC) * scale
+        _add_position_grad(DPOS, c_prev + offs_b, offs_d, dpos, A, D, BD)
+
+    if HAS_PERS:
+        lse_p = tl.load(LSE_P + bh * M + i, mask=row_ok, other=0.0)
+        del_p = tl.load(DEL_P + bh * M + i, mask=row_ok, other=0.0)
+        for n0 in range(0, N, BK):
+            n = n0 + tl.arange(0, BK)
+            mkt = _load_cols(MK + h * s_mkh, n, s_mkn, N, offs_d, D, BD).to(q.dtype)
+            s = tl.dot(q, mkt, input_precision=PREC) * scale_log2
+            s = tl.where((n[None, :] < N) & row_ok[:, None], s, float("-inf"))
+            prob = tl.math.exp2(s - lse_p[:, None])
+            mvt = _load_cols(MV + h * s_mvh, n, s_mvn, N, offs_d, D, BD).to(V.dtype.element_ty)
+            dp = tl.dot(do.to(mvt.dtype), mvt, input_precision=PREC)
+            ds = prob * (dp - del_p[:, None])
+            dq += tl.dot(ds.to(q.dtype), tl.trans(mkt), input_precision=PREC)
+
+    dq_off = b * s_qb + h * s_qh + i[:, None] * s_qm + offs_d[None, :]
+    tl.store(DQ + dq_off, (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
+    if HAS_SPAN:
+        if NEED_DZ:
+            tl.store(DZP + bh * tl.num_programs(0) + pid_q, tl.reduce(dz_acc, 0, _sum_combine) * dz_coef)
+
+
+def _bwd_dkdv_kernel(
+    Q, K, V, POS, Z, DO, LSE_C, DEL_C, DK, DV,
+    s_qb, s_qm, s_qh, s_kb, s_km, s_kh, s_vb, s_vm, s_vh, s_ob, s_om, s_oh,
+    H, M, A, max_span, span_ramp, scale_log2, scale,
+    HAS_SPAN: tl.constexpr,
+    D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    j0 = pid_k * BK
+    offs_a = tl.arange(0, BQ)
+    offs_b = tl.arange(0, BK)
+    offs_d = tl.arange(0, BD)
+    j = j0 + offs_b
+    total = A + M
+
+    k = _load_rows(K + b * s_kb + h * s_kh, j, s_km, total, offs_d, D, BD)
+    v = _load_rows(V + b * s_vb + h * s_vh, j, s_vm, total, offs_d, D, BD)
+    q_base = Q + b * s_qb + h * s_qh
+    do_base = DO + b * s_ob + h * s_oh
+    top, r_bound = _span_setup(Z, h, A, max_span, span_ramp, HAS_SPAN)
+    # Queries that see a key of the tile: r = A + i - j in [1, min(A, r_bound)].
+    i_lo = tl.maximum(0, j0 - A + 1)
+    i_hi = tl.minimum(tl.minimum(M, j0 + BK), j0 + BK - A + r_bound)
+
+    dk = tl.full([BK, BD], 0.0, tl.float32)
+    dv = tl.full([BK, BD], 0.0, tl.float32)
+    for i0 in range(i_lo, i_hi, BQ):
+        i = i0 + offs_a
+        row_ok = i < M
+        q = _load_rows(q_base, i, s_qm, M, offs_d, D, BD)
+        do = _load_rows(do_base, i, s_om, M, offs_d, D, BD)
+        lse = tl.load(LSE_C + bh * M + i, mask=row_ok, other=0.0)
+        dl = tl.load(DEL_C + bh * M + i, mask=row_ok, other=0.0)
+        c0 = j0 - i0
+        p_hi = _load_cols(POS, c0 + offs_b, D, A, offs_d, D, BD).to(q.dtype)
+        p_lo = _load_cols(POS, c0 - BQ + offs_a, D, A, offs_d, D, BD).to(q.dtype)
+        band = _band(
+            tl.dot(q, p_hi, input_precision=PREC),
+            tl.dot(q, p_lo, input_precision=PREC),
+            i0 + offs_b, i, BQ, BK, BQ,
+        )
+        x = tl.dot(q, tl.trans(k), input_precision=PREC) + band
+        s = _context_logits(x * scale_log2, i, j, A, M, top, span_ramp, HAS_SPAN)
+        prob = tl.math.exp2(s - lse[:, None])
+        dv += tl.dot(tl.trans(prob.to(v.dtype)), do.to(v.dtype), input_precision=PREC)
+        dp = tl.dot(do.to(v.dtype), tl.trans(v), input_precision=PREC)
+        ds = prob * (dp - dl[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+
+    kv_mask = (j[:, None] < total) & (offs_d[None, :] < D)
+    tl.store(DK + b * s_kb + h * s_kh + j[:, None] * s_km + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * s_vb + h * s_vh + j[:, None] * s_vm + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+def _bwd_persistent_kernel(
+    Q, MK, MV, DO, LSE_P, DEL_P, DMK, DMV,
+    s_qb, s_qm, s_qh, s_ob, s_om, s_oh, s_mkh, s_mkn, s_mvh, s_mvn,
+    B, H, M, N, scale_log2, scale, SPLIT,
+    V_DTYPE_REF,
+    D: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    offs_a = tl.arange(0, BQ)
+    offs_d = tl.arange(0, BD)
+    n = pid_n * BN + tl.arange(0, BN)
+    mk = _load_rows(MK + h * s_mkh, n, s_mkn, N, offs_d, D, BD).to(Q.dtype.element_ty)
+    mv = _load_rows(MV + h * s_mvh, n, s_mvn, N, offs_d, D, BD).to(V_DTYPE_REF.dtype.element_ty)
+    dmk = tl.full([BN, BD], 0.0, tl.float32)
+    dmv = tl.full([BN, BD], 0.0, tl.float32)
+    for b in range(sp, B, SPLIT):
+        bh = b * H + h
+        for i0 in range(0, M, BQ):
+            i = i0 + offs_a
+            row_ok = i < M
+            q = _load_rows(Q + b * s_qb + h * s_qh, i, s_qm, M, offs_d, D, BD)
+            do = _load_rows(DO + b * s_ob + h * s_oh, i, s_om, M, offs_d, D, BD)
+            lse = tl.load(LSE_P + bh * M + i, mask=row_ok, other=0.0)
+            dl = tl.load(DEL_P + bh * M + i, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(mk), input_precision=PREC) * scale_log2
+            s = tl.where(row_ok[:, None] & (n[None, :] < N), s, float("-inf"))
+            prob = tl.math.exp2(s - lse[:, None])
+            dmv += tl.dot(tl.trans(prob.to(mv.dtype)), do.to(mv.dtype), input_precision=PREC)
+            dp = tl.dot(do.to(mv.dtype), tl.trans(mv), input_precision=PREC)
+            ds = prob * (dp - dl[:, None])
+            dmk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    off = (sp * H + h) * N * D + n[:, None] * D + offs_d[None, :]
+    mask = (n[:, None] < N) & (offs_d[None, :] < D)
+    tl.store(DMK + off, dmk * scale, mask=mask)
+    tl.store(DMV + off, dmv, mask=mask)
+
+
+# ---------------------------------------------------------------------------
+# Building the kernels and the autograd function.
+# ---------------------------------------------------------------------------
+
+
+def _build():
+    """Import triton, jit the kernels and define the autograd Function."""
+    global _BUILT, tl
+    with _BUILD_LOCK:
+        if _BUILT is not None:
+            return _BUILT
+        import torch
+        import triton
+        import triton.language as language
+
+        tl = language
+        module_globals = globals()
+        for name in _JIT_NAMES:
+            module_globals[name] = triton.jit(module_globals[name])
+        # The combine functions of `tl.max` / `tl.sum` themselves: the same
+        # code when compiled, and the interpreter recognises them (numpy fast
+        # path instead of an element-by-element Python loop).
+        standard = getattr(language, "standard", None)
+        for name, std_name in (
+            ("_max_combine", "_elementwise_max"),
+            ("_sum_combine", "_sum_combine"),
+        ):
+            if standard is not None and hasattr(standard, std_name):
+                module_globals[name] = getattr(standard, std_name)
+        _BUILT = _make_function(torch, triton)
+        return _BUILT
+
+
+def _next_pow2(x):
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _make_function(torch, triton):
+    def launch_options(tiles):
+        return {"num_warps": tiles[2], "num_stages": tiles[3]}
+
+    class AllAttentionFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, query, key, value, position_keys, pkeys, pvalues, span_ratio, cfg):
+            q = query.contiguous()
+            k = key.contiguous()
+            v = value.contiguous()
+            # (A, D) rows: column c of the table is row c here, so that
+            # position tiles load like key tiles (contiguous along D).
+            pos = position_keys.t().contiguous()
+            B, M, H, D = q.shape
+            A = pos.shape[0]
+            has_pers = pkeys is not None
+            has_span = span_ratio is not None
+            separate = has_pers and cfg["integration"] == "separate"
+            mk = pkeys.contiguous() if has_pers else q
+            mv = pvalues.contiguous() if has_pers else q
+            N = mk.shape[1] if has_pers else 0
+            z = span_ratio.contiguous() if has_span else q
+            tiles = cfg["forward"]
+            bd = max(16, _next_pow2(D))
+            scale = 1.0 / math.sqrt(D)
+            dev = q.device
+
+            out = torch.empty_like(q)
+            lse_c = torch.empty((B * H, M), device=dev, dtype=torch.float32)
+            lse_p = torch.empty_like(lse_c) if separate else lse_c
+            if separate:
+                oc = torch.empty((B, M, H, D), device=dev, dtype=torch.float32)
+                op = torch.empty_like(oc)
+            else:
+                oc = op = out
+            grid = (triton.cdiv(M, tiles[0]), B * H)
+            _fwd_kernel[grid](
+                q, k, v, pos, mk, mv, z, out, oc, op, lse_c, lse_p,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                out.stride(0), out.stride(1), out.stride(2),
+                mk.stride(0), mk.stride(1), mv.stride(0), mv.stride(1),
+                H, M, A, N, cfg["max_span"], cfg["span_ramp"],
+                scale * math.log2(math.e),
+                HAS_SPAN=has_span, HAS_PERS=has_pers, SEPARATE=separate,
+                D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=cfg["prec"](q.dtype),
+                **launch_options(tiles),
+            )
+            ctx.cfg = cfg
+            ctx.has_pers = has_pers
+            ctx.has_span = has_span
+            ctx.separate = separate
+            ctx.pos_dtype = position_keys.dtype
+            saved = [q, k, v, pos, out, lse_c]
+            if has_pers:
+                saved += [mk, mv]
+            if separate:
+                saved += [lse_p, oc, op]
+            if has_span:
+                saved += [z]
+            ctx.save_for_backward(*saved)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            cfg = ctx.cfg
+            saved = list(ctx.saved_tensors)
+            q, k, v, pos, out, lse_c = saved[:6]
+            rest = saved[6:]
+            mk = mv = z = None
+            if ctx.has_pers:
+                mk, mv = rest[:2]
+                rest = rest[2:]
+            if ctx.separate:
+                lse_p, oc, op = rest[:3]
+                rest = rest[3:]
+            if ctx.has_span:
+                z = rest[0]
+            B, M, H, D = q.shape
+            A = pos.shape[0]
+            N = mk.shape[1] if ctx.has_pers else 0
+            bd = max(16, _next_pow2(D))
+            scale = 1.0 / math.sqrt(D)
+            scale_log2 = scale * math.log2(math.e)
+            prec = cfg["prec"](q.dtype)
+            dev = q.device
+            do = grad_out.contiguous()
+            if do.dtype != out.dtype:
+                do = do.to(out.dtype)
+            do32 = do.float()
+
+            def delta(o):  # (B, M, H, D) -> (B*H, M) float32
+                d = (do32 * o.float()).sum(-1)
+                return d.permute(0, 2, 1).contiguous().view(B * H, M)
+
+            if ctx.separate:
+                del_c, del_p = delta(oc), delta(op)
+            else:
+                del_c = delta(out)
+                del_p, lse_p = del_c, lse_c
+            needs = ctx.needs_input_grad
+            need_dpos = bool(needs[3])
+            need_dz = ctx.has_span and bool(needs[6])
+            mk_arg = mk if ctx.has_pers else q
+            mv_arg = mv if ctx.has_pers else q
+            z_arg = z if ctx.has_span else q
+            max_span, ramp = cfg["max_span"], cfg["span_ramp"]
+
+            tiles = cfg["dq"]
+            replicas = cfg["replicas"]
+            if replicas is None:
+                replicas = 8 if dev.type == "cuda" else 1
+            replicas = max(1, min(int(replicas), B * H))
+            dq = torch.empty_like(q)
+            dpos = torch.zeros((replicas, A, D), device=dev, dtype=torch.float32)
+            nq = triton.cdiv(M, tiles[0])
+            dzp = torch.zeros((B * H * nq,), device=dev, dtype=torch.float32)
+            _bwd_dq_kernel[(nq, B * H)](
+                q, k, v, pos, mk_arg, mv_arg, z_arg, do, lse_c, lse_p, del_c, del_p,
+                dq, dpos, dzp,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                do.stride(0), do.stride(1), do.stride(2),
+                mk_arg.stride(0), mk_arg.stride(1), mv_arg.stride(0), mv_arg.stride(1),
+                H, M, A, N, max_span, ramp, scale_log2, scale,
+                (max_span / ramp) if ctx.has_span else 0.0, replicas,
+                HAS_SPAN=ctx.has_span, HAS_PERS=ctx.has_pers,
+                NEED_DPOS=need_dpos, NEED_DZ=need_dz,
+                D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
+                **launch_options(tiles),
+            )
+
+            tiles = cfg["dkdv"]
+            dk = torch.empty_like(k)
+            dv = torch.empty_like(v)
+            _bwd_dkdv_kernel[(triton.cdiv(A + M, tiles[1]), B * H)](
+                q, k, v, pos, z_arg, do, lse_c, del_c, dk, dv,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                do.stride(0), do.stride(1), do.stride(2),
+                H, M, A, max_span, ramp, scale_log2, scale,
+                HAS_SPAN=ctx.has_span,
+                D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
+                **launch_options(tiles),
+            )
+
+            dmk = dmv = None
+            if ctx.has_pers and (needs[4] or needs[5]):
+                tiles = cfg["persistent"]
+                n_tiles = triton.cdiv(N, tiles[1])
+                split = cfg["persistent_split"]
+                if split is None:
+                    split = triton.cdiv(4 * _sm_count(dev), n_tiles * H)
+                split = max(1, min(int(split), B))
+                part_k = torch.empty((split, H, N, D), device=dev, dtype=torch.float32)
+                part_v = torch.empty_like(part_k)
+                _bwd_persistent_kernel[(n_tiles, H, split)](
+                    q, mk, mv, do, lse_p, del_p, part_k, part_v,
+                    q.stride(0), q.stride(1), q.stride(2),
+                    do.stride(0), do.stride(1), do.stride(2),
+                    mk.stride(0), mk.stride(1), mv.stride(0), mv.stride(1),
+                    B, H, M, N, scale_log2, scale, split,
+                    v,
+                    D=D, BQ=tiles[0], BN=tiles[1], BD=bd, PREC=prec,
+                    **launch_options(tiles),
+                )
+                dmk = part_k.sum(0).to(mk.dtype)
+                dmv = part_v.sum(0).to(mv.dtype)
+
+            dz = None
+            if need_dz:
+                dz = dzp.view(B, H, nq).sum((0, 2)).to(z.dtype)
+            dpos_out = None
+            if need_dpos:
+                dpos_out = dpos.sum(0).t().to(ctx.pos_dtype)
+            return dq, dk, dv, dpos_out, dmk, dmv, dz, None
+
+    return AllAttentionFunction
+
+
+def _sm_count(device):
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _precision(fp32_precision):
+    def prec(dtype):
+        import torch
+
+        return fp32_precision if dtype == torch.float32 else "tf32"
+
+    return prec
+
+
+def _tiles(name, value, defaults):
+    """Normalise a (block_q, block_k[, num_warps[, num_stages]]) tuple."""
+    value = tuple(int(x) for x in value)
+    if not 2 <= len(value) <= 4:
+        raise ValueError(
+            f"`{name}` tiles must be (block_q, block_k[, num_warps[, num_stages]]); "
+            f"got {value}."
+        )
+    value = value + tuple(defaults[len(value):])
+    for label, size in zip(("block_q", "block_k"), value[:2]):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"`{name}` {label} must be a power of two >= 16; got {size}.")
+    return value
+
+
+def triton_all_attention(
+    query,
+    key,
+    value,
+    position_keys,
+    persistent_keys=None,
+    persistent_values=None,
+    span_ratio=None,
+    max_span=None,
+    span_ramp=32,
+    integration="joint",
+    block_q=64,
+    block_k=64,
+    num_warps=8,
+    num_stages=2,
+    backward=None,
+    persistent_split=None,
+    position_grad_replicas=None,
+    fp32_precision="ieee",
+):
+    """Fused all-attention (SPEC §1, no dropout) on torch tensors.
+
+    Same layouts and function as `portable_all_attention`:
+
+    Args:
+        query: (B, M, H, D).
+        key, value: (B, A + M, H, D): the `A` memory rows, then the block.
+        position_keys: (D, A); column `c` is the key of distance `A - c`.
+        persistent_keys, persistent_values: None or (H, N, D), as used.
+        span_ratio: None or (H,) ratios `z` in [0, 1] (adaptive span).
+        max_span: int `L` (needed with `span_ratio`).
+        span_ramp: int `R`.
+        integration: "joint" or "separate".
+        block_q, block_k: query and key tiles of the forward kernel (powers
+            of two, >= 16, `block_q <= block_k`); `block_k` also tiles the
+            persistent vectors.
+        num_warps, num_stages: Triton launch options of the forward kernel.
+        backward: None or a dict overriding the backward kernels' tiles:
+            keys "dq", "dkdv", "persistent", values
+            `(block_q, block_k[, num_warps[, num_stages]])`; each defaults
+            to the forward's. "dq" needs `block_q <= block_k`; the dK/dV
+            kernel's position band costs `(block_q + block_k) / block_k`
+            times a `Q K^T` tile, so a smaller block_q is cheaper there.
+        persistent_split: batch split of the persistent-gradient kernel
+            (default: about 4 programs per multiprocessor).
+        position_grad_replicas: copies of the position-gradient buffer the
+            dQ programs spread their atomics over (default 8 on CUDA).
+        fp32_precision: `tl.dot` input precision for float32 inputs
+            ("ieee" for exact float32, "tf32" for speed). bf16/fp16 inputs
+            use their tensor-core path with float32 accumulation.
+
+    Returns:
+        (B, M, H, D) in the dtype of `query`. Differentiable in `query`,
+        `key`, `value`, `position_keys`, the persistent vectors and
+        `span_ratio`.
+    """
+    if integration not in INTEGRATIONS:
+        raise ValueError(
+            f"`integration` must be one of {INTEGRATIONS}. "
+            f"Received: integration={integration!r}"
+        )
+    if (persistent_keys is None) != (persistent_values is None):
+        raise ValueError("Pass both `persistent_keys` and `persistent_values`, or neither.")
+    if span_ratio is not None and max_span is None:
+        raise ValueError("`max_span` is needed with `span_ratio`.")
+    B, M, H, D = query.shape
+    A = position_keys.shape[-1]
+    if A < 1:
+        raise ValueError("At least one attended distance is needed (A >= 1).")
+    if tuple(key.shape) != (B, A + M, H, D) or tuple(value.shape) != (B, A + M, H, D):
+        raise ValueError(
+            f"`key` and `value` must have shape {(B, A + M, H, D)}; got "
+            f"{tuple(key.shape)} and {tuple(value.shape)}."
+        )
+    if tuple(position_keys.shape) != (D, A):
+        raise ValueError(f"`position_keys` must have shape {(D, A)}.")
+    if persistent_keys is not None:
+        if (
+            persistent_keys.ndim != 3
+            or (persistent_keys.shape[0], persistent_keys.shape[2]) != (H, D)
+            or tuple(persistent_values.shape) != tuple(persistent_keys.shape)
+        ):
+            raise ValueError("Persistent keys/values must have shape (H, N, D).")
+    if span_ratio is not None and tuple(span_ratio.shape) != (H,):
+        raise ValueError(f"`span_ratio` must have shape {(H,)}.")
+    forward = _tiles("forward", (block_q, block_k, num_warps, num_stages), ())
+    backward = dict(backward or {})
+    unknown = set(backward) - {"dq", "dkdv", "persistent"}
+    if unknown:
+        raise ValueError(f"Unknown `backward` keys: {sorted(unknown)}.")
+    cfg = {
+        "integration": integration,
+        "max_span": float(max_span) if max_span is not None else 0.0,
+        "span_ramp": float(span_ramp),
+        "forward": forward,
+        "persistent_split": persistent_split,
+        "replicas": position_grad_replicas,
+        "prec": _precision(fp32_precision),
+    }
+    for name in ("dq", "dkdv", "persistent"):
+        cfg[name] = _tiles(name, backward.get(name, forward), forward)
+    for name in ("forward", "dq"):
+        if cfg[name][0] > cfg[name][1]:
+            raise ValueError(
+                f"The {name} kernel needs block_q <= block_k; got {cfg[name][:2]}."
+            )
+    function = _build()
+    return function.apply(
+        query, key, value, position_keys,
+        persistent_keys, persistent_values, span_ratio, cfg,
+    )

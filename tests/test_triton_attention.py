@@ -1,0 +1,265 @@
+"""Tests of the fused Triton all-attention kernel (PyTorch backend).
+
+Run on CPU through Triton's interpreter (`TRITON_INTERPRET=1`, set here
+before the kernels are built), on small shapes with tiles of 16, against an
+independent float64 torch implementation of SPEC §1 in log-space form and
+against `portable_all_attention`. With `TRITON_INTERPRET=0` on a CUDA
+machine the compiled kernels are tested on the GPU instead.
+"""
+
+import math
+import os
+
+import pytest
+
+if os.environ.get("KERAS_BACKEND") != "torch":
+    pytest.skip(
+        "the Triton kernel is for the PyTorch backend: run with KERAS_BACKEND=torch",
+        allow_module_level=True,
+    )
+
+# Triton's CPU interpreter, unless the caller asks for compiled kernels with
+# TRITON_INTERPRET=0 (on a CUDA machine). It must be set before the kernels
+# are built on first use (the module's kernels avoid triton's standard-library
+# jit functions, so triton itself may have been imported earlier, e.g. by
+# Keras's torch backend).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ["TRITON_INTERPRET"] not in ("0", "")
+
+torch = pytest.importorskip("torch")
+try:
+    import triton  # noqa: F401
+except Exception as error:  # pragma: no cover - depends on the environment
+    pytest.skip(f"triton cannot be imported: {error}", allow_module_level=True)
+
+import keras  # noqa: E402
+
+if keras.backend.backend() != "torch":  # pragma: no cover
+    pytest.skip("Keras is not on the torch backend", allow_module_level=True)
+
+from keras_allattn.ops.attention import portable_all_attention  # noqa: E402
+from keras_allattn.ops.triton_attention import triton_all_attention  # noqa: E402
+from keras_allattn.ops.triton_attention import triton_available  # noqa: E402
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+TOL = 1e-4
+MAX_SPAN = 120
+RAMP = 8
+# Head 0: m > 0 up to r = 34 (ramp 27..34), so most key tiles are skipped;
+# head 1: up to r = 75 (ramp 68..75); head 2: every distance of A = 100.
+SPAN_RATIOS = (0.2137, 0.5521, 0.97)
+
+
+def reference_all_attention(
+    q, k, v, pos, mk, mv, z, max_span, ramp, integration
+):
+    """SPEC §1 by gathering keys per distance, log-space span mask."""
+    _, m, _, d = q.shape
+    a = pos.shape[1]
+    i = torch.arange(m, device=q.device)[:, None]
+    r = torch.arange(1, a + 1, device=q.device)[None, :]
+    j = a + i - r  # (M, A): key row at distance r of query i
+    k_r = k[:, j]  # (B, M, A, H, D)
+    v_r = v[:, j]
+    p_r = pos[:, a - r[0]]  # (D, A): column for distance r
+    s = torch.einsum("bmhd,bmahd->bhma", q, k_r)
+    s = (s + torch.einsum("bmhd,da->bhma", q, p_r)) / math.sqrt(d)
+    if z is not None:
+        mask = (ramp + z[:, None] * max_span - r.to(q.dtype) + 1.0) / ramp
+        mask = mask.clamp(0.0, 1.0)  # (H, A)
+        log_mask = torch.where(
+            mask > 0, torch.log(mask.clamp_min(1e-300)), float("-inf")
+        )
+        s = s + log_mask[None, :, None, :]
+    if mk is None:
+        weights = torch.softmax(s, -1)
+        return torch.einsum("bhma,bmahd->bmhd", weights, v_r)
+    u = torch.einsum("bmhd,hnd->bhmn", q, mk) / math.sqrt(d)
+    if integration == "joint":
+        joint = torch.softmax(torch.cat([s, u], -1), -1)
+        weights, weights_p = joint[..., :a], joint[..., a:]
+    else:
+        weights, weights_p = torch.softmax(s, -1), torch.softmax(u, -1)
+    out = torch.einsum("bhma,bmahd->bmhd", weights, v_r)
+    return out + torch.einsum("bhmn,hnd->bmhd", weights_p, mv)
+
+
+def make_inputs(b, m, h, d, a, n, seed, with_span=True):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    inputs = {
+        "query": rnd(b, m, h, d),
+        "key": rnd(b, a + m, h, d),
+        "value": rnd(b, a + m, h, d),
+        "position_keys": rnd(d, a),
+        "persistent_keys": rnd(h, n, d),
+        "persistent_values": rnd(h, n, d),
+        "span_ratio": torch.tensor(SPAN_RATIOS[:h], dtype=torch.float64),
+    }
+    if not with_span:
+        del inputs["span_ratio"]
+    grad = rnd(b, m, h, d)
+    return inputs, grad
+
+
+def rel_err(x, ref):
+    x = x.detach().to(torch.float64).cpu()
+    ref = ref.detach().to(torch.float64).cpu()
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+def run(fn, inputs, grad, dtype, **kwargs):
+    """Output and gradients of `sum(fn(...) * grad)` for every input."""
+    leaves = {
+        name: t.detach().to(device=DEVICE, dtype=dtype).clone().requires_grad_()
+        for name, t in inputs.items()
+    }
+    out = fn(**leaves, **kwargs)
+    out.backward(grad.to(device=DEVICE, dtype=out.dtype))
+    return out, {name: t.grad for name, t in leaves.items()}
+
+
+def check(out, grads, ref_out, ref_grads, tol):
+    errors = {"output": rel_err(out, ref_out)}
+    for name, ref in ref_grads.items():
+        assert grads[name] is not None, f"no gradient for {name}"
+        errors[name] = rel_err(grads[name], ref)
+    bad = {name: e for name, e in errors.items() if not e < tol}
+    assert not bad, f"relative errors above {tol}: {bad} (all: {errors})"
+
+
+def reference_run(inputs, grad, persistent, span, integration):
+    args = dict(inputs)
+    if not persistent:
+        args.pop("persistent_keys")
+        args.pop("persistent_values")
+    if not span:
+        args.pop("span_ratio", None)
+
+    def fn(
+        query, key, value, position_keys, persistent_keys=None,
+        persistent_values=None, span_ratio=None,
+    ):
+        return reference_all_attention(
+            query, key, value, position_keys, persistent_keys,
+            persistent_values, span_ratio, MAX_SPAN, RAMP, integration,
+        )
+
+    return args, run(fn, args, grad, torch.float64)
+
+
+def test_triton_available():
+    assert triton_available()
+
+
+@pytest.mark.parametrize("span", [False, True], ids=["no_span", "span"])
+@pytest.mark.parametrize(
+    "persistent,integration",
+    [(False, "joint"), (True, "joint"), (True, "separate")],
+    ids=["context_only", "joint", "separate"],
+)
+def test_matches_float64_reference(span, persistent, integration):
+    # A = 100 and M = 37 are not multiples of the tile (16).
+    inputs, grad = make_inputs(2, 37, 3, 16, 100, 20, seed=1)
+    args, (ref_out, ref_grads) = reference_run(
+        inputs, grad, persistent, span, integration
+    )
+    out, grads = run(
+        triton_all_attention, args, grad, torch.float32,
+        max_span=MAX_SPAN, span_ramp=RAMP, integration=integration,
+        block_q=16, block_k=16,
+    )
+    assert out.shape == (2, 37, 3, 16) and out.dtype == torch.float32
+    check(out, grads, ref_out, ref_grads, TOL)
+
+
+def test_uneven_tiles_and_head_dim():
+    # block_q < block_k, other tiles for each backward kernel, D = 20
+    # (padded to 32), N = 37 persistent vectors (not a multiple of the
+    # tile), A < max_span, two position-gradient replicas.
+    inputs, grad = make_inputs(1, 45, 2, 20, 70, 37, seed=2)
+    args, (ref_out, ref_grads) = reference_run(inputs, grad, True, True, "joint")
+    out, grads = run(
+        triton_all_attention, args, grad, torch.float32,
+        max_span=MAX_SPAN, span_ramp=RAMP, integration="joint",
+        block_q=16, block_k=32,
+        backward={"dq": (16, 16), "dkdv": (16, 32), "persistent": (32, 16)},
+        position_grad_replicas=2, persistent_split=1,
+    )
+    check(out, grads, ref_out, ref_grads, TOL)
+
+
+@pytest.mark.parametrize(
+    "persistent,span,integration",
+    [(False, False, "joint"), (True, True, "joint"), (True, True, "separate"),
+     (False, True, "joint"), (True, "boundaries", "joint")],
+    ids=["context_only", "span_joint", "span_separate", "span_context_only",
+         "span_boundaries"],
+)
+def test_matches_portable(persistent, span, integration):
+    inputs, grad = make_inputs(2, 21, 3, 16, 50, 12, seed=3)
+    if span == "boundaries":
+        # z = 0 (the recipe's initial value) and z L = 30 make the unclipped
+        # mask exactly 1 at r = 1 (r = 31) and exactly 0 at r = 9 (r = 39):
+        # the reference's clip passes the gradient at both ends.
+        inputs["span_ratio"] = torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64)
+    elif span:
+        inputs["span_ratio"] = torch.tensor([0.1137, 0.27, 0.43], dtype=torch.float64)
+    args, _ = reference_run(inputs, grad, persistent, bool(span), integration)
+    # max_span 120 with A = 50: head 0 masks distances > 22 (ramp 15..22),
+    # head 1 has its ramp at 33..40, head 2 keeps every distance.
+    options = dict(max_span=MAX_SPAN, span_ramp=RAMP, integration=integration)
+    ref_out, ref_grads = run(
+        portable_all_attention, args, grad, torch.float32, **options
+    )
+    out, grads = run(
+        triton_all_attention, args, grad, torch.float32,
+        block_q=16, block_k=16, **options,
+    )
+    check(out, grads, ref_out, ref_grads, TOL)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_inputs(dtype):
+    if dtype == "bfloat16" and INTERPRET:
+        pytest.skip(
+            "Triton's CPU interpreter multiplies the raw bit patterns of "
+            "bfloat16 tl.dot operands (triton 3.9); float16 covers the "
+            "half-precision code path there"
+        )
+    dtype = getattr(torch, dtype)
+    inputs, grad = make_inputs(1, 37, 2, 16, 60, 16, seed=4)
+    inputs = {name: t / 2 for name, t in inputs.items()}  # logits ~ N(0, 1/2)
+    args, (ref_out, ref_grads) = reference_run(inputs, grad, True, True, "joint")
+    out, grads = run(
+        triton_all_attention, args, grad, dtype,
+        max_span=MAX_SPAN, span_ramp=RAMP, integration="joint",
+        block_q=16, block_k=16,
+    )
+    assert out.dtype == dtype
+    assert grads["query"].dtype == dtype
+    # Measured in the interpreter: about 5e-4 (float16).
+    check(out, grads, ref_out, ref_grads, 5e-3 if dtype == torch.float16 else 3e-2)
+
+
+def test_rejects_bad_arguments():
+    inputs, _ = make_inputs(1, 8, 1, 16, 8, 4, seed=5)
+    t = {k: v.float() for k, v in inputs.items()}
+    with pytest.raises(ValueError, match="integration"):
+        triton_all_attention(
+            t["query"], t["key"], t["value"], t["position_keys"],
+            integration="bogus",
+        )
+    with pytest.raises(ValueError, match="max_span"):
+        triton_all_attention(
+            t["query"], t["key"], t["value"], t["position_keys"],
+            span_ratio=t["span_ratio"],
+        )
+    with pytest.raises(ValueError, match="block_q"):
+        triton_all_attention(
+            t["query"], t["key"], t["value"], t["position_keys"],
+            block_q=32, block_k=16,
+        )
