@@ -1,0 +1,258 @@
+"""Training throughput of AllAttentionLM: tokens/s, peak memory, MFU.
+
+Times `model.fit` steps (after warm-up and compilation) on random tokens
+for a preset's geometry on the current Keras backend, and prints one JSON
+line per configuration:
+
+    KERAS_BACKEND=jax python benchmarks/throughput.py \
+        --preset enwik8_small --span fixed:2048 --batch-size 64
+    KERAS_BACKEND=torch python benchmarks/throughput.py \
+        --preset enwik8_small --span adaptive:1024 --compare-transformer
+
+`--span fixed:S` turns adaptive span off with `max_span=S`; `--span
+adaptive:S` keeps the preset's `max_span` (8192 for enwik8_small) with every
+head's learned span set to about `S` tokens. Model FLOPs per token count
+the forward pass as the projections (8 d^2), the context and persistent
+scores and value sums (4 A d + 4 N d, A the span: the learned one with
+adaptive span) and the position scores (2 A d) per layer, plus the output
+layer, and the backward pass as twice the forward; MFU divides by the
+card's dense bf16 peak. `--record` appends a dated row (card, backend,
+commit) to benchmarks/RESULTS.md.
+"""
+
+import argparse
+import datetime
+import json
+import pathlib
+import subprocess
+import time
+
+import keras
+import numpy as np
+
+from keras_allattn import AllAttentionLM
+from keras_allattn.presets import get_preset
+from keras_allattn.training import AdagradClip
+
+# Dense bf16 matrix peaks (datasheet, TFLOP/s) by device name fragment.
+BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="enwik8_small")
+    parser.add_argument("--span", default="fixed:2048",
+                        help="fixed:S or adaptive:S (tokens)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--dtype", default="mixed_bfloat16")
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--implementation", default="auto",
+                        choices=["auto", "portable", "fused"])
+    parser.add_argument("--remat", choices=["auto", "on", "off"], default="auto",
+                        help="auto: on for the portable path only")
+    parser.add_argument("--compare-transformer", action="store_true",
+                        help="also time the Transformer baseline (12 layers, "
+                        "feed-forward 2048, no persistent vectors)")
+    parser.add_argument("--record", action="store_true")
+    return parser.parse_args()
+
+
+def parse_span(text):
+    kind, _, tokens = text.partition(":")
+    if kind not in ("fixed", "adaptive") or not tokens.isdigit():
+        raise ValueError(
+            "`--span` must be fixed:S or adaptive:S with S a number of "
+            f"tokens. Received: --span={text!r}"
+        )
+    return kind, int(tokens)
+
+
+def device_name():
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        return device.device_kind if device.platform == "gpu" else "CPU"
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        return tf.config.experimental.get_device_details(gpus[0]).get(
+            "device_name", "GPU"
+        )
+    return "CPU"
+
+
+def reset_peak_memory():
+    if keras.backend.backend() == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib():
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use")
+    elif backend == "torch":
+        import torch
+
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    else:
+        import tensorflow as tf
+
+        try:
+            peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
+        except (ValueError, RuntimeError):
+            peak = None
+    return None if peak is None else round(peak / 2**30, 2)
+
+
+def synchronize(model):
+    keras.ops.convert_to_numpy(model.trainable_weights[0])
+    if keras.backend.backend() == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+
+def flops_per_token(model, spans):
+    """Training FLOPs per token (forward x 3), `spans` the mean span."""
+    d, n = model.hidden_dim, model.persistent_memory_size
+    per_layer = 8 * d * d + 6 * spans * d + 4 * n * d
+    if model.feedforward_dim:
+        per_layer += 4 * d * model.feedforward_dim
+    forward = model.num_layers * per_layer + 2 * d * model.vocabulary_size
+    return 3 * forward
+
+
+def commit():
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+            text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def build(args, transformer):
+    preset = get_preset(args.preset)
+    config = dict(preset["model"])
+    kind, span = parse_span(args.span)
+    if kind == "fixed":
+        config.update(adaptive_span=False, max_span=span)
+    if transformer:
+        config.update(num_layers=12, feedforward_dim=2048,
+                      persistent_memory_size=0)
+    for key, value in (("batch_size", args.batch_size),
+                       ("block_size", args.block_size),
+                       ("num_layers", args.layers)):
+        if value is not None:
+            config[key] = value
+    remat = {"on": True, "off": False,
+             "auto": args.implementation == "portable"}[args.remat]
+    config.update(dropout=args.dropout, embedding_dropout=0.0)
+    model = AllAttentionLM(**config, dtype=args.dtype,
+                           implementation=args.implementation, remat=remat)
+    if kind == "adaptive":
+        ratio = (span - model.span_ramp) / model.max_span
+        for layer in model.attention_layers:
+            layer.span.span_ratio.assign(np.full((model.num_heads,), ratio))
+    recipe = preset["recipe"]
+    model.compile(
+        optimizer=AdagradClip(recipe["learning_rate"], grad_clip=recipe["clip"]),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=True,
+    )
+    return model, config, remat
+
+
+def measure(args, transformer=False):
+    model, config, remat = build(args, transformer)
+    batch, block = config["batch_size"], config["block_size"]
+    rng = np.random.default_rng(0)
+    total = args.warmup_steps + args.steps
+    x = rng.integers(0, config["vocabulary_size"], (total * batch, block), "int32")
+    y = np.roll(x, -1, axis=1)
+    warm = args.warmup_steps * batch
+    model.fit(x[:warm], y[:warm], batch_size=batch, shuffle=False, verbose=0)
+    synchronize(model)
+    reset_peak_memory()
+    start = time.perf_counter()
+    model.fit(x[warm:], y[warm:], batch_size=batch, shuffle=False, verbose=0)
+    synchronize(model)
+    elapsed = time.perf_counter() - start
+    tokens_per_s = args.steps * batch * block / elapsed
+    spans = model.current_spans()
+    flops = flops_per_token(model, float(spans.mean()))
+    device = device_name()
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in device), None)
+    return {
+        "benchmark": "throughput",
+        "model": "transformer" if transformer else "all-attention",
+        "preset": args.preset,
+        "span": args.span,
+        "backend": keras.backend.backend(),
+        "device": device,
+        "dtype_policy": args.dtype,
+        "implementation": args.implementation,
+        "remat": remat,
+        "batch_size": batch,
+        "block_size": block,
+        "num_layers": model.num_layers,
+        "mean_span": round(float(spans.mean()), 1),
+        "attended_spans": sorted(set(model.attended_spans())),
+        "dropout": args.dropout,
+        "steps": args.steps,
+        "tokens_per_s": round(tokens_per_s),
+        "step_ms": round(1000 * elapsed / args.steps, 1),
+        "peak_memory_gib": peak_memory_gib(),
+        "model_flops_per_token": flops,
+        "mfu": None if peak is None else round(tokens_per_s * flops / (peak * 1e12), 4),
+        "bf16_peak_tflops": peak,
+    }
+
+
+def record(result):
+    path = pathlib.Path(__file__).parent / "RESULTS.md"
+    row = (
+        f"| {datetime.date.today()} | throughput | {result['device']} | "
+        f"{result['backend']} | {commit()} | {result['tokens_per_s']:,} tokens/s, "
+        f"peak {result['peak_memory_gib']} GiB, MFU {result['mfu']} | "
+        f"{result['model']}, preset {result['preset']}, span {result['span']} "
+        f"(mean {result['mean_span']}), batch {result['batch_size']}, block "
+        f"{result['block_size']}, layers {result['num_layers']}, "
+        f"{result['dtype_policy']}, implementation {result['implementation']}, "
+        f"remat {result['remat']}, dropout {result['dropout']} |\n"
+    )
+    with open(path, "a") as f:
+        f.write(row)
+
+
+def main():
+    args = parse_args()
+    runs = [False, True] if args.compare_transformer else [False]
+    for transformer in runs:
+        result = measure(args, transformer)
+        print(json.dumps(result), flush=True)
+        if args.record:
+            record(result)
+
+
+if __name__ == "__main__":
+    main()
