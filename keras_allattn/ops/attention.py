@@ -255,5 +255,9 @@ def _fused_kernel(query, *args, dropout_rate=0.0, **kwargs):
             return None, "the inputs are not on a CUDA device"
         if not triton_attention.triton_available():
             return None, "triton is not installed"
-        return triton_attention.triton_all_attention, ""
+        import torch
+
+        # Launching Triton kernels from an autograd.Function is opaque to
+        # torch.compile: let it compile the graph around the call.
+        return torch.compiler.disable(triton_attention.triton_all_attention), ""
     return None, f"no fused kernel for the {backend} backend"
