@@ -216,9 +216,10 @@ def all_attention(*args, implementation="auto", **kwargs):
     Takes the arguments of `portable_all_attention` plus `implementation`:
 
     - "portable": the `keras.ops` reference path, on every backend.
-    - "fused": the fused kernel of the backend (Triton on PyTorch with CUDA
-      tensors); raises ValueError where there is none or where attention
-      dropout is active (the kernels have no dropout).
+    - "fused": the fused kernel of the backend (Pallas on JAX with a GPU,
+      Triton on PyTorch with CUDA tensors); raises ValueError where there
+      is none or where attention dropout is active (the kernels have no
+      dropout).
     - "auto": the fused kernel where it applies, else the portable path.
 
     Returns:
@@ -260,4 +261,15 @@ def _fused_kernel(query, *args, dropout_rate=0.0, **kwargs):
         # Launching Triton kernels from an autograd.Function is opaque to
         # torch.compile: let it compile the graph around the call.
         return torch.compiler.disable(triton_attention.triton_all_attention), ""
+    if backend == "jax":
+        import jax
+
+        if jax.default_backend() != "gpu":
+            return None, "JAX runs on no GPU"
+        head_dim = query.shape[-1]
+        if head_dim < 16 or head_dim & (head_dim - 1):
+            return None, f"the head width {head_dim} is not a power of 2 >= 16"
+        from keras_allattn.ops.pallas_attention import pallas_all_attention
+
+        return pallas_all_attention, ""
     return None, f"no fused kernel for the {backend} backend"

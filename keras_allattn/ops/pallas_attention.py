@@ -1,0 +1,1145 @@
+"""Fused all-attention for the JAX backend (Pallas, Triton GPU lowering).
+
+`pallas_all_attention` computes exactly the function of
+`keras_allattn.ops.attention.portable_all_attention` (SPEC §1) without
+dropout, with a hand-written backward pass (`jax.custom_vjp`). Layouts are
+the portable path's: query (B, M, H, D); key/value (B, A + M, H, D), the `A`
+memory rows followed by the `M` block rows; position_keys (D, A), column `c`
+holding the key of distance `A - c`; persistent keys/values (H, N, D) as
+used; span_ratio (H,).
+
+Per batch row `b`, head `h` and query `i` (0-based in the block), the query
+attends to key rows `j = i .. i + A - 1`, i.e. distances `r = A + i - j` in
+`1 .. A`, with logits
+
+    s(i, r) = (q_i . k_j + q_i . p_r) / sqrt(D) [+ log m(r)]
+    u(i, n) = q_i . mk_n / sqrt(D)
+
+where `m(r) = clip((R + z_h L - r + 1) / R, 0, 1)` is the adaptive-span mask
+(log-space form: `m = 0` excludes the key; this equals the reference's
+multiply-and-renormalise up to its 1e-8), then one softmax over context and
+persistent logits ("joint") or one softmax each, outputs summed
+("separate").
+
+Kernels (float32 online softmax and accumulation; nothing of size
+(B, H, M, A) is written to HBM). All pallas_calls pass Triton
+`CompilerParams`, which selects the Triton lowering (without them recent jax
+picks Mosaic GPU).
+
+* forward: one program per (query-tile group, head, batch row); it loops over
+  its query tiles, and for each over the key tiles inside the head's span
+  (loop bounds computed in the kernel from `z_h`, so the cost follows the
+  learned span), then over the persistent tiles.
+* backward, flash-attention style recomputation from the saved log-sum-exp
+  (and `delta = rowsum(dO * O)`): a dK/dV kernel (key-tile programs looping
+  over the query tiles that see them), a dQ kernel (query-tile programs
+  looping over key tiles) that also produces d position_keys (each
+  completed (BK, D) distance block added with a relaxed-ordering atomic into
+  one of several float32 copies, summed outside) and d span_ratio
+  (per-program partials: sum of dS (L/R)/m over the ramp), and a kernel for
+  the persistent keys/values (persistent-tile programs looping over batch
+  rows and query tiles; per-group partials summed outside). Each backward
+  kernel has its own tile shape (`backward_blocks`).
+
+The relative-position term. For a query tile `[i0, i0 + BQ)` and a key tile
+`[j0, j0 + BK)` the distances form a band: entry (a, b) needs
+`q_a . P[:, j0 + b - i0 - a]`. The kernels compute `Q_tile @ P_block` for
+BK-wide blocks of P columns (aligned on `j0 - i0`), store them in a small
+per-program scratch ring in global memory and read the band back with a
+gather load (pointer tensor) `ring[a, slot(b - a) * BK + (b - a) mod BK]`;
+the inverse "skew" of the score gradients for dQ and dP is the same gather
+over a ring of score-gradient tiles. In the forward and dQ kernels the ring
+reuses each P block for every key tile it overlaps, so the position term
+costs one extra (BQ x BK x D) matmul per tile, like the key term (the dK/dV
+kernel, whose query tile changes every iteration, computes the whole band:
+two blocks).
+
+Ordering in the scratch ring: a block is stored `lag = num_stages + 1`
+iterations before it is read, the ring has `nb + lag + 2` slots (`nb =
+ceil((BQ - 1) / BK)`) and every loop iteration executes one CTA barrier;
+with Triton's software pipelining (which may hoist a load by up to
+`num_stages - 1` iterations but never moves stores), every read is then
+separated from the store that produced it, and every overwrite from the
+last read, by at least one barrier. The scratch is indexed by program, and
+each program loops over several tiles, so its size is
+(programs x BQ x ring width), independent of A.
+
+The span gradient is that of the log-space form: where `z L` is an integer,
+a distance enters the span with `m = 0+` and the derivative in `z` jumps
+(one-sided derivatives differ); float32 rounding then decides the side, for
+this kernel and for the portable path alike.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+INTEGRATIONS = ("joint", "separate")
+
+# Initial running maximum: finite, so that a row whose logits in a tile are
+# all -inf gives exp(-inf - _M_INIT) = 0 and never NaN.
+_M_INIT = -1e30
+# Number of programs a kernel grid aims at (several per SM of an H100).
+_DEFAULT_PROGRAMS = 1024
+# Memory for the copies of the d position_keys accumulator: program
+# (b, h) adds into copy (b H + h) mod copies, so that programs running at the
+# same time rarely add to the same addresses.
+_DP_BYTES = 256 * 2**20
+# Profiling switches (read when kernels are traced; benchmarks only).
+_DEBUG = {"skip_dp_atomics": False, "dp_copies": None, "acq_rel_atomics": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    batch: int
+    queries: int  # M
+    length: int  # A
+    heads: int
+    head_dim: int
+    persistent: int  # N (0: no persistent vectors)
+    has_span: bool
+    max_span: float
+    span_ramp: float
+    joint: bool
+    block_q: int
+    block_k: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    interpret: bool
+    highest: bool
+    programs: int
+    # Backward tiles (block_q, block_k, num_warps, num_stages) of the dK/dV
+    # and dQ kernels.
+    dkdv_blocks: tuple = (None, None, None, None)
+    dq_blocks: tuple = (None, None, None, None)
+    # Zero rows before/after P^T: the maximum over the kernels' tiles.
+    pads: tuple = (None, None)
+
+    # Derived sizes ------------------------------------------------------
+    @property
+    def total(self):  # A + M key rows
+        return self.length + self.queries
+
+    @property
+    def nb(self):  # P blocks before the current one that a band touches
+        return max(1, -(-(self.block_q - 1) // self.block_k))
+
+    @property
+    def lag(self):
+        return self.num_stages + 1
+
+    @property
+    def slots(self):
+        return self.nb + self.lag + 2
+
+    def required_pads(self):
+        """P^T rows this config's tiles may read before / after the A rows."""
+        front = (self.nb + 2) * self.block_k + (self.lag + 1) * self.block_q
+        back = 2 * self.block_q + (self.nb + self.lag + 4) * self.block_k
+        return front, back
+
+    @property
+    def pad_front(self):
+        return self.pads[0]
+
+    @property
+    def pad_back(self):
+        return self.pads[1]
+
+    def with_blocks(self, blocks):
+        block_q, block_k, num_warps, num_stages = blocks
+        return dataclasses.replace(
+            self, block_q=block_q, block_k=block_k, num_warps=num_warps,
+            num_stages=num_stages,
+        )
+
+    @property
+    def dkdv(self):  # the config of the dK/dV kernel
+        return self.with_blocks(self.dkdv_blocks)
+
+    @property
+    def dq(self):  # the config of the dQ kernel
+        return self.with_blocks(self.dq_blocks)
+
+    @property
+    def p_rows(self):
+        return self.pad_front + self.length + self.pad_back
+
+    @property
+    def nq(self):
+        return -(-self.queries // self.block_q)
+
+    @property
+    def nk(self):
+        return -(-self.total // self.block_k)
+
+    @property
+    def nn(self):
+        return -(-self.persistent // self.block_n) if self.persistent else 0
+
+    @property
+    def scale(self):
+        return 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def separate_persistent(self):
+        return self.persistent > 0 and not self.joint
+
+    @property
+    def precision(self):
+        return lax.Precision.HIGHEST if self.highest else None
+
+    def groups(self, tiles):
+        """Tile groups per (head, batch row): programs stride over tiles."""
+        per = self.heads * self.batch
+        return int(min(tiles, max(1, -(-self.programs // per))))
+
+    @property
+    def dp_copies(self):
+        if _DEBUG["dp_copies"]:
+            return int(_DEBUG["dp_copies"])
+        per_copy = self.p_rows * self.head_dim * 4
+        return int(max(1, min(self.batch * self.heads, _DP_BYTES // per_copy)))
+
+    def compiler_params(self):
+        return plt.CompilerParams(
+            num_warps=self.num_warps, num_stages=self.num_stages
+        )
+
+
+# ---------------------------------------------------------------------------
+# A relaxed-ordering atomic add
+# ---------------------------------------------------------------------------
+#
+# `plt.atomic_add` lowers to acquire-release atomics at GPU scope, which
+# order every tile of atomics against all other memory traffic of the
+# program. The position-key gradient only needs atomicity (the kernel's end
+# orders everything), so this builds the same primitive with relaxed
+# semantics, reusing Pallas's abstract evaluation, interpreter (discharge)
+# rule and pointer computation. It relies on Pallas internals: if they are
+# missing (another jax version), `plt.atomic_add` is used instead.
+
+
+def _make_relaxed_atomic_add():
+    try:
+        from jax._src import core as jax_core
+        from jax._src import tree_util
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.triton import dialect as tt_dialect
+        from jax._src.pallas.triton import lowering as tl
+        from jax._src.pallas.triton import primitives as tp
+        from jax._src.state import discharge as state_discharge
+        from jax._src.state import indexing
+        from jax._src.state import primitives as state_primitives
+
+        add = tp.AtomicOpType.ADD
+        prim = jax_core.Primitive("all_attention_relaxed_atomic_add")
+        prim.def_effectful_abstract_eval(tp._atomic_abstract_eval)
+        state_discharge.register_discharge_rule(prim)(tp._atomic_rmw_discharge_rule)
+        relaxed = tt_dialect.MemSemantic.RELAXED
+
+        @tl.register_lowering(prim)
+        def _lowering(ctx, *args_flat, args_tree, atomic_type):
+            del atomic_type
+            block_info, *_ = ctx.block_infos
+            ptr, indexers, val, mask = args_tree.unflatten(args_flat)
+            *_, value_aval, mask_aval = args_tree.unflatten(ctx.avals_in)
+            indexers = list(indexers)
+            if len(indexers) != 1 or not isinstance(indexers[0], indexing.NDIndexer):
+                raise NotImplementedError("one NDIndexer expected")
+            ptr = tl._compute_pointers_from_indices(ptr, block_info, indexers[0])
+            val = tl._ensure_ir_value(val, value_aval)
+            if mask is not None:
+                mask = tl._ensure_ir_value(mask, mask_aval)
+            if isinstance(val.type, ir.IntegerType):
+                raise NotImplementedError("float atomics only")
+            return tl._atomic_rmw(
+                tt_dialect.RMWOp.FADD, ptr, val, mask=mask, semantic=relaxed
+            )
+
+        def relaxed_atomic_add(ref, idx, val, *, mask=None):
+            x_ref, transforms = state_primitives.get_ref_and_transforms(
+                ref, idx, "atomic_rmw"
+            )
+            args_flat, args_tree = tree_util.tree_flatten(
+                (x_ref, transforms, val, mask)
+            )
+            return prim.bind(*args_flat, args_tree=args_tree, atomic_type=add)
+
+        return relaxed_atomic_add
+    except Exception:  # pragma: no cover - depends on jax internals
+        return None
+
+
+_relaxed_atomic_add = _make_relaxed_atomic_add()
+
+
+def _atomic_add(ref, idx, val, *, mask=None, relaxed=True):
+    if relaxed and _relaxed_atomic_add is not None:
+        return _relaxed_atomic_add(ref, idx, val, mask=mask)
+    return plt.atomic_add(ref, idx, val, mask=mask)
+
+
+# ---------------------------------------------------------------------------
+# In-kernel helpers
+# ---------------------------------------------------------------------------
+
+
+def _dot_nt(a, b, cfg):  # a (m, k), b (n, k) -> (m, n) float32
+    return lax.dot_general(
+        a,
+        b,
+        (((1,), (1,)), ((), ())),
+        precision=cfg.precision,
+        preferred_element_type=jnp.float32,
+    )
+
+
+def _dot_nn(a, b, cfg):  # a (m, k), b (k, n) -> (m, n) float32
+    return lax.dot_general(
+        a,
+        b,
+        (((1,), (0,)), ((), ())),
+        precision=cfg.precision,
+        preferred_element_type=jnp.float32,
+    )
+
+
+def _dot_tn(a, b, cfg):  # a (k, m), b (k, n) -> (m, n) float32
+    return lax.dot_general(
+        a,
+        b,
+        (((0,), (0,)), ((), ())),
+        precision=cfg.precision,
+        preferred_element_type=jnp.float32,
+    )
+
+
+def _barrier(cfg):
+    # A CTA barrier (bar.sync); meaningless (and unsupported) when the
+    # kernel is interpreted sequentially on the CPU.
+    if not cfg.interpret:
+        plt.debug_barrier()
+
+
+def _idiv(x, d):  # floor division of non-negative int32 values
+    return lax.div(x, jnp.int32(d))
+
+
+def _slot(t, cfg):
+    # Ring slot of block/tile t (t may be slightly negative).
+    return lax.rem(t + cfg.slots * (cfg.nb + cfg.lag + 2), cfg.slots)
+
+
+def _span_limit(z, cfg):
+    """Largest distance with a non-zero span mask (conservative by one)."""
+    if not cfg.has_span:
+        return jnp.int32(cfg.length)
+    lim = cfg.span_ramp + jnp.ceil(z * cfg.max_span) + 1.0
+    lim = jnp.clip(lim, 1.0, float(cfg.length))
+    return lim.astype(jnp.int32)
+
+
+def _context_logits(s, i, j, z, cfg):
+    """Scaled logits with masks; returns (t, valid, raw) where raw is the
+    unclipped span mask value (None without span)."""
+    r = cfg.length + i - j
+    valid = (r >= 1) & (r <= cfg.length) & (i < cfg.queries)
+    t = s * cfg.scale
+    raw = None
+    if cfg.has_span:
+        raw = (cfg.span_ramp + z * cfg.max_span - r.astype(jnp.float32) + 1.0)
+        raw = raw / cfg.span_ramp
+        valid = valid & (raw > 0.0)
+        t = t + jnp.log(jnp.clip(raw, 1e-30, 1.0))
+    t = jnp.where(valid, t, -jnp.inf)
+    return t, valid, raw
+
+
+def _load_rows(ref, b, start, h, size, limit):
+    """(size, D) rows [start, start + size) of a (B, rows, H, D) ref."""
+    rows = start + lax.iota(jnp.int32, size)
+    return plt.load(
+        ref.at[b, pl.ds(start, size), h, :],
+        mask=(rows < limit)[:, None],
+        other=0.0,
+    )
+
+
+def _load_vec(ref, b, h, start, size, limit):
+    """(size,) entries [start, start + size) of a (B, H, M) ref."""
+    rows = start + lax.iota(jnp.int32, size)
+    return plt.load(
+        ref.at[b, h, pl.ds(start, size)], mask=rows < limit, other=0.0
+    )
+
+
+def _store_rows(ref, b, start, h, size, limit, value):
+    rows = start + lax.iota(jnp.int32, size)
+    plt.store(
+        ref.at[b, pl.ds(start, size), h, :],
+        value.astype(ref.dtype),
+        mask=(rows < limit)[:, None],
+    )
+
+
+def _store_vec(ref, b, h, start, size, limit, value):
+    rows = start + lax.iota(jnp.int32, size)
+    plt.store(
+        ref.at[b, h, pl.ds(start, size)],
+        value.astype(ref.dtype),
+        mask=rows < limit,
+    )
+
+
+def _p_block(pt_ref, col0, cfg):
+    """(BK, D) rows of the padded P^T for P columns [col0, col0 + BK)."""
+    return pt_ref[pl.ds(cfg.pad_front + col0, cfg.block_k), :]
+
+
+def _key_range(i0, rmax, cfg):
+    """Key tiles [kt_lo, kt_hi) holding keys of the query tile at i0."""
+    j_lo = jnp.maximum(i0 + cfg.length - rmax, 0)
+    j_hi = jnp.minimum(cfg.total - 1, i0 + cfg.block_q + cfg.length - 2)
+    return _idiv(j_lo, cfg.block_k), _idiv(j_hi, cfg.block_k) + 1
+
+
+def _band_gather(ring_ref, idx, tile, cfg):
+    """Skewed position scores of key tile `tile` from the QP ring.
+
+    Entry (a, b) is `q_a . p` at P column `tile * BK - i0 + b - a`, which
+    lives in block `tile - nb + (b - a + nb BK) // BK` at column
+    `(b - a + nb BK) % BK`.
+    """
+    bq, bk = cfg.block_q, cfg.block_k
+    ar = lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    bc = lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    e = bc - ar + cfg.nb * bk
+    block = tile - cfg.nb + _idiv(e, bk)
+    col = _slot(block, cfg) * bk + lax.rem(e, jnp.int32(bk))
+    return ring_ref[idx + (ar, col)]
+
+
+def _online_update(state, t, vals, cfg):
+    m_i, l_i, acc = state
+    m_new = jnp.maximum(m_i, jnp.max(t, axis=1))
+    alpha = jnp.exp(m_i - m_new)
+    p = jnp.exp(t - m_new[:, None])
+    l_new = l_i * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot_nn(p.astype(vals.dtype), vals, cfg)
+    return m_new, l_new, acc
+
+
+def _persistent_logits(q, mk, n0, cfg):
+    u = _dot_nt(q, mk, cfg) * cfg.scale
+    n = n0 + lax.broadcasted_iota(jnp.int32, u.shape, 1)
+    return jnp.where(n < cfg.persistent, u, -jnp.inf)
+
+
+def _load_persistent(ref, h, n0, cfg):
+    rows = n0 + lax.iota(jnp.int32, cfg.block_n)
+    return plt.load(
+        ref.at[h, pl.ds(n0, cfg.block_n), :],
+        mask=(rows < cfg.persistent)[:, None],
+        other=0.0,
+    )
+
+
+def _unpack(refs, names):
+    refs = list(refs)
+    out = {}
+    for name in names:
+        out[name] = refs.pop(0) if name else None
+    assert not refs, refs
+    return out
+
+
+def _input_names(cfg):
+    names = ["q", "k", "v", "pt"]
+    names += ["mk", "mv"] if cfg.persistent else []
+    names += ["z"] if cfg.has_span else []
+    return names
+
+
+# ---------------------------------------------------------------------------
+# Forward kernel
+# ---------------------------------------------------------------------------
+
+
+def _fwd_kernel(cfg, *refs):
+    names = _input_names(cfg) + ["o", "lse"]
+    if cfg.separate_persistent:
+        names += ["o_ctx", "o_pers", "lse_p"]
+    names += ["ring"]
+    r = _unpack(refs, names)
+    bq, bk, d = cfg.block_q, cfg.block_k, cfg.head_dim
+    groups = cfg.groups(cfg.nq)
+    g, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    z = r["z"][h].astype(jnp.float32) if cfg.has_span else None
+    rmax = _span_limit(z, cfg)
+    ring_idx = (g, h, b)
+
+    def tile_body(step, carry):
+        qt = g + step * groups
+        i0 = qt * bq
+        q = _load_rows(r["q"], b, i0, h, bq, cfg.queries)
+        kt_lo, kt_hi = _key_range(i0, rmax, cfg)
+
+        def store_qp(block):
+            qp = _dot_nt(q, _p_block(r["pt"], block * bk - i0, cfg), cfg)
+            r["ring"][ring_idx + (slice(None), pl.ds(_slot(block, cfg) * bk, bk))] = qp
+
+        for u in range(cfg.nb + cfg.lag):  # prologue: blocks before kt_lo+lag
+            store_qp(kt_lo - cfg.nb + u)
+        _barrier(cfg)
+
+        ar = lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+        bc = lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+
+        def key_body(kt, state):
+            _barrier(cfg)
+            store_qp(kt + cfg.lag)
+            spos = _band_gather(r["ring"], ring_idx, kt, cfg)
+            j0 = kt * bk
+            kb = _load_rows(r["k"], b, j0, h, bk, cfg.total)
+            vb = _load_rows(r["v"], b, j0, h, bk, cfg.total)
+            s = _dot_nt(q, kb, cfg) + spos
+            t, _, _ = _context_logits(s, i0 + ar, j0 + bc, z, cfg)
+            return _online_update(state, t, vb, cfg)
+
+        init = (
+            jnp.full((bq,), _M_INIT, jnp.float32),
+            jnp.zeros((bq,), jnp.float32),
+            jnp.zeros((bq, d), jnp.float32),
+        )
+        state = lax.fori_loop(kt_lo, kt_hi, key_body, init)
+
+        def pers_body(nt, state):
+            n0 = nt * cfg.block_n
+            mk = _load_persistent(r["mk"], h, n0, cfg)
+            mv = _load_persistent(r["mv"], h, n0, cfg)
+            return _online_update(state, _persistent_logits(q, mk, n0, cfg), mv, cfg)
+
+        if cfg.persistent and cfg.joint:
+            state = lax.fori_loop(0, cfg.nn, pers_body, state)
+        m_i, l_i, acc = state
+        out = acc / l_i[:, None]
+        lse = m_i + jnp.log(l_i)
+        if cfg.separate_persistent:
+            init = (
+                jnp.full((bq,), _M_INIT, jnp.float32),
+                jnp.zeros((bq,), jnp.float32),
+                jnp.zeros((bq, d), jnp.float32),
+            )
+            m_p, l_p, acc_p = lax.fori_loop(0, cfg.nn, pers_body, init)
+            out_p = acc_p / l_p[:, None]
+            _store_rows(r["o_ctx"], b, i0, h, bq, cfg.queries, out)
+            _store_rows(r["o_pers"], b, i0, h, bq, cfg.queries, out_p)
+            _store_vec(r["lse_p"], b, h, i0, bq, cfg.queries, m_p + jnp.log(l_p))
+            out = out + out_p
+        _store_rows(r["o"], b, i0, h, bq, cfg.queries, out)
+        _store_vec(r["lse"], b, h, i0, bq, cfg.queries, lse)
+        return carry
+
+    steps = _idiv(cfg.nq - g + groups - 1, groups)
+    lax.fori_loop(0, steps, tile_body, 0)
+
+
+# ---------------------------------------------------------------------------
+# Backward kernels
+# ---------------------------------------------------------------------------
+
+
+def _dkdv_kernel(cfg, *refs):
+    names = _input_names(cfg) + ["do", "lse", "delta", "dk", "dv", "ring"]
+    r = _unpack(refs, names)
+    bq, bk, d = cfg.block_q, cfg.block_k, cfg.head_dim
+    nb, lag = cfg.nb, cfg.lag
+    band_slots = lag + 2
+    band = (nb + 1) * bk
+    groups = cfg.groups(cfg.nk)
+    g, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    z = r["z"][h].astype(jnp.float32) if cfg.has_span else None
+    rmax = _span_limit(z, cfg)
+    ring_idx = (g, h, b)
+    ar = lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    bc = lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+
+    def tile_body(step, carry):
+        kt = g + step * groups
+        j0 = kt * bk
+        kb = _load_rows(r["k"], b, j0, h, bk, cfg.total)
+        vb = _load_rows(r["v"], b, j0, h, bk, cfg.total)
+        # Query tiles holding a query that sees a key of this tile.
+        i_lo = jnp.maximum(j0 - cfg.length + 1, 0)
+        i_hi = jnp.minimum(cfg.queries - 1, j0 + bk - 1 - cfg.length + rmax)
+        qt_lo = _idiv(i_lo, bq)
+        qt_hi = jnp.where(i_hi >= i_lo, _idiv(jnp.maximum(i_hi, 0), bq) + 1, qt_lo)
+
+        def store_band(qt):
+            # Q_tile(qt) @ P blocks (j0 - i0) + beta BK, beta = -nb .. 0.
+            i0 = qt * bq
+            q = _load_rows(r["q"], b, i0, h, bq, cfg.queries)
+            base = lax.rem(qt, band_slots) * band
+            for beta in range(nb + 1):
+                col0 = j0 - i0 + (beta - nb) * bk
+                qp = _dot_nt(q, _p_block(r["pt"], col0, cfg), cfg)
+                r["ring"][ring_idx + (slice(None), pl.ds(base + beta * bk, bk))] = qp
+
+        for u in range(lag):
+            store_band(qt_lo + u)
+        _barrier(cfg)
+
+        def q_body(qt, state):
+            dk, dv = state
+            _barrier(cfg)
+            store_band(qt + lag)
+            i0 = qt * bq
+            e = bc - ar + nb * bk
+            col = lax.rem(qt, band_slots) * band + e
+            spos = r["ring"][ring_idx + (ar, col)]
+            q = _load_rows(r["q"], b, i0, h, bq, cfg.queries)
+            do = _load_rows(r["do"], b, i0, h, bq, cfg.queries)
+            lse = _load_vec(r["lse"], b, h, i0, bq, cfg.queries)
+            delta = _load_vec(r["delta"], b, h, i0, bq, cfg.queries)
+            s = _dot_nt(q, kb, cfg) + spos
+            t, valid, _ = _context_logits(s, i0 + ar, j0 + bc, z, cfg)
+            p = jnp.where(valid, jnp.exp(t - lse[:, None]), 0.0)
+            dv = dv + _dot_tn(p.astype(do.dtype), do, cfg)
+            dp = _dot_nt(do, vb, cfg)
+            ds = p * (dp - delta[:, None])
+            dk = dk + _dot_tn(ds.astype(q.dtype), q, cfg)
+            return dk, dv
+
+        init = (jnp.zeros((bk, d), jnp.float32), jnp.zeros((bk, d), jnp.float32))
+        dk, dv = lax.fori_loop(qt_lo, qt_hi, q_body, init)
+        _store_rows(r["dk"], b, j0, h, bk, cfg.total, dk * cfg.scale)
+        _store_rows(r["dv"], b, j0, h, bk, cfg.total, dv)
+        return carry
+
+    steps = _idiv(cfg.nk - g + groups - 1, groups)
+    lax.fori_loop(0, steps, tile_body, 0)
+
+
+def _dq_kernel(cfg, *refs):
+    names = _input_names(cfg) + ["do", "lse", "delta"]
+    if cfg.separate_persistent:
+        names += ["lse_p", "delta_p"]
+    names += ["dp_in", "dq", "dp", "dz", "ring", "ring_ds"]
+    r = _unpack(refs, names)
+    del r["dp_in"]  # aliased with r["dp"]
+    bq, bk, d = cfg.block_q, cfg.block_k, cfg.head_dim
+    nb, lag = cfg.nb, cfg.lag
+    groups = cfg.groups(cfg.nq)
+    g, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    z = r["z"][h].astype(jnp.float32) if cfg.has_span else None
+    rmax = _span_limit(z, cfg)
+    ring_idx = (g, h, b)
+    copy = lax.rem(b * cfg.heads + h, cfg.dp_copies)
+    ar = lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    bc = lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+
+    def tile_body(step, dz):
+        qt = g + step * groups
+        i0 = qt * bq
+        q = _load_rows(r["q"], b, i0, h, bq, cfg.queries)
+        do = _load_rows(r["do"], b, i0, h, bq, cfg.queries)
+        lse = _load_vec(r["lse"], b, h, i0, bq, cfg.queries)
+        delta = _load_vec(r["delta"], b, h, i0, bq, cfg.queries)
+        kt_lo, kt_hi = _key_range(i0, rmax, cfg)
+
+        def store_qp(block):
+            qp = _dot_nt(q, _p_block(r["pt"], block * bk - i0, cfg), cfg)
+            r["ring"][ring_idx + (slice(None), pl.ds(_slot(block, cfg) * bk, bk))] = qp
+
+        for u in range(nb + lag):
+            store_qp(kt_lo - nb + u)
+        _barrier(cfg)
+
+        def position_block(block, dq, tile_hi):
+            # Score gradients of P block `block` (columns block BK - i0 + w):
+            # entry (a, w) comes from tile block + (w + a) // BK, column
+            # (w + a) % BK, for tiles in [kt_lo, tile_hi).
+            e = bc + ar
+            tile = block + _idiv(e, bk)
+            col = _slot(tile, cfg) * bk + lax.rem(e, jnp.int32(bk))
+            dsb = r["ring_ds"][ring_idx + (ar, col)]
+            dsb = jnp.where((tile >= kt_lo) & (tile < tile_hi), dsb, 0.0)
+            col0 = block * bk - i0
+            pb = _p_block(r["pt"], col0, cfg)
+            dq = dq + _dot_nn(dsb.astype(pb.dtype), pb, cfg)
+            dpb = _dot_tn(dsb.astype(q.dtype), q, cfg)  # (BK, D)
+            if not _DEBUG["skip_dp_atomics"]:
+                # Blocks before kt_lo - nb get nothing (the first iterations
+                # of the main loop); masked atomics touch no memory. (The
+                # interpreter has no masked atomics: it adds the zeros.)
+                mask = None
+                if not cfg.interpret:
+                    mask = jnp.full((bk, d), block >= kt_lo - nb)
+                _atomic_add(
+                    r["dp"],
+                    (copy, pl.ds(cfg.pad_front + col0, bk), slice(None)),
+                    dpb,
+                    mask=mask,
+                    relaxed=not _DEBUG["acq_rel_atomics"],
+                )
+            return dq
+
+        def key_body(kt, state):
+            dq, dz = state
+            _barrier(cfg)
+            store_qp(kt + lag)
+            spos = _band_gather(r["ring"], ring_idx, kt, cfg)
+            j0 = kt * bk
+            kb = _load_rows(r["k"], b, j0, h, bk, cfg.total)
+            vb = _load_rows(r["v"], b, j0, h, bk, cfg.total)
+            s = _dot_nt(q, kb, cfg) + spos
+            t, valid, raw = _context_logits(s, i0 + ar, j0 + bc, z, cfg)
+            p = jnp.where(valid, jnp.exp(t - lse[:, None]), 0.0)
+            dp = _dot_nt(do, vb, cfg)
+            ds = p * (dp - delta[:, None])
+            dq = dq + _dot_nn(ds.astype(kb.dtype), kb, cfg)
+            if cfg.has_span:
+                # d/dz over the distances whose unclipped mask lies in
+                # [0, 1], ends included (torch.clamp's gradient in the
+                # reference): exp(s - lse) (dP - Delta), which equals
+                # dS / m inside the ramp and stays defined where m = 0.
+                r_dist = cfg.length + (i0 + ar) - (j0 + bc)
+                ramp = (
+                    (r_dist >= 1) & (r_dist <= cfg.length)
+                    & ((i0 + ar) < cfg.queries) & (raw >= 0.0) & (raw <= 1.0)
+                )
+                free = jnp.exp(jnp.minimum(s * cfg.scale - lse[:, None], 80.0))
+                contrib = jnp.where(ramp, free * (dp - delta[:, None]), 0.0)
+                dz = dz + jnp.sum(jnp.sum(contrib, axis=1), axis=0)
+            r["ring_ds"][ring_idx + (slice(None), pl.ds(_slot(kt, cfg) * bk, bk))] = ds
+            dq = position_block(kt - nb - lag, dq, kt_hi)
+            return dq, dz
+
+        dq, dz = lax.fori_loop(
+            kt_lo, kt_hi, key_body, (jnp.zeros((bq, d), jnp.float32), dz)
+        )
+        _barrier(cfg)
+        first = jnp.maximum(kt_lo - nb, kt_hi - nb - lag)
+        dq = lax.fori_loop(
+            first, kt_hi, lambda blk, dq: position_block(blk, dq, kt_hi), dq
+        )
+
+        if cfg.persistent:
+            lse_p, delta_p = lse, delta
+            if cfg.separate_persistent:
+                lse_p = _load_vec(r["lse_p"], b, h, i0, bq, cfg.queries)
+                delta_p = _load_vec(r["delta_p"], b, h, i0, bq, cfg.queries)
+
+            def pers_body(nt, dq):
+                n0 = nt * cfg.block_n
+                mk = _load_persistent(r["mk"], h, n0, cfg)
+                mv = _load_persistent(r["mv"], h, n0, cfg)
+                u = _persistent_logits(q, mk, n0, cfg)
+                a = jnp.exp(u - lse_p[:, None])
+                du = a * (_dot_nt(do, mv, cfg) - delta_p[:, None])
+                return dq + _dot_nn(du.astype(mk.dtype), mk, cfg)
+
+            dq = lax.fori_loop(0, cfg.nn, pers_body, dq)
+        _store_rows(r["dq"], b, i0, h, bq, cfg.queries, dq * cfg.scale)
+        return dz
+
+    steps = _idiv(cfg.nq - g + groups - 1, groups)
+    dz = lax.fori_loop(0, steps, tile_body, jnp.float32(0.0))
+    r["dz"][g, h, b] = dz * (cfg.max_span / cfg.span_ramp if cfg.has_span else 0.0)
+
+
+def _persistent_kernel(cfg, *refs):
+    names = ["q", "mk", "mv", "do", "lse", "delta", "dmk", "dmv"]
+    r = _unpack(refs, names)
+    bq, bn, d = cfg.block_q, cfg.block_n, cfg.head_dim
+    nt, h, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bgroups = _persistent_groups(cfg)
+    n0 = nt * bn
+    mk = _load_persistent(r["mk"], h, n0, cfg)
+    mv = _load_persistent(r["mv"], h, n0, cfg)
+    rows_per_b = cfg.nq
+    nb_local = _idiv(cfg.batch - g + bgroups - 1, bgroups)
+
+    def body(step, state):
+        dmk, dmv = state
+        b = g + _idiv(step, rows_per_b) * bgroups
+        i0 = lax.rem(step, rows_per_b) * bq
+        q = _load_rows(r["q"], b, i0, h, bq, cfg.queries)
+        do = _load_rows(r["do"], b, i0, h, bq, cfg.queries)
+        lse = _load_vec(r["lse"], b, h, i0, bq, cfg.queries)
+        delta = _load_vec(r["delta"], b, h, i0, bq, cfg.queries)
+        u = _persistent_logits(q, mk, n0, cfg)
+        rows = i0 + lax.broadcasted_iota(jnp.int32, u.shape, 0)
+        a = jnp.where(rows < cfg.queries, jnp.exp(u - lse[:, None]), 0.0)
+        dmv = dmv + _dot_tn(a.astype(do.dtype), do, cfg)
+        du = a * (_dot_nt(do, mv, cfg) - delta[:, None])
+        dmk = dmk + _dot_tn(du.astype(q.dtype), q, cfg)
+        return dmk, dmv
+
+    init = (jnp.zeros((bn, d), jnp.float32), jnp.zeros((bn, d), jnp.float32))
+    dmk, dmv = lax.fori_loop(0, nb_local * rows_per_b, body, init)
+    rows = n0 + lax.iota(jnp.int32, bn)
+    mask = (rows < cfg.persistent)[:, None]
+    plt.store(r["dmk"].at[g, h, pl.ds(n0, bn), :], dmk * cfg.scale, mask=mask)
+    plt.store(r["dmv"].at[g, h, pl.ds(n0, bn), :], dmv, mask=mask)
+
+
+def _persistent_groups(cfg):
+    per = cfg.nn * cfg.heads
+    return int(min(cfg.batch, max(1, -(-cfg.programs // per))))
+
+
+# ---------------------------------------------------------------------------
+# pallas_call wrappers
+# ---------------------------------------------------------------------------
+
+
+def _sds(shape, dtype):
+    return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), dtype)
+
+
+def _inputs(cfg, q, k, v, pt, mk, mv, z):
+    args = [q, k, v, pt]
+    if cfg.persistent:
+        args += [mk, mv]
+    if cfg.has_span:
+        args += [z]
+    return args
+
+
+def _forward(cfg, q, k, v, pt, mk, mv, z):
+    B, M, H, D = q.shape
+    groups = cfg.groups(cfg.nq)
+    out_shape = [_sds((B, M, H, D), q.dtype), _sds((B, H, M), jnp.float32)]
+    if cfg.separate_persistent:
+        out_shape += [
+            _sds((B, M, H, D), jnp.float32),
+            _sds((B, M, H, D), jnp.float32),
+            _sds((B, H, M), jnp.float32),
+        ]
+    out_shape += [_sds((groups, H, B, cfg.block_q, cfg.slots * cfg.block_k), jnp.float32)]
+    outs = pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg),
+        grid=(groups, H, B),
+        out_shape=out_shape,
+        compiler_params=cfg.compiler_params(),
+        interpret=cfg.interpret,
+        name="all_attention_fwd",
+    )(*_inputs(cfg, q, k, v, pt, mk, mv, z))
+    return outs[:-1]
+
+
+def _deltas(cfg, res, do):
+    """Row sums dO . O (context / persistent parts), float32 (B, H, M)."""
+    _, _, _, _, _, _, _, o, _, o_ctx, o_pers, _ = res
+    dof = do.astype(jnp.float32)
+
+    def row_dot(x):  # (B, M, H, D) -> (B, H, M)
+        return jnp.transpose(jnp.sum(dof * x.astype(jnp.float32), -1), (0, 2, 1))
+
+    if cfg.separate_persistent:
+        return row_dot(o_ctx), row_dot(o_pers)
+    return row_dot(o), None
+
+
+def _dkdv_call(cfg, res, do, delta):
+    cfg = cfg.dkdv
+    q, k, v, pt, mk, mv, z, _, lse, _, _, _ = res
+    H, B = cfg.heads, cfg.batch
+    groups = cfg.groups(cfg.nk)
+    band_width = (cfg.lag + 2) * (cfg.nb + 1) * cfg.block_k
+    dk, dv, _ = pl.pallas_call(
+        functools.partial(_dkdv_kernel, cfg),
+        grid=(groups, H, B),
+        out_shape=[
+            _sds(k.shape, k.dtype),
+            _sds(v.shape, v.dtype),
+            _sds((groups, H, B, cfg.block_q, band_width), jnp.float32),
+        ],
+        compiler_params=cfg.compiler_params(),
+        interpret=cfg.interpret,
+        name="all_attention_dkdv",
+    )(*_inputs(cfg, q, k, v, pt, mk, mv, z), do, lse, delta)
+    return dk, dv
+
+
+def _dq_call(cfg, res, do, delta, delta_p):
+    """dQ, the gradient of the padded P^T and d span_ratio."""
+    cfg = cfg.dq
+    q, k, v, pt, mk, mv, z, _, lse, _, _, lse_p = res
+    H, B, D = cfg.heads, cfg.batch, cfg.head_dim
+    f32 = jnp.float32
+    groups = cfg.groups(cfg.nq)
+    base = _inputs(cfg, q, k, v, pt, mk, mv, z)
+    extra = [do, lse, delta]
+    if cfg.separate_persistent:
+        extra += [lse_p, delta_p]
+    dp0 = jnp.zeros((cfg.dp_copies, cfg.p_rows, D), f32)
+    ring_shape = (groups, H, B, cfg.block_q, cfg.slots * cfg.block_k)
+    dq, dp, dz, _, _ = pl.pallas_call(
+        functools.partial(_dq_kernel, cfg),
+        grid=(groups, H, B),
+        out_shape=[
+            _sds(q.shape, q.dtype),
+            _sds(dp0.shape, f32),
+            _sds((groups, H, B), f32),
+            _sds(ring_shape, f32),
+            _sds(ring_shape, f32),
+        ],
+        input_output_aliases={len(base) + len(extra): 1},
+        compiler_params=cfg.compiler_params(),
+        interpret=cfg.interpret,
+        name="all_attention_dq",
+    )(*base, *extra, dp0)
+    # Gradient of the padded P^T (the padding rows receive exact zeros and
+    # are dropped by the VJP of the padding outside).
+    dpt = (jnp.sum(dp, axis=0) * cfg.scale).astype(pt.dtype)
+    dz = jnp.sum(dz, axis=(0, 2)) if cfg.has_span else None
+    return dq, dpt, dz
+
+
+def _persistent_call(cfg, res, do, delta, delta_p):
+    q, _, _, _, mk, mv, _, _, lse, _, _, lse_p = res
+    H, D = cfg.heads, cfg.head_dim
+    groups = _persistent_groups(cfg)
+    lse_x = lse_p if cfg.separate_persistent else lse
+    delta_x = delta_p if cfg.separate_persistent else delta
+    dmk, dmv = pl.pallas_call(
+        functools.partial(_persistent_kernel, cfg),
+        grid=(cfg.nn, H, groups),
+        out_shape=[
+            _sds((groups, H, cfg.persistent, D), jnp.float32),
+            _sds((groups, H, cfg.persistent, D), jnp.float32),
+        ],
+        compiler_params=cfg.compiler_params(),
+        interpret=cfg.interpret,
+        name="all_attention_persistent",
+    )(q, mk, mv, do, lse_x, delta_x)
+    dmk = jnp.sum(dmk, axis=0).astype(mk.dtype)
+    dmv = jnp.sum(dmv, axis=0).astype(mv.dtype)
+    return dmk, dmv
+
+
+def _backward(cfg, res, do):
+    do = do.astype(res[0].dtype)
+    delta, delta_p = _deltas(cfg, res, do)
+    dk, dv = _dkdv_call(cfg, res, do, delta)
+    dq, dpt, dz = _dq_call(cfg, res, do, delta, delta_p)
+    dmk = dmv = None
+    if cfg.persistent:
+        dmk, dmv = _persistent_call(cfg, res, do, delta, delta_p)
+    return dq, dk, dv, dpt, dmk, dmv, dz
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(cfg, q, k, v, pt, mk, mv, z):
+    return _forward(cfg, q, k, v, pt, mk, mv, z)[0]
+
+
+def _attention_fwd(cfg, q, k, v, pt, mk, mv, z):
+    outs = _forward(cfg, q, k, v, pt, mk, mv, z)
+    o, lse = outs[0], outs[1]
+    o_ctx = o_pers = lse_p = None
+    if cfg.separate_persistent:
+        o_ctx, o_pers, lse_p = outs[2:]
+    return o, (q, k, v, pt, mk, mv, z, o, lse, o_ctx, o_pers, lse_p)
+
+
+def _attention_bwd(cfg, res, do):
+    return _backward(cfg, res, do)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ---------------------------------------------------------------------------
+# Public entry point
+# ---------------------------------------------------------------------------
+
+
+def _is_pow2(x):
+    return x >= 1 and (x & (x - 1)) == 0
+
+
+def pallas_all_attention(
+    query,
+    key,
+    value,
+    position_keys,
+    persistent_keys=None,
+    persistent_values=None,
+    span_ratio=None,
+    max_span=None,
+    span_ramp=32,
+    integration="joint",
+    interpret=False,
+    block_q=64,
+    block_k=64,
+    block_n=None,
+    num_warps=4,
+    num_stages=2,
+    precision=None,
+    num_programs=_DEFAULT_PROGRAMS,
+    backward_blocks=None,
+):
+    """Fused all-attention (no dropout) with Pallas kernels, JAX backend.
+
+    Computes the function of `portable_all_attention` with
+    `dropout_rate=0`, forward and backward.
+
+    Args:
+        query: (B, M, H, D).
+        key: (B, A + M, H, D), memory rows then block rows.
+        value: (B, A + M, H, D).
+        position_keys: (D, A), column `c` is the key of distance `A - c`.
+        persistent_keys: None or (H, N, D), as used.
+        persistent_values: None or (H, N, D), as used.
+        span_ratio: None or (H,), the adaptive-span ratios `z` in [0, 1].
+        max_span: int `L`, needed with `span_ratio`.
+        span_ramp: int `R`.
+        integration: "joint" or "separate".
+        interpret: run the kernels with the Pallas interpreter (CPU tests).
+        block_q: query tile of the forward kernel (power of two, >= 16).
+        block_k: key tile of the forward kernel (power of two, >= 16).
+        block_n: persistent tile (power of two, >= 16); default `block_k`.
+        num_warps: Triton warps per program.
+        num_stages: Triton software-pipelining depth.
+        precision: None (default matmul precision: TF32 for float32 inputs
+            on the GPU) or "highest" (exact float32 products).
+        num_programs: programs a grid aims at; each program loops over
+            `ceil(tiles / groups)` tiles (sets the scratch size).
+        backward_blocks: None or a pair of tuples `(block_q, block_k)` or
+            `(block_q, block_k, num_warps, num_stages)`: the tiles of the
+            dK/dV and of the dQ kernel. None: `(block_q / 2, block_k)` and
+            `(block_q, block_k / 2, num_warps, num_stages + 1)` (tiles at
+            least 16), the best of the shapes timed on an H100 for D = 64
+            (with 64x64 forward tiles: dK/dV 32x64, dQ 64x32 with 3 stages).
+
+    Returns:
+        (B, M, H, D) outputs in the dtype of `query`.
+    """
+    cfg, args = _prepare(
+        query, key, value, position_keys, persistent_keys, persistent_values,
+        span_ratio, max_span, span_ramp, integration, interpret, block_q,
+        block_k, block_n, num_warps, num_stages, precision, num_programs,
+        backward_blocks,
+    )
+    return _attention(cfg, *args)
+
+
+def _prepare(
+    query, key, value, position_keys, persistent_keys, persistent_values,
+    span_ratio, max_span, span_ramp, integration, interpret, block_q,
+    block_k, block_n, num_warps, num_stages, precision, num_programs,
+    backward_blocks=None,
+):
+    """Validates the arguments; returns the static config and kernel inputs."""
+    if integration not in INTEGRATIONS:
+        raise ValueError(
+            f"`integration` must be one of {INTEGRATIONS}. "
+            f"Received: integration={integration!r}"
+        )
+    if (persistent_keys is None) != (persistent_values is None):
+        raise ValueError(
+            "`persistent_keys` and `persistent_values` must be given together."
+        )
+    if span_ratio is not None and max_span is None:
+        raise ValueError("`max_span` is required with `span_ratio`.")
+    if precision not in (None, "default", "highest"):
+        raise ValueError(f"Unknown precision {precision!r}.")
+    B, M, H, D = query.shape
+    A = position_keys.shape[-1]
+    if position_keys.shape != (D, A) or A < 1:
+        raise ValueError(
+            f"`position_keys` must be (D, A) with A >= 1; got {position_keys.shape}."
+        )
+    if key.shape != (B, A + M, H, D) or value.shape != key.shape:
+        raise ValueError(
+            f"`key` and `value` must be (B, A + M, H, D) = {(B, A + M, H, D)}; "
+            f"got {key.shape} and {value.shape}."
+        )
+    block_n = block_k if block_n is None else block_n
+    if backward_blocks is None:
+        backward_blocks = (
+            (max(16, block_q // 2), block_k),
+            (block_q, max(16, block_k // 2), num_warps, num_stages + 1),
+        )
+    try:
+        kernels = []
+        for blocks in backward_blocks:
+            blocks = tuple(blocks)
+            if len(blocks) == 2:
+                blocks = blocks + (num_warps, num_stages)
+            bq_, bk_, warps_, stages_ = blocks
+            kernels.append((bq_, bk_, int(warps_), int(stages_)))
+        dkdv_blocks, dq_blocks = kernels
+    except (TypeError, ValueError):
+        raise ValueError(
+            "`backward_blocks` must be a pair of (block_q, block_k[, num_warps, "
+            f"num_stages]) tuples; got {backward_blocks!r}."
+        ) from None
+    tiles = (
+        ("block_q", block_q), ("block_k", block_k), ("block_n", block_n),
+        ("backward_blocks", dkdv_blocks[0]), ("backward_blocks", dkdv_blocks[1]),
+        ("backward_blocks", dq_blocks[0]), ("backward_blocks", dq_blocks[1]),
+    )
+    for name, val in tiles:
+        if not isinstance(val, int) or not _is_pow2(val) or val < 16:
+            raise ValueError(f"`{name}` tiles must be powers of two >= 16; got {val}.")
+    if not _is_pow2(D) or D < 16:
+        raise ValueError(f"The head width must be a power of two >= 16; got {D}.")
+    N = 0
+    if persistent_keys is not None:
+        N = persistent_keys.shape[1]
+        if persistent_keys.shape != (H, N, D) or persistent_values.shape != (H, N, D):
+            raise ValueError(
+                "`persistent_keys`/`persistent_values` must be (H, N, D); got "
+                f"{persistent_keys.shape} and {persistent_values.shape}."
+            )
+    cfg = _Config(
+        batch=B,
+        queries=M,
+        length=A,
+        heads=H,
+        head_dim=D,
+        persistent=N,
+        has_span=span_ratio is not None,
+        max_span=float(max_span) if span_ratio is not None else 0.0,
+        span_ramp=float(span_ramp),
+        joint=integration == "joint",
+        block_q=block_q,
+        block_k=block_k,
+        block_n=block_n,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=bool(interpret),
+        highest=precision == "highest",
+        programs=int(num_programs),
+        dkdv_blocks=dkdv_blocks,
+        dq_blocks=dq_blocks,
+    )
+    pads = [c.required_pads() for c in (cfg, cfg.dkdv, cfg.dq)]
+    cfg = dataclasses.replace(
+        cfg, pads=(max(p[0] for p in pads), max(p[1] for p in pads))
+    )
+    dtype = query.dtype
+    # P^T (A, D) padded with zero rows so every block load is in bounds.
+    pt = jnp.transpose(position_keys.astype(dtype))
+    pt = jnp.pad(pt, ((cfg.pad_front, cfg.pad_back), (0, 0)))
+    mk = mv = z = None
+    if N:
+        mk = persistent_keys.astype(dtype)
+        mv = persistent_values.astype(value.dtype)
+    if span_ratio is not None:
+        z = span_ratio.astype(jnp.float32)
+    key = key.astype(dtype)
+    value = value.astype(dtype)
+    return cfg, (query, key, value, pt, mk, mv, z)
