@@ -3,9 +3,11 @@
 Each preset holds the `AllAttentionLM` arguments (`model`) and the training
 recipe (`recipe`: optimizer, learning rate, warm-up, clipping, steps at the
 full and at a tenth of the learning rate), so that
-`AllAttentionLM.from_preset(name)` and `preset_optimizer(name)` reproduce the
-reference set-up. `requires` names a feature a preset needs that the library
-does not provide yet; asking for such a preset raises a clear error.
+`AllAttentionLM.from_preset(name)` and
+`keras_allattn.training.optimizer_from_recipe(get_preset(name)["recipe"])`
+reproduce the reference set-up. `requires` names a feature a preset needs
+that the library does not provide yet; asking for such a preset raises a
+clear error.
 """
 
 import copy
@@ -71,14 +73,13 @@ PRESETS = {
             num_heads=8, persistent_memory_size=2048, max_span=2048,
             block_size=256, batch_size=64, adaptive_span=True, span_ramp=32,
             span_init=0.0, span_loss_coeff=5e-7, dropout=0.3,
-            embedding_dropout=0.1,
+            embedding_dropout=0.1, adaptive_cutoffs=[20_000, 40_000, 200_000],
+            adaptive_div_val=4,
         ),
         "recipe": dict(
             optimizer="adam", learning_rate=2.5e-4, warmup_steps=8_000,
             clip=1.0, steps=800_000, final_steps=50_000,
         ),
-        "requires": "adaptive input embeddings and an adaptive softmax "
-        "(cutoffs [20000, 40000, 200000], div_val 4), not yet in keras_allattn",
     },
     "char_small_cpu": {
         "description": "A character model that trains in minutes on a CPU: "
@@ -91,6 +92,21 @@ PRESETS = {
         ),
         "recipe": dict(
             optimizer="adam", learning_rate=1e-3, warmup_steps=100, clip=1.0,
+            steps=3_000, final_steps=300,
+        ),
+    },
+    "ptb_small_cpu": {
+        "description": "A word-level model for Penn Treebank that trains on "
+        "a CPU: 4 layers, d 256, 128 persistent vectors, span up to 256 "
+        "words (set vocabulary_size from the corpus).",
+        "model": dict(
+            vocabulary_size=10_000, num_layers=4, hidden_dim=256, num_heads=4,
+            persistent_memory_size=128, max_span=256, block_size=64,
+            batch_size=16, adaptive_span=True, span_ramp=32, span_init=0.0,
+            span_loss_coeff=5e-7, dropout=0.3, embedding_dropout=0.1,
+        ),
+        "recipe": dict(
+            optimizer="adam", learning_rate=1e-3, warmup_steps=200, clip=1.0,
             steps=3_000, final_steps=300,
         ),
     },

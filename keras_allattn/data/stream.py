@@ -8,6 +8,7 @@ and the segment memory must be zeroed.
 """
 
 import bisect
+import copy
 
 import keras
 import numpy as np
@@ -240,6 +241,45 @@ class StreamBatcher:
         for step in range(start_step, start_step + num_steps):
             inputs, targets = self.batch(step)
             yield inputs, targets, self.is_pass_start(step)
+
+    def shard(self, index, count):
+        """The rows of replica `index` out of `count`, for data parallelism.
+
+        Replica `index` reads the `batch_size // count` consecutive streams
+        starting at row `index * batch_size // count`, so that the `count`
+        shards of every batch, stacked in order, are this batcher's batch.
+        Passes, offsets and restarts stay those of this batcher (same
+        `seed`, same stream length), so every replica zeroes its memory
+        at the same steps. Each process of a multi-process run (a torch
+        DDP rank, a JAX process) reads its own shard and keeps the segment
+        memory of its own rows.
+
+        Args:
+            index: int in `[0, count)`, this replica's (or process's) rank.
+            count: int, the number of replicas; it must divide `batch_size`.
+
+        Returns:
+            A `StreamBatcher` with `batch_size // count` rows.
+
+        Example:
+
+        >>> batcher = StreamBatcher(np.arange(100), batch_size=4, block_size=4)
+        >>> batcher.shard(1, 2).batch(0)[0].tolist()
+        [[50, 51, 52, 53], [75, 76, 77, 78]]
+        """
+        count = check_positive("count", count)
+        index = check_non_negative("index", index)
+        if index >= count or self.batch_size % count:
+            raise ValueError(
+                "`count` must divide batch_size and `index` lie in [0, count). "
+                f"Received: index={index}, count={count}, "
+                f"batch_size={self.batch_size}"
+            )
+        rows = self.batch_size // count
+        shard = copy.copy(self)  # the pass lists are copy-on-write: shareable
+        shard.batch_size = rows
+        shard.streams = self.streams[index * rows : (index + 1) * rows]
+        return shard
 
     def as_dataset(self, start_step=0):
         """The stream as a `keras.utils.PyDataset` for `model.fit`.

@@ -1,3 +1,5 @@
+from keras_allattn.layers.adaptive_embedding import AdaptiveEmbedding
+from keras_allattn.layers.adaptive_softmax import AdaptiveSoftmax
 from keras_allattn.layers.adaptive_span import AdaptiveSpan
 from keras_allattn.layers.feed_forward import FeedForward
 from keras_allattn.layers.persistent_memory_attention import (

@@ -1,4 +1,5 @@
 import keras
+import numpy as np
 
 from keras_allattn.utils import check_positive
 from keras_allattn.utils import check_rate
@@ -52,7 +53,10 @@ class FeedForward(keras.layers.Layer):
         )
         self.inner_dense.build(inputs_shape)
         self.dropout_layer = keras.layers.Dropout(
-            self.dropout, dtype=self.dtype_policy, name="dropout"
+            self.dropout,
+            seed=int(np.random.randint(2**31)),
+            dtype=self.dtype_policy,
+            name="dropout",
         )
         self.outer_dense = keras.layers.Dense(
             hidden_dim,

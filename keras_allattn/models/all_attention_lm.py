@@ -4,6 +4,10 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_allattn.layers.adaptive_embedding import AdaptiveEmbedding
+from keras_allattn.layers.adaptive_embedding import check_cutoffs
+from keras_allattn.layers.adaptive_embedding import cluster_widths
+from keras_allattn.layers.adaptive_softmax import AdaptiveSoftmax
 from keras_allattn.layers.feed_forward import FeedForward
 from keras_allattn.layers.persistent_memory_attention import (
     PersistentMemoryAttention,
@@ -45,6 +49,26 @@ class AllAttentionLM(keras.Model):
     on targets shifted by one token. The span loss of adaptive span is added
     through `add_loss`.
 
+    Word level (adaptive input and adaptive softmax): with `adaptive_cutoffs`
+    the token embedding is an `AdaptiveEmbedding` and the output layer an
+    `AdaptiveSoftmax` (`model.adaptive_softmax`), tied to the embedding by
+    default, and training never builds `(batch, block, V)` logits. The
+    model's output (`model(x)`, `predict`, and so the `y_pred` of `fit`)
+    is then the final hidden states `(batch_size, block_size, hidden_dim)`,
+    and `compute_loss` turns hidden states and targets into the loss: the
+    mean negative log-likelihood of the targets in nats, exact, from the
+    adaptive softmax's target path (chunked and recomputed in the backward
+    pass), plus the span loss. Compile with `loss=None` (the default) and
+    no compiled metrics (they would only see hidden states); `fit` and
+    `evaluate` report this loss, and perplexity is `exp(loss)` (the span
+    loss aside: `keras_allattn.data.evaluate_stream` gives the exact
+    figure). As `compute_loss` runs inside the train and test steps of
+    every backend, this works compiled (`jit_compile=True`) on TensorFlow,
+    JAX and PyTorch. `call_with_memory` returns float32 log-probabilities
+    over the vocabulary instead of logits (the same distribution under a
+    softmax: generation, `evaluate_stream` and export work unchanged), and
+    `model.adaptive_softmax(hidden)` gives them for any hidden states.
+
     Memory trimming: with adaptive span, attention only looks at the most
     recent `attended_span` memory rows of each layer, the largest current
     span of its heads plus a margin of 64, rounded up to a multiple of
@@ -81,6 +105,15 @@ class AllAttentionLM(keras.Model):
         remat: bool, recompute the attention weights in the backward pass
             instead of keeping them (gradient checkpointing); see
             `PersistentMemoryAttention`.
+        adaptive_cutoffs: None for a full softmax, or a list of ints
+            strictly increasing in `[1, vocabulary_size)` (token ids ordered
+            by decreasing frequency) for adaptive input embeddings and an
+            adaptive softmax with these clusters, e.g. `[20000, 40000,
+            200000]` for WikiText-103.
+        adaptive_div_val: int >= 1, the width divisor from one adaptive
+            cluster to the next (4 in the reference).
+        adaptive_tie_weights: bool, share the adaptive clusters' embedding
+            matrices and projections between input and output.
         dtype: the dtype policy of the layers (e.g. "mixed_bfloat16");
             logits are always float32.
         **kwargs: `keras.Model` arguments such as `name`.
@@ -90,7 +123,9 @@ class AllAttentionLM(keras.Model):
         training: bool, whether dropout is active.
 
     Returns:
-        float32 logits of shape `(batch_size, block_size, vocabulary_size)`.
+        float32 logits of shape `(batch_size, block_size, vocabulary_size)`;
+        with `adaptive_cutoffs`, the final hidden states
+        `(batch_size, block_size, hidden_dim)` (see above).
 
     Example:
 
@@ -133,6 +168,9 @@ class AllAttentionLM(keras.Model):
         implementation="auto",
         span_granularity=256,
         remat=False,
+        adaptive_cutoffs=None,
+        adaptive_div_val=4,
+        adaptive_tie_weights=True,
         dtype=None,
         **kwargs,
     ):
@@ -163,17 +201,42 @@ class AllAttentionLM(keras.Model):
         check_choice("integration", integration, INTEGRATIONS)
         check_choice("implementation", implementation, IMPLEMENTATIONS)
         check_positive("span_granularity", span_granularity)
+        if adaptive_cutoffs is not None:
+            adaptive_cutoffs = check_cutoffs(
+                adaptive_cutoffs, vocabulary_size, "adaptive_cutoffs"
+            )
+            check_positive("adaptive_div_val", adaptive_div_val)
+            cluster_widths(
+                hidden_dim, adaptive_cutoffs, adaptive_div_val, "adaptive_div_val"
+            )
 
         # === Layers ===
-        self.token_embedding = keras.layers.Embedding(
-            vocabulary_size,
-            hidden_dim,
-            embeddings_initializer=keras.initializers.RandomNormal(stddev=1.0),
-            dtype=dtype,
-            name="token_embedding",
-        )
+        if adaptive_cutoffs is None:
+            self.token_embedding = keras.layers.Embedding(
+                vocabulary_size,
+                hidden_dim,
+                embeddings_initializer=keras.initializers.RandomNormal(
+                    stddev=1.0
+                ),
+                dtype=dtype,
+                name="token_embedding",
+            )
+        else:
+            self.token_embedding = AdaptiveEmbedding(
+                vocabulary_size,
+                hidden_dim,
+                adaptive_cutoffs,
+                adaptive_div_val,
+                dtype=dtype,
+                name="token_embedding",
+            )
+        # A seeded dropout draws from a SeedGenerator variable (saved and
+        # restored with the training state) rather than a global generator.
         self.embedding_dropout_layer = keras.layers.Dropout(
-            embedding_dropout, dtype=dtype, name="embedding_dropout"
+            embedding_dropout,
+            seed=int(np.random.randint(2**31)),
+            dtype=dtype,
+            name="embedding_dropout",
         )
         self.relative_position = RelativePosition(
             head_dim=hidden_dim // num_heads,
@@ -227,16 +290,28 @@ class AllAttentionLM(keras.Model):
                         epsilon=1e-5, dtype=dtype, name=f"feedforward_norm_{i}"
                     )
                 )
-        self.output_dense = keras.layers.Dense(
-            vocabulary_size,
-            kernel_initializer=torch_default_uniform(hidden_dim),
-            bias_initializer=torch_default_uniform(hidden_dim),
-            dtype=dtype,
-            name="output",
-        )
-        self.logits_cast = keras.layers.Activation(
-            "linear", dtype="float32", name="logits"
-        )
+        self.adaptive_softmax = None
+        if adaptive_cutoffs is None:
+            self.output_dense = keras.layers.Dense(
+                vocabulary_size,
+                kernel_initializer=torch_default_uniform(hidden_dim),
+                bias_initializer=torch_default_uniform(hidden_dim),
+                dtype=dtype,
+                name="output",
+            )
+            self.logits_cast = keras.layers.Activation(
+                "linear", dtype="float32", name="logits"
+            )
+        else:
+            self.adaptive_softmax = AdaptiveSoftmax(
+                vocabulary_size,
+                hidden_dim,
+                adaptive_cutoffs,
+                adaptive_div_val,
+                embedding=self.token_embedding if adaptive_tie_weights else None,
+                dtype=dtype,
+                name="adaptive_softmax",
+            )
 
         # === Functional Model ===
         tokens = keras.Input(
@@ -246,8 +321,13 @@ class AllAttentionLM(keras.Model):
             name="tokens",
         )
         logits, _ = self._forward(tokens)
+        if adaptive_cutoffs is not None:
+            # Not in the functional graph (`compute_loss` and
+            # `call_with_memory` call it): built here, tracked below.
+            self.adaptive_softmax.build((batch_size, block_size, hidden_dim))
         super().__init__(inputs=tokens, outputs=logits, dtype=dtype, **kwargs)
-        self._initialized = True
+        if adaptive_cutoffs is not None:
+            self.adaptive_softmax = self.adaptive_softmax
 
         # === Config ===
         self.vocabulary_size = vocabulary_size
@@ -269,13 +349,16 @@ class AllAttentionLM(keras.Model):
         self.implementation = implementation
         self.span_granularity = span_granularity
         self.remat = remat
+        self.adaptive_cutoffs = adaptive_cutoffs
+        self.adaptive_div_val = adaptive_div_val
+        self.adaptive_tie_weights = adaptive_tie_weights
 
     def __setattr__(self, name, value):
         # The torch backend's Module refuses layer attributes before
-        # `Model.__init__`; the functional graph tracks those layers anyway.
-        if keras.backend.backend() == "torch" and not hasattr(
-            self, "_initialized"
-        ):
+        # `Model.__init__` has made it a Module; the functional graph tracks
+        # those layers anyway. From then on torch must see every attribute,
+        # or `parameters()` (what DistributedDataParallel reads) is empty.
+        if keras.backend.backend() == "torch" and "_modules" not in vars(self):
             return object.__setattr__(self, name, value)
         return super().__setattr__(name, value)
 
@@ -283,8 +366,9 @@ class AllAttentionLM(keras.Model):
         """The network; stateful when `memories` is None, else stateless.
 
         Returns:
-            `(logits, next_memories)`; `next_memories` is empty when the
-            memory variables were used (and updated).
+            `(logits, next_memories)`, with the final hidden states instead
+            of logits when there is an adaptive softmax; `next_memories` is
+            empty when the memory variables were used (and updated).
         """
         hidden = self.token_embedding(tokens)  # (B, M, d)
         hidden = self.embedding_dropout_layer(hidden, training=training)
@@ -304,11 +388,17 @@ class AllAttentionLM(keras.Model):
             if self.feedforward_layers:
                 fed = self.feedforward_layers[i](hidden, training=training)
                 hidden = self.feedforward_norms[i](hidden + fed)
+        if self.adaptive_softmax is not None:
+            return hidden, next_memories  # (B, M, d), see `compute_loss`
         logits = self.logits_cast(self.output_dense(hidden))  # (B, M, V)
         return logits, next_memories
 
     def call(self, inputs, training=None, mask=None):
         check_token_ids(inputs, self.vocabulary_size)
+        if inputs.shape[0] is None:
+            # `tf.distribute` traces `fit` with batches of unknown size; the
+            # memory has exactly `batch_size` rows (a mismatch fails here).
+            inputs = ops.reshape(inputs, (self.batch_size, self.block_size))
         return super().call(inputs, training=training, mask=mask)
 
     def call_with_memory(self, tokens, memories, training=False):
@@ -324,8 +414,9 @@ class AllAttentionLM(keras.Model):
             training: bool, whether dropout is active.
 
         Returns:
-            `(logits, next_memories)`: float32 logits `(B, T, V)` and the
-            memories after these tokens, in the same layout.
+            `(logits, next_memories)`: float32 logits `(B, T, V)` (with an
+            adaptive softmax, log-probabilities) and the memories after
+            these tokens, in the same layout.
         """
         if len(memories) != self.num_layers:
             raise ValueError(
@@ -346,7 +437,106 @@ class AllAttentionLM(keras.Model):
                     f"Received: shape={tuple(memory.shape)}"
                 )
         check_token_ids(tokens, self.vocabulary_size)
-        return self._forward(tokens, memories, training=training)
+        outputs, next_memories = self._forward(tokens, memories, training=training)
+        if self.adaptive_softmax is not None:
+            outputs = self.adaptive_softmax(outputs)  # (B, T, V) log-probs
+        return outputs, next_memories
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        """The loss of `fit` and `evaluate`.
+
+        Without an adaptive softmax, Keras's: the compiled loss plus the
+        losses added with `add_loss`. With one, `y_pred` holds the final
+        hidden states and the loss is the mean negative log-likelihood in
+        nats of the targets `y` (`sample_weight`, per token or per row,
+        weighs each token's term as in Keras losses: a sum divided by the
+        number of tokens), plus the `add_loss` losses (the span loss).
+        """
+        if self.adaptive_softmax is None:
+            return super().compute_loss(
+                x, y, y_pred, sample_weight, training=training
+            )
+        if self._compile_loss is not None or self._compile_metrics is not None:
+            compiled = self._compile_config.config
+            raise ValueError(
+                "A model with an adaptive softmax computes its own loss (the "
+                "targets' negative log-likelihood) and outputs hidden states, "
+                "not logits: compile it with `loss=None` and no metrics. "
+                f"Received: loss={compiled['loss']!r}, "
+                f"metrics={compiled['metrics']!r}, "
+                f"weighted_metrics={compiled['weighted_metrics']!r}"
+            )
+        if y is None:
+            raise ValueError(
+                "A model with an adaptive softmax needs targets `y` (token "
+                "ids, shape (batch_size, block_size)) for its loss. "
+                "Received: y=None"
+            )
+        nll = -self.adaptive_softmax(y_pred, targets=y)  # (B, M) float32
+        if sample_weight is not None:
+            weight = ops.cast(sample_weight, "float32")
+            while len(weight.shape) < len(nll.shape):
+                weight = ops.expand_dims(weight, -1)
+            nll = nll * weight
+        loss = ops.mean(nll)
+        if self.losses:
+            loss = loss + super().compute_loss(x, training=training)
+        return loss
+
+    def generate(
+        self, prompt, max_length, sampler="greedy", stop_token_ids=None,
+        tokenizer=None,
+    ):
+        """Continues prompts token by token with a keras-hub sampler.
+
+        The prompt is read block by block (`block_size` tokens per call of
+        `call_with_memory`, the segment memory carried); then each new token
+        costs one call on a length-1 input over the memory. The decoding
+        loop is compiled (XLA on TensorFlow, `jax.jit` on JAX; eager under
+        `torch.no_grad()` on PyTorch). The model's own memory variables are
+        neither read nor changed. See `keras_allattn.models.generation`.
+
+        Args:
+            prompt: token ids, `(length,)` or `(batch, length)` ints, or a
+                list of id lists of different lengths; or, with a tokenizer,
+                a string or a list of strings.
+            max_length: int, the length of every output: prompt plus new
+                tokens.
+            sampler: a name, one of "greedy", "top_k", "top_p", "beam",
+                "random" (keras-hub defaults; one instance per name and
+                model, so random samplers do not repeat), or a
+                `keras_hub.samplers` instance of those classes.
+            stop_token_ids: None, or token ids that end a row; positions
+                after a row's first new stop token repeat it (ids) or are
+                cut (text, stop token excluded).
+            tokenizer: a keras-hub tokenizer for text prompts (e.g.
+                `keras_hub.tokenizers.ByteTokenizer(lowercase=False)`, or
+                `generation.corpus_tokenizer(corpus)`); defaults to the
+                model's `tokenizer` attribute when it has one.
+
+        Returns:
+            int32 token ids `(max_length,)` or `(batch, max_length)`,
+            prompt included; for text prompts, the text (a string or a list
+            of strings).
+
+        Example:
+
+        >>> model = AllAttentionLM(vocabulary_size=256, num_layers=1,
+        ...     hidden_dim=16, num_heads=2, persistent_memory_size=4,
+        ...     max_span=16, block_size=8, batch_size=1)
+        >>> model.generate(np.array([72, 105]), max_length=6).shape
+        (6,)
+        """
+        if tokenizer is None:
+            tokenizer = getattr(self, "tokenizer", None)
+        from keras_allattn.models.generation import generate
+
+        return generate(
+            self, prompt, max_length, sampler=sampler,
+            stop_token_ids=stop_token_ids, tokenizer=tokenizer,
+        )
 
     def initial_memories(self, batch_size):
         """Zero memories for `batch_size` new streams (a list per layer)."""
@@ -467,6 +657,9 @@ class AllAttentionLM(keras.Model):
             "implementation": self.implementation,
             "span_granularity": self.span_granularity,
             "remat": self.remat,
+            "adaptive_cutoffs": self.adaptive_cutoffs,
+            "adaptive_div_val": self.adaptive_div_val,
+            "adaptive_tie_weights": self.adaptive_tie_weights,
             "dtype": keras.dtype_policies.serialize(self.dtype_policy),
             "name": self.name,
             "trainable": self.trainable,

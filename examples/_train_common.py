@@ -1,0 +1,360 @@
+"""What `train_text8.py`, `train_enwik8.py` and `train_ptb.py` share.
+
+Each of those scripts picks its corpus loader and default preset; the flags,
+the offline default corpus and the training run itself live here, once.
+Read `train()` top to bottom: it is the whole recipe (model from a preset,
+optimizer and schedule from the preset's recipe, stream batching with
+memory resets, checkpoints and exact resume, span logging, exact
+validation and test).
+"""
+
+import argparse
+import importlib.util
+import json
+import lzma
+import math
+import os
+import re
+import time
+import zipfile
+
+import keras
+import numpy as np
+
+from keras_allattn import AllAttentionLM
+from keras_allattn.data import Corpus
+from keras_allattn.data import ResetMemoryOnRestart
+from keras_allattn.data import StreamBatcher
+from keras_allattn.data import evaluate_stream
+from keras_allattn.data.corpora import CHARACTER_CORPUS_SIZE
+from keras_allattn.data.corpora import TEXT8_ALPHABET
+from keras_allattn.distribution import DataParallelTrainer
+from keras_allattn.distribution import plan_data_parallel
+from keras_allattn.distribution import use_virtual_cpu_devices
+from keras_allattn.presets import get_preset
+from keras_allattn.presets import preset_names
+from keras_allattn.training import BitsPerByte
+from keras_allattn.training import BitsPerCharacter
+from keras_allattn.training import Perplexity
+from keras_allattn.training import SpanLogger
+from keras_allattn.training import StreamValidation
+from keras_allattn.training import TrainingCheckpoint
+from keras_allattn.training import latest_checkpoint
+from keras_allattn.training import optimizer_from_recipe
+from keras_allattn.training import restore_training
+from keras_allattn.training import scale_recipe
+
+# What is reported at each level: the metric name and the training metric.
+METRICS = {
+    "character": ("bits_per_character", BitsPerCharacter),
+    "byte": ("bits_per_byte", BitsPerByte),
+    "word": ("perplexity", Perplexity),
+}
+DIGIT_NAMES = "zero one two three four five six seven eight nine".split()
+
+
+def parse_args(doc, default_preset, data_help):
+    """The command line shared by the training scripts."""
+    parser = argparse.ArgumentParser(
+        description=doc.splitlines()[0],
+        epilog="\n".join(doc.splitlines()[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data", help=data_help)
+    parser.add_argument(
+        "--preset", default=default_preset, choices=preset_names(),
+        help=f"model and recipe (default {default_preset}); the vocabulary "
+        "size always comes from the corpus",
+    )
+    parser.add_argument(
+        "--steps", type=int,
+        help="training steps (default: the recipe's, full rate plus lr/10); "
+        "the schedule is fitted to the run",
+    )
+    parser.add_argument("--batch-size", type=int, help="override the preset")
+    parser.add_argument("--block-size", type=int, help="override the preset")
+    parser.add_argument("--max-span", type=int, help="override the preset")
+    parser.add_argument(
+        "--mixed-precision", action="store_true",
+        help='train with dtype "mixed_bfloat16"',
+    )
+    parser.add_argument(
+        "--output",
+        help="folder for checkpoints, TensorBoard logs and the span heat "
+        "map; a run resumes from the checkpoint found there",
+    )
+    parser.add_argument(
+        "--eval-every", type=int, default=0,
+        help="steps between two exact validations (an epoch of the progress "
+        "bar; default: half the run, at most 1000)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--distribute", action="store_true",
+        help="train data parallel on every device (--batch-size is the "
+        "global batch; each replica keeps the segment memory of its rows): "
+        "JAX keras.distribution, TensorFlow MirroredStrategy (several hosts: "
+        "TF_CONFIG), PyTorch DDP under torchrun; see README",
+    )
+    parser.add_argument(
+        "--cpu-devices", type=int,
+        help="with --distribute on JAX or TensorFlow: split the CPU into "
+        "this many devices (a CPU smoke run)",
+    )
+    return parser.parse_args()
+
+
+def offline_text():
+    """CPython's bundled English documentation (`pydoc_data.topics`)."""
+    from pydoc_data.topics import topics
+
+    return "".join(topics[key] for key in sorted(topics))
+
+
+def text8_normalise(text):
+    """Text8's alphabet: lowercase a-z, digits spelled out, single spaces."""
+    text = text.lower()
+    text = re.sub(r"\d", lambda m: f" {DIGIT_NAMES[int(m.group())]} ", text)
+    return " ".join(re.sub(r"[^a-z]+", " ", text).split())
+
+
+def split_corpus(name, level, ids, vocabulary):
+    """A Corpus of `ids` split 90% / 5% / 5% in order."""
+    ids = np.asarray(ids, np.int32)
+    a, b = int(len(ids) * 0.90), int(len(ids) * 0.95)
+    return Corpus(name, level, ids[:a], ids[a:b], ids[b:], vocabulary)
+
+
+def character_corpus(kind, path, loader):
+    """text8 or enwik8: the canonical data, or any text split 90/5/5.
+
+    `path` None uses `offline_text()`; a folder, a zip archive or a file of
+    exactly 10^8 bytes goes to `loader` (the library's loader); any other
+    file (`.xz` allowed) is read as UTF-8 text (text8: normalised to its
+    alphabet) or raw bytes (enwik8).
+    """
+    if path is not None and (
+        os.path.isdir(path)
+        or zipfile.is_zipfile(path)
+        or os.path.getsize(path) == CHARACTER_CORPUS_SIZE
+    ):
+        return loader(path)
+    if path is None:
+        data, name = offline_text().encode("utf-8"), f"{kind} (pydoc topics)"
+    else:
+        opener = lzma.open if path.endswith(".xz") else open
+        with opener(path, "rb") as f:
+            data = f.read()
+        name = f"{kind} ({os.path.basename(path)})"
+    if kind == "text8":
+        text = text8_normalise(data.decode("utf-8", errors="replace"))
+        table = np.zeros(128, np.int32)
+        table[[ord(c) for c in TEXT8_ALPHABET]] = range(len(TEXT8_ALPHABET))
+        ids = table[np.frombuffer(text.encode("ascii"), np.uint8)]
+        return split_corpus(name, "character", ids, list(TEXT8_ALPHABET))
+    ids = np.frombuffer(data, np.uint8)
+    return split_corpus(name, "byte", ids, [bytes([i]) for i in range(256)])
+
+
+class StopAtStep(keras.callbacks.Callback):
+    """Stops `fit` after global step `last_step` (mid-epoch if need be)."""
+
+    def __init__(self, start_step, last_step):
+        super().__init__()
+        self.start_step, self.last_step = start_step, last_step
+
+    def on_train_begin(self, logs=None):
+        self.step = self.start_step
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step >= self.last_step and batch + 1 < self.params["steps"]:
+            self.model.stop_training = True
+
+
+class Throughput(keras.callbacks.Callback):
+    """Training tokens per second, from one step's start to the next's.
+
+    The first step of the run (compilation) and the last step of every
+    epoch (followed by validation and checkpointing) are not timed.
+    """
+
+    def __init__(self, tokens_per_step):
+        super().__init__()
+        self.tokens_per_step = tokens_per_step
+        self.seconds, self.steps, self._started = 0.0, 0, 0
+        self._last = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._last = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        now = time.perf_counter()
+        if self._last is not None and self._started >= 2:
+            self.seconds += now - self._last
+            self.steps += 1
+        self._last = now
+        self._started += 1
+
+    def tokens_per_second(self):
+        if not self.steps:
+            return None
+        return self.steps * self.tokens_per_step / self.seconds
+
+
+def train(corpus, args):
+    """Trains on `corpus` as `args` say, then prints the final JSON line."""
+    metric, metric_class = METRICS[corpus.level]
+    print(
+        f"corpus: {corpus.name}, {corpus.vocabulary_size:,} symbols, "
+        f"{len(corpus.train):,} / {len(corpus.valid):,} / "
+        f"{len(corpus.test):,} tokens (train / valid / test)"
+    )
+    if args.cpu_devices:
+        use_virtual_cpu_devices(args.cpu_devices)
+    keras.utils.set_random_seed(args.seed)
+
+    # === Model: the preset's geometry, the corpus's vocabulary ===
+    overrides = {"vocabulary_size": corpus.vocabulary_size}
+    for flag in ("batch_size", "block_size", "max_span"):
+        if getattr(args, flag):
+            overrides[flag] = getattr(args, flag)
+    if args.mixed_precision:
+        overrides["dtype"] = "mixed_bfloat16"
+    plan = None
+    if args.distribute:
+        # The memory is sharded with the rows: build under the plan, with
+        # the per-replica batch where the backend wants it.
+        plan = plan_data_parallel({**get_preset(args.preset)["model"], **overrides})
+        plan.activate()
+        overrides["batch_size"] = plan.model_batch_size
+        print(plan)
+        if args.output and (plan.backend != "jax" or plan.process_count > 1):
+            raise SystemExit(
+                "--output with --distribute needs JAX on one host: elsewhere "
+                "a checkpoint would hold the segment memory of one replica"
+            )
+    model = AllAttentionLM.from_preset(args.preset, **overrides)
+    if plan:
+        plan.check_model(model)
+    global_batch_size = plan.global_batch_size if plan else model.batch_size
+
+    # === Optimizer and schedule: the preset's recipe, fitted to --steps ===
+    recipe = get_preset(args.preset)["recipe"]
+    full_steps = recipe["steps"] + recipe["final_steps"]
+    steps = args.steps or full_steps
+    run_recipe = scale_recipe(recipe, steps)
+    if steps != full_steps:
+        drop = (
+            f", lr/10 from step {run_recipe['steps']}"
+            if run_recipe["final_steps"]
+            else ""
+        )
+        print(
+            f"schedule: {steps} steps instead of the recipe's {full_steps}: "
+            f"warm-up {recipe['warmup_steps']} -> "
+            f"{run_recipe['warmup_steps']} steps (at most a tenth of the "
+            f"run){drop}"
+        )
+    model.compile(
+        optimizer=optimizer_from_recipe(run_recipe),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[metric_class()],
+    )
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    print(
+        f"model: {args.preset} with {trainable:,} parameters, "
+        f"batch {model.batch_size} x block {model.block_size}, span up to "
+        f"{model.max_span}; {run_recipe['optimizer']} lr "
+        f"{run_recipe['learning_rate']}, clip {run_recipe['clip']}"
+    )
+
+    # === Data: contiguous streams; resume where a checkpoint left off ===
+    batcher = StreamBatcher(
+        corpus.train, global_batch_size, model.block_size, seed=args.seed
+    )
+    if plan:
+        batcher = plan.shard(batcher)
+    checkpoints = args.output and os.path.join(args.output, "checkpoints")
+    start_step = 0
+    if checkpoints and latest_checkpoint(checkpoints):
+        start_step = restore_training(model, checkpoints, batcher)
+        print(f"resumed from {latest_checkpoint(checkpoints)}: step {start_step}")
+
+    # === Training: one progress-bar epoch per validation ===
+    epoch_steps = args.eval_every or max(1, min(1000, steps // 2))
+    validation = StreamValidation(corpus.valid, metric)
+    throughput = Throughput(global_batch_size * model.block_size)
+    trainer = None
+    if plan and not plan.uses_fit:
+        # torch DDP, TF multi-worker: `fit` cannot run there.
+        trainer = DataParallelTrainer(model, plan)
+        trainer.train(batcher, steps)
+    elif start_step < steps:
+        dataset = batcher.as_dataset(start_step=start_step)
+        callbacks = [
+            ResetMemoryOnRestart(dataset),
+            StopAtStep(start_step, steps),
+            validation,
+            throughput,
+        ]
+        if args.output:
+            callbacks += [
+                TrainingCheckpoint(checkpoints, epoch_steps, dataset),
+                SpanLogger(
+                    epoch_steps,
+                    log_dir=os.path.join(args.output, "tensorboard", "spans"),
+                    heatmap_path=os.path.join(args.output, "spans.png"),
+                ),
+            ]
+            if all(map(importlib.util.find_spec, ("tensorflow", "tensorboard"))):
+                callbacks.append(
+                    keras.callbacks.TensorBoard(
+                        os.path.join(args.output, "tensorboard"),
+                        write_graph=False,
+                    )
+                )
+        else:
+            callbacks.append(SpanLogger(epoch_steps))
+        first_epoch = start_step // epoch_steps
+        model.fit(
+            dataset,
+            steps_per_epoch=epoch_steps,
+            initial_epoch=first_epoch,
+            epochs=first_epoch + math.ceil((steps - start_step) / epoch_steps),
+            callbacks=callbacks,
+        )
+
+    # === Exact evaluation: every token once, memory carried ===
+    iterations = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    if validation.results and validation.results[-1][0] == iterations:
+        valid = validation.results[-1][1]
+    else:
+        valid = evaluate_stream(model, corpus.valid, batch_size=8)
+    test = evaluate_stream(model, corpus.test, batch_size=8)
+    spans = model.current_spans()
+    print(f"largest learned span per layer: {spans.max(axis=1).tolist()}")
+    key = "perplexity" if metric == "perplexity" else "bits_per_token"
+    digits = 2 if metric == "perplexity" else 4
+    tokens_per_s = (
+        trainer.tokens_per_second if trainer else throughput.tokens_per_second()
+    )
+    if plan and plan.process_index:
+        return
+    print(
+        json.dumps(
+            {
+                "corpus": corpus.name,
+                "backend": keras.backend.backend(),
+                "preset": args.preset,
+                "steps": steps,
+                "devices": plan.num_replicas if plan else 1,
+                "global_batch_size": global_batch_size,
+                f"valid_{metric}": round(valid[key], digits),
+                f"test_{metric}": round(test[key], digits),
+                "train_tokens_per_s": (
+                    None if tokens_per_s is None else round(tokens_per_s)
+                ),
+            }
+        )
+    )

@@ -1,0 +1,519 @@
+"""Text generation for `AllAttentionLM` with keras-hub samplers.
+
+The prompt is read block by block (`block_size` tokens per call of
+`call_with_memory`, the segment memory carried from block to block); then
+every new token costs one call of `call_with_memory` on a length-1 input
+over the memory, never a re-run over the prefix. The decoding loop is a
+keras-hub sampler (`keras_hub.samplers`): it calls
+`next(prompt, cache, index) -> (logits, hidden_states, cache)`, where
+`cache` holds the segment memories of all layers stacked into one tensor
+`(B, num_layers, max_span, d)`. Batch comes first so that the beam sampler
+can repeat and reorder beams along it.
+
+Prompts of different lengths in one batch are right-padded: decoding starts
+after the shortest prompt and the sampler keeps the remaining prompt tokens
+of longer rows (its `mask`), so those rows read their own tokens one step
+at a time. The result is exact: no padding token ever enters a memory.
+
+Compilation follows keras-hub's `CausalLM.make_generate_function`:
+TensorFlow runs `tf.function(jit_compile=True)` (XLA); JAX runs `jax.jit`
+of a stateless function that takes the weights and the sampler's seed
+state as arguments; PyTorch runs eagerly under `torch.no_grad()`, as
+keras-hub does: keras' torch `while_loop` is a Python loop whose condition
+is read on the host at every step, and the growing `index` would make
+`torch.compile` recompile or fall back at every step.
+"""
+
+import json
+import os
+
+import keras
+import keras_hub
+import numpy as np
+from keras import ops
+
+SAMPLERS = ("greedy", "top_k", "top_p", "beam", "random")
+
+# Compiled functions kept per model (see `_compiled`), at most this many.
+_MAX_COMPILED = 16
+
+
+def generate(
+    model, prompt, max_length, sampler="greedy", stop_token_ids=None,
+    tokenizer=None,
+):
+    """Continues prompts with `model`; see `AllAttentionLM.generate`."""
+    rows, text, single = _prompt_rows(prompt, tokenizer)
+    if not rows:
+        raise ValueError("`prompt` must hold at least one prompt. Received: []")
+    for i, row in enumerate(rows):
+        if not row.size:
+            raise ValueError(
+                "Every prompt needs at least one token (the model has no "
+                f"start token). Received: an empty prompt at index {i}"
+            )
+        if row.min() < 0 or row.max() >= model.vocabulary_size:
+            raise ValueError(
+                "Token ids must lie in [0, vocabulary_size="
+                f"{model.vocabulary_size}). Received: ids in "
+                f"[{row.min()}, {row.max()}] in prompt {i}"
+            )
+    lengths = [row.size for row in rows]
+    if (
+        not isinstance(max_length, (int, np.integer))
+        or isinstance(max_length, bool)
+        or max_length < max(lengths)
+    ):
+        raise ValueError(
+            "`max_length` must be an integer, the length of the prompts "
+            f"plus the new tokens, at least the longest prompt "
+            f"({max(lengths)} tokens). Received: max_length={max_length!r}"
+        )
+    sampler = _resolve_sampler(model, sampler)
+    stop_token_ids = _check_stop_token_ids(stop_token_ids, model)
+
+    token_ids = np.zeros((len(rows), max_length), "int32")
+    mask = np.zeros((len(rows), max_length), bool)
+    for i, row in enumerate(rows):
+        token_ids[i, : row.size] = row
+        mask[i, : row.size] = True
+    start = min(lengths)
+    if start < max_length:
+        token_ids = _decode(model, sampler, stop_token_ids, token_ids, mask, start)
+    ends = _ends(token_ids, lengths, stop_token_ids)
+    for row, end in zip(token_ids, ends):
+        if end < max_length:
+            row[end + 1 :] = row[end]  # after a stop token, repeat it
+    if not text:
+        return token_ids[0] if single else token_ids
+    kept = [row[:end].tolist() for row, end in zip(token_ids, ends)]
+    texts = _as_strings(tokenizer.detokenize(kept))
+    return texts[0] if single else texts
+
+
+def _decode(model, sampler, stop_token_ids, token_ids, mask, start):
+    """Reads `token_ids[:, :start - 1]` in blocks, then samples the rest."""
+    model.update_span_trimming()
+    prefill = _compiled(
+        model, ("prefill",),
+        lambda: compile_function(model, _prefill_function(model)),
+    )
+    decode = _compiled(
+        model, ("decode", sampler, stop_token_ids),
+        lambda: compile_function(
+            model, _decode_function(model, sampler, stop_token_ids), sampler
+        ),
+    )
+    cache = stack_memories(model.initial_memories(token_ids.shape[0]))
+    for begin in range(0, start - 1, model.block_size):
+        block = token_ids[:, begin : min(begin + model.block_size, start - 1)]
+        cache = prefill(ops.convert_to_tensor(block), cache)
+    token_ids = decode(
+        ops.convert_to_tensor(token_ids),
+        ops.convert_to_tensor(mask),
+        cache,
+        ops.convert_to_tensor(start, "int32"),
+    )
+    return np.array(ops.convert_to_numpy(token_ids), "int32")
+
+
+def stack_memories(memories):
+    """The list of per-layer memories `(B, L, d)` as one `(B, layers, L, d)`."""
+    return ops.stack(memories, axis=1)
+
+
+def unstack_memories(cache):
+    """Inverse of `stack_memories`: a list of `(B, L, d)` per layer."""
+    return [cache[:, i] for i in range(cache.shape[1])]
+
+
+def next_function(model):
+    """The decoding step handed to keras-hub samplers.
+
+    `next(prompt, cache, index)` reads the token at `index - 1` of `prompt`
+    (B, T) as a length-1 input over the memories `cache` (see
+    `stack_memories`) and returns the logits for position `index` (B, V),
+    no hidden states, and the memories after that token.
+    """
+
+    def next(prompt, cache, index):
+        batch = ops.shape(prompt)[0]
+        token = ops.slice(prompt, [0, index - 1], [batch, 1])  # (B, 1)
+        logits, memories = model.call_with_memory(token, unstack_memories(cache))
+        return logits[:, 0], None, stack_memories(memories)
+
+    return next
+
+
+def _prefill_function(model):
+    def prefill(tokens, cache):
+        _, memories = model.call_with_memory(tokens, unstack_memories(cache))
+        return stack_memories(memories)
+
+    return prefill
+
+
+def _decode_function(model, sampler, stop_token_ids):
+    next = next_function(model)
+
+    def decode(token_ids, mask, cache, index):
+        return sampler(
+            next=next,
+            prompt=token_ids,
+            cache=cache,
+            index=index,
+            mask=mask,
+            stop_token_ids=stop_token_ids,
+            model=model,
+        )
+
+    return decode
+
+
+def compile_function(model, fn, sampler=None):
+    """Compiles `fn`, which calls `model` (and `sampler`), for the backend.
+
+    As keras-hub compiles `generate_step`: `tf.function(jit_compile=True)`
+    on TensorFlow; on JAX `jax.jit` of a stateless version whose weights
+    and sampler seed state are arguments (the seed state is written back
+    after each call); on PyTorch eager execution under `torch.no_grad()`.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=True)
+    if backend == "jax":
+        import jax
+
+        seeds = list(sampler.variables) if sampler is not None else []
+        variables = seeds + list(model.variables)
+
+        @jax.jit
+        def stateless(values, *args):
+            with keras.StatelessScope(state_mapping=zip(variables, values)) as scope:
+                outputs = fn(*args)
+            new_seeds = [scope.get_current_value(v) for v in seeds]
+            return outputs, [
+                old if new is None else new
+                for old, new in zip(values[: len(seeds)], new_seeds)
+            ]
+
+        def run(*args):
+            outputs, new_seeds = stateless([v.value for v in variables], *args)
+            for variable, value in zip(seeds, new_seeds):
+                variable.assign(value)
+            return outputs
+
+        return run
+    import torch
+
+    def run(*args):
+        with torch.no_grad():
+            return fn(*args)
+
+    return run
+
+
+def _compiled(model, key, build):
+    """The compiled function `key` of `model`, built once per span trimming.
+
+    Kept in a private attribute (not tracked by Keras, not saved); the
+    attended spans are part of the key since compiled code bakes them in.
+    """
+    functions = model.__dict__.get("_generation_functions")
+    if functions is None:
+        functions = {}
+        object.__setattr__(model, "_generation_functions", functions)
+    key = key + (tuple(model.attended_spans()),)
+    if key not in functions:
+        if len(functions) >= _MAX_COMPILED:
+            functions.clear()
+        functions[key] = build()
+    return functions[key]
+
+
+def get_sampler(sampler):
+    """A keras-hub sampler from its name (see `SAMPLERS`) or an instance.
+
+    Raises:
+        ValueError: for an unknown name, or a sampler that needs more than
+            the logits (contrastive: the last hidden states; speculative: a
+            draft model; beam with `return_all_beams`).
+    """
+    if isinstance(sampler, str):
+        if sampler not in SAMPLERS:
+            raise ValueError(
+                f"`sampler` must be one of {SAMPLERS} or a "
+                "`keras_hub.samplers.Sampler` instance. "
+                f"Received: sampler={sampler!r}"
+            )
+        return keras_hub.samplers.get(sampler)
+    unsupported = (
+        keras_hub.samplers.ContrastiveSampler,
+        keras_hub.samplers.SpeculativeSampler,
+    )
+    if isinstance(sampler, unsupported) or not isinstance(
+        sampler, keras_hub.samplers.Sampler
+    ):
+        raise ValueError(
+            f"`sampler` must be one of {SAMPLERS} or an instance of their "
+            "keras-hub classes (GreedySampler, TopKSampler, TopPSampler, "
+            f"BeamSampler, RandomSampler). Received: sampler={sampler!r}"
+        )
+    if getattr(sampler, "return_all_beams", False):
+        raise ValueError(
+            "`BeamSampler(return_all_beams=True)` is not supported: generate "
+            "returns one sequence per prompt. Received: sampler="
+            f"{sampler!r}"
+        )
+    return sampler
+
+
+def _resolve_sampler(model, sampler):
+    """`get_sampler`, reusing one instance per name and model.
+
+    Reusing it keeps the compiled functions, and random samplers advance
+    their seed from call to call instead of restarting.
+    """
+    if not isinstance(sampler, str):
+        return get_sampler(sampler)
+    samplers = model.__dict__.get("_generation_samplers")
+    if samplers is None:
+        samplers = {}
+        object.__setattr__(model, "_generation_samplers", samplers)
+    if sampler not in samplers:
+        samplers[sampler] = get_sampler(sampler)
+    return samplers[sampler]
+
+
+def _check_stop_token_ids(stop_token_ids, model):
+    if stop_token_ids is None:
+        return None
+    ids = np.asarray(stop_token_ids).reshape(-1)
+    if (
+        not ids.size
+        or not np.issubdtype(ids.dtype, np.integer)
+        or ids.min() < 0
+        or ids.max() >= model.vocabulary_size
+    ):
+        raise ValueError(
+            "`stop_token_ids` must be None or token ids in [0, "
+            f"vocabulary_size={model.vocabulary_size}). "
+            f"Received: stop_token_ids={stop_token_ids!r}"
+        )
+    return tuple(int(i) for i in ids)
+
+
+def _ends(token_ids, lengths, stop_token_ids):
+    """Per row, the position of the first generated stop token, else length."""
+    ends = []
+    for row, length in zip(token_ids, lengths):
+        end = row.size
+        if stop_token_ids:
+            hits = np.flatnonzero(np.isin(row[length:], stop_token_ids))
+            end = length + int(hits[0]) if hits.size else end
+        ends.append(end)
+    return ends
+
+
+def _prompt_rows(prompt, tokenizer):
+    """Prompts as a list of 1-D int arrays, whether text, and whether single."""
+    texts = None
+    if isinstance(prompt, str):
+        texts, single = [prompt], True
+    elif (
+        isinstance(prompt, (list, tuple))
+        and prompt
+        and all(isinstance(p, str) for p in prompt)
+    ):
+        texts, single = list(prompt), False
+    if texts is not None:
+        if tokenizer is None:
+            raise ValueError(
+                "Text prompts need a tokenizer: pass `tokenizer=` (e.g. "
+                "`keras_hub.tokenizers.ByteTokenizer(lowercase=False)`) or set "
+                "`model.tokenizer`. Received: a text prompt and no tokenizer"
+            )
+        ids = tokenizer(texts)
+        if hasattr(ids, "to_list"):
+            ids = ids.to_list()
+        return [np.asarray(row, "int64").reshape(-1) for row in ids], True, single
+    if hasattr(prompt, "to_list"):
+        prompt = prompt.to_list()
+    if keras.ops.is_tensor(prompt):
+        prompt = keras.ops.convert_to_numpy(prompt)
+    try:
+        array = np.asarray(prompt)
+    except ValueError:
+        array = None  # ragged: a list of prompts of different lengths
+    if array is None or array.dtype == object:
+        rows = [np.asarray(row) for row in prompt]
+        single = False
+    elif array.ndim in (1, 2):
+        single = array.ndim == 1
+        rows = [array] if single else list(array)
+    else:
+        raise ValueError(
+            "`prompt` must be token ids of shape (length,) or (batch, length), "
+            "a list of token id lists, or text with a tokenizer. Received: "
+            f"prompt with shape {array.shape}"
+        )
+    for row in rows:
+        if row.ndim != 1 or (row.size and not np.issubdtype(row.dtype, np.integer)):
+            raise ValueError(
+                "`prompt` must hold integer token ids (or text, with a "
+                f"tokenizer). Received: an array of dtype {row.dtype} and "
+                f"shape {row.shape}"
+            )
+    return [row.astype("int64") for row in rows], False, single
+
+
+def _as_strings(texts):
+    """Detokenizer output (list, NumPy or TensorFlow strings) as `str`s."""
+    if not isinstance(texts, (list, tuple)):
+        texts = np.asarray(texts).tolist()
+    if isinstance(texts, (str, bytes)):
+        texts = [texts]
+    return [
+        t.decode("utf-8", errors="replace") if isinstance(t, bytes) else t
+        for t in texts
+    ]
+
+
+@keras.saving.register_keras_serializable(package="keras_allattn")
+class CharacterTokenizer(keras_hub.tokenizers.WordPieceTokenizer):
+    """One token per character from a vocabulary of characters (text8).
+
+    A `keras_hub.tokenizers.WordPieceTokenizer` whose words are the single
+    characters of the text: each character maps to its index in
+    `vocabulary`; a character outside it maps to `oov_token`. For text8
+    (`vocabulary=list(" abcdefghijklmnopqrstuvwxyz")`, lowercased, unknown
+    characters to spaces) this is the text8 normalisation, except that
+    digits are not spelled out. `detokenize` concatenates the characters.
+
+    Args:
+        vocabulary: list of single characters, the symbol of id `i` at `i`.
+        lowercase: bool, lowercase the text first.
+        oov_token: the character unknown characters become; must be in the
+            vocabulary.
+        **kwargs: `WordPieceTokenizer` arguments (`dtype`, `name`, ...).
+
+    Example:
+
+    >>> tokenizer = CharacterTokenizer(list(" abcdefghijklmnopqrstuvwxyz"))
+    >>> tokenizer("Hi, you").tolist()
+    [8, 9, 0, 0, 25, 15, 21]
+    >>> tokenizer.detokenize([8, 9, 0, 1])
+    'hi a'
+    """
+
+    def __init__(self, vocabulary=None, lowercase=True, oov_token=" ", **kwargs):
+        kwargs["split"] = False
+        super().__init__(
+            vocabulary=vocabulary, lowercase=lowercase, oov_token=oov_token,
+            **kwargs,
+        )
+
+    def tokenize(self, inputs):
+        if self._use_tf_workflow():
+            import tensorflow as tf
+
+            return super().tokenize(tf.strings.unicode_split(inputs, "UTF-8"))
+        if isinstance(inputs, str):
+            return super().tokenize(list(inputs))
+        return super().tokenize([list(text) for text in inputs])
+
+    def detokenize(self, inputs):
+        if self._use_tf_workflow():
+            import tensorflow as tf
+
+            tokens = tf.gather(self.get_vocabulary(), inputs)
+            return tf.strings.reduce_join(tokens, axis=-1)
+        from keras_hub.src.utils.tensor_utils import (
+            canonicalize_python_token_inputs,
+        )
+
+        ids, batched = canonicalize_python_token_inputs(inputs)
+        texts = ["".join(map(self.id_to_token, row)) for row in ids]
+        return texts if batched else texts[0]
+
+    def save_assets(self, dir_path):
+        # JSON, since the base class's one token per line loses " ".
+        with open(os.path.join(dir_path, "vocabulary.json"), "w") as f:
+            json.dump(self.vocabulary, f)
+
+    def load_assets(self, dir_path):
+        with open(os.path.join(dir_path, "vocabulary.json")) as f:
+            self.set_vocabulary(json.load(f))
+
+
+@keras.saving.register_keras_serializable(package="keras_allattn")
+class WordTokenizer(keras_hub.tokenizers.WordPieceTokenizer):
+    """Whitespace-separated words from a fixed vocabulary (PTB, WikiText).
+
+    A `keras_hub.tokenizers.WordPieceTokenizer` over whole words: the text
+    is split on whitespace only (punctuation stays inside words, as in the
+    corpora: `n't`, `'s`, `<eos>`), each word maps to its index in
+    `vocabulary`, and a word outside it maps to `oov_token`. Write `<eos>`
+    where a line ends, as the corpus loaders do. `detokenize` joins words
+    with single spaces.
+
+    Args:
+        vocabulary: list of words, the word of id `i` at `i` (e.g.
+            `Corpus.vocabulary`).
+        oov_token: the word unknown words become; must be in the vocabulary.
+        **kwargs: `WordPieceTokenizer` arguments (`lowercase`, `dtype`, ...).
+
+    Example:
+
+    >>> tokenizer = WordTokenizer(["<unk>", "<eos>", "the", "n't"])
+    >>> tokenizer("the cat n't <eos>").tolist()
+    [2, 0, 3, 1]
+    """
+
+    def __init__(self, vocabulary=None, oov_token="<unk>", **kwargs):
+        kwargs["split"] = False
+        super().__init__(vocabulary=vocabulary, oov_token=oov_token, **kwargs)
+
+    def tokenize(self, inputs):
+        if self._use_tf_workflow():
+            import tensorflow as tf
+
+            return super().tokenize(tf.strings.split(inputs))
+        if isinstance(inputs, str):
+            return super().tokenize(inputs.split())
+        return super().tokenize([text.split() for text in inputs])
+
+
+def corpus_tokenizer(corpus):
+    """The keras-hub tokenizer matching a `keras_allattn.data.Corpus`.
+
+    Byte level (enwik8): `keras_hub.tokenizers.ByteTokenizer(lowercase=False)`
+    (ids are the byte values). Character level (text8): `CharacterTokenizer` over the
+    corpus alphabet, unknown characters to spaces. Word level (PTB,
+    WikiText-103): `WordTokenizer` over the corpus vocabulary, unknown words
+    to `<unk>`.
+
+    Args:
+        corpus: a `Corpus` (anything with `level` and `vocabulary`).
+
+    Returns:
+        A keras-hub tokenizer whose ids are the corpus ids.
+    """
+    if corpus.level == "byte":
+        return keras_hub.tokenizers.ByteTokenizer(lowercase=False)
+    vocabulary = list(corpus.vocabulary)
+    if corpus.level == "character":
+        return CharacterTokenizer(
+            vocabulary,
+            lowercase=all(c == c.lower() for c in vocabulary),
+            oov_token=" " if " " in vocabulary else vocabulary[0],
+        )
+    if corpus.level == "word":
+        return WordTokenizer(vocabulary)
+    raise ValueError(
+        "`corpus.level` must be 'byte', 'character' or 'word'. "
+        f"Received: level={corpus.level!r}"
+    )
+

@@ -1,0 +1,240 @@
+"""The processes `test_distribution.py` starts: data-parallel runs on CPU.
+
+    python -m tests.distribution_worker MODE OUT_DIR [ARGS...]
+
+Each mode trains the same tiny `AllAttentionLM` for a few steps on the same
+stream, data parallel, and writes `OUT_DIR/MODE-PROCESS.json` (step losses,
+where the memory lives) and `.npz` (this process's memory rows). The
+single-device reference comes from `reference_run` (in the same process
+where the devices allow it, else in the test's own process).
+"""
+
+import json
+import os
+import pathlib
+import sys
+
+import numpy as np
+
+CONFIG = dict(
+    vocabulary_size=19, num_layers=2, hidden_dim=16, num_heads=2,
+    persistent_memory_size=4, max_span=12, block_size=5, span_ramp=4,
+    batch_size=4,
+)
+STEPS = 3
+
+
+def tokens():
+    return np.random.default_rng(0).integers(0, 19, 400)
+
+
+def make_model(config, clip=None):
+    """A compiled model with the same initial weights in every process."""
+    import keras
+
+    from keras_allattn import AllAttentionLM
+
+    keras.utils.set_random_seed(0)
+    model = AllAttentionLM(**config)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2, global_clipnorm=clip),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def step_losses_callback():
+    """A callback collecting each step's loss from `fit`'s running mean."""
+    import keras
+
+    class StepLosses(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.losses, self.total = [], 0.0
+
+        def on_train_batch_end(self, batch, logs=None):
+            total = (batch + 1) * float(logs["loss"])
+            self.losses.append(total - self.total)
+            self.total = total
+
+    return StepLosses()
+
+
+def fit_run(model, batcher):
+    """Step losses of `fit` over `batcher`'s stream, memory resets on."""
+    from keras_allattn.data import ResetMemoryOnRestart
+
+    losses = step_losses_callback()
+    dataset = batcher.as_dataset()
+    model.fit(
+        dataset, steps_per_epoch=STEPS, shuffle=False, verbose=0,
+        callbacks=[losses, ResetMemoryOnRestart(dataset)],
+    )
+    return losses.losses
+
+
+def reference_run(use_fit, clip=None):
+    """One device, global batch: `(step losses, memories)`."""
+    from keras_allattn.data import StreamBatcher
+    from keras_allattn.distribution import DataParallelTrainer
+    from keras_allattn.distribution import local_memories
+
+    model = make_model(CONFIG, clip)
+    batcher = StreamBatcher(tokens(), CONFIG["batch_size"], CONFIG["block_size"], seed=0)
+    if use_fit:
+        losses = fit_run(model, batcher)
+    else:
+        losses = DataParallelTrainer(model).train(batcher, STEPS)
+    return losses, local_memories(model)
+
+
+def distributed_run(config=CONFIG, clip=None, **plan_args):
+    """The plan's route on this backend: `(plan, model, step losses)`."""
+    from keras_allattn.data import StreamBatcher
+    from keras_allattn.distribution import DataParallelTrainer
+    from keras_allattn.distribution import plan_data_parallel
+
+    plan = plan_data_parallel(config, **plan_args)
+    plan.activate()
+    model = make_model(plan.model_config(config), clip)
+    plan.check_model(model)
+    batcher = plan.shard(
+        StreamBatcher(tokens(), config["batch_size"], config["block_size"], seed=0)
+    )
+    if plan.uses_fit:
+        losses = fit_run(model, batcher)
+    else:
+        losses = DataParallelTrainer(model, plan).train(batcher, STEPS)
+    return plan, model, losses
+
+
+def write(out_dir, name, result, memories):
+    out_dir = pathlib.Path(out_dir)
+    (out_dir / f"{name}.json").write_text(json.dumps(result))
+    np.savez(out_dir / f"{name}.npz", *memories)
+
+
+def sharding_summary(model):
+    from keras_allattn.distribution import memory_sharding
+
+    return [
+        {
+            "path": entry["path"],
+            "shape": list(entry["shape"]),
+            "spec": str(entry["spec"]),
+            "shards": [[device, list(rows)] for device, rows in entry["shards"]],
+        }
+        for entry in memory_sharding(model)
+    ]
+
+
+def jax_devices(out_dir):
+    """2 virtual devices: data parallel, then 2-way model parallel."""
+    import jax
+
+    from keras_allattn.distribution import local_memories
+    from keras_allattn.distribution import memory_variable_paths
+
+    from keras_allattn.data import StreamBatcher
+
+    reference_model = make_model(CONFIG)
+    reference = fit_run(reference_model, StreamBatcher(
+        tokens(), CONFIG["batch_size"], CONFIG["block_size"], seed=0
+    ))
+    reference_memories = local_memories(reference_model)
+    plan, model, losses = distributed_run()
+    try:  # built before the distribution was set: replicated
+        plan.check_model(reference_model)
+        unplaced_error = None
+    except ValueError as error:
+        unplaced_error = str(error)
+    sharded = {
+        v.path: str(tuple(v.value.sharding.spec))
+        for v in model.weights
+        if any(axis is not None for axis in v.value.sharding.spec)
+    }
+    write(out_dir, "jax-devices-0", {
+        "devices": len(jax.devices()),
+        "num_replicas": plan.num_replicas,
+        "reference": reference,
+        "losses": losses,
+        "sharding": sharding_summary(model),
+        "sharded_variables": sharded,
+        "paths_from_config": memory_variable_paths(CONFIG),
+        "paths_of_model": memory_variable_paths(model),
+        "unplaced_error": unplaced_error,
+    }, reference_memories + local_memories(model))
+    _, model, losses = distributed_run(model_parallel=2)
+    write(out_dir, "jax-model-parallel-0", {
+        "losses": losses,
+        "sharded_variables": {
+            v.path: str(tuple(v.value.sharding.spec))
+            for v in model.weights
+            if any(axis is not None for axis in v.value.sharding.spec)
+        },
+    }, local_memories(model))
+
+
+def jax_process(out_dir):
+    """One of 2 JAX processes (`KERAS_DISTRIBUTION_*` set by the test)."""
+    from keras_allattn.distribution import local_memories
+
+    plan, model, losses = distributed_run()
+    write(out_dir, f"jax-process-{plan.process_index}", {
+        "process_count": plan.process_count,
+        "losses": losses,
+        "sharding": sharding_summary(model),
+    }, local_memories(model))
+
+
+def tensorflow_devices(out_dir):
+    """2 logical CPUs: `fit` under MirroredStrategy."""
+    from keras_allattn.distribution import local_memories
+    from keras_allattn.distribution import use_virtual_cpu_devices
+
+    from keras_allattn.data import StreamBatcher
+    from keras_allattn.distribution import DataParallelTrainer
+
+    use_virtual_cpu_devices(2)
+    reference, reference_memories = reference_run(use_fit=True)
+    plan, model, losses = distributed_run()
+    write(out_dir, "tensorflow-devices-0", {
+        "num_replicas": plan.num_replicas,
+        "uses_fit": plan.uses_fit,
+        "reference": reference,
+        "losses": losses,
+        "sharding": sharding_summary(model),
+    }, reference_memories + local_memories(model))
+    # The same strategy through the loop, gradient clipping on.
+    model = make_model(plan.model_config(CONFIG), clip=0.05)
+    batcher = StreamBatcher(tokens(), CONFIG["batch_size"], CONFIG["block_size"], seed=0)
+    losses = DataParallelTrainer(model, plan).train(plan.shard(batcher), STEPS)
+    write(out_dir, "tensorflow-devices-loop-0", {"losses": losses},
+          local_memories(model))
+
+
+def trainer_process(out_dir):
+    """A TF worker (TF_CONFIG) or a torch rank (torchrun): the loop."""
+    import keras
+
+    from keras_allattn.distribution import local_memories
+
+    plan, model, losses = distributed_run(clip=0.05)
+    name = f"{keras.backend.backend()}-trainer-{plan.process_index}"
+    write(out_dir, name, {
+        "process_count": plan.process_count,
+        "uses_fit": plan.uses_fit,
+        "losses": losses,
+        "sharding": sharding_summary(model),
+    }, local_memories(model))
+
+
+MODES = {
+    "jax-devices": jax_devices,
+    "jax-process": jax_process,
+    "tensorflow-devices": tensorflow_devices,
+    "trainer": trainer_process,
+}
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    MODES[sys.argv[1]](sys.argv[2])

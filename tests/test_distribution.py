@@ -1,0 +1,331 @@
+"""Data-parallel training on CPU, one route per backend.
+
+Each distributed run (in subprocesses: device counts are fixed when a
+backend starts, and torch DDP and TensorFlow multi-worker need processes)
+trains `tests.distribution_worker.CONFIG` for a few steps with a global
+batch of 4 over 2 replicas; its step losses must match one device with
+batch 4 (relative error < 1e-5, float32), and each replica must hold the
+segment memory of its own rows, equal to those rows of the one-device
+memory.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from keras_allattn import AllAttentionLM
+from keras_allattn.data import StreamBatcher
+from keras_allattn.distribution import memory_layout_map
+from keras_allattn.distribution import memory_variable_paths
+from keras_allattn.distribution import replica_batch_size
+from tests import distribution_worker as worker
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-5
+# Quicker XLA compilation on CPU (the runs are a few steps each).
+CPU_COMPILE_FLAGS = (
+    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+)
+
+
+def only(name):
+    return pytest.mark.skipif(
+        keras.backend.backend() != name, reason=f"{name} backend only"
+    )
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def start(argv, **extra_env):
+    """Starts a process in the project root with this test's backend."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT),
+           "KERAS_BACKEND": keras.backend.backend(), **extra_env}
+    return subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def wait(processes, timeout=180):
+    """Waits for all `processes`; fails with the output of a failed one."""
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=timeout)[0])
+    finally:
+        for process in processes:
+            process.kill()
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-4000:]
+    return outputs
+
+
+def worker_command(mode, out_dir):
+    return [sys.executable, "-m", "tests.distribution_worker", mode, str(out_dir)]
+
+
+def load(out_dir, name):
+    result = json.loads((out_dir / f"{name}.json").read_text())
+    with np.load(out_dir / f"{name}.npz") as arrays:
+        memories = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+    return result, memories
+
+
+def relative_error(actual, expected):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+def check_rows(memories, reference, start):
+    """Each layer's memory equals rows `start:` of the one-device memory."""
+    assert len(memories) == len(reference) == worker.CONFIG["num_layers"]
+    for memory, expected in zip(memories, reference):
+        rows = expected[start : start + len(memory)]
+        assert memory.shape == rows.shape
+        assert relative_error(memory, rows) < TOLERANCE
+
+
+# === Every backend: sharding the stream, the layout keys ===
+
+
+def test_shards_stack_into_the_batch_and_restart_together():
+    batcher = StreamBatcher(np.arange(1000), batch_size=4, block_size=7, seed=3)
+    shards = [batcher.shard(i, 2) for i in range(2)]
+    assert [s.batch_size for s in shards] == [2, 2]
+    for step in range(80):  # three passes
+        inputs, targets = batcher.batch(step)
+        np.testing.assert_array_equal(
+            np.concatenate([s.batch(step)[0] for s in shards]), inputs
+        )
+        np.testing.assert_array_equal(
+            np.concatenate([s.batch(step)[1] for s in shards]), targets
+        )
+        assert all(
+            s.is_pass_start(step) == batcher.is_pass_start(step) for s in shards
+        )
+    assert batcher.memory_reset_steps(80).size == 3
+    with pytest.raises(ValueError, match="`count` must divide batch_size"):
+        batcher.shard(0, 3)
+    with pytest.raises(ValueError, match="index=2, count=2"):
+        batcher.shard(2, 2)
+
+
+def test_layout_keys_are_the_full_variable_paths():
+    config = dict(worker.CONFIG, feedforward_dim=8)
+    model = AllAttentionLM(**config)
+    assert memory_variable_paths(config) == memory_variable_paths(model)
+    mesh = keras.distribution.DeviceMesh((1, 1), ("batch", "model"), ["cpu:0"])
+    data_only = memory_layout_map(config, mesh)
+    sharded = {v.path for v in model.weights if data_only[v.path] is not None}
+    assert sharded == set(memory_variable_paths(model))
+    both = memory_layout_map(config, mesh, shard_model=True)
+    sharded = {v.path for v in model.weights if both[v.path] is not None}
+    assert sharded - set(memory_variable_paths(model)) == {
+        f"{prefix}_{i}/{name}"
+        for i in range(config["num_layers"])
+        for prefix, names in (
+            ("attention", ("query/kernel", "key/kernel", "value/kernel",
+                           "output/kernel", "persistent_keys",
+                           "persistent_values")),
+            ("feedforward", ("inner/kernel", "inner/bias", "outer/kernel")),
+        )
+        for name in names
+    }
+
+
+def test_replica_batch_size_must_divide():
+    assert replica_batch_size(64, 8) == 8
+    with pytest.raises(ValueError, match="global_batch_size=6, num_replicas=4"):
+        replica_batch_size(6, 4)
+
+
+# === JAX: keras.distribution, memory sharded on "batch" ===
+
+
+@pytest.fixture(scope="module")
+def jax_runs(tmp_path_factory):
+    """2 devices, 2 processes and the 8-device launch, run side by side."""
+    if keras.backend.backend() != "jax":
+        pytest.skip("jax backend only")
+    out_dir = tmp_path_factory.mktemp("jax")
+    address = f"localhost:{free_port()}"
+    fast = os.environ.get("XLA_FLAGS", "") + CPU_COMPILE_FLAGS
+    processes = [
+        start(worker_command("jax-devices", out_dir),
+              XLA_FLAGS=f"{fast} --xla_force_host_platform_device_count=2"),
+        start([sys.executable, "benchmarks/scaling.py", "--preset",
+               "char_tiny_cpu", "--devices", "8", "--span", "fixed:64",
+               "--dtype", "float32", "--steps", "2", "--warmup-steps", "1"],
+              XLA_FLAGS=f"{fast} --xla_force_host_platform_device_count=8"),
+    ] + [
+        start(worker_command("jax-process", out_dir), XLA_FLAGS=fast,
+              KERAS_DISTRIBUTION_JOB_ADDRESSES=address,
+              KERAS_DISTRIBUTION_NUM_PROCESSES="2",
+              KERAS_DISTRIBUTION_PROCESS_ID=str(index),
+              JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+        for index in range(2)
+    ]
+    outputs = wait(processes)
+    return out_dir, outputs[1]
+
+
+@only("jax")
+def test_jax_two_devices_match_one_device(jax_runs):
+    out_dir, _ = jax_runs
+    result, memories = load(out_dir, "jax-devices-0")
+    layers = worker.CONFIG["num_layers"]
+    reference, distributed = memories[:layers], memories[layers:]
+    assert result["devices"] == result["num_replicas"] == 2
+    assert relative_error(result["losses"], result["reference"]) < TOLERANCE
+    assert result["paths_from_config"] == result["paths_of_model"]
+    # Only the memory is sharded, on the batch: device i keeps rows 2i, 2i+1.
+    assert result["sharded_variables"] == {
+        path: "('batch', None, None)" for path in result["paths_of_model"]
+    }
+    for entry in result["sharding"]:
+        assert entry["shape"] == [4, 12, 16]
+        assert entry["shards"] == [["cpu:0", [0, 2]], ["cpu:1", [2, 4]]]
+    check_rows(distributed, reference, 0)
+    # `check_model` catches a memory left unsharded.
+    assert "`memory_0/memory` is not placed as planned" in result["unplaced_error"]
+
+
+@only("jax")
+def test_jax_model_parallel_matches_one_device(jax_runs):
+    out_dir, _ = jax_runs
+    reference, memories = load(out_dir, "jax-devices-0")
+    result, distributed = load(out_dir, "jax-model-parallel-0")
+    assert relative_error(result["losses"], reference["reference"]) < TOLERANCE
+    sharded = result["sharded_variables"]
+    assert sharded["attention_1/query/kernel"] == "(None, 'model')"
+    assert sharded["attention_1/output/kernel"] == "('model', None)"
+    assert sharded["attention_0/persistent_keys"] == "('model', None, None)"
+    check_rows(distributed, memories[: worker.CONFIG["num_layers"]], 0)
+
+
+@only("jax")
+def test_jax_two_processes_match_one_device(jax_runs):
+    out_dir, _ = jax_runs
+    reference, memories = load(out_dir, "jax-devices-0")
+    reference_memories = memories[: worker.CONFIG["num_layers"]]
+    for index in range(2):
+        result, memories = load(out_dir, f"jax-process-{index}")
+        assert result["process_count"] == 2
+        assert relative_error(result["losses"], reference["reference"]) < TOLERANCE
+        for entry in result["sharding"]:
+            assert entry["spec"] == "('batch', None, None)"
+            assert [rows for _, rows in entry["shards"]] == [[2 * index, 2 * index + 2]]
+        check_rows(memories, reference_memories, 2 * index)
+
+
+@only("jax")
+def test_jax_eight_device_launch(jax_runs):
+    """What a GPU run starts: the scaling benchmark over 8 devices."""
+    _, output = jax_runs
+    result = json.loads(output.strip().splitlines()[-1])
+    assert (result["devices"], result["global_batch_size"]) == (8, 8)
+    assert result["tokens_per_s"] > 0
+
+
+# === TensorFlow: MirroredStrategy fit; multi-worker loop ===
+
+
+@pytest.fixture(scope="module")
+def tensorflow_runs(tmp_path_factory):
+    """2 logical CPUs, and 2 workers, run side by side."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("tensorflow backend only")
+    out_dir = tmp_path_factory.mktemp("tensorflow")
+    workers = [f"localhost:{free_port()}" for _ in range(2)]
+    processes = [start(worker_command("tensorflow-devices", out_dir))] + [
+        start(worker_command("trainer", out_dir), TF_CONFIG=json.dumps({
+            "cluster": {"worker": workers},
+            "task": {"type": "worker", "index": index},
+        }))
+        for index in range(2)
+    ]
+    # The workers' reference, with gradient clipping on: the loop must
+    # clip the global gradient.
+    reference = worker.reference_run(use_fit=False, clip=0.05)
+    wait(processes)
+    return out_dir, reference
+
+
+@only("tensorflow")
+def test_tensorflow_mirrored_fit_matches_one_device(tensorflow_runs):
+    out_dir, _ = tensorflow_runs
+    result, memories = load(out_dir, "tensorflow-devices-0")
+    layers = worker.CONFIG["num_layers"]
+    reference, distributed = memories[:layers], memories[layers:]
+    assert result["num_replicas"] == 2 and result["uses_fit"]
+    assert relative_error(result["losses"], result["reference"]) < TOLERANCE
+    # One (2, L, d) copy per replica, each updated by its replica alone.
+    for entry in result["sharding"]:
+        assert entry["spec"] == "MirroredVariable"
+        assert entry["shape"] == [2, 12, 16]
+        assert [device[-5:] for device, _ in entry["shards"]] == ["CPU:0", "CPU:1"]
+    check_rows(distributed, reference, 0)
+
+
+@only("tensorflow")
+def test_tensorflow_mirrored_loop_matches_one_device(tensorflow_runs):
+    out_dir, (reference, reference_memories) = tensorflow_runs
+    result, memories = load(out_dir, "tensorflow-devices-loop-0")
+    assert relative_error(result["losses"], reference) < TOLERANCE
+    check_rows(memories, reference_memories, 0)
+
+
+@only("tensorflow")
+def test_tensorflow_multi_worker_loop_matches_one_device(tensorflow_runs):
+    out_dir, (reference, reference_memories) = tensorflow_runs
+    for index in range(2):
+        result, memories = load(out_dir, f"tensorflow-trainer-{index}")
+        assert result["process_count"] == 2 and not result["uses_fit"]
+        assert relative_error(result["losses"], reference) < TOLERANCE
+        check_rows(memories, reference_memories, 2 * index)
+
+
+# === PyTorch: DDP under torchrun ===
+
+
+@only("torch")
+def test_torch_model_exposes_its_parameters():
+    model = AllAttentionLM(**worker.CONFIG)
+    parameters = list(model.parameters())
+    assert len(parameters) == len(model.variables)
+    assert sum(p.requires_grad for p in parameters) == len(model.trainable_weights)
+
+
+@only("torch")
+def test_torch_ddp_matches_one_process(tmp_path):
+    ranks = start([
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()), "-m", "tests.distribution_worker",
+        "trainer", str(tmp_path),
+    ])
+    # The loop computes what `fit` does; with clipping it must see the
+    # averaged gradient.
+    fit_losses, _ = worker.reference_run(use_fit=True)
+    loop_losses, _ = worker.reference_run(use_fit=False)
+    assert relative_error(loop_losses, fit_losses) < TOLERANCE
+    reference, reference_memories = worker.reference_run(use_fit=False, clip=0.05)
+    wait([ranks])
+    for index in range(2):
+        result, memories = load(tmp_path, f"torch-trainer-{index}")
+        assert result["process_count"] == 2 and not result["uses_fit"]
+        assert relative_error(result["losses"], reference) < TOLERANCE
+        for entry in result["sharding"]:
+            assert entry["shape"] == [2, 12, 16]
+            assert entry["spec"] == f"rank {index}"
+        check_rows(memories, reference_memories, 2 * index)
