@@ -136,6 +136,7 @@ def flops_per_token(model, spans):
     per_layer = 8 * d * d + 6 * spans * d + 4 * n * d
     if model.feedforward_dim:
         per_layer += 4 * d * model.feedforward_dim
+    # The output layer as a full softmax (an upper bound with an adaptive one).
     forward = model.num_layers * per_layer + 2 * d * model.vocabulary_size
     return 3 * forward
 
@@ -176,7 +177,9 @@ def build(args, transformer):
     recipe = preset["recipe"]
     model.compile(
         optimizer=AdagradClip(recipe["learning_rate"], grad_clip=recipe["clip"]),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        # With an adaptive softmax the model computes its own loss.
+        loss=None if model.adaptive_softmax is not None else
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=True,
     )
     return model, config, remat
