@@ -51,6 +51,8 @@ def start(argv, **extra_env):
     """Starts a process in the project root with this test's backend."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT),
            "KERAS_BACKEND": keras.backend.backend(), **extra_env}
+    # The Triton kernel tests switch the interpreter on for their session.
+    env.pop("TRITON_INTERPRET", None)
     return subprocess.Popen(
         argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
