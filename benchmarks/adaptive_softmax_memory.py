@@ -46,6 +46,8 @@ import time
 
 import keras
 import numpy as np
+from _common import commit
+from _common import device_name
 
 from keras_allattn import AdaptiveEmbedding
 from keras_allattn import AdaptiveSoftmax
@@ -170,25 +172,6 @@ def reset_peak():
             pass
 
 
-def device_name():
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        device = jax.devices()[0]
-        return device.device_kind if device.platform == "gpu" else "CPU"
-    if backend == "torch":
-        import torch
-
-        return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return "CPU"
-    return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
-
-
 def step_function(layer, hidden, targets):
     """A compiled `step()` -> (loss, gradients), and XLA's temp bytes (JAX)."""
     backend = keras.backend.backend()
@@ -304,16 +287,6 @@ def measure(args):
 def gib(size):
     """Bytes in GiB (3 decimals), None stays None."""
     return None if size is None else round(size / 2**30, 3)
-
-
-def commit():
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-            text=True, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def record(result):

@@ -24,11 +24,12 @@ import argparse
 import datetime
 import json
 import pathlib
-import subprocess
 import time
 
 import keras
 import numpy as np
+from _common import commit
+from _common import device_name
 
 from keras_allattn import AllAttentionLM
 from keras_allattn.presets import get_preset
@@ -69,27 +70,6 @@ def parse_span(text):
             f"tokens. Received: --span={text!r}"
         )
     return kind, int(tokens)
-
-
-def device_name():
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        device = jax.devices()[0]
-        return device.device_kind if device.platform == "gpu" else "CPU"
-    if backend == "torch":
-        import torch
-
-        return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        return tf.config.experimental.get_device_details(gpus[0]).get(
-            "device_name", "GPU"
-        )
-    return "CPU"
 
 
 def reset_peak_memory():
@@ -139,16 +119,6 @@ def flops_per_token(model, spans):
     # The output layer as a full softmax (an upper bound with an adaptive one).
     forward = model.num_layers * per_layer + 2 * d * model.vocabulary_size
     return 3 * forward
-
-
-def commit():
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-            text=True, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def build(args, transformer):
