@@ -2,29 +2,7 @@
 
 import subprocess
 
-import keras
-
-
-def device_name():
-    """The accelerator's name for the current backend, or "CPU"."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        device = jax.devices()[0]
-        return device.device_kind if device.platform == "gpu" else "CPU"
-    if backend == "torch":
-        import torch
-
-        return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return "CPU"
-    return tf.config.experimental.get_device_details(gpus[0]).get(
-        "device_name", "GPU"
-    )
+from keras_allattn.utils import device_name  # noqa: F401  (re-exported)
 
 
 def commit():

@@ -1,29 +1,92 @@
 #!/usr/bin/env bash
-# One device call: kernel checks, then training throughput per backend.
-# Usage (on the GPU machine, Keras carried as wheels in .whl/, see GPU.md):
-#   bash benchmarks/run_gpu.sh [OUTDIR]
+# The GPU evidence, in phases that fit one device call each. Two lanes run
+# side by side on a two-GPU machine (lane 0 on GPU 0, lane 1 on GPU 1); on
+# one GPU they run one after the other.
+#
+# Usage (on the GPU machine, Keras carried as wheels in .whl/ and the
+# corpora as .xz files in .data/, see ../shared/docs/GPU.md):
+#   bash benchmarks/run_gpu.sh PHASE [OUTDIR]
+# Phases:
+#   train  wiki-text8: text8_small vs the same-size Transformer for equal
+#          time; PTB: ptb_small_cpu vs its Transformer; (issues 3 and 6)
+#   multi  1 vs 2 GPUs: step losses (global batch 64) and scaling (batch 64
+#          per GPU), JAX and PyTorch (issue 7)
+#   speed  training throughput per backend and span setting, the adaptive
+#          softmax memory, fused vs portable loss curves (issues 4 and 6)
+# Settings: TRAIN_SECONDS (text8, default 150), PTB_SECONDS (60).
 set -u
-out=${1:-${OUT:-/tmp/out}}
+phase=${1:?phase: train, multi or speed}
+out=${2:-${OUT:-/tmp/out}}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
   --upgrade --target .site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD/.site:$PWD TF_CPP_MIN_LOG_LEVEL=3
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-step() {  # name, timeout, command...
+gpus=$(nvidia-smi -L | wc -l)
+T=${TRAIN_SECONDS:-150} P=${PTB_SECONDS:-60}
+
+step() {  # name, timeout, command...: output in $out/name.txt, summary here
   local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
   timeout "$limit" "$@" > "$out/$name.txt" 2>&1
-  echo "== $name rc=$?"; grep '^{' "$out/$name.txt" | tail -4 | cut -c1-700
-  grep -m3 -E 'Error|error:' "$out/$name.txt" | cut -c1-300
+  echo "== $name rc=$? $((SECONDS - t0)) s"
+  grep '^{' "$out/$name.txt" | tail -3 | cut -c1-900
+  grep -m3 -E 'Error|error:|Traceback' "$out/$name.txt" | cut -c1-300
 }
-tp="python3 benchmarks/throughput.py --preset enwik8_small --steps ${STEPS:-5} --warmup-steps 2 --record"
-for job in ${JOBS:-kcheck torch_fixed torch_adaptive jax_portable}; do
-  case $job in
-    kcheck) step kcheck 200 env KERAS_BACKEND=torch python3 benchmarks/triton_kernel_check.py --warmup 5 --rep 20 --no-sweep ;;
-    torch_fixed) step torch_fixed 150 env KERAS_BACKEND=torch $tp --span fixed:2048 --implementation fused ;;
-    torch_fixed1k) step torch_fixed1k 150 env KERAS_BACKEND=torch $tp --span fixed:1024 --implementation fused ;;
-    torch_adaptive) step torch_adaptive 150 env KERAS_BACKEND=torch $tp --span adaptive:1024 --implementation fused ;;
-    jax_portable) step jax_portable 150 env KERAS_BACKEND=jax $tp --span fixed:2048 --implementation portable ;;
-    jax_fused) step jax_fused 150 env KERAS_BACKEND=jax $tp --span fixed:2048 --implementation fused ;;
-  esac
-done
+lanes() {  # runs lane0 and lane1, in parallel where there are two GPUs
+  if [ "$gpus" -ge 2 ]; then
+    (CUDA_VISIBLE_DEVICES=0 lane0) & (CUDA_VISIBLE_DEVICES=1 lane1) & wait
+  else
+    lane0; lane1
+  fi
+}
+tp="python3 benchmarks/throughput.py --preset enwik8_small --steps ${STEPS:-6} --warmup-steps 2 --record"
+
+case $phase in
+train)
+  t8="python3 examples/train_text8.py --data .data/wiki-text8 --preset text8_small
+      --mixed-precision --steps 600 --time-budget $T --eval-every 50
+      --valid-tokens 262144"
+  ptb="python3 examples/train_ptb.py --data .data/ptb --steps 20000
+      --time-budget $P --eval-every 1000"
+  lane0() {
+    step text8_allattn 420 env KERAS_BACKEND=jax $t8 --output "$out/text8_allattn"
+    step ptb_allattn 200 env KERAS_BACKEND=jax $ptb --output "$out/ptb_allattn"
+  }
+  lane1() {
+    step text8_transformer 420 env KERAS_BACKEND=jax $t8 --transformer --output "$out/text8_transformer"
+    step ptb_transformer 200 env KERAS_BACKEND=jax $ptb --transformer --output "$out/ptb_transformer"
+  }
+  lanes ;;
+multi)
+  lm="python3 benchmarks/loss_match.py --compare devices --steps 50 --record
+      --data .data/enwik8-head/enwik8-head.txt.xz --implementation fused"
+  sc="python3 benchmarks/scaling.py --preset enwik8_small --batch-per-device 64
+      --steps 8 --warmup-steps 2 --implementation fused --record"
+  step jax_loss_match 300 env KERAS_BACKEND=jax $lm --devices 2 --plot "$out/jax_loss_match.png"
+  step torch_loss_1gpu 150 env KERAS_BACKEND=torch $lm --save /tmp/one_gpu
+  step torch_loss_2gpu 150 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 $lm --reference /tmp/one_gpu --plot "$out/torch_loss_match.png"
+  step torch_scaling_1 120 env KERAS_BACKEND=torch $sc
+  step torch_scaling_2 120 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 $sc
+  step jax_scaling 300 env KERAS_BACKEND=jax $sc --devices 1,2 ;;
+speed)
+  lane0() {
+    step jax_fixed 200 env KERAS_BACKEND=jax $tp --span fixed:2048 --implementation fused
+    step jax_adaptive 200 env KERAS_BACKEND=jax $tp --span adaptive:1024 --implementation fused
+    step jax_fixed1k 200 env KERAS_BACKEND=jax $tp --span fixed:1024 --implementation fused
+    step jax_portable 200 env KERAS_BACKEND=jax $tp --span fixed:2048 --implementation portable
+  }
+  lane1() {
+    step torch_fixed 150 env KERAS_BACKEND=torch $tp --span fixed:2048 --implementation fused
+    step torch_adaptive 150 env KERAS_BACKEND=torch $tp --span adaptive:1024 --implementation fused
+    step torch_fixed1k 150 env KERAS_BACKEND=torch $tp --span fixed:1024 --implementation fused
+    step softmax_memory 200 env KERAS_BACKEND=torch python3 benchmarks/adaptive_softmax_memory.py --record
+    step torch_fused_vs_portable 240 env KERAS_BACKEND=torch python3 benchmarks/loss_match.py \
+      --compare implementations --steps 200 --layers 6 --batch-size 32 \
+      --data .data/enwik8-head/enwik8-head.txt.xz --record --plot "$out/torch_fused_vs_portable.png"
+  }
+  lanes ;;
+*) echo "unknown phase $phase: train, multi or speed"; exit 2 ;;
+esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"

@@ -71,6 +71,7 @@ def parse_args():
     parser.add_argument("--implementation", default="auto",
                         choices=["auto", "portable", "fused"])
     parser.add_argument("--remat", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--jit-compile", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--cpu-devices", type=int,
                         help="split the CPU into this many devices (smoke check)")
     parser.add_argument("--record", action="store_true")

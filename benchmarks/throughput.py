@@ -55,6 +55,11 @@ def parse_args():
                         choices=["auto", "portable", "fused"])
     parser.add_argument("--remat", choices=["auto", "on", "off"], default="auto",
                         help="auto: on for the portable path only")
+    parser.add_argument("--jit-compile", choices=["auto", "on", "off"],
+                        default="auto",
+                        help="compile's jit_compile; auto: on except on "
+                        "PyTorch, where torch.compile recompiles the "
+                        "functional model's call many times")
     parser.add_argument("--compare-transformer", action="store_true",
                         help="also time the Transformer baseline (12 layers, "
                         "feed-forward 2048, no persistent vectors)")
@@ -150,9 +155,15 @@ def build(args, transformer):
         # With an adaptive softmax the model computes its own loss.
         loss=None if model.adaptive_softmax is not None else
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=True,
+        jit_compile=jit_compile(args),
     )
     return model, config, remat
+
+
+def jit_compile(args):
+    if args.jit_compile == "auto":
+        return keras.backend.backend() != "torch"
+    return args.jit_compile == "on"
 
 
 def measure(args, transformer=False):
@@ -185,6 +196,7 @@ def measure(args, transformer=False):
         "dtype_policy": args.dtype,
         "implementation": args.implementation,
         "remat": remat,
+        "jit_compile": model.jit_compile,
         "batch_size": batch,
         "block_size": block,
         "num_layers": model.num_layers,
@@ -211,7 +223,8 @@ def record(result):
         f"(mean {result['mean_span']}), batch {result['batch_size']}, block "
         f"{result['block_size']}, layers {result['num_layers']}, "
         f"{result['dtype_policy']}, implementation {result['implementation']}, "
-        f"remat {result['remat']}, dropout {result['dropout']} |\n"
+        f"remat {result['remat']}, jit_compile {result['jit_compile']}, "
+        f"dropout {result['dropout']} |\n"
     )
     with open(path, "a") as f:
         f.write(row)

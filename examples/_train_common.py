@@ -43,6 +43,7 @@ from keras_allattn.training import latest_checkpoint
 from keras_allattn.training import optimizer_from_recipe
 from keras_allattn.training import restore_training
 from keras_allattn.training import scale_recipe
+from keras_allattn.utils import device_name
 
 # What is reported at each level: the metric name and the training metric.
 METRICS = {
@@ -87,6 +88,24 @@ def parse_args(doc, default_preset, data_help):
         "--eval-every", type=int, default=0,
         help="steps between two exact validations (an epoch of the progress "
         "bar; default: half the run, at most 1000)",
+    )
+    parser.add_argument(
+        "--time-budget", type=float,
+        help="stop training after this many seconds of training steps "
+        "(compilation and validation not counted); --steps stays the "
+        "schedule's length",
+    )
+    parser.add_argument(
+        "--valid-tokens", type=int,
+        help="score only the first N validation tokens at each --eval-every "
+        "(the learning curve); the final validation and test always score "
+        "the whole splits",
+    )
+    parser.add_argument(
+        "--transformer", action="store_true",
+        help="train the Transformer baseline of the same size instead: no "
+        "persistent vectors, a feed-forward sublayer of width "
+        "persistent_memory_size in every layer (same parameter count)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -172,6 +191,47 @@ class StopAtStep(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class TrainingClock(keras.callbacks.Callback):
+    """Training time, the learning curve, and an optional time budget.
+
+    Only the time inside training steps counts (from a step's start to its
+    end, the first step, which compiles, excluded), so that two models
+    compared "for equal time" get the same time to learn whatever their
+    compilation and validation cost. At every epoch end (after
+    `StreamValidation`, which must come first in the callback list) it
+    appends `{"step", "train_seconds", <validation metric>}` to `curve`.
+
+    Args:
+        budget: None, or seconds of training after which `fit` stops.
+        metric: the validation log to record (e.g. "val_bits_per_character").
+    """
+
+    def __init__(self, budget=None, metric=None):
+        super().__init__()
+        self.budget, self.metric = budget, metric
+        self.elapsed, self.steps, self.curve = 0.0, 0, []
+        self._begin = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._begin = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        if self.steps > 1:
+            self.elapsed += time.perf_counter() - self._begin
+        if self.budget is not None and self.elapsed >= self.budget:
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs and self.metric in logs:
+            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            self.curve.append({
+                "step": step,
+                "train_seconds": round(self.elapsed, 1),
+                self.metric: float(logs[self.metric]),
+            })
+
+
 class Throughput(keras.callbacks.Callback):
     """Training tokens per second, from one step's start to the next's.
 
@@ -234,6 +294,9 @@ def train(corpus, args):
                 "--output with --distribute needs JAX on one host: elsewhere "
                 "a checkpoint would hold the segment memory of one replica"
             )
+    if args.transformer:
+        persistent = get_preset(args.preset)["model"]["persistent_memory_size"]
+        overrides.update(persistent_memory_size=0, feedforward_dim=persistent)
     model = AllAttentionLM.from_preset(args.preset, **overrides)
     if plan:
         plan.check_model(model)
@@ -283,8 +346,12 @@ def train(corpus, args):
 
     # === Training: one progress-bar epoch per validation ===
     epoch_steps = args.eval_every or max(1, min(1000, steps // 2))
-    validation = StreamValidation(corpus.valid, metric)
+    curve_tokens = (
+        corpus.valid[: args.valid_tokens] if args.valid_tokens else corpus.valid
+    )
+    validation = StreamValidation(curve_tokens, metric)
     throughput = Throughput(global_batch_size * model.block_size)
+    clock = TrainingClock(args.time_budget, f"val_{metric}")
     trainer = None
     if plan and not plan.uses_fit:
         # torch DDP, TF multi-worker: `fit` cannot run there.
@@ -298,6 +365,7 @@ def train(corpus, args):
             validation,
             throughput,
         ]
+        callbacks.append(clock)
         if args.output:
             callbacks += [
                 TrainingCheckpoint(checkpoints, epoch_steps, dataset),
@@ -327,7 +395,11 @@ def train(corpus, args):
 
     # === Exact evaluation: every token once, memory carried ===
     iterations = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
-    if validation.results and validation.results[-1][0] == iterations:
+    if (
+        validation.results
+        and validation.results[-1][0] == iterations
+        and not args.valid_tokens
+    ):
         valid = validation.results[-1][1]
     else:
         valid = evaluate_stream(model, corpus.valid, batch_size=8)
@@ -341,20 +413,26 @@ def train(corpus, args):
     )
     if plan and plan.process_index:
         return
-    print(
-        json.dumps(
-            {
-                "corpus": corpus.name,
-                "backend": keras.backend.backend(),
-                "preset": args.preset,
-                "steps": steps,
-                "devices": plan.num_replicas if plan else 1,
-                "global_batch_size": global_batch_size,
-                f"valid_{metric}": round(valid[key], digits),
-                f"test_{metric}": round(test[key], digits),
-                "train_tokens_per_s": (
-                    None if tokens_per_s is None else round(tokens_per_s)
-                ),
-            }
-        )
-    )
+    result = {
+        "corpus": corpus.name,
+        "backend": keras.backend.backend(),
+        "device": device_name(),
+        "preset": args.preset,
+        "model": "transformer" if args.transformer else "all-attention",
+        "parameters": trainable,
+        "steps": iterations,
+        "train_seconds": round(clock.elapsed, 1),
+        "devices": plan.num_replicas if plan else 1,
+        "global_batch_size": global_batch_size,
+        f"valid_{metric}": round(valid[key], digits),
+        f"test_{metric}": round(test[key], digits),
+        "train_tokens_per_s": (
+            None if tokens_per_s is None else round(tokens_per_s)
+        ),
+    }
+    if args.output:
+        # The learning curve for benchmarks/plot_curves.py.
+        os.makedirs(args.output, exist_ok=True)
+        with open(os.path.join(args.output, "curve.json"), "w") as f:
+            json.dump({"metric": metric, "result": result, "curve": clock.curve}, f)
+    print(json.dumps(result))

@@ -1,0 +1,240 @@
+"""Per-step training losses of two setups from the same weights on real text.
+
+Trains AllAttentionLM twice from identical initial weights on the same
+contiguous streams of a real corpus (the preset's recipe optimizer, fitted
+to the run: warm-up over a tenth of it) and compares the loss of every
+step. One JSON line per comparison: the largest and mean relative
+difference of the step losses, the first and last losses of each run.
+
+- `--compare implementations`: the fused kernels (`implementation="fused"`,
+  Pallas on JAX, Triton on PyTorch) against the portable `keras.ops` path,
+  one process:
+
+      KERAS_BACKEND=jax python benchmarks/loss_match.py --compare implementations \\
+          --data ../shared/data/enwik8-head/enwik8-head.txt.xz --steps 200 --layers 6
+
+- `--compare devices`: one device with the global batch against N devices
+  data parallel with the same global batch (the segment memory sharded with
+  the rows). JAX: both in one process (`--devices N`). PyTorch: first the
+  one-device run, which saves its initial weights and losses, then the
+  torchrun launch, which loads them and compares:
+
+      KERAS_BACKEND=jax python benchmarks/loss_match.py --compare devices --devices 2
+      KERAS_BACKEND=torch python benchmarks/loss_match.py --compare devices \\
+          --save /tmp/one_gpu
+      KERAS_BACKEND=torch torchrun --nproc_per_node 2 benchmarks/loss_match.py \\
+          --compare devices --reference /tmp/one_gpu
+
+Dropout is off (`--dropout 0`), so the two runs differ only by the
+arithmetic (kernel, or the split of the batch and the gradient all-reduce).
+`--record` appends a row to benchmarks/RESULTS.md; `--plot PNG` draws both
+loss curves.
+"""
+
+import argparse
+import datetime
+import json
+import lzma
+import os
+import pathlib
+
+import keras
+import numpy as np
+
+import throughput
+from _common import commit
+from _common import device_name
+from keras_allattn.data import StreamBatcher
+from keras_allattn.distribution import DataParallelTrainer
+from keras_allattn.distribution import plan_data_parallel
+from keras_allattn.distribution import use_virtual_cpu_devices
+from keras_allattn.presets import get_preset
+from keras_allattn.training import optimizer_from_recipe
+from keras_allattn.training import scale_recipe
+
+RESULTS = pathlib.Path(__file__).parent / "RESULTS.md"
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compare", required=True,
+                        choices=["implementations", "devices"])
+    parser.add_argument("--data", default="../shared/data/enwik8-head/enwik8-head.txt.xz",
+                        help="a byte-level corpus file (.xz allowed)")
+    parser.add_argument("--preset", default="enwik8_small")
+    parser.add_argument("--span", default="fixed:2048")
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch")
+    parser.add_argument("--block-size", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--dtype", default="mixed_bfloat16")
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--implementation", default="auto",
+                        choices=["auto", "portable", "fused"],
+                        help="--compare devices: the attention path of both runs")
+    parser.add_argument("--remat", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--jit-compile", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--devices", type=int, default=2,
+                        help="JAX --compare devices: the device count to compare")
+    parser.add_argument("--cpu-devices", type=int,
+                        help="split the CPU into this many devices (smoke check)")
+    parser.add_argument("--save", help="torch, one process: save weights and losses here")
+    parser.add_argument("--reference", help="torch under torchrun: the --save folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", help="write both loss curves to this PNG")
+    parser.add_argument("--record", action="store_true")
+    return parser.parse_args()
+
+
+def read_tokens(path):
+    opener = lzma.open if path.endswith(".xz") else open
+    with opener(path, "rb") as f:
+        return np.frombuffer(f.read(), np.uint8).astype(np.int32)
+
+
+def build(args, implementation, batch_size, weights):
+    """The model and optimizer; `weights` None keeps the seeded init."""
+    keras.utils.set_random_seed(args.seed)
+    run_args = argparse.Namespace(
+        **{**vars(args), "batch_size": batch_size, "implementation": implementation}
+    )
+    model, config, remat = throughput.build(run_args, transformer=False)
+    if weights is not None:  # the trainable ones: the memory is per replica
+        for variable, value in zip(model.trainable_weights, weights):
+            variable.assign(value)
+    recipe = scale_recipe(get_preset(args.preset)["recipe"], args.steps)
+    model.compile(
+        optimizer=optimizer_from_recipe(recipe),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=throughput.jit_compile(args),
+    )
+    return model, config
+
+
+def train(model, plan, batcher, steps):
+    """The loss of every step (the global mean over the replicas)."""
+    if plan is not None and not plan.uses_fit or keras.backend.backend() == "torch":
+        return DataParallelTrainer(model, plan).train(batcher, steps)
+    # One step per epoch: the logged loss of an epoch is that step's.
+    history = model.fit(batcher.as_dataset(), steps_per_epoch=1, epochs=steps,
+                        verbose=0)
+    return [float(v) for v in history.history["loss"]]
+
+
+def run(args, tokens, implementation, devices=None, weights=None):
+    """(losses, initial weights, settings) of one training run."""
+    config = dict(get_preset(args.preset)["model"], batch_size=args.batch_size)
+    plan = None
+    if devices is not None or keras.backend.backend() == "torch":
+        plan = plan_data_parallel(config, devices=devices)
+        plan.activate()
+    batch = plan.model_batch_size if plan else args.batch_size
+    model, config = build(args, implementation, batch, weights)
+    if plan:
+        plan.check_model(model)
+    initial = [keras.ops.convert_to_numpy(v) for v in model.trainable_weights]
+    batcher = StreamBatcher(tokens, args.batch_size, config["block_size"], seed=args.seed)
+    if plan:
+        batcher = plan.shard(batcher)
+    losses = train(model, plan, batcher, args.steps)
+    replicas = plan.num_replicas if plan else 1
+    del model
+    keras.backend.clear_session()
+    return losses, initial, replicas, config
+
+
+def compare(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    rel = np.abs(a - b) / np.abs(a)
+    return float(rel.max()), float(rel.mean())
+
+
+def report(args, names, runs, config):
+    (name_a, losses_a), (name_b, losses_b) = zip(names, runs)
+    worst, mean = compare(losses_a, losses_b)
+    result = {
+        "benchmark": "loss_match",
+        "compare": f"{name_a} vs {name_b}",
+        "backend": keras.backend.backend(),
+        "device": device_name(),
+        "steps": args.steps,
+        "max_rel_diff": worst,
+        "mean_rel_diff": mean,
+        "first_losses": [round(losses_a[0], 4), round(losses_b[0], 4)],
+        "last_losses": [round(losses_a[-1], 4), round(losses_b[-1], 4)],
+        "settings": (
+            f"preset {args.preset}, layers {config['num_layers']}, span "
+            f"{args.span}, global batch {args.batch_size}, block "
+            f"{config['block_size']}, {args.dtype}, dropout {args.dropout}, "
+            f"{os.path.basename(args.data)}"
+        ),
+    }
+    print(json.dumps(result), flush=True)
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, losses in ((name_a, losses_a), (name_b, losses_b)):
+            ax.plot(np.arange(1, len(losses) + 1), losses, label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (nats)")
+        ax.set_title(f"{result['backend']}, max rel. diff {worst:.1e}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=110)
+    if args.record:
+        with open(RESULTS, "a") as f:
+            f.write(
+                f"| {datetime.date.today()} | loss_match {result['compare']} | "
+                f"{result['device']} | {result['backend']} | {commit()} | step "
+                f"losses over {args.steps} steps: max rel. diff {worst:.2e}, mean "
+                f"{mean:.2e}; last {result['last_losses'][0]} / "
+                f"{result['last_losses'][1]} | {result['settings']} |\n"
+            )
+
+
+def main():
+    args = parse_args()
+    if args.cpu_devices:
+        use_virtual_cpu_devices(args.cpu_devices)
+    tokens = read_tokens(args.data)
+    backend = keras.backend.backend()
+    if args.compare == "implementations":
+        first, initial, _, config = run(args, tokens, "portable")
+        second, _, _, _ = run(args, tokens, "fused", weights=initial)
+        report(args, ["portable", "fused"], [first, second], config)
+    elif backend == "jax":
+        pool = keras.distribution.list_devices()
+        if len(pool) < args.devices:
+            raise SystemExit(f"--devices {args.devices}: only {len(pool)} devices")
+        first, initial, _, config = run(args, tokens, args.implementation, pool[:1])
+        second, _, n, _ = run(args, tokens, args.implementation,
+                              pool[: args.devices], weights=initial)
+        report(args, ["1 device", f"{n} devices"], [first, second], config)
+    elif backend == "torch" and args.reference is None:
+        if args.save is None:
+            raise SystemExit("torch --compare devices: pass --save (one process) "
+                             "or --reference (under torchrun)")
+        losses, initial, _, _ = run(args, tokens, args.implementation)
+        os.makedirs(args.save, exist_ok=True)
+        np.savez(os.path.join(args.save, "weights.npz"), *initial)
+        with open(os.path.join(args.save, "losses.json"), "w") as f:
+            json.dump(losses, f)
+        print(json.dumps({"saved": args.save, "losses": losses[:3] + losses[-3:]}))
+    elif backend == "torch":
+        with np.load(os.path.join(args.reference, "weights.npz")) as f:
+            initial = [f[f"arr_{i}"] for i in range(len(f.files))]
+        with open(os.path.join(args.reference, "losses.json")) as f:
+            reference = json.load(f)
+        losses, _, n, config = run(args, tokens, args.implementation, weights=initial)
+        if int(os.environ.get("RANK", "0")) == 0:
+            report(args, ["1 device", f"{n} devices"], [reference, losses], config)
+    else:
+        raise SystemExit("--compare devices runs on JAX or PyTorch")
+
+
+if __name__ == "__main__":
+    main()
