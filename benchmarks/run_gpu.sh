@@ -51,14 +51,15 @@ train)
   ptb="python3 examples/train_ptb.py --data .data/ptb --steps 20000
       --time-budget $P --eval-every 1000"
   lane0() {
-    step text8_allattn 420 env KERAS_BACKEND=jax $t8 --output "$out/text8_allattn"
-    step ptb_allattn 200 env KERAS_BACKEND=jax $ptb --output "$out/ptb_allattn"
+    step text8_allattn 380 env KERAS_BACKEND=jax $t8 --output "$out/text8_allattn"
+    step ptb_allattn 170 env KERAS_BACKEND=jax $ptb --output "$out/ptb_allattn"
   }
   lane1() {
-    step text8_transformer 420 env KERAS_BACKEND=jax $t8 --transformer --output "$out/text8_transformer"
-    step ptb_transformer 200 env KERAS_BACKEND=jax $ptb --transformer --output "$out/ptb_transformer"
+    step text8_transformer 380 env KERAS_BACKEND=jax $t8 --transformer --output "$out/text8_transformer"
+    step ptb_transformer 170 env KERAS_BACKEND=jax $ptb --transformer --output "$out/ptb_transformer"
   }
-  lanes ;;
+  lanes
+  rm -rf "$out"/*/checkpoints ;;  # weights: too large to bring back
 multi)
   lm="python3 benchmarks/loss_match.py --compare devices --steps 50 --record
       --data .data/enwik8-head/enwik8-head.txt.xz --implementation fused"
