@@ -8,12 +8,13 @@
 #   bash benchmarks/run_gpu.sh PHASE [OUTDIR]
 # Phases:
 #   train  wiki-text8: text8_small vs the same-size Transformer for equal
-#          time; PTB: ptb_small_cpu vs its Transformer; (issues 3 and 6)
+#          time; PTB: ptb_small_cpu vs its Transformer (issues 3 and 6);
+#          JAX throughput at adaptive spans ~1024 and fixed 1024 (issue 4)
 #   multi  1 vs 2 GPUs: step losses (global batch 64) and scaling (batch 64
 #          per GPU), JAX and PyTorch (issue 7)
 #   speed  training throughput per backend and span setting, the adaptive
 #          softmax memory, fused vs portable loss curves (issues 4 and 6)
-# Settings: TRAIN_SECONDS (text8, default 150), PTB_SECONDS (60).
+# Settings: TRAIN_SECONDS (text8, default 110), PTB_SECONDS (45).
 set -u
 phase=${1:?phase: train, multi or speed}
 out=${2:-${OUT:-/tmp/out}}
@@ -24,7 +25,7 @@ export PYTHONPATH=$PWD/.site:$PWD TF_CPP_MIN_LOG_LEVEL=3
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 gpus=$(nvidia-smi -L | wc -l)
-T=${TRAIN_SECONDS:-150} P=${PTB_SECONDS:-60}
+T=${TRAIN_SECONDS:-110} P=${PTB_SECONDS:-45}
 
 step() {  # name, timeout, command...: output in $out/name.txt, summary here
   local name=$1 limit=$2; shift 2
@@ -46,17 +47,19 @@ tp="python3 benchmarks/throughput.py --preset enwik8_small --steps ${STEPS:-6} -
 case $phase in
 train)
   t8="python3 examples/train_text8.py --data .data/wiki-text8 --preset text8_small
-      --mixed-precision --steps 600 --time-budget $T --eval-every 50
-      --valid-tokens 262144"
+      --mixed-precision --steps 600 --time-budget $T --eval-every 100
+      --valid-tokens 131072"
   ptb="python3 examples/train_ptb.py --data .data/ptb --steps 20000
       --time-budget $P --eval-every 1000"
   lane0() {
-    step text8_allattn 380 env KERAS_BACKEND=jax $t8 --output "$out/text8_allattn"
-    step ptb_allattn 170 env KERAS_BACKEND=jax $ptb --output "$out/ptb_allattn"
+    step text8_allattn 330 env KERAS_BACKEND=jax $t8 --output "$out/text8_allattn"
+    step ptb_allattn 130 env KERAS_BACKEND=jax $ptb --output "$out/ptb_allattn"
+    step jax_adaptive 140 env KERAS_BACKEND=jax $tp --span adaptive:1024 --implementation fused
   }
   lane1() {
-    step text8_transformer 380 env KERAS_BACKEND=jax $t8 --transformer --output "$out/text8_transformer"
-    step ptb_transformer 170 env KERAS_BACKEND=jax $ptb --transformer --output "$out/ptb_transformer"
+    step text8_transformer 330 env KERAS_BACKEND=jax $t8 --transformer --output "$out/text8_transformer"
+    step ptb_transformer 130 env KERAS_BACKEND=jax $ptb --transformer --output "$out/ptb_transformer"
+    step jax_fixed1k 140 env KERAS_BACKEND=jax $tp --span fixed:1024 --implementation fused
   }
   lanes
   rm -rf "$out"/*/checkpoints ;;  # weights: too large to bring back
@@ -65,12 +68,12 @@ multi)
       --data .data/enwik8-head/enwik8-head.txt.xz --implementation fused"
   sc="python3 benchmarks/scaling.py --preset enwik8_small --batch-per-device 64
       --steps 8 --warmup-steps 2 --implementation fused --record"
-  step jax_loss_match 300 env KERAS_BACKEND=jax $lm --devices 2 --plot "$out/jax_loss_match.png"
-  step torch_loss_1gpu 150 env KERAS_BACKEND=torch $lm --save /tmp/one_gpu
-  step torch_loss_2gpu 150 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 $lm --reference /tmp/one_gpu --plot "$out/torch_loss_match.png"
-  step torch_scaling_1 120 env KERAS_BACKEND=torch $sc
-  step torch_scaling_2 120 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 $sc
-  step jax_scaling 300 env KERAS_BACKEND=jax $sc --devices 1,2 ;;
+  step jax_loss_match 200 env KERAS_BACKEND=jax $lm --devices 2 --plot "$out/jax_loss_match.png"
+  step torch_loss_1gpu 80 env KERAS_BACKEND=torch $lm --save /tmp/one_gpu
+  step torch_loss_2gpu 80 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 $lm --reference /tmp/one_gpu --plot "$out/torch_loss_match.png"
+  step torch_scaling_1 90 env KERAS_BACKEND=torch $sc
+  step torch_scaling_2 90 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 $sc
+  step jax_scaling 200 env KERAS_BACKEND=jax $sc --devices 1,2 ;;
 speed)
   lane0() {
     step jax_fixed 200 env KERAS_BACKEND=jax $tp --span fixed:2048 --implementation fused

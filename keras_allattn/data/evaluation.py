@@ -2,6 +2,7 @@
 
 import math
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -24,9 +25,13 @@ def evaluate_stream(model, tokens, batch_size=8, block_size=None):
     dropped and none is scored twice (the reference, in contrast, drops the
     last partial block of every row).
 
-    The model is called eagerly once per block; the negative log-likelihood
-    is reduced to one number per token on the device, and only those come
-    back to the host, where they are summed in float64.
+    One call per block: for a Keras model a compiled function of the
+    model's weights (`jax.jit` on JAX, `tf.function` with XLA on
+    TensorFlow; eager under `torch.no_grad()` on PyTorch), compiled once
+    per block shape and attended spans; for any other object an eager call
+    of `call_with_memory`. The negative log-likelihood is reduced to one
+    number per token on the device, and only those come back to the host,
+    where they are summed in float64.
 
     Args:
         model: an object with `call_with_memory(tokens, memories) ->
@@ -100,17 +105,89 @@ def evaluate_stream(model, tokens, batch_size=8, block_size=None):
 def _score_streams(model, input_rows, target_rows, memories, block_size):
     """Runs the rows block by block; returns (nll sum, count, memories)."""
     total, count = 0.0, 0
+    score = _block_scorer(model)
     for start in range(0, input_rows.shape[1], block_size):
         block_inputs = input_rows[:, start : start + block_size]
         block_targets = target_rows[:, start : start + block_size]
-        logits, memories = model.call_with_memory(
-            ops.convert_to_tensor(block_inputs, "int32"), memories
+        _check_targets(getattr(model, "vocabulary_size", None), block_targets)
+        nll, memories = score(
+            ops.convert_to_tensor(block_inputs, "int32"),
+            ops.convert_to_tensor(block_targets, "int32"),
+            list(memories),
         )
-        memories = list(memories)
-        nll = _token_nll(logits, block_targets)
+        nll = ops.convert_to_numpy(nll)
         total += float(np.sum(nll, dtype=np.float64))
         count += nll.size
     return total, count, memories
+
+
+def _check_targets(vocabulary, targets):
+    """Raises if a target id lies outside `vocabulary` (None: unknown)."""
+    if vocabulary is not None and targets.size and targets.max() >= vocabulary:
+        raise ValueError(
+            f"Token id {targets.max()} is outside the model's vocabulary of "
+            f"{vocabulary} symbols. Received: tokens with ids up to "
+            f"{targets.max()}"
+        )
+
+
+def _block_scorer(model):
+    """`score(tokens, targets, memories) -> (nll per token, new memories)`.
+
+    Compiled for a Keras model (see `evaluate_stream`), kept per model and
+    attended spans (compiled code bakes the attended lengths in).
+    """
+
+    def score(tokens, targets, memories):
+        logits, memories = model.call_with_memory(tokens, memories)
+        return _token_nll(logits, targets), list(memories)
+
+    def eager(tokens, targets, memories):
+        logits, memories = model.call_with_memory(tokens, memories)
+        _check_targets(logits.shape[-1], ops.convert_to_numpy(targets))
+        return _token_nll(logits, targets), list(memories)
+
+    backend = keras.backend.backend()
+    if not isinstance(model, keras.Model):
+        return eager
+    if backend == "torch":
+        import torch
+
+        def no_grad(*args):
+            with torch.no_grad():
+                return score(*args)
+
+        return no_grad
+    cache = model.__dict__.get("_evaluation_functions")
+    if cache is None:
+        cache = {}
+        object.__setattr__(model, "_evaluation_functions", cache)
+    spans = getattr(model, "attended_spans", lambda: ())
+    key = tuple(spans())
+    if key not in cache:
+        cache.clear()
+        cache[key] = _compile(model, score, backend)
+    return cache[key]
+
+
+def _compile(model, score, backend):
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(score, jit_compile=True)
+    import jax
+
+    variables = list(model.variables)
+
+    @jax.jit
+    def stateless(values, tokens, targets, memories):
+        with keras.StatelessScope(state_mapping=zip(variables, values)):
+            return score(tokens, targets, memories)
+
+    def run(tokens, targets, memories):
+        return stateless([v.value for v in variables], tokens, targets, memories)
+
+    return run
 
 
 def _token_nll(logits, targets):
@@ -118,27 +195,19 @@ def _token_nll(logits, targets):
 
     Args:
         logits: `(batch, length, vocabulary)` tensor.
-        targets: `(batch, length)` int numpy array.
+        targets: `(batch, length)` int32 tensor.
 
     Returns:
-        A float32 numpy array of shape `(batch, length)`.
+        A float32 tensor of shape `(batch, length)`.
     """
-    shape = tuple(ops.shape(logits))
-    expected = targets.shape
+    shape = tuple(logits.shape)
+    expected = tuple(targets.shape)
     if len(shape) != 3 or shape[:2] != expected:
         raise ValueError(
             "`model.call_with_memory` must return logits of shape "
             f"(batch, length, vocabulary) = {expected + ('V',)}. "
             f"Received: logits with shape {shape}"
         )
-    if targets.size and targets.max() >= int(shape[2]):
-        raise ValueError(
-            f"Token id {targets.max()} is outside the model's vocabulary of "
-            f"{shape[2]} symbols. Received: logits with shape {shape}"
-        )
     logits = ops.cast(logits, "float32")
-    picked = ops.take_along_axis(
-        logits, ops.convert_to_tensor(targets[..., None], "int32"), axis=-1
-    )
-    nll = ops.logsumexp(logits, axis=-1) - picked[..., 0]
-    return ops.convert_to_numpy(nll)
+    picked = ops.take_along_axis(logits, targets[..., None], axis=-1)
+    return ops.logsumexp(logits, axis=-1) - picked[..., 0]
