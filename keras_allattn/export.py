@@ -19,16 +19,17 @@ with two signatures (tag "serve"); tokenisation stays outside the graph:
   that TF Serving's row format ("instances") and its request batching,
   which both split and join along the first axis, work.
 
-Both take any batch and any length. The graph reads each row by itself and
-its tokens in blocks: whole `block_size` blocks in a `tf.while_loop`, then
-the remainder in power-of-two pieces (`tf.cond`), because the attention
-code needs static batch and block lengths. Nothing is padded, so the result
-is exact. The graph holds plain TensorFlow ops (no XLA module), whatever
-backend trained the model: on TensorFlow it is traced in-process; from JAX
-or PyTorch the model is saved to a `.keras` file and exported by a
-subprocess running Keras on TensorFlow (torch cannot export a SavedModel
-without torch_xla; a JAX export would embed an `XlaCallModule` op whose
-shapes would have to be polymorphic).
+Both take any batch and any length. The whole batch is one computation
+(the graph is traced for an unknown batch size); its tokens are read in
+blocks: whole `block_size` blocks in a `tf.while_loop`, then the remainder
+in power-of-two pieces (`tf.cond`), because the attention code needs static
+block lengths. Nothing is padded, so the result is exact. The graph holds
+plain TensorFlow ops (no XLA module), whatever backend trained the model:
+on TensorFlow it is traced in-process; from JAX or PyTorch the model is
+saved to a `.keras` file and exported by a subprocess running Keras on
+TensorFlow (torch cannot export a SavedModel without torch_xla; a JAX
+export would embed an `XlaCallModule` op whose shapes would have to be
+polymorphic).
 """
 
 import os
@@ -123,18 +124,10 @@ def write_saved_model(model, export_dir):
         )
     model.update_span_trimming()
     layers, span, width = model.num_layers, model.max_span, model.hidden_dim
-    vocabulary = model.vocabulary_size
 
     def step(tokens, memories):
         tokens, memories = _checked(tokens, memories, model)
-        log_probs, memories = tf.map_fn(
-            lambda row: _read_row(model, row[0], row[1]),
-            (tokens, memories),
-            fn_output_signature=(
-                tf.TensorSpec([None, vocabulary], tf.float32),
-                tf.TensorSpec([layers, span, width], tf.float32),
-            ),
-        )
+        log_probs, memories = _read_tokens(model, tokens, memories)
         return {"log_probs": log_probs, "memories": memories}
 
     def serving_default(tokens):
@@ -184,59 +177,71 @@ def _checked(tokens, memories, model):
         return tf.identity(tokens), tf.identity(memories)
 
 
-def _read_row(model, tokens, memories):
-    """One row's log-probabilities `(T, V)` and next memories `(layers, L, d)`.
+def _read_tokens(model, tokens, memories):
+    """Log-probabilities `(B, T, V)` and next memories `(B, layers, L, d)`.
 
-    Whole blocks of `block_size` tokens in a while loop, then the remainder
-    in descending powers of two, each a static length.
+    The batch is read at once, its tokens in whole blocks of `block_size`
+    in a while loop, then the remainder in descending powers of two, each a
+    static length; the batch size may be unknown.
     """
     import tensorflow as tf
 
     block = model.block_size
     vocabulary = model.vocabulary_size
-    tokens = tokens[None]  # (1, T)
-    memories = memories[None]  # (1, layers, L, d)
-    length = tf.shape(tokens)[1]
-    blocks = length // block
+    batch = tf.shape(tokens)[0]
+    blocks = tf.shape(tokens)[1] // block
 
     def read_block(i, memories, outputs):
-        piece = tf.reshape(tokens[:, i * block : (i + 1) * block], [1, block])
+        piece = tf.reshape(tokens[:, i * block : (i + 1) * block], [-1, block])
         log_probs, memories = _read(model, piece, memories)
         return i + 1, memories, outputs.write(i, log_probs)
 
     outputs = tf.TensorArray(
-        tf.float32, size=blocks, element_shape=[block, vocabulary]
+        tf.float32, size=blocks, element_shape=[None, block, vocabulary]
     )
     _, memories, outputs = tf.while_loop(
         lambda i, *_: i < blocks, read_block, (0, memories, outputs)
     )
-    pieces = [tf.reshape(outputs.stack(), [-1, vocabulary])]
+
+    def gather_blocks():  # (blocks, B, M, V) -> (B, blocks * M, V)
+        stacked = tf.transpose(outputs.stack(), [1, 0, 2, 3])
+        return tf.reshape(stacked, [batch, blocks * block, vocabulary])
+
+    # An empty TensorArray whose element shape is not fully known (the
+    # batch) cannot be stacked: no whole block, no stacking.
+    pieces = [
+        tf.cond(
+            blocks > 0, gather_blocks,
+            lambda: tf.zeros([batch, 0, vocabulary]),
+        )
+    ]
     start = blocks * block
     for size in [2**k for k in reversed(range((block - 1).bit_length()))]:
         log_probs, memories, start = _read_piece(
             model, tokens, memories, start, size
         )
         pieces.append(log_probs)
-    return tf.concat(pieces, axis=0), memories[0]
+    return tf.concat(pieces, axis=1), memories
 
 
 def _read_piece(model, tokens, memories, start, size):
-    """Reads `size` tokens from `start` if that many are left."""
+    """Reads `size` tokens of every row from `start` if that many are left."""
     import tensorflow as tf
 
     def read():
-        piece = tf.reshape(tokens[:, start : start + size], [1, size])
+        piece = tf.reshape(tokens[:, start : start + size], [-1, size])
         log_probs, next_memories = _read(model, piece, memories)
         return log_probs, next_memories, start + size
 
     def skip():
-        return tf.zeros([0, model.vocabulary_size]), memories, start
+        batch = tf.shape(tokens)[0]
+        return tf.zeros([batch, 0, model.vocabulary_size]), memories, start
 
     return tf.cond(tf.shape(tokens)[1] - start >= size, read, skip)
 
 
 def _read(model, tokens, memories):
-    """`call_with_memory` on float32 stacked memories; log-probs `(M, V)`."""
+    """`call_with_memory` on float32 stacked memories; log-probs `(B, M, V)`."""
     import tensorflow as tf
 
     dtype = model.segment_memories[0].compute_dtype
@@ -246,7 +251,7 @@ def _read(model, tokens, memories):
     logits, layer_memories = model.call_with_memory(tokens, layer_memories)
     log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32))
     memories = tf.cast(tf.stack(layer_memories, axis=1), tf.float32)
-    return log_probs[0], memories
+    return log_probs, memories
 
 
 def write_models_config(path, serving_base_path="/models"):

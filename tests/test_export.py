@@ -142,6 +142,27 @@ def test_signatures(loaded):
     assert set(step.structured_outputs) == {"log_probs", "memories"}
 
 
+def test_a_batch_is_one_computation(exported, loaded):
+    """No loop over rows: one while loop (over blocks), batched ops inside.
+
+    A batch gives every row what that row gets alone, for any batch size.
+    """
+    for name in ("serving_default", "step"):
+        graph = loaded.signatures[name].graph.as_graph_def()
+        ops = [node.op for function in graph.library.function
+               for node in function.node_def] + [node.op for node in graph.node]
+        assert ops.count("While") + ops.count("StatelessWhile") == 1, name
+        assert "TensorListFromTensor" not in ops, name  # rows unstacked
+    tokens = exported["tokens"]
+    default = loaded.signatures["serving_default"]
+    batch = default(tokens=tf.constant(tokens))["log_probs"].numpy()
+    for i in range(len(tokens)):
+        row = default(tokens=tf.constant(tokens[i : i + 1]))["log_probs"]
+        assert reference.relative_error(row.numpy(), batch[i : i + 1]) < 1e-5
+    empty = default(tokens=tf.zeros([0, 5], tf.int32))["log_probs"]
+    assert empty.shape == (0, 5, V)
+
+
 def test_saved_model_cli_show_and_run(exported, tmp_path):
     cli = str(BIN / "saved_model_cli")
     shown = run([cli, "show", "--dir", exported["dir"], "--all"])

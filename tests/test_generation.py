@@ -65,17 +65,12 @@ def test_incremental_logits_equal_one_pass(rng, overrides):
     model = make_model(rng, **overrides)
     tokens = rng.integers(0, V, (B, 2 * L - 3)).astype("int32")
     expected = one_pass_logits(model, tokens)
-    # The samplers' `next` (eager), and a compiled length-1 step (an index
-    # argument would be a compile-time constant to XLA: one compile per step).
+    # The samplers' `next` (uncompiled), and the compiled length-1 step (on
+    # PyTorch through `torch.compile`).
     next = generation.next_function(model)
-
-    def step(token, cache):
-        logits, memories = model.call_with_memory(
-            token, generation.unstack_memories(cache)
-        )
-        return logits[:, 0], generation.stack_memories(memories)
-
-    compiled_step = generation.compile_function(model, step)
+    compiled_step = generation.compile_function(
+        model, generation.step_function(model)
+    )
     for compiled in (False, True):
         cache = generation.stack_memories(model.initial_memories(B))
         steps = []
@@ -110,7 +105,11 @@ def test_prompts_of_different_lengths(rng):
         np.testing.assert_array_equal(row, argmax_by_hand(model, [prompt], 13)[0])
 
 
-def test_each_new_token_is_one_length_one_call(rng, monkeypatch):
+@pytest.mark.parametrize("torch_compile", [True, False], ids=["compiled", "eager"])
+def test_each_new_token_is_one_length_one_call(rng, monkeypatch, torch_compile):
+    if not torch_compile and backend() != "torch":
+        pytest.skip("TORCH_COMPILE only switches PyTorch")
+    monkeypatch.setattr(generation, "TORCH_COMPILE", torch_compile)
     model = make_model(rng)
     shapes = []
     call_with_memory = AllAttentionLM.call_with_memory
@@ -122,11 +121,51 @@ def test_each_new_token_is_one_length_one_call(rng, monkeypatch):
     monkeypatch.setattr(AllAttentionLM, "call_with_memory", spy)
     prompt = rng.integers(0, V, (B, 7)).astype("int32")
     model.generate(prompt, max_length=12)
-    # The prompt but its last token, in blocks; then length-1 steps only.
-    assert shapes[:2] == [(B, M), (B, 2)]
-    assert set(shapes[2:]) == {(B, 1)}
-    if backend() == "torch":  # eager: one call per new token
-        assert len(shapes[2:]) == 12 - 7
+    if backend() != "torch":
+        # Traced: the prompt but its last token, in blocks; then
+        # length-1 steps only.
+        assert shapes[:2] == [(B, M), (B, 2)]
+        assert set(shapes[2:]) == {(B, 1)}
+    elif torch_compile:
+        # Traced once each: a whole block of the prompt, and the step that
+        # reads the rest of the prompt and every new token.
+        assert shapes == [(B, M), (B, 1)]
+    else:
+        # Eager: one call per block, per remaining prompt token (6 - M of
+        # them) and per new token (12 - 7).
+        assert shapes == [(B, M)] + [(B, 1)] * (6 - M + 12 - 7)
+
+
+def test_torch_decoding_compiles_once(rng, monkeypatch):
+    """Decoding N tokens compiles the step once, not once per token."""
+    if backend() != "torch":
+        pytest.skip("torch.compile")
+    from torch._dynamo.utils import counters
+
+    model = make_model(rng)
+    prompt = rng.integers(0, V, (B, 7)).astype("int32")
+
+    def graphs_compiled_by(*args):
+        before = counters["stats"]["unique_graphs"]
+        out = model.generate(*args)
+        return counters["stats"]["unique_graphs"] - before, out
+
+    compiled, out = graphs_compiled_by(prompt, 16)
+    assert compiled == 2  # a whole prompt block and the step, for 9 tokens
+    np.testing.assert_array_equal(out, argmax_by_hand(model, prompt, 16))
+    # More tokens and another prompt length: the same two graphs.
+    assert graphs_compiled_by(prompt[:, :6], 23)[0] == 0
+    # The weights are inputs of the graphs, not constants: new values count.
+    embeddings = model.token_embedding.embeddings
+    embeddings.assign(rng.normal(0.0, 1.0, embeddings.shape))
+    compiled, out = graphs_compiled_by(prompt, 16)
+    assert compiled == 0
+    np.testing.assert_array_equal(out, argmax_by_hand(model, prompt, 16))
+    # With the switch off, nothing is compiled.
+    monkeypatch.setattr(generation, "TORCH_COMPILE", False)
+    compiled, eager = graphs_compiled_by(prompt, 16)
+    assert compiled == 0
+    np.testing.assert_array_equal(eager, out)
 
 
 @pytest.mark.parametrize("name", generation.SAMPLERS)

@@ -89,6 +89,39 @@ def test_trimmed_attention_is_exact(rng):
     assert reference.relative_error(wrong, full) > 1e-3
 
 
+def test_attention_with_an_unknown_batch_size(rng):
+    """Traced for any batch size (a TensorFlow graph such as the SavedModel
+    export's), the attention computes what the static-shape path does."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("only TensorFlow traces with an unknown batch size")
+    import tensorflow as tf
+
+    from keras_allattn.ops.attention import skew
+    from keras_allattn.ops.attention import unskew
+
+    layer, positions = build_attention(
+        rng, persistent_memory_size=6, adaptive_span=True, span_ramp=4
+    )
+    x = rng.normal(size=(B, M, D_MODEL)).astype("float32")
+    memory = rng.normal(size=(B, L, D_MODEL)).astype("float32")
+    expected = layer(x, memory=memory, position_keys=positions(x))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, M, D_MODEL]),
+                                  tf.TensorSpec([None, L, D_MODEL])])
+    def attend(x, memory):
+        return layer(x, memory=memory, position_keys=positions(x))
+
+    assert reference.relative_error(attend(x, memory), expected) < 1e-6
+    scores = rng.normal(size=(B, H, M, L + M)).astype("float32")
+    static = skew(unskew(scores, L))
+    for shape in ([None, H, M, L + M], [None, None, M, L + M]):
+        both = tf.function(
+            lambda s: skew(unskew(s, L)),
+            input_signature=[tf.TensorSpec(shape)],
+        )
+        np.testing.assert_array_equal(both(scores), static)
+
+
 def test_adaptive_span_layer(rng):
     layer = AdaptiveSpan(num_heads=3, max_span=40, span_ramp=8, span_loss_coeff=0.5)
     weights = rng.uniform(size=(2, 3, 4, 40)).astype("float32")

@@ -494,9 +494,11 @@ class AllAttentionLM(keras.Model):
         The prompt is read block by block (`block_size` tokens per call of
         `call_with_memory`, the segment memory carried); then each new token
         costs one call on a length-1 input over the memory. The decoding
-        loop is compiled (XLA on TensorFlow, `jax.jit` on JAX; eager under
-        `torch.no_grad()` on PyTorch). The model's own memory variables are
-        neither read nor changed. See `keras_allattn.models.generation`.
+        loop is compiled: XLA on TensorFlow, `jax.jit` on JAX; on PyTorch
+        the decoding step and the prompt reading go through `torch.compile`
+        while the sampler's loop stays a Python loop. The model's own memory
+        variables are neither read nor changed. See
+        `keras_allattn.models.generation`.
 
         Args:
             prompt: token ids, `(length,)` or `(batch, length)` ints, or a
@@ -719,7 +721,11 @@ def _is_concrete(x):
     if backend == "torch":
         import torch
 
-        return not torch.compiler.is_compiling()
+        # Fake tensors: traced by `make_fx` (see `generation.torch_compile`).
+        return not (
+            torch.compiler.is_compiling()
+            or isinstance(x, torch._subclasses.FakeTensor)
+        )
     return True
 
 

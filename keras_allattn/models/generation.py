@@ -15,17 +15,30 @@ after the shortest prompt and the sampler keeps the remaining prompt tokens
 of longer rows (its `mask`), so those rows read their own tokens one step
 at a time. The result is exact: no padding token ever enters a memory.
 
-Compilation follows keras-hub's `CausalLM.make_generate_function`:
-TensorFlow runs `tf.function(jit_compile=True)` (XLA); JAX runs `jax.jit`
-of a stateless function that takes the weights and the sampler's seed
-state as arguments; PyTorch runs eagerly under `torch.no_grad()`, as
-keras-hub does: keras' torch `while_loop` is a Python loop whose condition
-is read on the host at every step, and the growing `index` would make
-`torch.compile` recompile or fall back at every step.
+Compilation: TensorFlow runs the prompt reading and the whole decoding
+loop under `tf.function(jit_compile=True)` (XLA), JAX under `jax.jit` of a
+stateless function that takes the weights and the sampler's seed state as
+arguments, as keras-hub's `CausalLM.make_generate_function` does. PyTorch
+compiles the model's computation with `torch.compile` (inductor, static
+shapes, `dynamic=False`, `fullgraph=True`): the prompt reading of a whole
+block and the decoding step, `call_with_memory` on one token per row over
+the stacked memories. Each is traced once per input shape into one graph
+(`make_fx`, with the weights as inputs, so later weight updates are
+seen) that is compiled once: decoding N tokens compiles the step once, not
+once per token, and a later call with the same shapes compiles nothing. On
+PyTorch the sampler's loop itself stays a Python loop (keras' torch
+`while_loop` is one, its condition read on the host at every step): per
+token it gathers the previous token (`ops.take` with the index tensor),
+calls the compiled step, and samples eagerly. The prompt's last partial
+block goes through the compiled step token by token, so that only two
+shapes per batch size are ever compiled. `TORCH_COMPILE = False` runs
+PyTorch eagerly under `torch.no_grad()` instead.
 """
 
+import contextlib
 import json
 import os
+import warnings
 
 import keras
 import keras_hub
@@ -34,8 +47,13 @@ from keras import ops
 
 SAMPLERS = ("greedy", "top_k", "top_p", "beam", "random")
 
-# Compiled functions kept per model (see `_compiled`), at most this many.
+# Compiled functions kept per model (see `_compiled`), at most this many;
+# on PyTorch also the compiled graphs (one per input shape) of a function.
 _MAX_COMPILED = 16
+
+# Whether PyTorch compiles generation with `torch.compile` (the default);
+# False runs it eagerly under `torch.no_grad()`.
+TORCH_COMPILE = True
 
 
 def generate(
@@ -94,20 +112,34 @@ def generate(
 def _decode(model, sampler, stop_token_ids, token_ids, mask, start):
     """Reads `token_ids[:, :start - 1]` in blocks, then samples the rest."""
     model.update_span_trimming()
+    on_torch = keras.backend.backend() == "torch"
     prefill = _compiled(
         model, ("prefill",),
         lambda: compile_function(model, _prefill_function(model)),
     )
-    decode = _compiled(
-        model, ("decode", sampler, stop_token_ids),
-        lambda: compile_function(
-            model, _decode_function(model, sampler, stop_token_ids), sampler
-        ),
-    )
     cache = stack_memories(model.initial_memories(token_ids.shape[0]))
-    for begin in range(0, start - 1, model.block_size):
-        block = token_ids[:, begin : min(begin + model.block_size, start - 1)]
+    read = start - 1  # the prompt tokens read before sampling starts
+    # On PyTorch, whole blocks only: the rest goes through the step.
+    blocks = read - read % model.block_size if on_torch else read
+    for begin in range(0, blocks, model.block_size):
+        block = token_ids[:, begin : min(begin + model.block_size, blocks)]
         cache = prefill(ops.convert_to_tensor(block), cache)
+    if on_torch:
+        step = _compiled(
+            model, ("step",),
+            lambda: compile_function(model, step_function(model)),
+        )
+        for t in range(blocks, read):
+            _, cache = step(ops.convert_to_tensor(token_ids[:, t : t + 1]), cache)
+        decode = _eager(_decode_function(model, sampler, stop_token_ids, step))
+    else:
+        decode = _compiled(
+            model, ("decode", sampler, stop_token_ids),
+            lambda: compile_function(
+                model, _decode_function(model, sampler, stop_token_ids),
+                sampler,
+            ),
+        )
     token_ids = decode(
         ops.convert_to_tensor(token_ids),
         ops.convert_to_tensor(mask),
@@ -127,20 +159,42 @@ def unstack_memories(cache):
     return [cache[:, i] for i in range(cache.shape[1])]
 
 
-def next_function(model):
+def step_function(model):
+    """`step(token, cache) -> (logits, cache)`: one token per row.
+
+    Runs `token` (B, 1) over the memories `cache` (see `stack_memories`)
+    and returns the logits of the next position (B, V) and the memories
+    after that token. The fixed shapes make it the function to compile.
+    """
+
+    def step(token, cache):
+        logits, memories = model.call_with_memory(token, unstack_memories(cache))
+        return logits[:, 0], stack_memories(memories)
+
+    return step
+
+
+def next_function(model, step=None):
     """The decoding step handed to keras-hub samplers.
 
     `next(prompt, cache, index)` reads the token at `index - 1` of `prompt`
     (B, T) as a length-1 input over the memories `cache` (see
     `stack_memories`) and returns the logits for position `index` (B, V),
     no hidden states, and the memories after that token.
+
+    Args:
+        model: the `AllAttentionLM`.
+        step: the `step_function(model)` to call, e.g. compiled; by default
+            the model is called directly.
     """
+    if step is None:
+        step = step_function(model)
 
     def next(prompt, cache, index):
-        batch = ops.shape(prompt)[0]
-        token = ops.slice(prompt, [0, index - 1], [batch, 1])  # (B, 1)
-        logits, memories = model.call_with_memory(token, unstack_memories(cache))
-        return logits[:, 0], None, stack_memories(memories)
+        # A gather with the index tensor, not a slice: no host read of it.
+        index = ops.reshape(ops.cast(index, "int32") - 1, (1,))
+        logits, cache = step(ops.take(prompt, index, axis=1), cache)  # (B, 1)
+        return logits, None, cache
 
     return next
 
@@ -153,8 +207,8 @@ def _prefill_function(model):
     return prefill
 
 
-def _decode_function(model, sampler, stop_token_ids):
-    next = next_function(model)
+def _decode_function(model, sampler, stop_token_ids, step=None):
+    next = next_function(model, step)
 
     def decode(token_ids, mask, cache, index):
         return sampler(
@@ -170,13 +224,26 @@ def _decode_function(model, sampler, stop_token_ids):
     return decode
 
 
+def _eager(fn):
+    """`fn` run under `torch.no_grad()` (PyTorch)."""
+    import torch
+
+    def run(*args):
+        with torch.no_grad():
+            return fn(*args)
+
+    return run
+
+
 def compile_function(model, fn, sampler=None):
     """Compiles `fn`, which calls `model` (and `sampler`), for the backend.
 
-    As keras-hub compiles `generate_step`: `tf.function(jit_compile=True)`
-    on TensorFlow; on JAX `jax.jit` of a stateless version whose weights
-    and sampler seed state are arguments (the seed state is written back
-    after each call); on PyTorch eager execution under `torch.no_grad()`.
+    TensorFlow: `tf.function(jit_compile=True)`. JAX: `jax.jit` of a
+    stateless version whose weights and sampler seed state are arguments
+    (the seed state is written back after each call). PyTorch: see
+    `torch_compile`; `fn` must then be free of data-dependent Python
+    control flow (no sampler loop), and with `TORCH_COMPILE = False` it
+    runs eagerly under `torch.no_grad()`.
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
@@ -206,13 +273,79 @@ def compile_function(model, fn, sampler=None):
             return outputs
 
         return run
-    import torch
+    if not TORCH_COMPILE:
+        return _eager(fn)
+    return torch_compile(model, fn)
 
-    def run(*args):
-        with torch.no_grad():
+
+def torch_compile(model, fn):
+    """`fn(*tensors)`, which calls `model`, compiled with `torch.compile`.
+
+    Per shape (and dtype and device) of the arguments, `fn` is traced once
+    into a graph by `torch.fx.experimental.proxy_tensor.make_fx` on fake
+    tensors, with the model's weights as graph inputs (read again at every
+    call, as `jax.jit` gets them above), and that graph is compiled by
+    `torch.compile(dynamic=False, fullgraph=True)`. Tracing below Keras'
+    layer machinery gives one graph with no graph breaks (dynamo itself
+    breaks the graph inside Keras' `Layer.__call__`). The attention is
+    traced through its portable path: fused kernels launch outside the
+    trace. Runs under `torch.no_grad()`. Should compiling fail (e.g. no
+    C++ compiler for inductor on CPU), it warns and runs eagerly.
+    """
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    variables = list(model.variables)
+
+    def stateless(values, *args):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
             return fn(*args)
 
+    graphs = {}
+    failed = []
+
+    def run(*args):
+        args = [ops.convert_to_tensor(a) for a in args]
+        key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
+        values = [v.value for v in variables]
+        with torch.no_grad():
+            if failed:
+                return fn(*args)
+            if key in graphs:
+                return graphs[key](values, *args)
+            with _portable_attention(model):
+                graph = make_fx(stateless, tracing_mode="fake")(values, *args)
+            compiled = torch.compile(graph, dynamic=False, fullgraph=True)
+            try:
+                outputs = compiled(values, *args)
+            except Exception as error:  # the trace worked: the compiler failed
+                warnings.warn(
+                    "torch.compile failed, generation runs eagerly: "
+                    f"{type(error).__name__}: {str(error)[:500]}",
+                    stacklevel=2,
+                )
+                failed.append(error)
+                return fn(*args)
+            if len(graphs) >= _MAX_COMPILED:
+                graphs.clear()
+            graphs[key] = compiled
+            return outputs
+
     return run
+
+
+@contextlib.contextmanager
+def _portable_attention(model):
+    """Sets every attention layer of `model` to the portable path for a while."""
+    layers = model.attention_layers
+    saved = [layer.implementation for layer in layers]
+    try:
+        for layer in layers:
+            layer.implementation = "portable"
+        yield
+    finally:
+        for layer, implementation in zip(layers, saved):
+            layer.implementation = implementation
 
 
 def _compiled(model, key, build):
@@ -225,7 +358,7 @@ def _compiled(model, key, build):
     if functions is None:
         functions = {}
         object.__setattr__(model, "_generation_functions", functions)
-    key = key + (tuple(model.attended_spans()),)
+    key = key + (tuple(model.attended_spans()), TORCH_COMPILE)
     if key not in functions:
         if len(functions) >= _MAX_COMPILED:
             functions.clear()

@@ -50,6 +50,25 @@ def span_mask(span_ratio, max_span, span_ramp, length):
     return ops.where(inside, mask, ops.clip(mask, 0.0, 1.0))
 
 
+def _leading_dims(x, count):
+    """The first `count` sizes of `x`, for the new shape of a reshape.
+
+    Static sizes when they are all known (the training path: shapes are
+    unchanged). A size unknown when tracing (the batch of a TensorFlow
+    graph traced for any batch, as in the SavedModel export) becomes -1
+    when it is the only one, else the size read at run time.
+    """
+    lead = tuple(x.shape[:count])
+    unknown = [i for i, size in enumerate(lead) if size is None]
+    if not unknown:
+        return lead
+    if len(unknown) == 1:
+        return tuple(-1 if size is None else size for size in lead)
+    dynamic = ops.shape(x)
+    return tuple(dynamic[i] if size is None else size
+                 for i, size in enumerate(lead))
+
+
 def unskew(scores, length):
     """Turn query-by-key scores into query-by-distance scores.
 
@@ -62,6 +81,7 @@ def unskew(scores, length):
         (..., M, length): column `c` holds the score at distance `A - c`.
     """
     *lead, m, total = scores.shape
+    lead = _leading_dims(scores, len(lead))
     flat = ops.reshape(scores, (*lead, m * total))
     flat = ops.pad(flat, [(0, 0)] * len(lead) + [(0, m)])
     rows = ops.reshape(flat, (*lead, m, total + 1))
@@ -78,6 +98,7 @@ def skew(weights):
         (..., M, A + M) weights over keys, zeros elsewhere.
     """
     *lead, m, length = weights.shape
+    lead = _leading_dims(weights, len(lead))
     padded = ops.pad(weights, [(0, 0)] * len(lead) + [(0, 0), (0, m + 1)])
     flat = ops.reshape(padded, (*lead, m * (length + m + 1)))
     flat = flat[..., : m * (length + m)]
