@@ -68,12 +68,13 @@ multi)
       --data .data/enwik8-head/enwik8-head.txt.xz --implementation fused"
   sc="python3 benchmarks/scaling.py --preset enwik8_small --batch-per-device 64
       --steps 8 --warmup-steps 2 --implementation fused --record"
-  step jax_loss_match 200 env KERAS_BACKEND=jax $lm --devices 2 --plot "$out/jax_loss_match.png"
   step torch_loss_1gpu 80 env KERAS_BACKEND=torch $lm --save /tmp/one_gpu
-  step torch_loss_2gpu 80 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 $lm --reference /tmp/one_gpu --plot "$out/torch_loss_match.png"
+  step torch_loss_2gpu 80 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 ${lm#python3 } --reference /tmp/one_gpu --plot "$out/torch_loss_match.png"
   step torch_scaling_1 90 env KERAS_BACKEND=torch $sc
-  step torch_scaling_2 90 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 $sc
-  step jax_scaling 200 env KERAS_BACKEND=jax $sc --devices 1,2 ;;
+  step torch_scaling_2 90 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 ${sc#python3 }
+  step jax_loss_match 200 env KERAS_BACKEND=jax $lm --devices 2 --plot "$out/jax_loss_match.png"
+  step jax_scaling 200 env KERAS_BACKEND=jax $sc --devices 1,2
+  step jax_adaptive 100 env KERAS_BACKEND=jax $tp --span adaptive:1024 --implementation fused ;;
 speed)
   lane0() {
     step jax_fixed 200 env KERAS_BACKEND=jax $tp --span fixed:2048 --implementation fused

@@ -149,6 +149,9 @@ def build(args, transformer):
         ratio = (span - model.span_ramp) / model.max_span
         for layer in model.attention_layers:
             layer.span.span_ratio.assign(np.full((model.num_heads,), ratio))
+            # Held there: Adagrad's first steps would move every ratio by
+            # about the learning rate (0.07 x 8192 tokens) and retrace.
+            layer.span.span_ratio.trainable = False
     recipe = preset["recipe"]
     model.compile(
         optimizer=AdagradClip(recipe["learning_rate"], grad_clip=recipe["clip"]),

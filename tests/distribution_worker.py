@@ -228,7 +228,55 @@ def trainer_process(out_dir):
     }, local_memories(model))
 
 
+def jax_sharded_kernel(out_dir):
+    """The Pallas kernel per batch shard (interpreter) vs on the whole batch."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import keras
+
+    from keras_allattn.ops.attention import batch_sharded
+    from keras_allattn.ops.pallas_attention import pallas_all_attention
+
+    rng = np.random.default_rng(1)
+    b, m, h, d, a, n = 4, 16, 2, 16, 32, 16
+    arrays = [rng.normal(size=shape).astype("float32") for shape in (
+        (b, m, h, d), (b, a + m, h, d), (b, a + m, h, d), (d, a), (h, n, d),
+        (h, n, d))] + [np.array([0.3, 0.7], "float32")]
+    cotangent = rng.normal(size=(b, m, h, d)).astype("float32")
+    kernel = functools.partial(pallas_all_attention, interpret=True,
+                               precision="highest")
+    distribution = keras.distribution.DataParallel(
+        devices=keras.distribution.list_devices())
+    sharded = batch_sharded(kernel, distribution)
+
+    def value_and_grads(fn, xs):
+        def loss(q, k, v, pos, pk, pv, z):
+            out = fn(q, k, v, pos, persistent_keys=pk, persistent_values=pv,
+                     span_ratio=z, max_span=32, span_ramp=8)
+            return jnp.sum(out * cotangent)
+
+        return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7))))(*xs)
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    placed = [jax.device_put(x, rows) if i < 3 else x for i, x in enumerate(arrays)]
+    want = value_and_grads(kernel, arrays)
+    got = value_and_grads(sharded, placed)
+    errors = [
+        float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / np.max(np.abs(np.asarray(y))))
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+    ]
+    write(out_dir, "jax-sharded-kernel-0", {
+        "devices": len(jax.devices()),
+        "wrapped": sharded is not kernel,
+        "errors": errors,
+    }, [])
+
+
 MODES = {
+    "jax-sharded-kernel": jax_sharded_kernel,
     "jax-devices": jax_devices,
     "jax-process": jax_process,
     "tensorflow-devices": tensorflow_devices,

@@ -166,6 +166,8 @@ def jax_runs(tmp_path_factory):
     processes = [
         start(worker_command("jax-devices", out_dir),
               XLA_FLAGS=f"{fast} --xla_force_host_platform_device_count=2"),
+        start(worker_command("jax-sharded-kernel", out_dir),
+              XLA_FLAGS=f"{fast} --xla_force_host_platform_device_count=2"),
         start([sys.executable, "benchmarks/scaling.py", "--preset",
                "char_tiny_cpu", "--devices", "8", "--span", "fixed:64",
                "--dtype", "float32", "--steps", "2", "--warmup-steps", "1"],
@@ -179,7 +181,7 @@ def jax_runs(tmp_path_factory):
         for index in range(2)
     ]
     outputs = wait(processes)
-    return out_dir, outputs[1]
+    return out_dir, outputs[2]
 
 
 @only("jax")
@@ -201,6 +203,19 @@ def test_jax_two_devices_match_one_device(jax_runs):
     check_rows(distributed, reference, 0)
     # `check_model` catches a memory left unsharded.
     assert "`memory_0/memory` is not placed as planned" in result["unplaced_error"]
+
+
+@only("jax")
+def test_jax_fused_kernel_runs_per_batch_shard(jax_runs):
+    """Under DataParallel the Pallas kernel runs in `shard_map` on each
+    device's rows; its value and all gradients (the replicated position
+    keys, persistent vectors and span ratios summed over the devices)
+    equal the kernel's on the whole batch."""
+    out_dir, _ = jax_runs
+    result, _ = load(out_dir, "jax-sharded-kernel-0")
+    assert result["devices"] == 2 and result["wrapped"]
+    assert len(result["errors"]) == 8
+    assert max(result["errors"]) < 1e-5
 
 
 @only("jax")

@@ -14,6 +14,7 @@ Context scores are indexed by column `c = 0 .. A-1` holding distance
 import math
 
 import keras
+import numpy as np
 from keras import ops
 from keras import random
 
@@ -292,5 +293,69 @@ def _fused_kernel(query, *args, dropout_rate=0.0, **kwargs):
             return None, f"the head width {head_dim} is not a power of 2 >= 16"
         from keras_allattn.ops.pallas_attention import pallas_all_attention
 
-        return pallas_all_attention, ""
+        return batch_sharded(pallas_all_attention), ""
     return None, f"no fused kernel for the {backend} backend"
+
+
+def batch_sharded(kernel, distribution=None):
+    """`kernel` run per batch shard under a data-parallel distribution (JAX).
+
+    XLA cannot partition a Pallas kernel: under `keras.distribution` it
+    would gather the batch onto every device and run the whole kernel on
+    each. This wraps the kernel in `jax.shard_map` over the distribution's
+    batch axis instead: each device runs it on its own rows (query, key and
+    value sharded along the batch; the position keys, persistent vectors
+    and span ratios replicated, their gradients summed over the devices).
+    Without a distribution, or with one device along the batch axis, it
+    returns `kernel` unchanged.
+
+    Args:
+        kernel: a function with `pallas_all_attention`'s signature.
+        distribution: the `keras.distribution.Distribution`; default the
+            current one.
+    """
+    import jax
+
+    distribution = distribution or keras.distribution.distribution()
+    axis = getattr(distribution, "batch_dim_name", None)
+    if axis is None:
+        return kernel
+    mesh = distribution.device_mesh
+    if mesh.shape[list(mesh.axis_names).index(axis)] == 1:
+        return kernel
+    devices = np.asarray(mesh.devices)
+    jax_mesh = jax.sharding.Mesh(
+        np.array([_jax_device(d) for d in devices.flat]).reshape(devices.shape),
+        tuple(mesh.axis_names),
+    )
+    spec = jax.sharding.PartitionSpec
+
+    def run(query, key, value, position_keys, persistent_keys=None,
+            persistent_values=None, span_ratio=None, **static):
+        arrays = (query, key, value, position_keys, persistent_keys,
+                  persistent_values, span_ratio)
+        in_specs = tuple(spec(axis) if i < 3 else spec() for i in range(7))
+
+        def local(q, k, v, pos, pk, pv, ratio):
+            return kernel(q, k, v, pos, persistent_keys=pk,
+                          persistent_values=pv, span_ratio=ratio, **static)
+
+        return jax.shard_map(
+            local, mesh=jax_mesh, in_specs=in_specs, out_specs=spec(axis),
+            check_vma=False,
+        )(*arrays)
+
+    return run
+
+
+def _jax_device(device):
+    """A `jax.Device` from a Keras device name ("gpu:1") or a device."""
+    import jax
+
+    if isinstance(device, jax.Device):
+        return device
+    platform, _, index = str(device).partition(":")
+    for candidate in jax.devices(platform):
+        if candidate.id == int(index or 0):
+            return candidate
+    raise ValueError(f"No JAX device named {device!r}")
