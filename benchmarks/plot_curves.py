@@ -57,21 +57,27 @@ def label(run):
 def plot(runs, out, title):
     metric = runs[0]["metric"]
     key = f"val_{metric}"
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    # Against training time too where every point has it (curve.json
+    # written by the training script; curves read back from a log may not).
+    timed = all("train_seconds" in p for run in runs for p in run["curve"])
+    axes_x = ("train_seconds", "step") if timed else ("step",)
+    fig, axes = plt.subplots(1, len(axes_x), figsize=(5.5 * len(axes_x) + 2, 4),
+                             sharey=True, squeeze=False)
+    axes = axes[0]
     for run in runs:
         curve = run["curve"]
-        for ax, x in zip(axes, ("train_seconds", "step")):
+        for ax, x in zip(axes, axes_x):
             ax.plot([p[x] for p in curve], [p[key] for p in curve],
                     marker=".", label=label(run))
-    axes[0].set_xlabel("training time (s, compilation and validation excluded)")
-    axes[1].set_xlabel("optimizer step")
-    axes[0].set_ylabel(f"validation {metric.replace('_', ' ')}")
-    for ax in axes:
+    for ax, x in zip(axes, axes_x):
+        ax.set_xlabel("training time (s, compilation and validation excluded)"
+                      if x == "train_seconds" else "optimizer step")
         ax.grid(alpha=0.3)
         ax.legend()
-    if metric == "perplexity":
-        axes[0].set_yscale("log")
-    fig.suptitle(title)
+        if metric == "perplexity":
+            ax.set_yscale("log")
+    axes[0].set_ylabel(f"validation {metric.replace('_', ' ')}")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
