@@ -72,6 +72,18 @@ def parse_args(doc, default_preset, data_help):
         help="training steps (default: the recipe's, full rate plus lr/10); "
         "the schedule is fitted to the run",
     )
+    parser.add_argument(
+        "--warmup-steps", type=int,
+        help="override the warm-up of the recipe fitted to --steps (see "
+        "keras_allattn.training.scale_recipe)",
+    )
+    parser.add_argument("--learning-rate", type=float,
+                        help="override the recipe's peak learning rate")
+    parser.add_argument(
+        "--optimizer", choices=["adagrad_clip", "adam"],
+        help="override the recipe's optimizer (clip: per tensor for "
+        "adagrad_clip, global norm for adam)",
+    )
     parser.add_argument("--batch-size", type=int, help="override the preset")
     parser.add_argument("--block-size", type=int, help="override the preset")
     parser.add_argument("--max-span", type=int, help="override the preset")
@@ -307,6 +319,9 @@ def train(corpus, args):
     full_steps = recipe["steps"] + recipe["final_steps"]
     steps = args.steps or full_steps
     run_recipe = scale_recipe(recipe, steps)
+    for flag in ("warmup_steps", "learning_rate", "optimizer"):
+        if getattr(args, flag) is not None:
+            run_recipe[flag] = getattr(args, flag)
     if steps != full_steps:
         drop = (
             f", lr/10 from step {run_recipe['steps']}"
@@ -316,8 +331,9 @@ def train(corpus, args):
         print(
             f"schedule: {steps} steps instead of the recipe's {full_steps}: "
             f"warm-up {recipe['warmup_steps']} -> "
-            f"{run_recipe['warmup_steps']} steps (at most a tenth of the "
-            f"run){drop}"
+            f"{run_recipe['warmup_steps']} steps"
+            f"{'' if args.warmup_steps is not None else ' (see scale_recipe)'}"
+            f"{drop}"
         )
     model.compile(
         optimizer=optimizer_from_recipe(run_recipe),

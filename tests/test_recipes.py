@@ -101,6 +101,10 @@ def test_scale_recipe_fits_the_schedule_to_the_run():
     optimizer = optimizer_from_recipe(recipe, total_steps=200)
     assert schedule_of(optimizer).get_config()["warmup_steps"] == 20
     assert schedule_of(optimizer).get_config()["drop_step"] == 182
+    # Adagrad keeps a warm-up longer than a short run (to at most 3x it).
+    adagrad = get_preset("text8_small")["recipe"]  # 32,000 warm-up
+    assert scale_recipe(adagrad, 600)["warmup_steps"] == 1_800
+    assert scale_recipe(adagrad, 100_000)["warmup_steps"] == 32_000
     # A recipe with no final steps never drops the rate.
     tiny = optimizer_from_recipe(get_preset("char_tiny_cpu")["recipe"])
     assert schedule_of(tiny).get_config()["drop_step"] is None
