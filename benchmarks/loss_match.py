@@ -25,6 +25,11 @@ difference of the step losses, the first and last losses of each run.
       KERAS_BACKEND=torch torchrun --nproc_per_node 2 benchmarks/loss_match.py \\
           --compare devices --reference /tmp/one_gpu
 
+- `--compare repeat`: the same one-device run twice (`--implementation`
+  as given): the floor below which the other comparisons cannot go where
+  the kernels are not bitwise reproducible (the fused backward adds the
+  position-key gradient with atomics).
+
 Dropout is off (`--dropout 0`), so the two runs differ only by the
 arithmetic (kernel, or the split of the batch and the gradient all-reduce).
 `--record` appends a row to benchmarks/RESULTS.md; `--plot PNG` draws both
@@ -58,7 +63,7 @@ RESULTS = pathlib.Path(__file__).parent / "RESULTS.md"
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compare", required=True,
-                        choices=["implementations", "devices"])
+                        choices=["implementations", "devices", "repeat"])
     parser.add_argument("--data", default="../shared/data/enwik8-head/enwik8-head.txt.xz",
                         help="a byte-level corpus file (.xz allowed)")
     parser.add_argument("--preset", default="enwik8_small")
@@ -202,7 +207,11 @@ def main():
         use_virtual_cpu_devices(args.cpu_devices)
     tokens = read_tokens(args.data)
     backend = keras.backend.backend()
-    if args.compare == "implementations":
+    if args.compare == "repeat":
+        first, initial, _, config = run(args, tokens, args.implementation)
+        second, _, _, _ = run(args, tokens, args.implementation, weights=initial)
+        report(args, ["run 1", "run 2"], [first, second], config)
+    elif args.compare == "implementations":
         first, initial, _, config = run(args, tokens, "portable")
         second, _, _, _ = run(args, tokens, "fused", weights=initial)
         report(args, ["portable", "fused"], [first, second], config)

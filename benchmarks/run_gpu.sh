@@ -76,6 +76,9 @@ multi)
   step torch_scaling_2 90 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 ${sc#python3 }
   step jax_loss_match 200 env KERAS_BACKEND=jax $lm --devices 2 --plot "$out/jax_loss_match.png"
   step jax_scaling 200 env KERAS_BACKEND=jax $sc --devices 1,2
+  # The floor: the same one-GPU run twice.
+  step torch_loss_repeat 100 env KERAS_BACKEND=torch ${lm/devices/repeat}
+  step jax_loss_repeat 150 env KERAS_BACKEND=jax ${lm/devices/repeat}
   step jax_adaptive 100 env KERAS_BACKEND=jax $tp --span adaptive:1024 --implementation fused ;;
 speed)
   lane0() {
@@ -83,6 +86,9 @@ speed)
     step jax_adaptive 200 env KERAS_BACKEND=jax $tp --span adaptive:1024 --implementation fused
     step jax_fixed1k 200 env KERAS_BACKEND=jax $tp --span fixed:1024 --implementation fused
     step jax_portable 200 env KERAS_BACKEND=jax $tp --span fixed:2048 --implementation portable
+    step jax_fused_vs_portable 240 env KERAS_BACKEND=jax python3 benchmarks/loss_match.py \
+      --compare implementations --steps 200 --layers 6 --batch-size 32 \
+      --data .data/enwik8-head/enwik8-head.txt.xz --record --plot "$out/jax_fused_vs_portable.png"
   }
   lane1() {
     step torch_fixed 150 env KERAS_BACKEND=torch $tp --span fixed:2048 --implementation fused
