@@ -306,3 +306,57 @@ def test_train_text8_example_runs(tmp_path):
     assert "step 6 spans mean/max per layer" in out
     assert (output / "spans.png").read_bytes()[:8] == PNG_SIGNATURE
     assert latest_checkpoint(output / "checkpoints").endswith("000000006")
+
+
+@pytest.mark.skipif(
+    backend() != "tensorflow",
+    reason="runs the example scripts (with KERAS_BACKEND=jax) once, in the "
+    "TensorFlow session",
+)
+def test_equal_time_comparison_and_curve_plot(tmp_path):
+    """--transformer trains the same-size baseline, --time-budget stops it,
+    curve.json records the validation curve, plot_curves.py draws both."""
+    words = "the layer reads its memory and persistent vectors then".split()
+    text = " ".join(np.random.default_rng(1).choice(words, 2000))[:5140]
+    data = tmp_path / "small.txt"
+    data.write_text(text)
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+
+    def train(name, *flags):
+        command = [
+            sys.executable, str(ROOT / "examples" / "train_text8.py"),
+            "--preset", "char_tiny_cpu", "--data", str(data),
+            "--output", str(tmp_path / name), *flags,
+        ]
+        done = subprocess.run(command, env=env, capture_output=True,
+                              text=True, timeout=600, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        run = json.loads((tmp_path / name / "curve.json").read_text())
+        assert run["result"] == json.loads(done.stdout.strip().splitlines()[-1])
+        return run
+
+    allattn = train("allattn", "--steps", "6", "--eval-every", "3",
+                    "--valid-tokens", "100")
+    baseline = train("transformer", "--transformer", "--steps", "50",
+                     "--eval-every", "2", "--time-budget", "1e-6")
+    assert allattn["result"]["model"] == "all-attention"
+    assert [p["step"] for p in allattn["curve"]] == [3, 6]
+    assert all(p["val_bits_per_character"] > 0 for p in allattn["curve"])
+    assert baseline["result"]["model"] == "transformer"
+    # The budget ends training after the second step (the first compiles).
+    assert baseline["result"]["steps"] == 2
+    assert [p["step"] for p in baseline["curve"]] == [2]
+    # Same size: persistent vectors (2 N d per layer) traded for a
+    # feed-forward sublayer of width N (2 N d + biases + a layer norm).
+    ratio = baseline["result"]["parameters"] / allattn["result"]["parameters"]
+    assert 1.0 < ratio < 1.02
+
+    png = tmp_path / "curves.png"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "plot_curves.py"),
+         str(tmp_path / "allattn"), str(tmp_path / "transformer"),
+         "--out", str(png)],
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
