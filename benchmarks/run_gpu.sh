@@ -14,6 +14,10 @@
 #          per GPU), JAX and PyTorch (issue 7)
 #   speed  training throughput per backend and span setting, the adaptive
 #          softmax memory, fused vs portable loss curves (issues 4 and 6)
+#   multi8 on a 4- or 8-GPU machine: scaling over 1, 2, 4, 8 GPUs (batch 64
+#          per GPU) and the first 200 step losses of 8 GPUs against one
+#          GPU at global batch 64, JAX, then PyTorch
+#          (loss_match and scaling.py checked on 8 virtual CPU devices)
 # Settings: TRAIN_SECONDS (text8, default 110), PTB_SECONDS (45).
 set -u
 phase=${1:?phase: train, multi or speed}
@@ -100,6 +104,18 @@ speed)
       --data .data/enwik8-head/enwik8-head.txt.xz --record --plot "$out/torch_fused_vs_portable.png"
   }
   lanes ;;
-*) echo "unknown phase $phase: train, multi or speed"; exit 2 ;;
+multi8)
+  sc="python3 benchmarks/scaling.py --preset enwik8_small --batch-per-device 64
+      --steps 8 --warmup-steps 2 --implementation fused --record"
+  lm="python3 benchmarks/loss_match.py --compare devices --steps 200 --record
+      --data .data/enwik8-head/enwik8-head.txt.xz --implementation fused"
+  counts=1; for n in 2 4 8; do [ "$n" -le "$gpus" ] && counts="$counts,$n"; done
+  step jax_scaling 400 env KERAS_BACKEND=jax $sc --devices "$counts"
+  step jax_loss_match 400 env KERAS_BACKEND=jax $lm --devices "$gpus" --plot "$out/jax_loss_match_$gpus.png"
+  step torch_scaling_1 90 env KERAS_BACKEND=torch $sc
+  for n in ${counts//,/ }; do
+    [ "$n" -gt 1 ] && step "torch_scaling_$n" 120 env KERAS_BACKEND=torch torchrun --nproc_per_node "$n" ${sc#python3 }
+  done ;;
+*) echo "unknown phase $phase: train, multi, speed or multi8"; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
