@@ -18,7 +18,8 @@
 #          per GPU) and the first 200 step losses of 8 GPUs against one
 #          GPU at global batch 64, JAX, then PyTorch
 #          (loss_match and scaling.py checked on 8 virtual CPU devices)
-# Settings: TRAIN_SECONDS (text8, default 110), PTB_SECONDS (45).
+# Settings: TRAIN_SECONDS (text8, default 110), PTB_SECONDS (45),
+# PORTABLE=1 (multi: also the loss match through the portable path).
 set -u
 phase=${1:?phase: train, multi or speed}
 out=${2:-${OUT:-/tmp/out}}
@@ -83,6 +84,9 @@ multi)
   # The floor: the same one-GPU run twice.
   step torch_loss_repeat 100 env KERAS_BACKEND=torch ${lm/devices/repeat}
   step jax_loss_repeat 150 env KERAS_BACKEND=jax ${lm/devices/repeat}
+  # PORTABLE=1: the match through the portable path too (no atomics).
+  [ -n "${PORTABLE:-}" ] && step jax_loss_match_portable 200 env KERAS_BACKEND=jax \
+    ${lm/--implementation fused/--implementation portable} --devices 2
   step jax_adaptive 100 env KERAS_BACKEND=jax $tp --span adaptive:1024 --implementation fused ;;
 speed)
   lane0() {
