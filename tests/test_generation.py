@@ -212,6 +212,13 @@ def test_stop_token_ids(rng):
     first = 4 + int(np.flatnonzero(greedy[0, 4:] == stop)[0])
     np.testing.assert_array_equal(out[0, : first + 1], greedy[0, : first + 1])
     assert (out[0, first:] == stop).all()
+    # Token 0 as the stop token: the places still to generate must not
+    # read as stops (they once held zeros, which ended decoding at once).
+    out = model.generate(prompt, 12, stop_token_ids=[0])
+    for row, want in zip(out, greedy):
+        hits = np.flatnonzero(want[4:] == 0)
+        end = 4 + int(hits[0]) + 1 if hits.size else 12
+        np.testing.assert_array_equal(row[:end], want[:end])
 
 
 def test_generate_leaves_the_memory_variables_alone(rng):

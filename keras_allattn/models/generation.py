@@ -90,7 +90,10 @@ def generate(
     sampler = _resolve_sampler(model, sampler)
     stop_token_ids = _check_stop_token_ids(stop_token_ids, model)
 
-    token_ids = np.zeros((len(rows), max_length), "int32")
+    # The places still to generate hold a token that is no stop token: the
+    # keras-hub samplers end a row at any stop token outside the prompt,
+    # these places included.
+    token_ids = np.full((len(rows), max_length), _filler(stop_token_ids), "int32")
     mask = np.zeros((len(rows), max_length), bool)
     for i, row in enumerate(rows):
         token_ids[i, : row.size] = row
@@ -436,6 +439,12 @@ def _check_stop_token_ids(stop_token_ids, model):
             f"Received: stop_token_ids={stop_token_ids!r}"
         )
     return tuple(int(i) for i in ids)
+
+
+def _filler(stop_token_ids):
+    """The smallest token id that is not a stop token."""
+    stops = set(stop_token_ids or ())
+    return next(i for i in range(len(stops) + 1) if i not in stops)
 
 
 def _ends(token_ids, lengths, stop_token_ids):
