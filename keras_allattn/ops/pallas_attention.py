@@ -36,7 +36,8 @@ picks Mosaic GPU).
   looping over key tiles) that also produces d position_keys (each
   completed (BK, D) distance block added with a relaxed-ordering atomic into
   one of several float32 copies, summed outside) and d span_ratio
-  (per-program partials: sum of dS (L/R)/m over the ramp), and a kernel for
+  (per-program partials: sum of dS (L/R)/m over the ramp, computed only in
+  the key tiles whose distances reach the ramp), and a kernel for
   the persistent keys/values (persistent-tile programs looping over batch
   rows and query tiles; per-group partials summed outside). Each backward
   kernel has its own tile shape (`backward_blocks`).
@@ -711,14 +712,24 @@ def _dq_kernel(cfg, *refs):
                 # [0, 1], ends included (torch.clamp's gradient in the
                 # reference): exp(s - lse) (dP - Delta), which equals
                 # dS / m inside the ramp and stays defined where m = 0.
-                r_dist = cfg.length + (i0 + ar) - (j0 + bc)
-                ramp = (
-                    (r_dist >= 1) & (r_dist <= cfg.length)
-                    & ((i0 + ar) < cfg.queries) & (raw >= 0.0) & (raw <= 1.0)
-                )
-                free = jnp.exp(jnp.minimum(s * cfg.scale - lse[:, None], 80.0))
-                contrib = jnp.where(ramp, free * (dp - delta[:, None]), 0.0)
-                dz = dz + jnp.sum(jnp.sum(contrib, axis=1), axis=0)
+                # Only tiles whose distances reach the ramp contribute: the
+                # others skip this second exponential.
+                top = cfg.span_ramp + z * cfg.max_span  # m(r) = (top - r + 1) / R
+                r_lo = (cfg.length + i0 - j0 - bk + 1).astype(jnp.float32)
+                r_hi = (cfg.length + i0 + bq - 1 - j0).astype(jnp.float32)
+                touches = (r_hi >= top + 1.0 - cfg.span_ramp) & (r_lo <= top + 1.0)
+
+                def ramp_sum():
+                    r_dist = cfg.length + (i0 + ar) - (j0 + bc)
+                    ramp = (
+                        (r_dist >= 1) & (r_dist <= cfg.length)
+                        & ((i0 + ar) < cfg.queries) & (raw >= 0.0) & (raw <= 1.0)
+                    )
+                    free = jnp.exp(jnp.minimum(s * cfg.scale - lse[:, None], 80.0))
+                    contrib = jnp.where(ramp, free * (dp - delta[:, None]), 0.0)
+                    return jnp.sum(jnp.sum(contrib, axis=1), axis=0)
+
+                dz = lax.cond(touches, lambda acc: acc + ramp_sum(), lambda acc: acc, dz)
             r["ring_ds"][ring_idx + (slice(None), pl.ds(_slot(kt, cfg) * bk, bk))] = ds
             dq = position_block(kt - nb - lag, dq, kt_hi)
             return dq, dz

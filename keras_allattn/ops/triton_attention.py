@@ -34,6 +34,8 @@ dropout) on torch tensors, forward and backward, without materialising any
   passes the gradient at `m = 0` and `m = 1` exactly). That matters at
   `z = 0`, the recipe's initial value, where both ends fall on integer
   distances: the pure log-space derivative differs there in sign and size.
+  Only key tiles whose distances reach the ramp compute these terms, and
+  tiles wholly inside it (`m = 1`) skip the mask's logarithm.
 
 Triton is imported lazily: importing this module never needs triton (nor
 torch); the kernels are built on first use. Set `TRITON_INTERPRET=1`
@@ -149,9 +151,13 @@ def _context_logits(x, i, j, A, M, top, span_ramp, HAS_SPAN: tl.constexpr):
     r = A + i[:, None] - j[None, :]
     valid = (r >= 1) & (r <= A) & (i[:, None] < M)
     if HAS_SPAN:
-        mval = _span_mask(i, j, A, top, span_ramp)
-        valid = valid & (mval > 0.0)
-        x = x + tl.log2(tl.maximum(mval, 1e-30))
+        # `m(r) = 1` up to distance `top + 1 - R`: a tile wholly within it
+        # skips the mask (one logarithm per entry).
+        r_tile_hi = (A + tl.reduce(i, 0, _max_combine) + tl.reduce(-j, 0, _max_combine)) * 1.0
+        if r_tile_hi > top + 1.0 - span_ramp:
+            mval = _span_mask(i, j, A, top, span_ramp)
+            valid = valid & (mval > 0.0)
+            x = x + tl.log2(tl.maximum(mval, 1e-30))
     return tl.where(valid, x, float("-inf"))
 
 
@@ -339,12 +345,17 @@ def _bwd_dq_kernel(
                 # dL/dm(r) = exp(s(r) - lse) (dP(r) - Delta): the weight the
                 # key would have at m = 1 (a / m inside the ramp; also defined
                 # where m = 0 exactly, which log m cannot express).
-                r_f = (A + i[:, None] - j[None, :]).to(tl.float32)
-                x_mask = ((top - r_f) + 1.0) / span_ramp
-                ramp = (x_mask >= 0.0) & (x_mask <= 1.0) & (r_f >= 1.0) & (r_f <= A)
-                ramp = ramp & (i[:, None] < M)
-                p_raw = tl.math.exp2(tl.where(ramp, s_raw - lse_c[:, None], float("-inf")))
-                dz_acc += tl.reduce(p_raw * (dp - del_c[:, None]), 1, _sum_combine)
+                # Only tiles whose distances reach the ramp contribute: the
+                # others skip this second exponential.
+                r_tile_lo = (A + i0 - j0 - BK + 1) * 1.0
+                r_tile_hi = (A + i0 + BQ - 1 - j0) * 1.0
+                if (r_tile_hi >= top + 1.0 - span_ramp) & (r_tile_lo <= top + 1.0):
+                    r_f = (A + i[:, None] - j[None, :]).to(tl.float32)
+                    x_mask = ((top - r_f) + 1.0) / span_ramp
+                    ramp = (x_mask >= 0.0) & (x_mask <= 1.0) & (r_f >= 1.0) & (r_f <= A)
+                    ramp = ramp & (i[:, None] < M)
+                    p_raw = tl.math.exp2(tl.where(ramp, s_raw - lse_c[:, None], float("-inf")))
+                    dz_acc += tl.reduce(p_raw * (dp - del_c[:, None]), 1, _sum_combine)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
         # Unskew dS into distance chunks; the "prev" chunk is now complete.
         ds_low = ds.to(op_dtype)
