@@ -103,16 +103,13 @@ def build(args, implementation, batch_size, weights):
     run_args = argparse.Namespace(
         **{**vars(args), "batch_size": batch_size, "implementation": implementation}
     )
-    model, config, remat = throughput.build(run_args, transformer=False)
+    recipe = scale_recipe(get_preset(args.preset)["recipe"], args.steps)
+    model, config, _ = throughput.build(
+        run_args, transformer=False, optimizer=optimizer_from_recipe(recipe)
+    )
     if weights is not None:  # the trainable ones: the memory is per replica
         for variable, value in zip(model.trainable_weights, weights):
             variable.assign(value)
-    recipe = scale_recipe(get_preset(args.preset)["recipe"], args.steps)
-    model.compile(
-        optimizer=optimizer_from_recipe(recipe),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=throughput.jit_compile(args),
-    )
     return model, config
 
 

@@ -126,7 +126,9 @@ def flops_per_token(model, spans):
     return 3 * forward
 
 
-def build(args, transformer):
+def build(args, transformer, optimizer=None):
+    """The compiled model; `optimizer` None: the recipe's Adagrad at its
+    full rate, no schedule (what the throughput does not depend on)."""
     preset = get_preset(args.preset)
     config = dict(preset["model"])
     kind, span = parse_span(args.span)
@@ -154,7 +156,9 @@ def build(args, transformer):
             layer.span.span_ratio.trainable = False
     recipe = preset["recipe"]
     model.compile(
-        optimizer=AdagradClip(recipe["learning_rate"], grad_clip=recipe["clip"]),
+        optimizer=optimizer or AdagradClip(
+            recipe["learning_rate"], grad_clip=recipe["clip"]
+        ),
         # With an adaptive softmax the model computes its own loss.
         loss=None if model.adaptive_softmax is not None else
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),

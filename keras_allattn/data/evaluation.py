@@ -6,6 +6,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_allattn.compiling import cached
+from keras_allattn.compiling import compile_stateless
 from keras_allattn.data.stream import as_token_array
 from keras_allattn.utils import check_positive
 
@@ -158,36 +160,10 @@ def _block_scorer(model):
                 return score(*args)
 
         return no_grad
-    cache = model.__dict__.get("_evaluation_functions")
-    if cache is None:
-        cache = {}
-        object.__setattr__(model, "_evaluation_functions", cache)
-    spans = getattr(model, "attended_spans", lambda: ())
-    key = tuple(spans())
-    if key not in cache:
-        cache.clear()
-        cache[key] = _compile(model, score, backend)
-    return cache[key]
-
-
-def _compile(model, score, backend):
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(score, jit_compile=True)
-    import jax
-
-    variables = list(model.variables)
-
-    @jax.jit
-    def stateless(values, tokens, targets, memories):
-        with keras.StatelessScope(state_mapping=zip(variables, values)):
-            return score(tokens, targets, memories)
-
-    def run(tokens, targets, memories):
-        return stateless([v.value for v in variables], tokens, targets, memories)
-
-    return run
+    return cached(
+        model, "_evaluation_functions", (),
+        lambda: compile_stateless(model, score),
+    )
 
 
 def _token_nll(logits, targets):

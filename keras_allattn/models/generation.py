@@ -45,11 +45,14 @@ import keras_hub
 import numpy as np
 from keras import ops
 
+from keras_allattn.compiling import MAX_COMPILED
+from keras_allattn.compiling import cached
+from keras_allattn.compiling import compile_stateless
+
 SAMPLERS = ("greedy", "top_k", "top_p", "beam", "random")
 
-# Compiled functions kept per model (see `_compiled`), at most this many;
-# on PyTorch also the compiled graphs (one per input shape) of a function.
-_MAX_COMPILED = 16
+# On PyTorch the compiled graphs (one per input shape) kept per function.
+_MAX_COMPILED = MAX_COMPILED
 
 # Whether PyTorch compiles generation with `torch.compile` (the default);
 # False runs it eagerly under `torch.no_grad()`.
@@ -248,34 +251,9 @@ def compile_function(model, fn, sampler=None):
     control flow (no sampler loop), and with `TORCH_COMPILE = False` it
     runs eagerly under `torch.no_grad()`.
     """
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(fn, jit_compile=True)
-    if backend == "jax":
-        import jax
-
-        seeds = list(sampler.variables) if sampler is not None else []
-        variables = seeds + list(model.variables)
-
-        @jax.jit
-        def stateless(values, *args):
-            with keras.StatelessScope(state_mapping=zip(variables, values)) as scope:
-                outputs = fn(*args)
-            new_seeds = [scope.get_current_value(v) for v in seeds]
-            return outputs, [
-                old if new is None else new
-                for old, new in zip(values[: len(seeds)], new_seeds)
-            ]
-
-        def run(*args):
-            outputs, new_seeds = stateless([v.value for v in variables], *args)
-            for variable, value in zip(seeds, new_seeds):
-                variable.assign(value)
-            return outputs
-
-        return run
+    if keras.backend.backend() != "torch":
+        seeds = sampler.variables if sampler is not None else ()
+        return compile_stateless(model, fn, seeds)
     if not TORCH_COMPILE:
         return _eager(fn)
     return torch_compile(model, fn)
@@ -352,21 +330,9 @@ def _portable_attention(model):
 
 
 def _compiled(model, key, build):
-    """The compiled function `key` of `model`, built once per span trimming.
-
-    Kept in a private attribute (not tracked by Keras, not saved); the
-    attended spans are part of the key since compiled code bakes them in.
-    """
-    functions = model.__dict__.get("_generation_functions")
-    if functions is None:
-        functions = {}
-        object.__setattr__(model, "_generation_functions", functions)
-    key = key + (tuple(model.attended_spans()), TORCH_COMPILE)
-    if key not in functions:
-        if len(functions) >= _MAX_COMPILED:
-            functions.clear()
-        functions[key] = build()
-    return functions[key]
+    """The compiled function `key` of `model`, built once per span trimming
+    (see `keras_allattn.compiling.cached`)."""
+    return cached(model, "_generation_functions", key + (TORCH_COMPILE,), build)
 
 
 def get_sampler(sampler):
