@@ -19,13 +19,17 @@
 #          GPU at global batch 64, JAX, then PyTorch
 #          (loss_match and scaling.py checked on 8 virtual CPU devices)
 # Settings: TRAIN_SECONDS (text8, default 110), PTB_SECONDS (45),
-# PORTABLE=1 (multi: also the loss match through the portable path).
+# PORTABLE=1 (multi: also the loss match through the portable path),
+# LANE_GPUS (the GPUs of lanes 0 and 1, default "0 1": two phases can run
+# side by side on a four-GPU machine, e.g. LANE_GPUS="2 3" for the second),
+# NO_TRAIN_THROUGHPUT=1 (train: leave the throughput runs to `speed`).
 set -u
 phase=${1:?phase: train, multi or speed}
 out=${2:-${OUT:-/tmp/out}}
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-  --upgrade --target .site .whl/*.whl || exit 1
+# One install at a time when phases run side by side.
+flock .site.lock python3 -m pip install -q --no-index --no-deps --no-compile \
+  --no-cache-dir --upgrade --target .site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD/.site:$PWD TF_CPP_MIN_LOG_LEVEL=3
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -39,10 +43,13 @@ step() {  # name, timeout, command...: output in $out/name.txt, summary here
   echo "== $name rc=$? $((SECONDS - t0)) s"
   grep '^{' "$out/$name.txt" | tail -3 | cut -c1-900
   grep -m3 -E 'Error|error:|Traceback' "$out/$name.txt" | cut -c1-300
+  # Rows recorded so far come back even if the call is cut short.
+  cp benchmarks/RESULTS.md "$out/RESULTS.md"
 }
+read -r g0 g1 <<< "${LANE_GPUS:-0 1}"
 lanes() {  # runs lane0 and lane1, in parallel where there are two GPUs
   if [ "$gpus" -ge 2 ]; then
-    (CUDA_VISIBLE_DEVICES=0 lane0) & (CUDA_VISIBLE_DEVICES=1 lane1) & wait
+    (CUDA_VISIBLE_DEVICES=$g0 lane0) & (CUDA_VISIBLE_DEVICES=$g1 lane1) & wait
   else
     lane0; lane1
   fi
@@ -59,12 +66,14 @@ train)
   lane0() {
     step text8_allattn 330 env KERAS_BACKEND=jax $t8 --output "$out/text8_allattn"
     step ptb_allattn 130 env KERAS_BACKEND=jax $ptb --output "$out/ptb_allattn"
-    step jax_adaptive 140 env KERAS_BACKEND=jax $tp --span adaptive:1024 --implementation fused
+    [ -n "${NO_TRAIN_THROUGHPUT:-}" ] ||
+      step jax_adaptive 140 env KERAS_BACKEND=jax $tp --span adaptive:1024 --implementation fused
   }
   lane1() {
     step text8_transformer 330 env KERAS_BACKEND=jax $t8 --transformer --output "$out/text8_transformer"
     step ptb_transformer 130 env KERAS_BACKEND=jax $ptb --transformer --output "$out/ptb_transformer"
-    step jax_fixed1k 140 env KERAS_BACKEND=jax $tp --span fixed:1024 --implementation fused
+    [ -n "${NO_TRAIN_THROUGHPUT:-}" ] ||
+      step jax_fixed1k 140 env KERAS_BACKEND=jax $tp --span fixed:1024 --implementation fused
   }
   lanes
   # Bring back curve.json and spans.png only: checkpoints are too large,
