@@ -20,6 +20,7 @@
 #          (loss_match and scaling.py checked on 8 virtual CPU devices)
 # Settings: TRAIN_SECONDS (text8, default 110), PTB_SECONDS (45),
 # PORTABLE=1 (multi: also the loss match through the portable path),
+# NO_SCALING=1 (multi: the loss matches only),
 # LANE_GPUS (the GPUs of lanes 0 and 1, default "0 1": two phases can run
 # side by side on a four-GPU machine, e.g. LANE_GPUS="2 3" for the second),
 # NO_TRAIN_THROUGHPUT=1 (train: leave the throughput runs to `speed`).
@@ -45,6 +46,8 @@ step() {  # name, timeout, command...: output in $out/name.txt, summary here
   grep -m3 -E 'Error|error:|Traceback' "$out/$name.txt" | cut -c1-300
   # Rows recorded so far come back even if the call is cut short.
   cp benchmarks/RESULTS.md "$out/RESULTS.md"
+# The device tool returns a limited number of files: one archive.
+tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out"
 }
 read -r g0 g1 <<< "${LANE_GPUS:-0 1}"
 lanes() {  # runs lane0 and lane1, in parallel where there are two GPUs
@@ -86,17 +89,19 @@ multi)
       --steps 8 --warmup-steps 2 --implementation fused --record"
   step torch_loss_1gpu 80 env KERAS_BACKEND=torch $lm --save /tmp/one_gpu
   step torch_loss_2gpu 80 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 ${lm#python3 } --reference /tmp/one_gpu --plot "$out/torch_loss_match.png"
-  step torch_scaling_1 90 env KERAS_BACKEND=torch $sc
-  step torch_scaling_2 90 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 ${sc#python3 }
+  [ -n "${NO_SCALING:-}" ] ||
+    step torch_scaling_1 90 env KERAS_BACKEND=torch $sc
+  [ -n "${NO_SCALING:-}" ] ||
+    step torch_scaling_2 90 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 ${sc#python3 }
   step jax_loss_match 200 env KERAS_BACKEND=jax $lm --devices 2 --plot "$out/jax_loss_match.png"
-  step jax_scaling 200 env KERAS_BACKEND=jax $sc --devices 1,2
+  [ -n "${NO_SCALING:-}" ] ||
+    step jax_scaling 200 env KERAS_BACKEND=jax $sc --devices 1,2
   # The floor: the same one-GPU run twice.
   step torch_loss_repeat 100 env KERAS_BACKEND=torch ${lm/devices/repeat}
   step jax_loss_repeat 150 env KERAS_BACKEND=jax ${lm/devices/repeat}
   # PORTABLE=1: the match through the portable path too (no atomics).
   [ -n "${PORTABLE:-}" ] && step jax_loss_match_portable 200 env KERAS_BACKEND=jax \
-    ${lm/--implementation fused/--implementation portable} --devices 2
-  step jax_adaptive 100 env KERAS_BACKEND=jax $tp --span adaptive:1024 --implementation fused ;;
+    ${lm/--implementation fused/--implementation portable} --devices 2 ;;
 speed)
   lane0() {
     step jax_fixed 200 env KERAS_BACKEND=jax $tp --span fixed:2048 --implementation fused
@@ -132,3 +137,5 @@ multi8)
 *) echo "unknown phase $phase: train, multi, speed or multi8"; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
+# The device tool returns a limited number of files: one archive.
+tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out"
