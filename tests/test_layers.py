@@ -1,3 +1,5 @@
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -272,6 +274,28 @@ def test_dispatch_uses_the_portable_path_where_no_kernel_applies(rng):
             *args, implementation="fused", dropout_rate=0.1,
             dropout_seed=keras.random.SeedGenerator(1),
         )
+
+
+def test_deterministic_switch(monkeypatch):
+    from keras_allattn.ops import attention as attention_ops
+
+    monkeypatch.setattr(attention_ops, "_deterministic", None)
+    for value, expected in (("1", True), (" TRUE", True), ("0", False), ("", False)):
+        monkeypatch.setenv("KERAS_ALLATTN_DETERMINISTIC", value)
+        assert attention_ops.is_deterministic() is expected
+    monkeypatch.setenv("KERAS_ALLATTN_DETERMINISTIC", "sometimes")
+    with pytest.raises(ValueError, match="KERAS_ALLATTN_DETERMINISTIC='sometimes'"):
+        attention_ops.is_deterministic()
+    attention_ops.set_deterministic(True)  # overrides the environment
+    assert attention_ops.is_deterministic() is True
+    monkeypatch.delenv("KERAS_ALLATTN_DETERMINISTIC")
+    attention_ops.set_deterministic(False)
+    assert attention_ops.is_deterministic() is False
+    for bad in (1, "true", None, np.bool_(True)):
+        message = "`enabled` must be True or False.*" + re.escape(f"enabled={bad!r}")
+        with pytest.raises(ValueError, match=message):
+            attention_ops.set_deterministic(bad)
+    assert attention_ops.is_deterministic() is False
 
 
 def test_span_mask_gradient_passes_at_the_clip_ends():

@@ -132,11 +132,9 @@ def _vjp(fn, inputs, cotangent, dtype):
     return np.asarray(out), {NAMES[i]: np.asarray(g) for i, g in zip(present, grads)}
 
 
-@functools.lru_cache(maxsize=None)
-def results(name):
-    """(kernel, float64 reference, portable) outputs and gradients."""
+def _kernel(name):
+    """The interpreted kernel with the options of configuration `name`."""
     _, _, _, _, _, _, span, integration, options = CONFIGS[name]
-    inputs, cotangent = make_inputs(name)
     span_args = dict(max_span=MAX_SPAN if span else None, span_ramp=RAMP)
 
     def kernel(q, k, v, pos, mk, mv, z):
@@ -144,6 +142,17 @@ def results(name):
             q, k, v, pos, mk, mv, z, integration=integration,
             interpret=True, **span_args, **options,
         )
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def results(name):
+    """(kernel, float64 reference, portable) outputs and gradients."""
+    _, _, _, _, _, _, span, integration, _ = CONFIGS[name]
+    inputs, cotangent = make_inputs(name)
+    span_args = dict(max_span=MAX_SPAN if span else None, span_ramp=RAMP)
+    kernel = _kernel(name)
 
     def portable(q, k, v, pos, mk, mv, z):
         return portable_all_attention(
@@ -270,3 +279,44 @@ def test_span_gradient_at_the_clip_ends_matches_portable(integration):
     got = jax.grad(lambda z: loss(kernel, z))(z)
     want = jax.grad(lambda z: loss(portable_all_attention, z))(z)
     assert rel_err(np.asarray(got), np.asarray(want)) < TOL
+
+
+def test_deterministic_mode(monkeypatch):
+    """One d position_keys copy per dQ program (several query tiles each),
+    a config of its own (retraced), the same function."""
+    from keras_allattn.ops import attention
+    from keras_allattn.ops import pallas_attention
+
+    name = "joint_span_persistent"
+    _, _, _, h, _, _, _, integration, options = CONFIGS[name]
+    inputs, cotangent = make_inputs(name)
+    arrays = [None if x is None else jnp.asarray(x, jnp.float32) for x in inputs]
+    portable = results(name)[2]  # (cached in the default mode)
+    monkeypatch.setattr(attention, "_deterministic", None)
+    attention.set_deterministic(True)
+
+    def config(deterministic):
+        kwargs = dict(block_q=64, block_k=64, block_n=None, num_warps=4,
+                      num_stages=2, precision=None, num_programs=1024,
+                      backward_blocks=None)
+        kwargs.update(options)
+        cfg, _ = pallas_attention._prepare(
+            *arrays, max_span=MAX_SPAN, span_ramp=RAMP,
+            integration=integration, interpret=True,
+            deterministic=deterministic, **kwargs,
+        )
+        return cfg.dq
+
+    det, default = config(None), config(False)
+    assert det.deterministic and det != default
+    b = det.batch
+    groups = det.groups(det.nq)
+    assert groups > 1 and det.dp_copies == groups * h * b > default.dp_copies
+    copies = sorted(int(det.dp_copy(g, i, j)) for g in range(groups)
+                    for i in range(h) for j in range(b))
+    assert copies == list(range(det.dp_copies))
+
+    got = _vjp(_kernel(name), inputs, cotangent, jnp.float32)
+    _compare(got, portable)
+    with pytest.raises(ValueError, match="deterministic"):
+        config("yes")

@@ -263,3 +263,49 @@ def test_rejects_bad_arguments():
             t["query"], t["key"], t["value"], t["position_keys"],
             block_q=32, block_k=16,
         )
+
+
+
+def test_deterministic_mode(monkeypatch):
+    """One position-gradient buffer per dQ program: the same function (as
+    the other tests check the default mode), bitwise repeatable."""
+    from keras_allattn.ops import attention
+
+    # M = 37 in 16-query tiles: 3 programs per (batch row, head), each with
+    # its own buffer; the switch reaches the kernel without an argument.
+    b, m, h, a = 2, 37, 2, 50
+    inputs, grad = make_inputs(b, m, h, 16, a, 8, seed=6)
+    options = dict(max_span=MAX_SPAN, span_ramp=RAMP, integration="joint")
+    ref_out, ref_grads = run(
+        portable_all_attention, inputs, grad, torch.float32, **options
+    )
+    buffers = []
+    zeros = torch.zeros
+
+    def recording_zeros(*shape, **kwargs):  # keeps the (copies, A, D) buffer
+        tensor = zeros(*shape, **kwargs)
+        if tensor.ndim == 3 and tuple(tensor.shape[1:]) == (a, 16):
+            buffers.append(tensor)
+        return tensor
+
+    monkeypatch.setattr(attention, "_deterministic", None)
+    attention.set_deterministic(True)
+    monkeypatch.setattr(torch, "zeros", recording_zeros)
+    runs = [
+        run(triton_all_attention, inputs, grad, torch.float32,
+            block_q=16, block_k=16, **options)
+        for _ in range(2)
+    ]
+    # Every program filled its own copy.
+    assert [len(x) for x in buffers] == [3 * b * h] * 2
+    assert (buffers[0].flatten(1).abs().amax(1) > 0).all()
+    (out, grads), (again_out, again_grads) = runs
+    check(out, grads, ref_out, ref_grads, TOL)
+    assert torch.equal(out, again_out)
+    for name, value in grads.items():
+        assert torch.equal(value, again_grads[name]), name
+    with pytest.raises(ValueError, match="deterministic"):
+        triton_all_attention(
+            *(inputs[n].float() for n in ("query", "key", "value", "position_keys")),
+            deterministic="yes",
+        )

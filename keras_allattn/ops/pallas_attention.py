@@ -35,7 +35,8 @@ picks Mosaic GPU).
   over the query tiles that see them), a dQ kernel (query-tile programs
   looping over key tiles) that also produces d position_keys (each
   completed (BK, D) distance block added with a relaxed-ordering atomic into
-  one of several float32 copies, summed outside) and d span_ratio
+  one of several float32 copies, summed outside; in deterministic mode one
+  copy per program, see below) and d span_ratio
   (per-program partials: sum of dS (L/R)/m over the ramp, computed only in
   the key tiles whose distances reach the ramp), and a kernel for
   the persistent keys/values (persistent-tile programs looping over batch
@@ -65,6 +66,20 @@ last read, by at least one barrier. The scratch is indexed by program, and
 each program loops over several tiles, so its size is
 (programs x BQ x ring width), independent of A.
 
+Deterministic mode (`keras_allattn.ops.attention.set_deterministic`, read
+when the kernels are traced and kept in the static config). The copies of
+d position_keys are shared by programs that run at the same time, so the
+order of the float32 additions, hence the rounding, varies from run to run.
+In deterministic mode every dQ program adds into a copy of its own. A
+program adds to the same address again only from a later query tile of its
+loop, after a CTA barrier, so its additions come in a fixed order; the
+copies are then summed in a fixed order outside. This lifts the `_DP_BYTES`
+cap: `groups * H * B` copies of `p_rows * D * 4` bytes (`p_rows`: A plus
+the zero padding), e.g. 1024 x 0.77 MiB = 784 MiB for B = 64, H = 8,
+M = 512, A = 2048, D = 64 with the default tiles (256 MiB otherwise). The
+other backward outputs are already written once per program (partials
+summed outside).
+
 The span gradient is that of the log-space form: where `z L` is an integer,
 a distance enters the span with `m = 0+` and the derivative in `z` jumps
 (one-sided derivatives differ); float32 rounding then decides the side, for
@@ -81,6 +96,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from keras_allattn.ops.attention import is_deterministic
+
 INTEGRATIONS = ("joint", "separate")
 
 # Initial running maximum: finite, so that a row whose logits in a tile are
@@ -90,7 +107,7 @@ _M_INIT = -1e30
 _DEFAULT_PROGRAMS = 1024
 # Memory for the copies of the d position_keys accumulator: program
 # (b, h) adds into copy (b H + h) mod copies, so that programs running at the
-# same time rarely add to the same addresses.
+# same time rarely add to the same addresses. Deterministic mode ignores it.
 _DP_BYTES = 256 * 2**20
 # Profiling switches (read when kernels are traced; benchmarks only).
 _DEBUG = {"skip_dp_atomics": False, "dp_copies": None, "acq_rel_atomics": False}
@@ -122,6 +139,9 @@ class _Config:
     dq_blocks: tuple = (None, None, None, None)
     # Zero rows before/after P^T: the maximum over the kernels' tiles.
     pads: tuple = (None, None)
+    # One d position_keys copy per dQ program (part of the static config,
+    # so that a change of mode retraces).
+    deterministic: bool = False
 
     # Derived sizes ------------------------------------------------------
     @property
@@ -204,10 +224,19 @@ class _Config:
 
     @property
     def dp_copies(self):
+        """Copies of d position_keys for the dQ kernel's programs."""
+        if self.deterministic:  # one per program of the (groups, H, B) grid
+            return self.groups(self.nq) * self.heads * self.batch
         if _DEBUG["dp_copies"]:
             return int(_DEBUG["dp_copies"])
         per_copy = self.p_rows * self.head_dim * 4
         return int(max(1, min(self.batch * self.heads, _DP_BYTES // per_copy)))
+
+    def dp_copy(self, g, h, b):
+        """The copy that program (g, h, b) of the dQ kernel adds into."""
+        if self.deterministic:
+            return (g * self.heads + h) * self.batch + b
+        return lax.rem(b * self.heads + h, self.dp_copies)
 
     def compiler_params(self):
         return plt.CompilerParams(
@@ -643,7 +672,7 @@ def _dq_kernel(cfg, *refs):
     z = r["z"][h].astype(jnp.float32) if cfg.has_span else None
     rmax = _span_limit(z, cfg)
     ring_idx = (g, h, b)
-    copy = lax.rem(b * cfg.heads + h, cfg.dp_copies)
+    copy = cfg.dp_copy(g, h, b)
     ar = lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     bc = lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
 
@@ -1000,6 +1029,7 @@ def pallas_all_attention(
     precision=None,
     num_programs=_DEFAULT_PROGRAMS,
     backward_blocks=None,
+    deterministic=None,
 ):
     """Fused all-attention (no dropout) with Pallas kernels, JAX backend.
 
@@ -1033,6 +1063,9 @@ def pallas_all_attention(
             `(block_q, block_k / 2, num_warps, num_stages + 1)` (tiles at
             least 16), the best of the shapes timed on an H100 for D = 64
             (with 64x64 forward tiles: dK/dV 32x64, dQ 64x32 with 3 stages).
+        deterministic: bitwise reproducible gradients at the memory cost
+            described in the module docstring; None: the mode of
+            `keras_allattn.ops.attention.is_deterministic()` when traced.
 
     Returns:
         (B, M, H, D) outputs in the dtype of `query`.
@@ -1041,7 +1074,7 @@ def pallas_all_attention(
         query, key, value, position_keys, persistent_keys, persistent_values,
         span_ratio, max_span, span_ramp, integration, interpret, block_q,
         block_k, block_n, num_warps, num_stages, precision, num_programs,
-        backward_blocks,
+        backward_blocks, deterministic,
     )
     return _attention(cfg, *args)
 
@@ -1050,9 +1083,16 @@ def _prepare(
     query, key, value, position_keys, persistent_keys, persistent_values,
     span_ratio, max_span, span_ramp, integration, interpret, block_q,
     block_k, block_n, num_warps, num_stages, precision, num_programs,
-    backward_blocks=None,
+    backward_blocks=None, deterministic=None,
 ):
     """Validates the arguments; returns the static config and kernel inputs."""
+    if deterministic is None:
+        deterministic = is_deterministic()
+    elif not isinstance(deterministic, bool):
+        raise ValueError(
+            "`deterministic` must be None, True or False. "
+            f"Received: deterministic={deterministic!r}"
+        )
     if integration not in INTEGRATIONS:
         raise ValueError(
             f"`integration` must be one of {INTEGRATIONS}. "
@@ -1136,6 +1176,7 @@ def _prepare(
         programs=int(num_programs),
         dkdv_blocks=dkdv_blocks,
         dq_blocks=dq_blocks,
+        deterministic=deterministic,
     )
     pads = [c.required_pads() for c in (cfg, cfg.dkdv, cfg.dq)]
     cfg = dataclasses.replace(

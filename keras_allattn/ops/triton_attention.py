@@ -24,8 +24,17 @@ dropout) on torch tensors, forward and backward, without materialising any
   keys/values (split over the batch, partial sums added outside). The
   position-key gradient `sum_{b,h,i} dS(i, r) q_i` is accumulated with
   float32 `tl.atomic_add` into a few replicated buffers (summed outside;
-  not bitwise deterministic); the span-ratio gradient is written as
-  per-program partials and summed outside.
+  not bitwise deterministic: concurrent programs add in varying order);
+  the span-ratio gradient is written as per-program partials and summed
+  outside.
+* deterministic mode (`keras_allattn.ops.attention.set_deterministic`,
+  read at each forward call): every dQ program gets a buffer of its own.
+  A program adds each distance column at most once (each chunk is
+  completed once), so every element receives one addition onto zero, and
+  the fixed-order sum outside makes the gradient bitwise reproducible. The
+  cost is `ceil(M / block_q) * B * H` float32 (A, D) buffers: 2 GiB for
+  B = 64, H = 8, M = 512, A = 2048, D = 64 and 64-query dQ tiles (4 MiB
+  otherwise). The other backward outputs are written once per program.
 * span-ratio gradient: `dz = (L/R) sum_r exp(s(r) - lse) (dP(r) - Delta)`
   over the distances whose unclipped mask `(R + z L - r + 1) / R` lies in
   [0, 1], boundaries included. Inside the ramp this is the log-space
@@ -47,6 +56,8 @@ from __future__ import annotations
 
 import math
 import threading
+
+from keras_allattn.ops.attention import is_deterministic
 
 INTEGRATIONS = ("joint", "separate")
 
@@ -301,8 +312,10 @@ def _bwd_dq_kernel(
     q = _load_rows(Q + b * s_qb + h * s_qh, i, s_qm, M, offs_d, D, BD)
     op_dtype = q.dtype
     # Programs spread their position-gradient atomics over REPLICAS copies
-    # (summed outside) so that concurrent programs contend less.
-    DPOS += (bh % REPLICAS) * A * D
+    # (summed outside) so that concurrent programs contend less. In
+    # deterministic mode REPLICAS is the number of programs: one each.
+    slot = (pid_q * tl.num_programs(1) + bh) % REPLICAS
+    DPOS += slot.to(tl.int64) * A * D
     do = _load_rows(DO + b * s_ob + h * s_oh, i, s_om, M, offs_d, D, BD)
     lse_c = tl.load(LSE_C + bh * M + i, mask=row_ok, other=0.0)
     del_c = tl.load(DEL_C + bh * M + i, mask=row_ok, other=0.0)
@@ -648,13 +661,17 @@ def _make_function(torch, triton):
             max_span, ramp = cfg["max_span"], cfg["span_ramp"]
 
             tiles = cfg["dq"]
-            replicas = cfg["replicas"]
-            if replicas is None:
-                replicas = 8 if dev.type == "cuda" else 1
-            replicas = max(1, min(int(replicas), B * H))
-            dq = torch.empty_like(q)
-            dpos = torch.zeros((replicas, A, D), device=dev, dtype=torch.float32)
             nq = triton.cdiv(M, tiles[0])
+            if cfg["deterministic"]:
+                replicas = nq * B * H
+            else:
+                replicas = cfg["replicas"]
+                if replicas is None:
+                    replicas = 8 if dev.type == "cuda" else 1
+                replicas = max(1, min(int(replicas), B * H))
+            dq = torch.empty_like(q)
+            dpos = torch.zeros((replicas if need_dpos else 1, A, D), device=dev,
+                               dtype=torch.float32)
             dzp = torch.zeros((B * H * nq,), device=dev, dtype=torch.float32)
             _bwd_dq_kernel[(nq, B * H)](
                 q, k, v, pos, mk_arg, mv_arg, z_arg, do, lse_c, lse_p, del_c, del_p,
@@ -772,6 +789,7 @@ def triton_all_attention(
     persistent_split=None,
     position_grad_replicas=None,
     fp32_precision="ieee",
+    deterministic=None,
 ):
     """Fused all-attention (SPEC §1, no dropout) on torch tensors.
 
@@ -799,10 +817,14 @@ def triton_all_attention(
         persistent_split: batch split of the persistent-gradient kernel
             (default: about 4 programs per multiprocessor).
         position_grad_replicas: copies of the position-gradient buffer the
-            dQ programs spread their atomics over (default 8 on CUDA).
+            dQ programs spread their atomics over (default 8 on CUDA;
+            ignored in deterministic mode: one per program).
         fp32_precision: `tl.dot` input precision for float32 inputs
             ("ieee" for exact float32, "tf32" for speed). bf16/fp16 inputs
             use their tensor-core path with float32 accumulation.
+        deterministic: bitwise reproducible gradients at the memory cost
+            described in the module docstring; None: the mode of
+            `keras_allattn.ops.attention.is_deterministic()` at this call.
 
     Returns:
         (B, M, H, D) in the dtype of `query`. Differentiable in `query`,
@@ -838,6 +860,13 @@ def triton_all_attention(
             raise ValueError("Persistent keys/values must have shape (H, N, D).")
     if span_ratio is not None and tuple(span_ratio.shape) != (H,):
         raise ValueError(f"`span_ratio` must have shape {(H,)}.")
+    if deterministic is None:
+        deterministic = is_deterministic()
+    elif not isinstance(deterministic, bool):
+        raise ValueError(
+            "`deterministic` must be None, True or False. "
+            f"Received: deterministic={deterministic!r}"
+        )
     forward = _tiles("forward", (block_q, block_k, num_warps, num_stages), ())
     backward = dict(backward or {})
     unknown = set(backward) - {"dq", "dkdv", "persistent"}
@@ -851,6 +880,7 @@ def triton_all_attention(
         "persistent_split": persistent_split,
         "replicas": position_grad_replicas,
         "prec": _precision(fp32_precision),
+        "deterministic": deterministic,
     }
     for name in ("dq", "dkdv", "persistent"):
         cfg[name] = _tiles(name, backward.get(name, forward), forward)
