@@ -25,13 +25,26 @@ difference of the step losses, the first and last losses of each run.
       KERAS_BACKEND=torch torchrun --nproc_per_node 2 benchmarks/loss_match.py \\
           --compare devices --reference /tmp/one_gpu
 
+  (`--deterministic` goes on both PyTorch commands: the saved run records
+  its mode and the torchrun launch refuses a reference of the other mode.)
+
 - `--compare repeat`: the same one-device run twice (`--implementation`
   as given): the floor below which the other comparisons cannot go where
   the kernels are not bitwise reproducible (the fused backward adds the
-  position-key gradient with atomics).
+  position-key gradient with atomics; 0 with `--deterministic`).
 
 Dropout is off (`--dropout 0`), so the two runs differ only by the
 arithmetic (kernel, or the split of the batch and the gradient all-reduce).
+
+`--deterministic` makes each run bitwise reproducible on a GPU (so that
+`--compare repeat` gives 0 and the other comparisons show only their own
+differences): the kernels' deterministic mode
+(`keras_allattn.ops.attention.set_deterministic`), and the backend's own
+switches, set before the backend starts: on JAX
+`XLA_FLAGS=--xla_gpu_deterministic_ops=true`, on PyTorch
+`CUBLAS_WORKSPACE_CONFIG=:4096:8` and
+`torch.use_deterministic_algorithms(True, warn_only=True)`. The JSON line
+and the recorded row say which mode ran.
 `--record` appends a row to benchmarks/RESULTS.md; `--plot PNG` draws both
 loss curves.
 """
@@ -42,20 +55,44 @@ import json
 import lzma
 import os
 import pathlib
+import sys
 
-import keras
-import numpy as np
+# The JAX GPU client reads XLA_FLAGS, and cuBLAS its workspace setting, when
+# they start: `--deterministic` sets them before `keras` imports its backend.
+XLA_DETERMINISTIC = "--xla_gpu_deterministic_ops=true"
 
-import throughput
-from _common import commit
-from _common import device_name
-from keras_allattn.data import StreamBatcher
-from keras_allattn.distribution import DataParallelTrainer
-from keras_allattn.distribution import plan_data_parallel
-from keras_allattn.distribution import use_virtual_cpu_devices
-from keras_allattn.presets import get_preset
-from keras_allattn.training import optimizer_from_recipe
-from keras_allattn.training import scale_recipe
+
+def deterministic_environment():
+    """The backends' determinism switches that must precede their start."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if XLA_DETERMINISTIC not in flags.split():
+        os.environ["XLA_FLAGS"] = f"{flags} {XLA_DETERMINISTIC}".strip()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def _wants_deterministic(argv):
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--deterministic", action="store_true")
+    return early.parse_known_args(argv)[0].deterministic
+
+
+if __name__ == "__main__" and _wants_deterministic(sys.argv[1:]):
+    deterministic_environment()
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import throughput  # noqa: E402
+from _common import commit  # noqa: E402
+from _common import device_name  # noqa: E402
+from keras_allattn.data import StreamBatcher  # noqa: E402
+from keras_allattn.distribution import DataParallelTrainer  # noqa: E402
+from keras_allattn.distribution import plan_data_parallel  # noqa: E402
+from keras_allattn.distribution import use_virtual_cpu_devices  # noqa: E402
+from keras_allattn.ops.attention import set_deterministic  # noqa: E402
+from keras_allattn.presets import get_preset  # noqa: E402
+from keras_allattn.training import optimizer_from_recipe  # noqa: E402
+from keras_allattn.training import scale_recipe  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "RESULTS.md"
 
@@ -86,6 +123,8 @@ def parse_args():
     parser.add_argument("--save", help="torch, one process: save weights and losses here")
     parser.add_argument("--reference", help="torch under torchrun: the --save folder")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--deterministic", action="store_true",
+                        help="bitwise reproducible runs (kernels and backend)")
     parser.add_argument("--plot", help="write both loss curves to this PNG")
     parser.add_argument("--record", action="store_true")
     return parser.parse_args()
@@ -164,10 +203,12 @@ def report(args, names, runs, config):
         "mean_rel_diff": mean,
         "first_losses": [round(losses_a[0], 4), round(losses_b[0], 4)],
         "last_losses": [round(losses_a[-1], 4), round(losses_b[-1], 4)],
+        "deterministic": args.deterministic,
         "settings": (
             f"preset {args.preset}, layers {config['num_layers']}, span "
             f"{args.span}, global batch {args.batch_size}, block "
             f"{config['block_size']}, {args.dtype}, dropout {args.dropout}, "
+            f"deterministic {'on' if args.deterministic else 'off'}, "
             f"{os.path.basename(args.data)}"
         ),
     }
@@ -200,6 +241,13 @@ def report(args, names, runs, config):
 
 def main():
     args = parse_args()
+    if args.deterministic:
+        deterministic_environment()  # (done at start when run as a script)
+        set_deterministic(True)
+        if keras.backend.backend() == "torch":
+            import torch
+
+            torch.use_deterministic_algorithms(True, warn_only=True)
     if args.cpu_devices:
         use_virtual_cpu_devices(args.cpu_devices)
     tokens = read_tokens(args.data)
@@ -229,12 +277,26 @@ def main():
         np.savez(os.path.join(args.save, "weights.npz"), *initial)
         with open(os.path.join(args.save, "losses.json"), "w") as f:
             json.dump(losses, f)
-        print(json.dumps({"saved": args.save, "losses": losses[:3] + losses[-3:]}))
+        with open(os.path.join(args.save, "settings.json"), "w") as f:
+            json.dump({"deterministic": args.deterministic}, f)
+        print(json.dumps({"saved": args.save, "losses": losses[:3] + losses[-3:],
+                          "deterministic": args.deterministic}))
     elif backend == "torch":
         with np.load(os.path.join(args.reference, "weights.npz")) as f:
             initial = [f[f"arr_{i}"] for i in range(len(f.files))]
         with open(os.path.join(args.reference, "losses.json")) as f:
             reference = json.load(f)
+        saved = os.path.join(args.reference, "settings.json")
+        saved_mode = False  # folders saved before the flag existed
+        if os.path.exists(saved):
+            with open(saved) as f:
+                saved_mode = json.load(f)["deterministic"]
+        if saved_mode != args.deterministic:
+            raise SystemExit(
+                f"--reference {args.reference} was saved with deterministic="
+                f"{saved_mode}; this run has deterministic={args.deterministic}: "
+                "pass --deterministic to both runs or to neither"
+            )
         losses, _, n, config = run(args, tokens, args.implementation, weights=initial)
         if int(os.environ.get("RANK", "0")) == 0:
             report(args, ["1 device", f"{n} devices"], [reference, losses], config)
