@@ -14,6 +14,8 @@
 #          per GPU), JAX and PyTorch (issue 7)
 #   speed  training throughput per backend and span setting, the adaptive
 #          softmax memory, fused vs portable loss curves (issues 4 and 6)
+#   match  the loss matches of `multi` with deterministic kernels, and the
+#          run-to-run floor; on four GPUs also scaling over 1, 2, 4 GPUs
 #   multi8 on a 4- or 8-GPU machine: scaling over 1, 2, 4, 8 GPUs (batch 64
 #          per GPU) and the first 200 step losses of 8 GPUs against one
 #          GPU at global batch 64, JAX, then PyTorch
@@ -46,8 +48,6 @@ step() {  # name, timeout, command...: output in $out/name.txt, summary here
   grep -m3 -E 'Error|error:|Traceback' "$out/$name.txt" | cut -c1-300
   # Rows recorded so far come back even if the call is cut short.
   cp benchmarks/RESULTS.md "$out/RESULTS.md"
-# The device tool returns a limited number of files: one archive.
-tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out"
 }
 read -r g0 g1 <<< "${LANE_GPUS:-0 1}"
 lanes() {  # runs lane0 and lane1, in parallel where there are two GPUs
@@ -134,8 +134,33 @@ multi8)
   for n in ${counts//,/ }; do
     [ "$n" -gt 1 ] && step "torch_scaling_$n" 120 env KERAS_BACKEND=torch torchrun --nproc_per_node "$n" ${sc#python3 }
   done ;;
-*) echo "unknown phase $phase: train, multi, speed or multi8"; exit 2 ;;
+match)
+  # Deterministic kernels (one position-gradient buffer per program) and
+  # backend switches: 1 vs 2 GPUs and the run-to-run floor, side by side on
+  # a four-GPU machine, then the scaling rows a four-GPU machine adds.
+  lm="python3 benchmarks/loss_match.py --compare devices --steps 50 --record
+      --data .data/enwik8-head/enwik8-head.txt.xz --implementation fused --deterministic"
+  pair() {
+    step torch_loss_1gpu 80 env KERAS_BACKEND=torch $lm --save /tmp/one_gpu
+    step torch_loss_2gpu 80 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 ${lm#python3 } --reference /tmp/one_gpu --plot "$out/torch_loss_match.png"
+    step jax_loss_match 200 env KERAS_BACKEND=jax $lm --devices 2 --plot "$out/jax_loss_match.png"
+  }
+  if [ "$gpus" -ge 4 ]; then
+    (export CUDA_VISIBLE_DEVICES=0,1; pair) &
+    (export CUDA_VISIBLE_DEVICES=2; step jax_loss_repeat 150 env KERAS_BACKEND=jax ${lm/devices/repeat}) &
+    (export CUDA_VISIBLE_DEVICES=3; step torch_loss_repeat 100 env KERAS_BACKEND=torch ${lm/devices/repeat}) &
+    wait
+    sc="python3 benchmarks/scaling.py --preset enwik8_small --batch-per-device 64
+        --steps 8 --warmup-steps 2 --implementation fused --record"
+    step jax_scaling 200 env KERAS_BACKEND=jax $sc --devices 1,2,4
+    step torch_scaling_4 100 env KERAS_BACKEND=torch torchrun --nproc_per_node 4 ${sc#python3 }
+  else
+    pair
+    step jax_loss_repeat 150 env KERAS_BACKEND=jax ${lm/devices/repeat}
+    step torch_loss_repeat 100 env KERAS_BACKEND=torch ${lm/devices/repeat}
+  fi ;;
+*) echo "unknown phase $phase: train, multi, speed, match or multi8"; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
-# The device tool returns a limited number of files: one archive.
-tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out"
+# The device tool returns a limited number of files: the logs in one archive.
+tar czf "$out/logs.tgz" -C "$out" --remove-files $(cd "$out" && ls *.txt)
