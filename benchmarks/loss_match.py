@@ -2,7 +2,8 @@
 
 Trains AllAttentionLM twice from identical initial weights on the same
 contiguous streams of a real corpus (the preset's recipe optimizer, fitted
-to the run: warm-up over a tenth of it) and compares the loss of every
+to the run by `scale_recipe`: Adagrad warms up over three times the run,
+Adam over a tenth of it) and compares the loss of every
 step. One JSON line per comparison: the largest and mean relative
 difference of the step losses, the first and last losses of each run.
 
@@ -32,6 +33,13 @@ difference of the step losses, the first and last losses of each run.
   as given): the floor below which the other comparisons cannot go where
   the kernels are not bitwise reproducible (the fused backward adds the
   position-key gradient with atomics; 0 with `--deterministic`).
+
+- `--compare perturbed`: the same one-device run twice, the second from
+  initial weights each moved by one float32 unit in the last place (up or
+  down at random, a relative change of about 6e-8): how far this recipe's
+  training carries last-bit differences, such as those of another batch
+  split, in the given number of steps. With `--deterministic` any
+  difference comes from the nudge alone.
 
 Dropout is off (`--dropout 0`), so the two runs differ only by the
 arithmetic (kernel, or the split of the batch and the gradient all-reduce).
@@ -100,7 +108,7 @@ RESULTS = pathlib.Path(__file__).parent / "RESULTS.md"
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compare", required=True,
-                        choices=["implementations", "devices", "repeat"])
+                        choices=["implementations", "devices", "repeat", "perturbed"])
     parser.add_argument("--data", default="../shared/data/enwik8-head/enwik8-head.txt.xz",
                         help="a byte-level corpus file (.xz allowed)")
     parser.add_argument("--preset", default="enwik8_small")
@@ -184,15 +192,28 @@ def run(args, tokens, implementation, devices=None, weights=None):
     return losses, initial, replicas, config
 
 
+def nudge(weights, seed):
+    """Each element moved by one float32 ulp, up or down at random."""
+    rng = np.random.default_rng(seed + 1)
+    moved = []
+    for w in weights:
+        w = np.asarray(w, np.float32)
+        direction = np.where(rng.random(w.shape) < 0.5, -np.inf, np.inf).astype(np.float32)
+        moved.append(np.nextafter(w, direction))
+    return moved
+
+
 def compare(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     rel = np.abs(a - b) / np.abs(a)
-    return float(rel.max()), float(rel.mean())
+    over = np.nonzero(rel >= 1e-3)[0]
+    leading = int(over[0]) if over.size else len(rel)
+    return float(rel.max()), float(rel.mean()), leading
 
 
 def report(args, names, runs, config):
     (name_a, losses_a), (name_b, losses_b) = zip(names, runs)
-    worst, mean = compare(losses_a, losses_b)
+    worst, mean, leading = compare(losses_a, losses_b)
     result = {
         "benchmark": "loss_match",
         "compare": f"{name_a} vs {name_b}",
@@ -201,6 +222,7 @@ def report(args, names, runs, config):
         "steps": args.steps,
         "max_rel_diff": worst,
         "mean_rel_diff": mean,
+        "leading_steps_within_1e-3": leading,
         "first_losses": [round(losses_a[0], 4), round(losses_b[0], 4)],
         "last_losses": [round(losses_a[-1], 4), round(losses_b[-1], 4)],
         "deterministic": args.deterministic,
@@ -219,13 +241,22 @@ def report(args, names, runs, config):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, (ax, ax_rel) = plt.subplots(1, 2, figsize=(11, 4))
+        steps = np.arange(1, len(losses_a) + 1)
         for name, losses in ((name_a, losses_a), (name_b, losses_b)):
-            ax.plot(np.arange(1, len(losses) + 1), losses, label=name)
+            ax.plot(steps, losses, label=name)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (nats)")
         ax.set_title(f"{result['backend']}, max rel. diff {worst:.1e}")
         ax.legend()
+        a, b = np.asarray(losses_a, np.float64), np.asarray(losses_b, np.float64)
+        # Steps with equal losses sit at the bottom of the log axis.
+        ax_rel.semilogy(steps, np.maximum(np.abs(a - b) / np.abs(a), 1e-9), ".-")
+        ax_rel.axhline(1e-3, color="gray", linestyle="--", label="1e-3")
+        ax_rel.set_xlabel("step")
+        ax_rel.set_ylabel("relative difference of the step losses")
+        ax_rel.set_title(f"first {leading} steps within 1e-3")
+        ax_rel.legend()
         fig.tight_layout()
         fig.savefig(args.plot, dpi=110)
     if args.record:
@@ -234,7 +265,8 @@ def report(args, names, runs, config):
                 f"| {datetime.date.today()} | loss_match {result['compare']} | "
                 f"{result['device']} | {result['backend']} | {commit()} | step "
                 f"losses over {args.steps} steps: max rel. diff {worst:.2e}, mean "
-                f"{mean:.2e}; last {result['last_losses'][0]} / "
+                f"{mean:.2e}, first {leading} steps within 1e-3; last "
+                f"{result['last_losses'][0]} / "
                 f"{result['last_losses'][1]} | {result['settings']} |\n"
             )
 
@@ -256,6 +288,11 @@ def main():
         first, initial, _, config = run(args, tokens, args.implementation)
         second, _, _, _ = run(args, tokens, args.implementation, weights=initial)
         report(args, ["run 1", "run 2"], [first, second], config)
+    elif args.compare == "perturbed":
+        first, initial, _, config = run(args, tokens, args.implementation)
+        second, _, _, _ = run(args, tokens, args.implementation,
+                              weights=nudge(initial, args.seed))
+        report(args, ["run 1", "run 2 (weights +-1 ulp)"], [first, second], config)
     elif args.compare == "implementations":
         first, initial, _, config = run(args, tokens, "portable")
         second, _, _, _ = run(args, tokens, "fused", weights=initial)
