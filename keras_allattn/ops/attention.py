@@ -105,6 +105,18 @@ def is_deterministic():
         ) from None
 
 
+def resolve_deterministic(deterministic):
+    """A kernel's `deterministic` argument: None means `is_deterministic()`."""
+    if deterministic is None:
+        return is_deterministic()
+    if not isinstance(deterministic, bool):
+        raise ValueError(
+            "`deterministic` must be None, True or False. "
+            f"Received: deterministic={deterministic!r}"
+        )
+    return deterministic
+
+
 def span_mask(span_ratio, max_span, span_ramp, length):
     """Soft adaptive-span mask over the `length` most recent distances.
 

@@ -96,7 +96,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from keras_allattn.ops.attention import is_deterministic
+from keras_allattn.ops.attention import resolve_deterministic
 
 INTEGRATIONS = ("joint", "separate")
 
@@ -1086,13 +1086,7 @@ def _prepare(
     backward_blocks=None, deterministic=None,
 ):
     """Validates the arguments; returns the static config and kernel inputs."""
-    if deterministic is None:
-        deterministic = is_deterministic()
-    elif not isinstance(deterministic, bool):
-        raise ValueError(
-            "`deterministic` must be None, True or False. "
-            f"Received: deterministic={deterministic!r}"
-        )
+    deterministic = resolve_deterministic(deterministic)
     if integration not in INTEGRATIONS:
         raise ValueError(
             f"`integration` must be one of {INTEGRATIONS}. "

@@ -57,7 +57,7 @@ from __future__ import annotations
 import math
 import threading
 
-from keras_allattn.ops.attention import is_deterministic
+from keras_allattn.ops.attention import resolve_deterministic
 
 INTEGRATIONS = ("joint", "separate")
 
@@ -860,13 +860,7 @@ def triton_all_attention(
             raise ValueError("Persistent keys/values must have shape (H, N, D).")
     if span_ratio is not None and tuple(span_ratio.shape) != (H,):
         raise ValueError(f"`span_ratio` must have shape {(H,)}.")
-    if deterministic is None:
-        deterministic = is_deterministic()
-    elif not isinstance(deterministic, bool):
-        raise ValueError(
-            "`deterministic` must be None, True or False. "
-            f"Received: deterministic={deterministic!r}"
-        )
+    deterministic = resolve_deterministic(deterministic)
     forward = _tiles("forward", (block_q, block_k, num_warps, num_stages), ())
     backward = dict(backward or {})
     unknown = set(backward) - {"dq", "dkdv", "persistent"}
