@@ -27,7 +27,7 @@
 # side by side on a four-GPU machine, e.g. LANE_GPUS="2 3" for the second),
 # NO_TRAIN_THROUGHPUT=1 (train: leave the throughput runs to `speed`).
 set -u
-phase=${1:?phase: train, multi or speed}
+phase=${1:?phase: train, multi, speed, match or multi8}
 out=${2:-${OUT:-/tmp/out}}
 mkdir -p "$out"
 # One install at a time when phases run side by side.
@@ -162,5 +162,8 @@ match)
 *) echo "unknown phase $phase: train, multi, speed, match or multi8"; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
-# The device tool returns a limited number of files: the logs in one archive.
-tar czf "$out/logs.tgz" -C "$out" --remove-files $(cd "$out" && ls *.txt)
+# The device tool returns a limited number of files: RESULTS.md and the
+# plots as they are, the logs and run folders (curve.json, spans.png) in one
+# archive.
+rest=$(cd "$out" && ls | grep -v -e '^RESULTS.md$' -e '\.png$')
+[ -n "$rest" ] && tar czf "$out/logs.tgz" -C "$out" --remove-files $rest
