@@ -60,6 +60,9 @@ def parse_args():
                         help="compile's jit_compile; auto: on except on "
                         "PyTorch, where torch.compile recompiles the "
                         "functional model's call many times")
+    parser.add_argument("--span-granularity", type=int, default=None,
+                        help="adaptive span: the model's span_granularity "
+                             "(memory trimming step; default the model's, 256)")
     parser.add_argument("--compare-transformer", action="store_true",
                         help="also time the Transformer baseline (12 layers, "
                         "feed-forward 2048, no persistent vectors)")
@@ -139,7 +142,8 @@ def build(args, transformer, optimizer=None):
                       persistent_memory_size=0)
     for key, value in (("batch_size", args.batch_size),
                        ("block_size", args.block_size),
-                       ("num_layers", args.layers)):
+                       ("num_layers", args.layers),
+                       ("span_granularity", args.span_granularity)):
         if value is not None:
             config[key] = value
     remat = {"on": True, "off": False,
@@ -209,6 +213,7 @@ def measure(args, transformer=False):
         "num_layers": model.num_layers,
         "mean_span": round(float(spans.mean()), 1),
         "attended_spans": sorted(set(model.attended_spans())),
+        "span_granularity": model.span_granularity,
         "dropout": args.dropout,
         "steps": args.steps,
         "tokens_per_s": round(tokens_per_s),
@@ -227,7 +232,8 @@ def record(result):
         f"{result['backend']} | {commit()} | {result['tokens_per_s']:,} tokens/s, "
         f"peak {result['peak_memory_gib']} GiB, MFU {result['mfu']} | "
         f"{result['model']}, preset {result['preset']}, span {result['span']} "
-        f"(mean {result['mean_span']}), batch {result['batch_size']}, block "
+        f"(mean {result['mean_span']}, attended {result['attended_spans']}, "
+        f"granularity {result['span_granularity']}), batch {result['batch_size']}, block "
         f"{result['block_size']}, layers {result['num_layers']}, "
         f"{result['dtype_policy']}, implementation {result['implementation']}, "
         f"remat {result['remat']}, jit_compile {result['jit_compile']}, "
