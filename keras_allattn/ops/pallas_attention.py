@@ -29,7 +29,10 @@ picks Mosaic GPU).
 * forward: one program per (query-tile group, head, batch row); it loops over
   its query tiles, and for each over the key tiles inside the head's span
   (loop bounds computed in the kernel from `z_h`, so the cost follows the
-  learned span), then over the persistent tiles.
+  learned span), then over the persistent tiles. Every kernel adds the
+  span mask's logarithm only in the key tiles whose distances pass the
+  mask's flat part (`r > z L`); tiles wholly inside it skip that second
+  transcendental per score.
 * backward, flash-attention style recomputation from the saved log-sum-exp
   (and `delta = rowsum(dO * O)`): a dK/dV kernel (key-tile programs looping
   over the query tiles that see them), a dQ kernel (query-tile programs
@@ -377,9 +380,13 @@ def _span_limit(z, cfg):
     return lim.astype(jnp.int32)
 
 
-def _context_logits(s, i, j, z, cfg):
-    """Scaled logits with masks; returns (t, valid, raw) where raw is the
-    unclipped span mask value (None without span)."""
+def _context_logits(s, i0, j0, z, cfg):
+    """Scaled logits of the (BQ, BK) tile of queries `i0 + a` and keys
+    `j0 + b`, with masks; returns (t, valid, raw) where raw is the unclipped
+    span mask value (None without span)."""
+    bq, bk = s.shape
+    i = i0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    j = j0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
     r = cfg.length + i - j
     valid = (r >= 1) & (r <= cfg.length) & (i < cfg.queries)
     t = s * cfg.scale
@@ -388,7 +395,17 @@ def _context_logits(s, i, j, z, cfg):
         raw = (cfg.span_ramp + z * cfg.max_span - r.astype(jnp.float32) + 1.0)
         raw = raw / cfg.span_ramp
         valid = valid & (raw > 0.0)
-        t = t + jnp.log(jnp.clip(raw, 1e-30, 1.0))
+        # The mask is 1 up to distance z L + 1: a tile whose largest distance
+        # stays within z L (one token of slack for rounding) adds log 1 = 0
+        # and skips the logarithm, a second transcendental per score next to
+        # the softmax's exponential.
+        r_hi = (cfg.length + i0 + bq - 1 - j0).astype(jnp.float32)
+        t = lax.cond(
+            r_hi > z * cfg.max_span,
+            lambda t: t + jnp.log(jnp.clip(raw, 1e-30, 1.0)),
+            lambda t: t,
+            t,
+        )
     t = jnp.where(valid, t, -jnp.inf)
     return t, valid, raw
 
@@ -530,9 +547,6 @@ def _fwd_kernel(cfg, *refs):
             store_qp(kt_lo - cfg.nb + u)
         _barrier(cfg)
 
-        ar = lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-        bc = lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-
         def key_body(kt, state):
             _barrier(cfg)
             store_qp(kt + cfg.lag)
@@ -541,7 +555,7 @@ def _fwd_kernel(cfg, *refs):
             kb = _load_rows(r["k"], b, j0, h, bk, cfg.total)
             vb = _load_rows(r["v"], b, j0, h, bk, cfg.total)
             s = _dot_nt(q, kb, cfg) + spos
-            t, _, _ = _context_logits(s, i0 + ar, j0 + bc, z, cfg)
+            t, _, _ = _context_logits(s, i0, j0, z, cfg)
             return _online_update(state, t, vb, cfg)
 
         init = (
@@ -640,7 +654,7 @@ def _dkdv_kernel(cfg, *refs):
             lse = _load_vec(r["lse"], b, h, i0, bq, cfg.queries)
             delta = _load_vec(r["delta"], b, h, i0, bq, cfg.queries)
             s = _dot_nt(q, kb, cfg) + spos
-            t, valid, _ = _context_logits(s, i0 + ar, j0 + bc, z, cfg)
+            t, valid, _ = _context_logits(s, i0, j0, z, cfg)
             p = jnp.where(valid, jnp.exp(t - lse[:, None]), 0.0)
             dv = dv + _dot_tn(p.astype(do.dtype), do, cfg)
             dp = _dot_nt(do, vb, cfg)
@@ -731,7 +745,7 @@ def _dq_kernel(cfg, *refs):
             kb = _load_rows(r["k"], b, j0, h, bk, cfg.total)
             vb = _load_rows(r["v"], b, j0, h, bk, cfg.total)
             s = _dot_nt(q, kb, cfg) + spos
-            t, valid, raw = _context_logits(s, i0 + ar, j0 + bc, z, cfg)
+            t, valid, raw = _context_logits(s, i0, j0, z, cfg)
             p = jnp.where(valid, jnp.exp(t - lse[:, None]), 0.0)
             dp = _dot_nt(do, vb, cfg)
             ds = p * (dp - delta[:, None])
