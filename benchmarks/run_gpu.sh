@@ -14,6 +14,8 @@
 #          per GPU), JAX and PyTorch (issue 7)
 #   speed  training throughput per backend and span setting, the adaptive
 #          softmax memory, fused vs portable loss curves (issues 4 and 6)
+#   kernels per-kernel times (Pallas --profile, Triton kernel check), the
+#          cost of the deterministic mode, adaptive vs fixed 1024 (issue 4)
 #   match  the loss matches of `multi` with deterministic kernels next to
 #          the same one-GPU run from weights moved by one ulp (how far the
 #          recipe carries a last-bit difference; deterministic repeats gave
@@ -31,7 +33,7 @@
 # side by side on a four-GPU machine, e.g. LANE_GPUS="2 3" for the second),
 # NO_TRAIN_THROUGHPUT=1 (train: leave the throughput runs to `speed`).
 set -u
-phase=${1:?phase: train, multi, speed, match or multi8}
+phase=${1:?phase: train, multi, speed, kernels, match or multi8}
 out=${2:-${OUT:-/tmp/out}}
 mkdir -p "$out"
 # One install at a time when phases run side by side.
@@ -139,6 +141,27 @@ multi8)
   for n in ${counts//,/ }; do
     [ "$n" -gt 1 ] && step "torch_scaling_$n" 120 env KERAS_BACKEND=torch torchrun --nproc_per_node "$n" ${sc#python3 }
   done ;;
+kernels)
+  # Where the step time goes, per kernel (forward, dK/dV, dQ, persistent),
+  # and what the deterministic mode costs; the adaptive vs fixed-1024 pair
+  # times the Pallas kernels' skipped mask logarithm (a042cd6).
+  lane0() {
+    step pallas_profile 300 env KERAS_BACKEND=jax python3 benchmarks/kernel_check.py \
+      --profile --no-check --only enwik8_small_bf16,adaptive_L8192_span1k_bf16
+    step jax_adaptive 120 env KERAS_BACKEND=jax $tp --span adaptive:1024 --implementation fused
+    step jax_fixed1k 120 env KERAS_BACKEND=jax $tp --span fixed:1024 --implementation fused
+    step jax_deterministic 120 env KERAS_BACKEND=jax KERAS_ALLATTN_DETERMINISTIC=1 \
+      $tp --span fixed:2048 --implementation fused
+    step jax_fixed 120 env KERAS_BACKEND=jax $tp --span fixed:2048 --implementation fused
+  }
+  lane1() {
+    step triton_check 300 env KERAS_BACKEND=torch python3 benchmarks/triton_kernel_check.py \
+      --no-sweep --no-check --no-portable-timing
+    step torch_deterministic 120 env KERAS_BACKEND=torch KERAS_ALLATTN_DETERMINISTIC=1 \
+      $tp --span fixed:2048 --implementation fused
+    step torch_fixed 120 env KERAS_BACKEND=torch $tp --span fixed:2048 --implementation fused
+  }
+  lanes ;;
 match)
   # Deterministic kernels (one position-gradient buffer per program) and
   # backend switches: 1 vs 2 GPUs and the run-to-run floor, side by side on
@@ -164,7 +187,7 @@ match)
     step jax_loss_perturbed 150 env KERAS_BACKEND=jax ${lm/devices/perturbed}
     step torch_loss_perturbed 100 env KERAS_BACKEND=torch ${lm/devices/perturbed}
   fi ;;
-*) echo "unknown phase $phase: train, multi, speed, match or multi8"; exit 2 ;;
+*) echo "unknown phase $phase: train, multi, speed, kernels, match or multi8"; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
 # The device tool returns a limited number of files: RESULTS.md and the
