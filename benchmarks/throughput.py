@@ -143,7 +143,9 @@ def build(args, transformer, optimizer=None):
     for key, value in (("batch_size", args.batch_size),
                        ("block_size", args.block_size),
                        ("num_layers", args.layers),
-                       ("span_granularity", args.span_granularity)):
+                       # (scaling.py and loss_match.py build through here
+                       # with arguments of their own, without this one)
+                       ("span_granularity", getattr(args, "span_granularity", None))):
         if value is not None:
             config[key] = value
     remat = {"on": True, "off": False,
