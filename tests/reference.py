@@ -29,7 +29,39 @@ def span_mask(z, max_span, ramp):
     return np.clip((ramp + z[:, None] * max_span - r[None, :] + 1) / ramp, 0, 1)
 
 
-def attention(x, memory, w, num_heads, max_span, ramp=32, integration="joint"):
+_U32 = np.uint32
+
+
+def _mix(x):
+    """lowbias32 on uint32 arrays (wrapping products)."""
+    x = np.asarray(x, np.uint64) & 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    x ^= x >> 16
+    return x
+
+
+def dropout_keys(seed, batch, heads, queries):
+    """Row keys (B, H, M) of the counter-based attention dropout, uint64."""
+    s0, s1 = (int(v) & 0xFFFFFFFF for v in np.asarray(seed).reshape(-1)[:2])
+    call = _mix(s0 ^ int(_mix((s1 + 0x9E3779B9) & 0xFFFFFFFF)))
+    index = np.arange(batch * heads * queries, dtype=np.uint64)
+    keys = _mix((int(call) + index * 0x9E3779B9) & 0xFFFFFFFF)
+    return keys.reshape(batch, heads, queries)
+
+
+def dropout_factors(keys, columns, rate):
+    """0 or 1 / (1 - rate) for row keys (..., 1) and column ids `u`."""
+    u = np.asarray(columns, np.int64) & 0xFFFFFFFF
+    x = _mix(keys ^ ((u.astype(np.uint64) * 0x85EBCA6B) & 0xFFFFFFFF))
+    threshold = int(round((1.0 - rate) * 2**24))
+    return np.where((x >> 8) < threshold, 1.0 / (1.0 - rate), 0.0)
+
+
+def attention(x, memory, w, num_heads, max_span, ramp=32, integration="joint",
+              dropout=None):
     """One all-attention sublayer (before residual and LayerNorm).
 
     Args:
@@ -37,6 +69,9 @@ def attention(x, memory, w, num_heads, max_span, ramp=32, integration="joint"):
         w: dict with query, key, value, output (d, d) kernels, position
             (D, L), optional persistent_keys / persistent_values (H, N, D)
             as stored, optional span_ratio (H,).
+        dropout: None or (rate, seed): attention dropout with the
+            counter-based mask (distance `r` for context weights,
+            `2^32 - 1 - n` for persistent vector `n`).
 
     Returns:
         (B, M, d) outputs.
@@ -85,6 +120,13 @@ def attention(x, memory, w, num_heads, max_span, ramp=32, integration="joint"):
             a_ctx = a_ctx / (a_ctx.sum(-1, keepdims=True) + 1e-8)
         if has_persistent:
             a_pers = softmax(pers_logits)
+
+    if dropout is not None:
+        rate, seed = dropout
+        keys = dropout_keys(seed, batch, num_heads, block)[..., None]
+        a_ctx = a_ctx * dropout_factors(keys, r, rate)
+        if has_persistent:
+            a_pers = a_pers * dropout_factors(keys, -1 - np.arange(n), rate)
 
     out = np.einsum("bhir,birhd->bihd", a_ctx, v_r)
     if has_persistent:

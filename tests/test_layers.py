@@ -269,11 +269,6 @@ def test_dispatch_uses_the_portable_path_where_no_kernel_applies(rng):
     assert reference.relative_error(auto, portable) == 0.0
     with pytest.raises(ValueError, match="No fused all-attention kernel applies"):
         attention_ops.all_attention(*args, implementation="fused")
-    with pytest.raises(ValueError, match="dropout"):
-        attention_ops.all_attention(
-            *args, implementation="fused", dropout_rate=0.1,
-            dropout_seed=keras.random.SeedGenerator(1),
-        )
 
 
 def test_deterministic_switch(monkeypatch):

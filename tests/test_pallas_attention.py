@@ -320,3 +320,76 @@ def test_deterministic_mode(monkeypatch):
     _compare(got, portable)
     with pytest.raises(ValueError, match="deterministic"):
         config("yes")
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_dropout_matches_portable_path_exactly(name):
+    """With attention dropout the kernels draw the portable path's mask
+    (same seed, same counter-based function): outputs and every gradient
+    agree, so the backward kernels regenerate the forward's mask."""
+    from keras_allattn.ops.random import attention_dropout_keys
+
+    b, m, _, h, _, _, span, integration, options = CONFIGS[name]
+    inputs, cotangent = make_inputs(name)
+    span_args = dict(max_span=MAX_SPAN if span else None, span_ramp=RAMP)
+    seed = jnp.asarray([123456789, 42], jnp.uint32)
+    rate = 0.3
+
+    def kernel(q, k, v, pos, mk, mv, z):
+        return pallas_all_attention(
+            q, k, v, pos, mk, mv, z, integration=integration, interpret=True,
+            dropout_rate=rate,
+            dropout_keys=attention_dropout_keys(seed, b, h, m),
+            **span_args, **options,
+        )
+
+    def portable(q, k, v, pos, mk, mv, z, rate=rate):
+        return portable_all_attention(
+            q, k, v, pos, mk, mv, z, integration=integration,
+            dropout_rate=rate, dropout_seed=seed, **span_args,
+        )
+
+    got = _vjp(kernel, inputs, cotangent, jnp.float32)
+    want = _vjp(portable, inputs, cotangent, jnp.float32)
+    _compare(got, want)
+    # Dropout changed the function (and every gradient but the span's).
+    plain = _vjp(functools.partial(portable, rate=0.0), inputs, cotangent,
+                 jnp.float32)
+    assert rel_err(want[0], plain[0]) > 0.05
+    for key in ("query", "key", "value"):
+        assert rel_err(want[1][key], plain[1][key]) > 0.05, key
+
+
+def test_dropout_lowers_to_triton_for_cuda():
+    """The hashing (uint32 products, logical shifts) lowers for the GPU."""
+    from keras_allattn.ops.random import attention_dropout_keys
+
+    b, m, a, h, d, n = 2, 40, 72, 2, 16, 24
+    sds = jax.ShapeDtypeStruct
+    shapes = [
+        sds((b, m, h, d), jnp.bfloat16),
+        sds((b, a + m, h, d), jnp.bfloat16),
+        sds((b, a + m, h, d), jnp.bfloat16),
+        sds((d, a), jnp.float32),
+        sds((h, n, d), jnp.float32),
+        sds((h, n, d), jnp.float32),
+        sds((h,), jnp.float32),
+        sds((2,), jnp.uint32),
+    ]
+
+    def loss(*args):
+        *arrays, seed = args
+        out = pallas_all_attention(
+            *arrays, max_span=96, span_ramp=RAMP, block_q=32, block_k=16,
+            dropout_rate=0.3, dropout_keys=attention_dropout_keys(seed, b, h, m),
+        )
+        return jnp.sum(out.astype(jnp.float32))
+
+    fn = jax.jit(jax.grad(loss, argnums=tuple(range(7))))
+    try:
+        lowered = fn.trace(*shapes).lower(lowering_platforms=("cuda",))
+    except Exception as error:  # pragma: no cover - depends on jaxlib build
+        if "cuda" in str(error).lower() and "platform" in str(error).lower():
+            pytest.skip(f"no CUDA lowering in this jaxlib: {error}")
+        raise
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") >= 4

@@ -31,7 +31,10 @@ import numpy as np
 from keras import ops
 from keras import random
 
-from keras_allattn.ops.random import stateless_dropout
+from keras_allattn.ops.random import attention_dropout_keys
+from keras_allattn.ops.random import context_columns
+from keras_allattn.ops.random import dropout_multiplier
+from keras_allattn.ops.random import persistent_columns
 
 INTEGRATIONS = ("joint", "separate")
 IMPLEMENTATIONS = ("auto", "portable", "fused")
@@ -217,10 +220,19 @@ def _renormalise(weights, total):
     return weights / (total + SPAN_EPSILON)
 
 
-def _dropout(weights, rate, seed):
-    if rate > 0.0:
-        return stateless_dropout(weights, rate, seed)
-    return weights
+def _dropout_keys(query, rate, seed):
+    """The (B, H, M, 1) dropout row keys of a call, or None without dropout."""
+    if rate <= 0.0:
+        return None
+    if seed is None:
+        raise ValueError(
+            "`dropout_seed` is needed when `dropout_rate` > 0. Received: "
+            f"dropout_rate={rate}, dropout_seed=None"
+        )
+    if isinstance(seed, random.SeedGenerator):
+        seed = seed.next()
+    batch, queries, heads = _leading_dims(query, 3)
+    return attention_dropout_keys(seed, batch, heads, queries)[..., None]
 
 
 def portable_all_attention(
@@ -258,7 +270,9 @@ def portable_all_attention(
             training).
         dropout_seed: the seed of the dropout: a `keras.random.SeedGenerator`
             or a seed tensor (`SeedGenerator.next()`), needed when
-            `dropout_rate > 0`.
+            `dropout_rate > 0`. The mask is the counter-based one of
+            `keras_allattn.ops.random`, drawn identically by the fused
+            kernels.
 
     Returns:
         (B, M, H, D) attention outputs, in the dtype of `query`.
@@ -304,19 +318,17 @@ def portable_all_attention(
             context = _renormalise(context, total)
             persistent = _renormalise(persistent, total)
 
-    if dropout_rate > 0.0 and dropout_seed is None:
-        raise ValueError(
-            "`dropout_seed` is needed when `dropout_rate` > 0. Received: "
-            f"dropout_rate={dropout_rate}, dropout_seed=None"
+    keys = _dropout_keys(query, dropout_rate, dropout_seed)
+    if keys is not None:
+        context = context * dropout_multiplier(
+            keys, context_columns(length), dropout_rate
         )
-    if isinstance(dropout_seed, random.SeedGenerator):
-        dropout_seed = dropout_seed.next()
-    context = _dropout(context, dropout_rate, dropout_seed)
     out = ops.matmul(ops.cast(skew(context), v.dtype), v)  # (B, H, M, D)
     if persistent is not None:
-        persistent = _dropout(
-            persistent, dropout_rate, dropout_seed + 1 if dropout_rate else None
-        )
+        if keys is not None:
+            persistent = persistent * dropout_multiplier(
+                keys, persistent_columns(persistent.shape[-1]), dropout_rate
+            )
         pv = ops.cast(persistent_values, v.dtype)[None]  # (1, H, N, D)
         out = out + ops.matmul(ops.cast(persistent, v.dtype), pv)
     return ops.cast(ops.transpose(out, (0, 2, 1, 3)), out_dtype)
@@ -330,9 +342,12 @@ def all_attention(*args, implementation="auto", **kwargs):
     - "portable": the `keras.ops` reference path, on every backend.
     - "fused": the fused kernel of the backend (Pallas on JAX with a GPU,
       Triton on PyTorch with CUDA tensors); raises ValueError where there
-      is none or where attention dropout is active (the kernels have no
-      dropout).
+      is none.
     - "auto": the fused kernel where it applies, else the portable path.
+
+    Attention dropout draws the same counter-based mask on every path
+    (`keras_allattn.ops.random`), so the fused kernels compute the portable
+    path's function with dropout too.
 
     Returns:
         (B, M, H, D) attention outputs.
@@ -345,8 +360,13 @@ def all_attention(*args, implementation="auto", **kwargs):
     if implementation != "portable":
         fused, reason = _fused_kernel(*args, **kwargs)
         if fused is not None:
-            kwargs.pop("dropout_rate", None)
-            kwargs.pop("dropout_seed", None)
+            query = kwargs.get("query", args[0] if args else None)
+            rate = kwargs.pop("dropout_rate", 0.0)
+            seed = kwargs.pop("dropout_seed", None)
+            keys = _dropout_keys(query, rate, seed)
+            if keys is not None:
+                kwargs["dropout_rate"] = rate
+                kwargs["dropout_keys"] = keys[..., 0]
             return fused(*args, **kwargs)
         if implementation == "fused":
             raise ValueError(
@@ -358,8 +378,6 @@ def all_attention(*args, implementation="auto", **kwargs):
 
 def _fused_kernel(query, *args, dropout_rate=0.0, **kwargs):
     """The backend's fused kernel for these inputs, or (None, reason)."""
-    if dropout_rate > 0.0:
-        return None, "attention dropout is active"
     backend = keras.backend.backend()
     if backend == "torch":
         from keras_allattn.ops import triton_attention
@@ -368,6 +386,8 @@ def _fused_kernel(query, *args, dropout_rate=0.0, **kwargs):
             return None, "the inputs are not on a CUDA device"
         if not triton_attention.triton_available():
             return None, "triton is not installed"
+        if dropout_rate > 0.0 and not triton_attention.HAS_DROPOUT:
+            return None, "attention dropout is active"
         import torch
 
         # Launching Triton kernels from an autograd.Function is opaque to
@@ -421,14 +441,20 @@ def batch_sharded(kernel, distribution=None):
     spec = jax.sharding.PartitionSpec
 
     def run(query, key, value, position_keys, persistent_keys=None,
-            persistent_values=None, span_ratio=None, **static):
+            persistent_values=None, span_ratio=None, dropout_keys=None,
+            **static):
+        # The dropout row keys are cut along the batch like the queries:
+        # each device draws its rows' part of the single-device mask.
         arrays = (query, key, value, position_keys, persistent_keys,
-                  persistent_values, span_ratio)
-        in_specs = tuple(spec(axis) if i < 3 else spec() for i in range(7))
+                  persistent_values, span_ratio, dropout_keys)
+        in_specs = tuple(
+            spec(axis) if i < 3 or i == 7 else spec() for i in range(8)
+        )
 
-        def local(q, k, v, pos, pk, pv, ratio):
+        def local(q, k, v, pos, pk, pv, ratio, keys):
             return kernel(q, k, v, pos, persistent_keys=pk,
-                          persistent_values=pv, span_ratio=ratio, **static)
+                          persistent_values=pv, span_ratio=ratio,
+                          dropout_keys=keys, **static)
 
         return jax.shard_map(
             local, mesh=jax_mesh, in_specs=in_specs, out_specs=spec(axis),

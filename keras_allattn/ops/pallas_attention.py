@@ -1,8 +1,8 @@
 """Fused all-attention for the JAX backend (Pallas, Triton GPU lowering).
 
 `pallas_all_attention` computes exactly the function of
-`keras_allattn.ops.attention.portable_all_attention` (SPEC §1) without
-dropout, with a hand-written backward pass (`jax.custom_vjp`). Layouts are
+`keras_allattn.ops.attention.portable_all_attention` (SPEC §1), attention
+dropout included, with a hand-written backward pass (`jax.custom_vjp`). Layouts are
 the portable path's: query (B, M, H, D); key/value (B, A + M, H, D), the `A`
 memory rows followed by the `M` block rows; position_keys (D, A), column `c`
 holding the key of distance `A - c`; persistent keys/values (H, N, D) as
@@ -83,6 +83,17 @@ M = 512, A = 2048, D = 64 with the default tiles (256 MiB otherwise). The
 other backward outputs are already written once per program (partials
 summed outside).
 
+Attention dropout. The mask is the counter-based one of
+`keras_allattn.ops.random`: each kernel hashes the row keys of its query
+tile (an int32 (B, H, M) input computed from the call's seed) with the
+column ids (the distance of a context key, `-1 - n` for a persistent
+vector), so the backward kernels regenerate the forward's mask and nothing
+of size (B, H, M, A) is stored. The softmax normaliser (the saved
+log-sum-exp) sums the weights before dropout, the outputs use the dropped
+weights; in the backward, `dP` is multiplied by the factors before
+`dS = P (dP - delta)`, and `delta = rowsum(dO * O)` already holds the
+dropped output.
+
 The span gradient is that of the log-space form: where `z L` is an integer,
 a distance enters the span with `m = 0+` and the derivative in `z` jumps
 (one-sided derivatives differ); float32 rounding then decides the side, for
@@ -99,6 +110,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from keras_allattn.ops import random as dropout_hash
 from keras_allattn.ops.attention import resolve_deterministic
 
 INTEGRATIONS = ("joint", "separate")
@@ -145,6 +157,8 @@ class _Config:
     # One d position_keys copy per dQ program (part of the static config,
     # so that a change of mode retraces).
     deterministic: bool = False
+    # Attention dropout rate (0: none); the row keys are a kernel input.
+    dropout: float = 0.0
 
     # Derived sizes ------------------------------------------------------
     @property
@@ -215,6 +229,14 @@ class _Config:
     @property
     def separate_persistent(self):
         return self.persistent > 0 and not self.joint
+
+    @property
+    def has_dropout(self):
+        return self.dropout > 0.0
+
+    @property
+    def keep_threshold(self):
+        return dropout_hash.keep_threshold(self.dropout)
 
     @property
     def precision(self):
@@ -474,14 +496,64 @@ def _band_gather(ring_ref, idx, tile, cfg):
     return ring_ref[idx + (ar, col)]
 
 
-def _online_update(state, t, vals, cfg):
+def _online_update(state, t, vals, cfg, keep=None):
+    """One tile of the online softmax; `keep`: dropout factors or None (the
+    normaliser sums the weights before dropout, the output after)."""
     m_i, l_i, acc = state
     m_new = jnp.maximum(m_i, jnp.max(t, axis=1))
     alpha = jnp.exp(m_i - m_new)
     p = jnp.exp(t - m_new[:, None])
     l_new = l_i * alpha + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot_nn(p.astype(vals.dtype), vals, cfg)
+    acc = acc * alpha[:, None] + _dot_nn(_dropped(p, keep).astype(vals.dtype), vals, cfg)
     return m_new, l_new, acc
+
+
+def _mix32(x):
+    """`keras_allattn.ops.random.mix32` on int32 values in a kernel."""
+    x = x ^ lax.shift_right_logical(x, jnp.int32(16))
+    x = x * jnp.int32(dropout_hash.MIX_1)
+    x = x ^ lax.shift_right_logical(x, jnp.int32(15))
+    x = x * jnp.int32(dropout_hash.MIX_2)
+    return x ^ lax.shift_right_logical(x, jnp.int32(16))
+
+
+def _dropout_factor(rk, u, cfg):
+    """Dropout factors (0 or 1 / keep) of row keys rk (BQ,) and columns u.
+
+    The counter-based mask of `keras_allattn.ops.random`; None without
+    dropout."""
+    if not cfg.has_dropout:
+        return None
+    x = _mix32(rk[:, None] ^ (u * jnp.int32(dropout_hash.COLUMN)))
+    bits = lax.shift_right_logical(x, jnp.int32(32 - dropout_hash.KEEP_BITS))
+    return jnp.where(bits < cfg.keep_threshold, 1.0 / (1.0 - cfg.dropout), 0.0)
+
+
+def _context_dropout(rk, i0, j0, cfg, shape):
+    """Dropout factors of the (BQ, BK) context tile: column id = distance."""
+    i = i0 + lax.broadcasted_iota(jnp.int32, shape, 0)
+    j = j0 + lax.broadcasted_iota(jnp.int32, shape, 1)
+    return _dropout_factor(rk, cfg.length + i - j, cfg)
+
+
+def _persistent_dropout(rk, n0, cfg, shape):
+    """Dropout factors of a (BQ, BN) persistent tile: column id = -1 - n."""
+    n = n0 + lax.broadcasted_iota(jnp.int32, shape, 1)
+    return _dropout_factor(rk, -1 - n, cfg)
+
+
+def _load_keys(r, b, h, i0, cfg):
+    """The dropout row keys (BQ,) of the query tile at i0, or None."""
+    if not cfg.has_dropout:
+        return None
+    rows = i0 + lax.iota(jnp.int32, cfg.block_q)
+    return plt.load(
+        r["rk"].at[b, h, pl.ds(i0, cfg.block_q)], mask=rows < cfg.queries, other=0
+    )
+
+
+def _dropped(x, keep):
+    return x if keep is None else x * keep
 
 
 def _persistent_logits(q, mk, n0, cfg):
@@ -512,6 +584,7 @@ def _input_names(cfg):
     names = ["q", "k", "v", "pt"]
     names += ["mk", "mv"] if cfg.persistent else []
     names += ["z"] if cfg.has_span else []
+    names += ["rk"] if cfg.has_dropout else []
     return names
 
 
@@ -537,6 +610,7 @@ def _fwd_kernel(cfg, *refs):
         qt = g + step * groups
         i0 = qt * bq
         q = _load_rows(r["q"], b, i0, h, bq, cfg.queries)
+        rk = _load_keys(r, b, h, i0, cfg)
         kt_lo, kt_hi = _key_range(i0, rmax, cfg)
 
         def store_qp(block):
@@ -556,7 +630,8 @@ def _fwd_kernel(cfg, *refs):
             vb = _load_rows(r["v"], b, j0, h, bk, cfg.total)
             s = _dot_nt(q, kb, cfg) + spos
             t, _, _ = _context_logits(s, i0, j0, z, cfg)
-            return _online_update(state, t, vb, cfg)
+            keep = _context_dropout(rk, i0, j0, cfg, s.shape)
+            return _online_update(state, t, vb, cfg, keep)
 
         init = (
             jnp.full((bq,), _M_INIT, jnp.float32),
@@ -569,7 +644,9 @@ def _fwd_kernel(cfg, *refs):
             n0 = nt * cfg.block_n
             mk = _load_persistent(r["mk"], h, n0, cfg)
             mv = _load_persistent(r["mv"], h, n0, cfg)
-            return _online_update(state, _persistent_logits(q, mk, n0, cfg), mv, cfg)
+            u = _persistent_logits(q, mk, n0, cfg)
+            keep = _persistent_dropout(rk, n0, cfg, u.shape)
+            return _online_update(state, u, mv, cfg, keep)
 
         if cfg.persistent and cfg.joint:
             state = lax.fori_loop(0, cfg.nn, pers_body, state)
@@ -656,8 +733,9 @@ def _dkdv_kernel(cfg, *refs):
             s = _dot_nt(q, kb, cfg) + spos
             t, valid, _ = _context_logits(s, i0, j0, z, cfg)
             p = jnp.where(valid, jnp.exp(t - lse[:, None]), 0.0)
-            dv = dv + _dot_tn(p.astype(do.dtype), do, cfg)
-            dp = _dot_nt(do, vb, cfg)
+            keep = _context_dropout(_load_keys(r, b, h, i0, cfg), i0, j0, cfg, s.shape)
+            dv = dv + _dot_tn(_dropped(p, keep).astype(do.dtype), do, cfg)
+            dp = _dropped(_dot_nt(do, vb, cfg), keep)
             ds = p * (dp - delta[:, None])
             dk = dk + _dot_tn(ds.astype(q.dtype), q, cfg)
             return dk, dv
@@ -697,6 +775,7 @@ def _dq_kernel(cfg, *refs):
         do = _load_rows(r["do"], b, i0, h, bq, cfg.queries)
         lse = _load_vec(r["lse"], b, h, i0, bq, cfg.queries)
         delta = _load_vec(r["delta"], b, h, i0, bq, cfg.queries)
+        rk = _load_keys(r, b, h, i0, cfg)
         kt_lo, kt_hi = _key_range(i0, rmax, cfg)
 
         def store_qp(block):
@@ -747,7 +826,8 @@ def _dq_kernel(cfg, *refs):
             s = _dot_nt(q, kb, cfg) + spos
             t, valid, raw = _context_logits(s, i0, j0, z, cfg)
             p = jnp.where(valid, jnp.exp(t - lse[:, None]), 0.0)
-            dp = _dot_nt(do, vb, cfg)
+            keep = _context_dropout(rk, i0, j0, cfg, s.shape)
+            dp = _dropped(_dot_nt(do, vb, cfg), keep)
             ds = p * (dp - delta[:, None])
             dq = dq + _dot_nn(ds.astype(kb.dtype), kb, cfg)
             if cfg.has_span:
@@ -798,7 +878,8 @@ def _dq_kernel(cfg, *refs):
                 mv = _load_persistent(r["mv"], h, n0, cfg)
                 u = _persistent_logits(q, mk, n0, cfg)
                 a = jnp.exp(u - lse_p[:, None])
-                du = a * (_dot_nt(do, mv, cfg) - delta_p[:, None])
+                keep = _persistent_dropout(rk, n0, cfg, u.shape)
+                du = a * (_dropped(_dot_nt(do, mv, cfg), keep) - delta_p[:, None])
                 return dq + _dot_nn(du.astype(mk.dtype), mk, cfg)
 
             dq = lax.fori_loop(0, cfg.nn, pers_body, dq)
@@ -811,7 +892,9 @@ def _dq_kernel(cfg, *refs):
 
 
 def _persistent_kernel(cfg, *refs):
-    names = ["q", "mk", "mv", "do", "lse", "delta", "dmk", "dmv"]
+    names = ["q", "mk", "mv", "do", "lse", "delta"]
+    names += ["rk"] if cfg.has_dropout else []
+    names += ["dmk", "dmv"]
     r = _unpack(refs, names)
     bq, bn, d = cfg.block_q, cfg.block_n, cfg.head_dim
     nt, h, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -833,8 +916,9 @@ def _persistent_kernel(cfg, *refs):
         u = _persistent_logits(q, mk, n0, cfg)
         rows = i0 + lax.broadcasted_iota(jnp.int32, u.shape, 0)
         a = jnp.where(rows < cfg.queries, jnp.exp(u - lse[:, None]), 0.0)
-        dmv = dmv + _dot_tn(a.astype(do.dtype), do, cfg)
-        du = a * (_dot_nt(do, mv, cfg) - delta[:, None])
+        keep = _persistent_dropout(_load_keys(r, b, h, i0, cfg), n0, cfg, u.shape)
+        dmv = dmv + _dot_tn(_dropped(a, keep).astype(do.dtype), do, cfg)
+        du = a * (_dropped(_dot_nt(do, mv, cfg), keep) - delta[:, None])
         dmk = dmk + _dot_tn(du.astype(q.dtype), q, cfg)
         return dmk, dmv
 
@@ -860,16 +944,18 @@ def _sds(shape, dtype):
     return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), dtype)
 
 
-def _inputs(cfg, q, k, v, pt, mk, mv, z):
+def _inputs(cfg, q, k, v, pt, mk, mv, z, rk):
     args = [q, k, v, pt]
     if cfg.persistent:
         args += [mk, mv]
     if cfg.has_span:
         args += [z]
+    if cfg.has_dropout:
+        args += [rk]
     return args
 
 
-def _forward(cfg, q, k, v, pt, mk, mv, z):
+def _forward(cfg, q, k, v, pt, mk, mv, z, rk):
     B, M, H, D = q.shape
     groups = cfg.groups(cfg.nq)
     out_shape = [_sds((B, M, H, D), q.dtype), _sds((B, H, M), jnp.float32)]
@@ -887,13 +973,13 @@ def _forward(cfg, q, k, v, pt, mk, mv, z):
         compiler_params=cfg.compiler_params(),
         interpret=cfg.interpret,
         name="all_attention_fwd",
-    )(*_inputs(cfg, q, k, v, pt, mk, mv, z))
+    )(*_inputs(cfg, q, k, v, pt, mk, mv, z, rk))
     return outs[:-1]
 
 
 def _deltas(cfg, res, do):
     """Row sums dO . O (context / persistent parts), float32 (B, H, M)."""
-    _, _, _, _, _, _, _, o, _, o_ctx, o_pers, _ = res
+    _, _, _, _, _, _, _, _, o, _, o_ctx, o_pers, _ = res
     dof = do.astype(jnp.float32)
 
     def row_dot(x):  # (B, M, H, D) -> (B, H, M)
@@ -906,7 +992,7 @@ def _deltas(cfg, res, do):
 
 def _dkdv_call(cfg, res, do, delta):
     cfg = cfg.dkdv
-    q, k, v, pt, mk, mv, z, _, lse, _, _, _ = res
+    q, k, v, pt, mk, mv, z, rk, _, lse, _, _, _ = res
     H, B = cfg.heads, cfg.batch
     groups = cfg.groups(cfg.nk)
     band_width = (cfg.lag + 2) * (cfg.nb + 1) * cfg.block_k
@@ -921,18 +1007,18 @@ def _dkdv_call(cfg, res, do, delta):
         compiler_params=cfg.compiler_params(),
         interpret=cfg.interpret,
         name="all_attention_dkdv",
-    )(*_inputs(cfg, q, k, v, pt, mk, mv, z), do, lse, delta)
+    )(*_inputs(cfg, q, k, v, pt, mk, mv, z, rk), do, lse, delta)
     return dk, dv
 
 
 def _dq_call(cfg, res, do, delta, delta_p):
     """dQ, the gradient of the padded P^T and d span_ratio."""
     cfg = cfg.dq
-    q, k, v, pt, mk, mv, z, _, lse, _, _, lse_p = res
+    q, k, v, pt, mk, mv, z, rk, _, lse, _, _, lse_p = res
     H, B, D = cfg.heads, cfg.batch, cfg.head_dim
     f32 = jnp.float32
     groups = cfg.groups(cfg.nq)
-    base = _inputs(cfg, q, k, v, pt, mk, mv, z)
+    base = _inputs(cfg, q, k, v, pt, mk, mv, z, rk)
     extra = [do, lse, delta]
     if cfg.separate_persistent:
         extra += [lse_p, delta_p]
@@ -961,7 +1047,7 @@ def _dq_call(cfg, res, do, delta, delta_p):
 
 
 def _persistent_call(cfg, res, do, delta, delta_p):
-    q, _, _, _, mk, mv, _, _, lse, _, _, lse_p = res
+    q, _, _, _, mk, mv, _, rk, _, lse, _, _, lse_p = res
     H, D = cfg.heads, cfg.head_dim
     groups = _persistent_groups(cfg)
     lse_x = lse_p if cfg.separate_persistent else lse
@@ -976,7 +1062,7 @@ def _persistent_call(cfg, res, do, delta, delta_p):
         compiler_params=cfg.compiler_params(),
         interpret=cfg.interpret,
         name="all_attention_persistent",
-    )(q, mk, mv, do, lse_x, delta_x)
+    )(q, mk, mv, do, lse_x, delta_x, *([rk] if cfg.has_dropout else []))
     dmk = jnp.sum(dmk, axis=0).astype(mk.dtype)
     dmv = jnp.sum(dmv, axis=0).astype(mv.dtype)
     return dmk, dmv
@@ -990,21 +1076,22 @@ def _backward(cfg, res, do):
     dmk = dmv = None
     if cfg.persistent:
         dmk, dmv = _persistent_call(cfg, res, do, delta, delta_p)
-    return dq, dk, dv, dpt, dmk, dmv, dz
+    # The dropout row keys are integers: no cotangent.
+    return dq, dk, dv, dpt, dmk, dmv, dz, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg, q, k, v, pt, mk, mv, z):
-    return _forward(cfg, q, k, v, pt, mk, mv, z)[0]
+def _attention(cfg, q, k, v, pt, mk, mv, z, rk):
+    return _forward(cfg, q, k, v, pt, mk, mv, z, rk)[0]
 
 
-def _attention_fwd(cfg, q, k, v, pt, mk, mv, z):
-    outs = _forward(cfg, q, k, v, pt, mk, mv, z)
+def _attention_fwd(cfg, q, k, v, pt, mk, mv, z, rk):
+    outs = _forward(cfg, q, k, v, pt, mk, mv, z, rk)
     o, lse = outs[0], outs[1]
     o_ctx = o_pers = lse_p = None
     if cfg.separate_persistent:
         o_ctx, o_pers, lse_p = outs[2:]
-    return o, (q, k, v, pt, mk, mv, z, o, lse, o_ctx, o_pers, lse_p)
+    return o, (q, k, v, pt, mk, mv, z, rk, o, lse, o_ctx, o_pers, lse_p)
 
 
 def _attention_bwd(cfg, res, do):
@@ -1044,11 +1131,13 @@ def pallas_all_attention(
     num_programs=_DEFAULT_PROGRAMS,
     backward_blocks=None,
     deterministic=None,
+    dropout_rate=0.0,
+    dropout_keys=None,
 ):
-    """Fused all-attention (no dropout) with Pallas kernels, JAX backend.
+    """Fused all-attention with Pallas kernels, JAX backend.
 
-    Computes the function of `portable_all_attention` with
-    `dropout_rate=0`, forward and backward.
+    Computes the function of `portable_all_attention`, forward and
+    backward, attention dropout included.
 
     Args:
         query: (B, M, H, D).
@@ -1080,6 +1169,10 @@ def pallas_all_attention(
         deterministic: bitwise reproducible gradients at the memory cost
             described in the module docstring; None: the mode of
             `keras_allattn.ops.attention.is_deterministic()` when traced.
+        dropout_rate: float in [0, 1), the attention dropout rate.
+        dropout_keys: int32 (B, H, M) row keys of the dropout mask
+            (`keras_allattn.ops.random.attention_dropout_keys` of the
+            call's seed), needed when `dropout_rate > 0`.
 
     Returns:
         (B, M, H, D) outputs in the dtype of `query`.
@@ -1088,7 +1181,7 @@ def pallas_all_attention(
         query, key, value, position_keys, persistent_keys, persistent_values,
         span_ratio, max_span, span_ramp, integration, interpret, block_q,
         block_k, block_n, num_warps, num_stages, precision, num_programs,
-        backward_blocks, deterministic,
+        backward_blocks, deterministic, dropout_rate, dropout_keys,
     )
     return _attention(cfg, *args)
 
@@ -1097,10 +1190,16 @@ def _prepare(
     query, key, value, position_keys, persistent_keys, persistent_values,
     span_ratio, max_span, span_ramp, integration, interpret, block_q,
     block_k, block_n, num_warps, num_stages, precision, num_programs,
-    backward_blocks=None, deterministic=None,
+    backward_blocks=None, deterministic=None, dropout_rate=0.0,
+    dropout_keys=None,
 ):
     """Validates the arguments; returns the static config and kernel inputs."""
     deterministic = resolve_deterministic(deterministic)
+    dropout_rate = float(dropout_rate)
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(
+            f"`dropout_rate` must be in [0, 1). Received: dropout_rate={dropout_rate}"
+        )
     if integration not in INTEGRATIONS:
         raise ValueError(
             f"`integration` must be one of {INTEGRATIONS}. "
@@ -1115,6 +1214,16 @@ def _prepare(
     if precision not in (None, "default", "highest"):
         raise ValueError(f"Unknown precision {precision!r}.")
     B, M, H, D = query.shape
+    if dropout_rate > 0.0:
+        if dropout_keys is None or tuple(dropout_keys.shape) != (B, H, M):
+            raise ValueError(
+                "`dropout_keys` must be an int32 (B, H, M) = "
+                f"{(B, H, M)} array when dropout_rate > 0. Received: "
+                f"dropout_keys with shape "
+                f"{None if dropout_keys is None else tuple(dropout_keys.shape)}"
+            )
+    else:
+        dropout_keys = None
     A = position_keys.shape[-1]
     if position_keys.shape != (D, A) or A < 1:
         raise ValueError(
@@ -1185,6 +1294,7 @@ def _prepare(
         dkdv_blocks=dkdv_blocks,
         dq_blocks=dq_blocks,
         deterministic=deterministic,
+        dropout=dropout_rate,
     )
     pads = [c.required_pads() for c in (cfg, cfg.dkdv, cfg.dq)]
     cfg = dataclasses.replace(
@@ -1202,4 +1312,5 @@ def _prepare(
         z = span_ratio.astype(jnp.float32)
     key = key.astype(dtype)
     value = value.astype(dtype)
-    return cfg, (query, key, value, pt, mk, mv, z)
+    rk = None if dropout_keys is None else dropout_keys.astype(jnp.int32)
+    return cfg, (query, key, value, pt, mk, mv, z, rk)

@@ -1,48 +1,114 @@
-"""Dropout driven by a seed tensor, so that recomputation repeats the mask.
+"""Counter-based attention dropout, one function for every implementation.
 
-`keras.random.dropout` accepts a seed tensor on JAX only; the attention is
-recomputed under remat, and its dropout mask must then be drawn again from
-the same seed. This module gives the other backends the same behaviour with
-their own stateless generators.
+The dropout mask of an attention weight is a pure function of the call's
+seed and the weight's position, so that the portable path, the Pallas
+kernel and the Triton kernel draw the very same mask, and a backward pass
+(or a recomputation under remat) regenerates the forward's mask from the
+seed alone, without storing it.
+
+The function, in unsigned 32-bit arithmetic (all products modulo 2^32):
+
+    mix(x):  x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15;
+             x *= 0x846CA68B; x ^= x >> 16          (a bijection of uint32)
+    call key   k = mix(s0 ^ mix(s1 + 0x9E3779B9))   (seed (s0, s1))
+    row key    K[b, h, i] = mix(k + ((b H + h) M + i) * 0x9E3779B9)
+    weight     x = mix(K[b, h, i] ^ (u * 0x85EBCA6B))
+    kept       iff (x >> 8) < round((1 - rate) 2^24)
+
+with `u` the distance `r = 1 .. A` of a context key (so a key keeps its
+mask when the attended length is trimmed) and `u = 2^32 - 1 - n` for the
+persistent vector `n = 0 .. N-1`. Kept weights are scaled by
+`1 / (1 - rate)`. The seed is a `keras.random.SeedGenerator` draw, which
+differs per layer (the generator's own seed) and per step (its counter).
+The row keys (B, H, M) are computed once per call with `keras.ops`
+(`attention_dropout_keys`); the kernels receive them as a tensor, so a
+batch-sharded kernel sees the rows of the full batch's keys and draws the
+mask of a single-device run.
+
+The portable path works in int32 (two's complement products wrap as the
+unsigned ones do; right shifts are made logical by masking), the kernels
+in uint32; the tests compare all of them with a NumPy uint32 transcription.
 """
 
-import keras
 from keras import ops
 
+# The constants as int32 (two's complement of the uint32 values above).
+MIX_1 = 0x7FEB352D
+MIX_2 = 0x846CA68B - 2**32
+GOLDEN = 0x9E3779B9 - 2**32
+COLUMN = 0x85EBCA6B - 2**32
+# Uniform bits compared with the keep threshold.
+KEEP_BITS = 24
 
-def stateless_dropout(inputs, rate, seed):
-    """Dropout whose mask is a pure function of `seed`.
+
+def keep_threshold(rate):
+    """The integer threshold of `(x >> 8) < threshold` for a dropout rate."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(
+            f"`rate` must be in [0, 1). Received: rate={rate!r}"
+        )
+    return int(round((1.0 - rate) * 2**KEEP_BITS))
+
+
+def _srl(x, shift):
+    """Logical right shift of int32 values."""
+    return ops.bitwise_and(
+        ops.right_shift(x, shift), (1 << (32 - shift)) - 1
+    )
+
+
+def mix32(x):
+    """The uint32 bijection `mix` on int32 tensors (see the module doc)."""
+    x = ops.bitwise_xor(x, _srl(x, 16))
+    x = x * MIX_1
+    x = ops.bitwise_xor(x, _srl(x, 15))
+    x = x * MIX_2
+    return ops.bitwise_xor(x, _srl(x, 16))
+
+
+def attention_dropout_keys(seed, batch, heads, queries):
+    """Row keys of the attention dropout of one call.
 
     Args:
-        inputs: the tensor to drop from.
-        rate: float in [0, 1), the fraction of entries set to zero (the
-            others are scaled by `1 / (1 - rate)`).
-        seed: an integer seed tensor of shape (2,), e.g.
+        seed: an integer tensor of shape (2,), e.g.
             `keras.random.SeedGenerator().next()`.
+        batch: int, `B`.
+        heads: int, `H`.
+        queries: int, `M`.
 
     Returns:
-        A tensor like `inputs`.
+        An int32 tensor (B, H, M).
     """
-    backend = keras.backend.backend()
-    if backend == "jax":
-        return keras.random.dropout(inputs, rate, seed=seed)
-    keep = 1.0 - rate
-    if backend == "tensorflow":
-        import tensorflow as tf
+    seed = ops.cast(ops.convert_to_tensor(seed), "int32")
+    call = mix32(ops.bitwise_xor(seed[0], mix32(seed[1] + GOLDEN)))
+    index = ops.arange(batch * heads * queries, dtype="int32")
+    keys = mix32(call + index * GOLDEN)
+    return ops.reshape(keys, (batch, heads, queries))
 
-        noise = tf.random.stateless_uniform(
-            tf.shape(inputs), seed=tf.cast(seed, "int64"), dtype=inputs.dtype
-        )
-    elif backend == "torch":
-        import torch
 
-        generator = torch.Generator(device=inputs.device)
-        generator.manual_seed(int(seed[0]) * 2**32 + int(seed[1]))
-        noise = torch.rand(
-            inputs.shape, generator=generator, device=inputs.device
-        ).to(inputs.dtype)
-    else:
-        raise ValueError(
-            f"Unsupported backend. Received: backend={backend!r}"
-        )
-    return ops.where(noise < keep, inputs / keep, ops.zeros_like(inputs))
+def dropout_multiplier(keys, columns, rate):
+    """The dropout factors 0 or `1 / (1 - rate)` of a block of weights.
+
+    Args:
+        keys: int32 row keys broadcastable against `columns`, e.g.
+            (B, H, M, 1).
+        columns: int32 column ids `u` (distances, or `-1 - n` for the
+            persistent vector `n`), e.g. (A,).
+        rate: float in [0, 1).
+
+    Returns:
+        A float32 tensor of the broadcast shape.
+    """
+    x = mix32(ops.bitwise_xor(keys, columns * COLUMN))
+    kept = ops.less(_srl(x, 32 - KEEP_BITS), keep_threshold(rate))
+    return ops.cast(ops.where(kept, 1.0 / (1.0 - rate), 0.0), "float32")
+
+
+def context_columns(length):
+    """Column ids of the context scores: column `c` holds distance `A - c`."""
+    return ops.arange(length, 0, -1, dtype="int32")
+
+
+def persistent_columns(count):
+    """Column ids of the persistent scores: `-1 - n` for vector `n`."""
+    return -1 - ops.arange(count, dtype="int32")

@@ -84,6 +84,11 @@ _JIT_NAMES = (
 )
 
 
+# Attention dropout inside the kernels (the counter-based mask of
+# `keras_allattn.ops.random`).
+HAS_DROPOUT = False
+
+
 def triton_available():
     """Whether triton (and torch) can be imported."""
     try:
