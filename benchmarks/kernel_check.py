@@ -117,6 +117,14 @@ CONFIGS = {
 
 SWEEP = [
     dict(block_q=64, block_k=64, num_warps=4, num_stages=2),
+    dict(block_q=128, block_k=64, num_warps=8, num_stages=3),
+    dict(block_q=128, block_k=64, num_warps=4, num_stages=2),
+    dict(block_q=64, block_k=64, num_warps=4, num_stages=2,
+         backward_blocks=((64, 64, 4, 2), (64, 64, 4, 3))),
+    dict(block_q=64, block_k=64, num_warps=4, num_stages=2,
+         backward_blocks=((32, 128, 8, 2), (128, 32, 8, 3))),
+    dict(block_q=64, block_k=64, num_warps=4, num_stages=2,
+         backward_blocks=((64, 128, 8, 2), (128, 64, 8, 2))),
     dict(block_q=64, block_k=64, num_warps=4, num_stages=3),
     dict(block_q=64, block_k=64, num_warps=8, num_stages=2),
     dict(block_q=128, block_k=64, num_warps=8, num_stages=2),
@@ -155,6 +163,19 @@ def span_kwargs(cfg):
 
 
 INTERPRET = [False]  # --interpret: Pallas interpreter (CPU smoke test of this script)
+DROPOUT = [0.0]  # --dropout: attention dropout rate of the timed kernels
+
+
+def dropout_options(q):
+    """The kernel's dropout arguments for queries q (B, M, H, D)."""
+    if not DROPOUT[0]:
+        return {}
+    from keras_allattn.ops.random import attention_dropout_keys
+
+    b, m, h, _ = q.shape
+    seed = jnp.asarray([1234, 5], jnp.uint32)
+    return dict(dropout_rate=DROPOUT[0],
+                dropout_keys=attention_dropout_keys(seed, b, h, m))
 
 
 def kernel_fn(cfg, precision=None, **tiles):
@@ -166,6 +187,7 @@ def kernel_fn(cfg, precision=None, **tiles):
         return pallas_all_attention(
             q, k, v, pos, mk, mv, z, integration=cfg["integration"],
             precision=precision, **span_kwargs(cfg), **options,
+            **dropout_options(q),
         )
 
     return fn
@@ -175,9 +197,13 @@ def portable_fn(cfg):
     from keras_allattn.ops.attention import portable_all_attention
 
     def fn(q, k, v, pos, mk, mv, z):
+        dropout = {}
+        if DROPOUT[0]:  # the kernels' mask: same seed
+            dropout = dict(dropout_rate=DROPOUT[0],
+                           dropout_seed=jnp.asarray([1234, 5], jnp.uint32))
         return portable_all_attention(
             q, k, v, pos, mk, mv, z, integration=cfg["integration"],
-            **span_kwargs(cfg),
+            **span_kwargs(cfg), **dropout,
         )
 
     return fn
@@ -337,7 +363,7 @@ def profile_config(cfg, dtype_name, repeats, tiles):
         options.get("block_k", 64), options.get("block_n"),
         options.get("num_warps", 4), options.get("num_stages", 2), None,
         options.get("num_programs", pa._DEFAULT_PROGRAMS),
-        options.get("backward_blocks"),
+        options.get("backward_blocks"), None, **dropout_options(q),
     )
     prepared = jax.block_until_ready(prepared)
     result = {}
@@ -388,15 +414,18 @@ def main():
     parser.add_argument("--profile", action="store_true",
                         help="per-kernel times of the chosen configs (--only) for a few tile shapes")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="attention dropout rate of the timed kernels")
     parser.add_argument("--interpret", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     INTERPRET[0] = args.interpret
+    DROPOUT[0] = args.dropout
     if args.list:
         for name, cfg in CONFIGS.items():
             print(name, describe(cfg))
         return
     device = jax.devices()[0]
-    emit({"device": str(device), "platform": device.platform,
+    emit({"device": str(device), "platform": device.platform, "dropout": args.dropout,
           "jax": jax.__version__, "kind": getattr(device, "device_kind", "")})
     names = [n for n in args.only.split(",") if n] or list(CONFIGS)
     if args.profile:

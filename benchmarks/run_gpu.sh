@@ -21,6 +21,9 @@
 #          recipe carries a last-bit difference; deterministic repeats gave
 #          bitwise equal losses at 77985b7); on four GPUs also scaling over
 #          1, 2, 4 GPUs
+#   recipe the recipe's attention dropout (0.3) on the fused kernels:
+#          per-kernel times with and without it, a tile sweep, training
+#          throughput at fixed 2048, adaptive ~1024 and fixed 1024 (issue 13)
 #   multi8 on a 4- or 8-GPU machine: scaling over 1, 2, 4, 8 GPUs (batch 64
 #          per GPU) and the first 200 step losses of 8 GPUs against one
 #          GPU at global batch 64 (deterministic kernels; next to the one-ulp
@@ -187,7 +190,23 @@ match)
     step jax_loss_perturbed 150 env KERAS_BACKEND=jax ${lm/devices/perturbed}
     step torch_loss_perturbed 100 env KERAS_BACKEND=torch ${lm/devices/perturbed}
   fi ;;
-*) echo "unknown phase $phase: train, multi, speed, kernels, match or multi8"; exit 2 ;;
+recipe)
+  # The paper's recipe (attention dropout 0.3) on the fused kernels: the
+  # per-kernel cost of the in-kernel dropout, a Hopper tile sweep, and
+  # training throughput at fixed 2048, adaptive ~1024 and fixed 1024.
+  kc="python3 benchmarks/kernel_check.py --no-check --only enwik8_small_bf16"
+  lane0() {
+    step pallas_profile 240 env KERAS_BACKEND=jax $kc --profile
+    step pallas_profile_dropout 240 env KERAS_BACKEND=jax $kc --profile --dropout 0.3
+    step jax_fixed_dropout 150 env KERAS_BACKEND=jax $tp --span fixed:2048 --dropout 0.3 --implementation fused --remat off
+    step jax_adaptive_dropout 150 env KERAS_BACKEND=jax $tp --span adaptive:1024 --dropout 0.3 --implementation fused --remat off
+    step jax_fixed1k_dropout 150 env KERAS_BACKEND=jax $tp --span fixed:1024 --dropout 0.3 --implementation fused --remat off
+  }
+  lane1() {
+    step pallas_sweep_dropout 500 env KERAS_BACKEND=jax $kc --no-time --sweep --dropout 0.3
+  }
+  lanes ;;
+*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8 or recipe"; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
 # The device tool returns a limited number of files: RESULTS.md and the
