@@ -87,3 +87,22 @@ def device_name():
     return tf.config.experimental.get_device_details(gpus[0]).get(
         "device_name", "GPU"
     )
+
+
+REMAT_MODES = ("attention", "layer")
+
+
+def check_remat(remat, allow_auto=False):
+    """A remat setting: False, "attention" (True is an alias) or "layer";
+    with `allow_auto`, also "auto"."""
+    if remat is False or remat is None:
+        return False
+    if remat is True:
+        return "attention"
+    modes = REMAT_MODES + (("auto",) if allow_auto else ())
+    if isinstance(remat, str) and remat in modes:
+        return remat
+    raise ValueError(
+        f"`remat` must be False, True or one of {modes}. Received: "
+        f"remat={remat!r}"
+    )

@@ -236,20 +236,77 @@ def test_bad_call_inputs(rng):
         )
 
 
-def test_remat_gives_the_same_training_step(rng):
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_remat_gives_the_same_training_step(rng, dropout):
+    """Recomputing the attention or whole layers changes no number, also
+    with attention dropout (the recomputation redraws the same mask)."""
     x = rng.integers(0, V, (2 * B, M)).astype("int32")
     y = rng.integers(0, V, (2 * B, M)).astype("int32")
-    models = [make_model(rng, adaptive_span=True, remat=remat) for remat in (False, True)]
-    models[1].set_weights(models[0].get_weights())
-    for model in models:
+    modes = (False, "attention", "layer")
+    models = [make_model(rng, adaptive_span=True, remat=remat, dropout=dropout)
+              for remat in modes]
+    initial = [to_numpy(w) for w in models[0].trainable_weights]
+    for model in models[1:]:
+        model.set_weights(models[0].get_weights())
+        for mine, theirs in zip(model.attention_layers, models[0].attention_layers):
+            mine.seed_generator.state.assign(to_numpy(theirs.seed_generator.state))
+    for model, mode in zip(models, modes):
         model.compile(
             optimizer=keras.optimizers.SGD(0.1),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             jit_compile=keras.backend.backend() != "torch",
         )
         model.fit(x, y, batch_size=B, shuffle=False, verbose=0)
-    for a, b in zip(models[0].trainable_weights, models[1].trainable_weights):
-        assert reference.relative_error(b, a) < 1e-5, a.path
+        assert model.resolved_remat == mode
+        assert all(layer.remat == mode for layer in model.attention_layers)
+    for other in models[1:]:
+        for a, b in zip(models[0].trainable_weights, other.trainable_weights):
+            assert reference.relative_error(b, a) < 1e-5, (other.remat, a.path)
+    # The steps moved the weights (the comparison can fail).
+    moved = [reference.relative_error(w, w0) for w, w0 in
+             zip(models[0].trainable_weights, initial)]
+    assert max(moved) > 1e-3
+
+
+def test_remat_auto_follows_the_memory_estimate(rng, monkeypatch):
+    from keras_allattn.models import memory_estimate
+
+    model = make_model(rng, adaptive_span=True, dropout=0.2)
+    assert model.remat == "auto" and model.resolved_remat is None
+    fused = memory_estimate.uses_fused_kernels(model)
+    need = {mode: memory_estimate.training_memory_bytes(model, mode)
+            for mode in (False, "attention", "layer")}
+    assert need["layer"] < need[False]
+    gib = 2**30
+    # Budgets between the estimates pick the least recomputation that fits.
+    expected = [(need[False], False), (need["layer"], "layer")]
+    if not fused:
+        assert need["attention"] < need[False]
+        expected.insert(1, (need["attention"], "attention"))
+    for bytes_needed, mode in expected:
+        budget = bytes_needed / memory_estimate.HEADROOM * 1.001
+        monkeypatch.setenv("KERAS_ALLATTN_MEMORY_GIB", str(budget / gib))
+        assert memory_estimate.choose_remat(model)[0] == mode
+    # Nothing fits: fit raises before compiling, naming what to change.
+    budget = need["layer"] / memory_estimate.HEADROOM * 0.9
+    monkeypatch.setenv("KERAS_ALLATTN_MEMORY_GIB", str(budget / gib))
+    model.compile(optimizer="sgd",
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = rng.integers(0, V, (B, M)).astype("int32")
+    with pytest.raises(ValueError, match=r"batch_size=2.*max_span=10.*max_span"):
+        model.fit(x, x, batch_size=B, shuffle=False, verbose=0)
+    assert model.train_function is None
+    # A fixed setting that cannot fit is refused too.
+    fixed = make_model(rng, remat=False)
+    fixed.compile(optimizer="sgd",
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(ValueError, match="remat=\"layer\""):
+        fixed.fit(x, x, batch_size=B, shuffle=False, verbose=0)
+    monkeypatch.setenv("KERAS_ALLATTN_MEMORY_GIB", "lots")
+    with pytest.raises(ValueError, match="KERAS_ALLATTN_MEMORY_GIB='lots'"):
+        memory_estimate.memory_budget_bytes()
+    with pytest.raises(ValueError, match="remat='sometimes'"):
+        make_model(rng, remat="sometimes")
 
 
 def test_dropout_trains_with_remat(rng):

@@ -11,6 +11,7 @@ from keras_allattn.utils import check_choice
 from keras_allattn.utils import check_non_negative
 from keras_allattn.utils import check_positive
 from keras_allattn.utils import check_rate
+from keras_allattn.utils import check_remat
 from keras_allattn.utils import torch_default_uniform
 
 
@@ -51,10 +52,14 @@ class PersistentMemoryAttention(keras.layers.Layer):
         dropout: float in [0, 1), dropout rate on the attention weights.
         implementation: "auto" or "portable"; see
             `keras_allattn.ops.all_attention`.
-        remat: bool, recompute the attention (scores, weights and their
-            products with the values) in the backward pass instead of
-            keeping the `(B, H, M, span)` tensors: the portable path then
-            needs memory proportional to the span only once per layer.
+        remat: what the backward pass recomputes instead of keeping:
+            False (nothing), "attention" (or True: the attention scores,
+            weights and their products with the values, so that the
+            portable path keeps no `(B, H, M, span)` tensor; the fused
+            kernels keep none anyway) or "layer" (the whole layer from its
+            inputs and memory: the keys and values of the `span + M` rows
+            are recomputed too, so a layer keeps about `M x d` values
+            instead of `(span + M) x d` several times).
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -117,7 +122,7 @@ class PersistentMemoryAttention(keras.layers.Layer):
         self.implementation = check_choice(
             "implementation", implementation, IMPLEMENTATIONS
         )
-        self.remat = bool(remat)
+        self.remat = check_remat(remat)
         self.attended_span = self.max_span
         self.span = None
         if self.adaptive_span:
@@ -201,12 +206,28 @@ class PersistentMemoryAttention(keras.layers.Layer):
                 f"`memory` must have at least max_span={self.max_span} rows. "
                 f"Received: memory.shape={tuple(memory.shape)}"
             )
-        memory = ops.cast(memory[:, memory.shape[1] - length :], inputs.dtype)
+        memory = memory[:, memory.shape[1] - length :]
+        positions = position_keys[:, self.max_span - length :]  # (D, A)
+        # State changes (the span loss, the seed generator's step) happen
+        # here, outside what remat may recompute.
+        if self.span is not None:
+            self.span.add_span_loss()
+        dropout = bool(training) and self.dropout > 0
+        # A seed drawn outside keeps recomputation (remat) identical.
+        seeds = (self.seed_generator.next(),) if dropout else ()
+        layer = self._layer
+        if self.remat == "layer":
+            layer = keras.remat(layer)
+        return layer(inputs, memory, positions, *seeds)
+
+    def _layer(self, inputs, memory, positions, *seeds):
+        """Projections, attention and output projection on the attended
+        memory rows; `seeds`: the dropout seed when dropout is active."""
+        memory = ops.cast(memory, inputs.dtype)
         context = ops.concatenate([memory, inputs], axis=1)  # (B, A+M, d)
         query = self._split_heads(self.query_dense(inputs))
         key = self._split_heads(self.key_dense(context))
         value = self._split_heads(self.value_dense(context))
-        positions = position_keys[:, self.max_span - length :]  # (D, A)
 
         # Tensor arguments of the attention, by name; None when unused.
         tensors = {"query": query, "key": key, "value": value,
@@ -220,11 +241,8 @@ class PersistentMemoryAttention(keras.layers.Layer):
             ) * math.sqrt(self.persistent_memory_size)
         if self.span is not None:
             tensors["span_ratio"] = ops.convert_to_tensor(self.span.span_ratio)
-            self.span.add_span_loss()
-        dropout = bool(training) and self.dropout > 0
-        if dropout:
-            # A seed drawn outside keeps recomputation (remat) identical.
-            tensors["dropout_seed"] = self.seed_generator.next()
+        if seeds:
+            tensors["dropout_seed"] = seeds[0]
         names = list(tensors)
 
         def attend(*values):
@@ -233,11 +251,11 @@ class PersistentMemoryAttention(keras.layers.Layer):
                 max_span=self.max_span,
                 span_ramp=self.span_ramp,
                 integration=self.integration,
-                dropout_rate=self.dropout if dropout else 0.0,
+                dropout_rate=self.dropout if seeds else 0.0,
                 implementation=self.implementation,
             )
 
-        if self.remat:
+        if self.remat == "attention":
             attend = keras.remat(attend)
         out = attend(*tensors.values())  # (B, M, H, D)
         out = ops.reshape(out, (-1, inputs.shape[1], self.hidden_dim))

@@ -21,6 +21,7 @@ from keras_allattn.utils import check_choice
 from keras_allattn.utils import check_non_negative
 from keras_allattn.utils import check_positive
 from keras_allattn.utils import check_rate
+from keras_allattn.utils import check_remat
 from keras_allattn.utils import check_unit_interval
 from keras_allattn.utils import torch_default_uniform
 
@@ -102,9 +103,15 @@ class AllAttentionLM(keras.Model):
         implementation: "auto" or "portable"; see
             `keras_allattn.ops.all_attention`.
         span_granularity: int, the memory trimming step in tokens.
-        remat: bool, recompute the attention weights in the backward pass
-            instead of keeping them (gradient checkpointing); see
-            `PersistentMemoryAttention`.
+        remat: what the backward pass recomputes instead of keeping
+            (gradient checkpointing): "auto" (default), False, "attention"
+            (or True) or "layer"; see `PersistentMemoryAttention`. "auto"
+            chooses, when `fit` starts, the least recomputation whose
+            estimated memory fits the device
+            (`keras_allattn.models.memory_estimate`: none where it fits,
+            whole layers where only that fits), and raises a ValueError
+            saying what to change when nothing fits; `resolved_remat`
+            tells the choice.
         adaptive_cutoffs: None for a full softmax, or a list of ints
             strictly increasing in `[1, vocabulary_size)` (token ids ordered
             by decreasing frequency) for adaptive input embeddings and an
@@ -167,7 +174,7 @@ class AllAttentionLM(keras.Model):
         integration="joint",
         implementation="auto",
         span_granularity=256,
-        remat=False,
+        remat="auto",
         adaptive_cutoffs=None,
         adaptive_div_val=4,
         adaptive_tie_weights=True,
@@ -200,6 +207,7 @@ class AllAttentionLM(keras.Model):
             check_positive("feedforward_dim", feedforward_dim)
         check_choice("integration", integration, INTEGRATIONS)
         check_choice("implementation", implementation, IMPLEMENTATIONS)
+        remat = check_remat(remat, allow_auto=True)
         check_positive("span_granularity", span_granularity)
         if adaptive_cutoffs is not None:
             adaptive_cutoffs = check_cutoffs(
@@ -266,7 +274,7 @@ class AllAttentionLM(keras.Model):
                     integration=integration,
                     dropout=dropout,
                     implementation=implementation,
-                    remat=remat,
+                    remat=False if remat == "auto" else remat,
                     dtype=dtype,
                     name=f"attention_{i}",
                 )
@@ -349,6 +357,8 @@ class AllAttentionLM(keras.Model):
         self.implementation = implementation
         self.span_granularity = span_granularity
         self.remat = remat
+        self.resolved_remat = None if remat == "auto" else remat
+        self._remat_checked = False
         self.adaptive_cutoffs = adaptive_cutoffs
         self.adaptive_div_val = adaptive_div_val
         self.adaptive_tie_weights = adaptive_tie_weights
@@ -596,7 +606,34 @@ class AllAttentionLM(keras.Model):
         """The memory rows each layer currently attends, a list of ints."""
         return [a.attended_span for a in self.attention_layers]
 
+    def resolve_remat(self):
+        """Applies the remat setting before training; returns the mode.
+
+        With `remat="auto"`, the least recomputation whose estimated
+        training memory fits (see `keras_allattn.models.memory_estimate`);
+        with a fixed setting, checks that it fits. Either way a model that
+        cannot fit raises a ValueError here, before anything is compiled.
+        The choice is made once; `fit` calls this first.
+        """
+        from keras_allattn.models import memory_estimate
+
+        if self._remat_checked:
+            return self.resolved_remat
+        if self.remat == "auto":
+            mode = memory_estimate.choose_remat(self)[0]
+        else:
+            mode = self.remat
+            memory_estimate.check_fits(self, mode)
+        if any(layer.remat != mode for layer in self.attention_layers):
+            for layer in self.attention_layers:
+                layer.remat = mode
+            self.train_function = None
+        self.resolved_remat = mode
+        self._remat_checked = True
+        return mode
+
     def fit(self, *args, callbacks=None, **kwargs):
+        self.resolve_remat()
         callbacks = list(callbacks or [])
         if self.adaptive_span and not any(
             isinstance(c, SpanTrimming) for c in callbacks

@@ -376,6 +376,43 @@ def all_attention(*args, implementation="auto", **kwargs):
     return portable_all_attention(*args, **kwargs)
 
 
+def fused_kernel_applies(head_dim, dropout_rate=0.0):
+    """Whether `implementation="auto"` will run a fused kernel here.
+
+    Decided from the backend and its devices, before any tensor exists
+    (`all_attention` checks the tensors themselves when it is called).
+
+    Args:
+        head_dim: int, the head width `D`.
+        dropout_rate: the attention dropout rate of training.
+
+    Returns:
+        (bool, reason): the reason says why not when the answer is False.
+    """
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch
+
+        from keras_allattn.ops import triton_attention
+
+        if not torch.cuda.is_available():
+            return False, "PyTorch has no CUDA device"
+        if not triton_attention.triton_available():
+            return False, "triton is not installed"
+        if dropout_rate > 0.0 and not triton_attention.HAS_DROPOUT:
+            return False, "attention dropout is active"
+        return True, ""
+    if backend == "jax":
+        import jax
+
+        if jax.default_backend() != "gpu":
+            return False, "JAX runs on no GPU"
+        if head_dim < 16 or head_dim & (head_dim - 1):
+            return False, f"the head width {head_dim} is not a power of 2 >= 16"
+        return True, ""
+    return False, f"no fused kernel for the {backend} backend"
+
+
 def _fused_kernel(query, *args, dropout_rate=0.0, **kwargs):
     """The backend's fused kernel for these inputs, or (None, reason)."""
     backend = keras.backend.backend()

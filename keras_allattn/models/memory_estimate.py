@@ -1,0 +1,232 @@
+"""Training memory of an `AllAttentionLM`, estimated before compiling.
+
+`AllAttentionLM(remat="auto")` (the default) picks what the backward pass
+recomputes from this estimate, so that a model that fits trains without
+out-of-memory errors and one that cannot fit fails before compiling, with
+an error that says what to change.
+
+The estimate counts, for one training step at the largest span the model
+can reach (`max_span`: adaptive spans may grow to it):
+
+- the parameters with their gradients and two optimizer slots (16 bytes
+  per parameter, float32);
+- the segment memory of every layer, `B x max_span x d` values;
+- what each layer keeps for its backward pass: with the fused kernels the
+  concatenated memory and block rows, their keys and values
+  (`3 (max_span + M) B d` values) plus about twelve `B x M x d` tensors
+  (queries, attention outputs, projections, residual sums, LayerNorm); the
+  portable path also keeps about 8 bytes per attention score
+  (`B H M (max_span + N)` scores) unless the attention is recomputed;
+  with `remat="layer"` only about four `B x M x d` tensors;
+- what one layer's recomputation needs at a time (its keys and values, or
+  the portable path's scores).
+
+Calibrated on one H200 (JAX, bf16, enwik8_small geometry, batch 64):
+estimated / measured peak 18.0 / 18.1 GiB (fused, fixed span 2048),
+13.5 / 13.6 GiB (fused, fixed 1024), 24 / 22.2 GiB (portable with attention
+recomputed, 2048).
+
+The budget is the memory the backend lets the process use:
+`KERAS_ALLATTN_MEMORY_GIB` when set; else JAX's allocator limit of the
+first device (its preallocated fraction of the GPU), PyTorch's CUDA device
+memory, or the host's physical memory on a CPU; 80 GiB where the backend
+does not say (TensorFlow on a GPU). 90% of it is used, for the
+allocator's fragmentation and the compiler's workspace.
+"""
+
+import math
+import os
+
+import keras
+
+from keras_allattn.ops.attention import fused_kernel_applies
+
+MEMORY_ENV = "KERAS_ALLATTN_MEMORY_GIB"
+# Usable share of the budget.
+HEADROOM = 0.9
+# Bytes the portable path keeps (or needs at once) per attention score.
+PORTABLE_SCORE_BYTES = 8
+GIB = 2**30
+
+
+def memory_budget_bytes():
+    """The device memory training may use, in bytes (see module doc)."""
+    value = os.environ.get(MEMORY_ENV, "").strip()
+    if value:
+        try:
+            gib = float(value)
+        except ValueError:
+            gib = -1.0
+        if not gib > 0:
+            raise ValueError(
+                f"The environment variable {MEMORY_ENV} must be a positive "
+                f"number of GiB. Received: {MEMORY_ENV}={value!r}"
+            )
+        return int(gib * GIB)
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform != "cpu":
+            limit = (device.memory_stats() or {}).get("bytes_limit")
+            if limit:
+                return int(limit)
+            return 80 * GIB
+    elif backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.get_device_properties(0).total_memory)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        if tf.config.list_logical_devices("GPU"):
+            return 80 * GIB
+    return _host_memory()
+
+
+def _host_memory():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 80 * GIB
+
+
+def _compute_bytes(model):
+    # The layers' compute dtype (the model's own policy may differ).
+    layers = getattr(model, "attention_layers", None)
+    dtype = layers[0].compute_dtype if layers else model.compute_dtype
+    return 2 if dtype in ("bfloat16", "float16") else 4
+
+
+def uses_fused_kernels(model):
+    """Whether training `model` here will run the fused attention kernels."""
+    if model.implementation == "portable":
+        return False
+    head_dim = model.hidden_dim // model.num_heads
+    return fused_kernel_applies(head_dim, model.dropout)[0]
+
+
+def training_memory_bytes(model, remat, fused=None):
+    """Estimated peak bytes of one training step of `model`.
+
+    Args:
+        model: an `AllAttentionLM`.
+        remat: False, "attention" or "layer".
+        fused: whether the fused kernels run; default `uses_fused_kernels`.
+    """
+    if fused is None:
+        fused = uses_fused_kernels(model)
+    c = _compute_bytes(model)
+    b, m, d = model.batch_size, model.block_size, model.hidden_dim
+    span, n = model.max_span, model.persistent_memory_size
+    rows = b * (span + m) * d  # keys (or values) of one layer
+    block = b * m * d
+    scores = b * model.num_heads * m * (span + n) * PORTABLE_SCORE_BYTES
+    params = 16 * _parameter_count(model)
+    state = model.num_layers * b * span * d * c
+    kept = 3 * rows * c + 12 * block * c
+    if model.feedforward_dim:
+        kept += 2 * b * m * model.feedforward_dim * c
+    at_once = 0
+    if remat == "layer":
+        at_once = kept
+        kept = 4 * block * c
+        if not fused:
+            at_once += scores
+    elif not fused:
+        if remat == "attention":
+            at_once = scores
+        else:
+            kept += scores
+    vocabulary = model.vocabulary_size if model.adaptive_softmax is None else d
+    logits = 3 * b * m * vocabulary * 4
+    return params + state + model.num_layers * kept + at_once + logits
+
+
+def _parameter_count(model):
+    """Parameters from the constructor arguments (the model may be unbuilt)."""
+    d, layers = model.hidden_dim, model.num_layers
+    per_layer = 4 * d * d + 2 * model.persistent_memory_size * d + 2 * d
+    if model.feedforward_dim:
+        per_layer += 2 * d * model.feedforward_dim + 2 * d
+    vocabulary = model.vocabulary_size
+    return layers * per_layer + 2 * vocabulary * d + vocabulary
+
+
+def choose_remat(model, budget=None):
+    """The least recomputation whose estimate fits; raises if none does.
+
+    Tries no recomputation, then (portable path only: the fused kernels keep
+    no scores) the attention's, then whole layers'.
+
+    Returns:
+        (remat, estimate_bytes, budget_bytes).
+
+    Raises:
+        ValueError: naming the estimate, the budget and what to change,
+            before anything is compiled.
+    """
+    budget = memory_budget_bytes() if budget is None else budget
+    usable = HEADROOM * budget
+    fused = uses_fused_kernels(model)
+    options = [False] + ([] if fused else ["attention"]) + ["layer"]
+    for remat in options:
+        need = training_memory_bytes(model, remat, fused)
+        if need <= usable:
+            return remat, need, budget
+    check_fits(model, "layer", budget, fused)
+
+
+def check_fits(model, remat, budget=None, fused=None):
+    """Raises ValueError before compiling when `remat` cannot fit."""
+    budget = memory_budget_bytes() if budget is None else budget
+    fused = uses_fused_kernels(model) if fused is None else fused
+    need = training_memory_bytes(model, remat, fused)
+    if need <= HEADROOM * budget:
+        return need
+    per_row = need - training_memory_bytes(
+        _with_batch(model, 0), remat, fused
+    )
+    fixed = need - per_row
+    fitting = math.floor((HEADROOM * budget - fixed) / (per_row / model.batch_size))
+    advice = [
+        f"a smaller `batch_size` ({fitting} would fit)" if fitting >= 1
+        else "a smaller `max_span` or model (no batch size fits)",
+        "a smaller `max_span`",
+    ]
+    if remat != "layer":
+        advice.insert(0, 'remat="layer" (or "auto")')
+    if not fused and model.implementation != "portable":
+        reason = fused_kernel_applies(
+            model.hidden_dim // model.num_heads, model.dropout
+        )[1]
+        advice.append(f"a device with the fused kernels (here: {reason})")
+    elif model.implementation == "portable":
+        advice.append('implementation="auto" on a GPU (fused kernels)')
+    advice.append(f"more memory ({MEMORY_ENV} sets the budget)")
+    raise ValueError(
+        f"Training this AllAttentionLM needs about {need / GIB:.1f} GiB "
+        f"(batch_size={model.batch_size}, max_span={model.max_span}, "
+        f"num_layers={model.num_layers}, remat={remat!r}, "
+        f"{'fused kernels' if fused else 'portable attention'}), more than "
+        f"{HEADROOM:.0%} of the {budget / GIB:.1f} GiB available. Use "
+        + "; or ".join(advice) + "."
+    )
+
+
+class _Geometry:
+    """The attributes the estimate reads, with another batch size."""
+
+    def __init__(self, model, batch_size):
+        for name in ("block_size", "hidden_dim", "num_heads", "max_span",
+                     "persistent_memory_size", "num_layers",
+                     "feedforward_dim", "vocabulary_size", "adaptive_softmax",
+                     "compute_dtype", "implementation", "dropout"):
+            setattr(self, name, getattr(model, name))
+        self.batch_size = batch_size
+
+
+def _with_batch(model, batch_size):
+    return _Geometry(model, batch_size)
