@@ -24,6 +24,9 @@
 #   recipe the recipe's attention dropout (0.3) on the fused kernels:
 #          per-kernel times with and without it, a tile sweep, training
 #          throughput at fixed 2048, adaptive ~1024 and fixed 1024 (issue 13)
+#   presets peak memory of every large preset with default arguments and its
+#          recipe's dropout at its largest span, planned for an 80 GB card;
+#          PyTorch recipe throughput (issue 13)
 #   multi8 on a 4- or 8-GPU machine: scaling over 1, 2, 4, 8 GPUs (batch 64
 #          per GPU) and the first 200 step losses of 8 GPUs against one
 #          GPU at global batch 64 (deterministic kernels; next to the one-ulp
@@ -206,7 +209,29 @@ recipe)
     step pallas_sweep_dropout 500 env KERAS_BACKEND=jax $kc --no-time --sweep --dropout 0.3
   }
   lanes ;;
-*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8 or recipe"; exit 2 ;;
+presets)
+  # Default arguments (remat="auto") with each preset's recipe dropout at
+  # the largest span it can reach, planned for an 80 GB card: JAX with the
+  # allocator share it takes on such a card by default (75% of 80 GB), and
+  # PyTorch limited to 80 GiB; then the recipe's throughput on PyTorch.
+  pre="python3 benchmarks/throughput.py --steps 4 --warmup-steps 2 --record --dropout recipe"
+  lane0() {
+    for p in enwik8_small enwik8_large; do
+      step "jax_${p}_full" 200 env KERAS_BACKEND=jax XLA_PYTHON_CLIENT_MEM_FRACTION=0.43 \
+        $pre --preset $p --span adaptive:8192
+    done
+    step jax_wikitext103_full 150 env KERAS_BACKEND=jax XLA_PYTHON_CLIENT_MEM_FRACTION=0.43 \
+      $pre --preset wikitext103 --span adaptive:2048
+  }
+  lane1() {
+    step torch_fixed_dropout 120 env KERAS_BACKEND=torch $tp --span fixed:2048 --dropout 0.3
+    step torch_adaptive_dropout 120 env KERAS_BACKEND=torch $tp --span adaptive:1024 --dropout 0.3
+    step torch_fixed1k_dropout 120 env KERAS_BACKEND=torch $tp --span fixed:1024 --dropout 0.3
+    step torch_enwik8_large_full 200 env KERAS_BACKEND=torch $pre --preset enwik8_large \
+      --span adaptive:8192 --memory-gib 80
+  }
+  lanes ;;
+*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe or presets"; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
 # The device tool returns a limited number of files: RESULTS.md and the

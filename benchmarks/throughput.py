@@ -50,11 +50,20 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--dtype", default="mixed_bfloat16")
-    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--dropout", default="0",
+                        help="attention dropout rate, or 'recipe' for the "
+                        "preset's (0.3 or 0.4)")
+    parser.add_argument("--memory-gib", type=float, default=None,
+                        help="the device memory the model's remat='auto' "
+                        "may plan for (e.g. 80 to act as an 80 GB card on a "
+                        "larger one: JAX's allocator and PyTorch are "
+                        "limited to it as well)")
     parser.add_argument("--implementation", default="auto",
                         choices=["auto", "portable", "fused"])
-    parser.add_argument("--remat", choices=["auto", "on", "off"], default="auto",
-                        help="auto: on for the portable path only")
+    parser.add_argument("--remat", choices=["auto", "on", "off", "attention", "layer"],
+                        default="auto",
+                        help="the model's remat: auto (its memory estimate "
+                        "chooses), on (= attention), off, attention, layer")
     parser.add_argument("--jit-compile", choices=["auto", "on", "off"],
                         default="auto",
                         help="compile's jit_compile; auto: on except on "
@@ -148,9 +157,12 @@ def build(args, transformer, optimizer=None):
                        ("span_granularity", getattr(args, "span_granularity", None))):
         if value is not None:
             config[key] = value
-    remat = {"on": True, "off": False,
-             "auto": args.implementation == "portable"}[args.remat]
-    config.update(dropout=args.dropout, embedding_dropout=0.0)
+    remat = {"on": "attention", "off": False}.get(args.remat, args.remat)
+    dropout = (preset["model"].get("dropout", 0.0) if args.dropout == "recipe"
+               else float(args.dropout))
+    embedding = (preset["model"].get("embedding_dropout", 0.0)
+                 if args.dropout == "recipe" else 0.0)
+    config.update(dropout=dropout, embedding_dropout=embedding)
     model = AllAttentionLM(**config, dtype=args.dtype,
                            implementation=args.implementation, remat=remat)
     if kind == "adaptive":
@@ -180,7 +192,7 @@ def jit_compile(args):
 
 
 def measure(args, transformer=False):
-    model, config, remat = build(args, transformer)
+    model, config, _ = build(args, transformer)
     batch, block = config["batch_size"], config["block_size"]
     rng = np.random.default_rng(0)
     total = args.warmup_steps + args.steps
@@ -188,6 +200,7 @@ def measure(args, transformer=False):
     y = np.roll(x, -1, axis=1)
     warm = args.warmup_steps * batch
     model.fit(x[:warm], y[:warm], batch_size=batch, shuffle=False, verbose=0)
+    remat = model.resolved_remat
     synchronize(model)
     reset_peak_memory()
     start = time.perf_counter()
@@ -216,7 +229,8 @@ def measure(args, transformer=False):
         "mean_span": round(float(spans.mean()), 1),
         "attended_spans": sorted(set(model.attended_spans())),
         "span_granularity": model.span_granularity,
-        "dropout": args.dropout,
+        "dropout": config["dropout"],
+        "memory_budget_gib": args.memory_gib,
         "steps": args.steps,
         "tokens_per_s": round(tokens_per_s),
         "step_ms": round(1000 * elapsed / args.steps, 1),
@@ -239,14 +253,32 @@ def record(result):
         f"{result['block_size']}, layers {result['num_layers']}, "
         f"{result['dtype_policy']}, implementation {result['implementation']}, "
         f"remat {result['remat']}, jit_compile {result['jit_compile']}, "
-        f"dropout {result['dropout']} |\n"
+        f"dropout {result['dropout']}"
+        + (f", planned for {result['memory_budget_gib']:g} GiB"
+           if result["memory_budget_gib"] else "")
+        + " |\n"
     )
     with open(path, "a") as f:
         f.write(row)
 
 
+def limit_memory(gib):
+    """Acts as a card of `gib` GiB: the remat planning, and the backend."""
+    import os
+
+    os.environ["KERAS_ALLATTN_MEMORY_GIB"] = str(gib)
+    if keras.backend.backend() == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total))
+
+
 def main():
     args = parse_args()
+    if args.memory_gib:
+        limit_memory(args.memory_gib)
     runs = [False, True] if args.compare_transformer else [False]
     for transformer in runs:
         result = measure(args, transformer)
