@@ -529,16 +529,17 @@ def _bwd_dkdv_kernel(
         x = tl.dot(q, tl.trans(k), input_precision=PREC) + band
         s = _context_logits(x * scale_log2, i, j, A, M, top, span_ramp, HAS_SPAN)
         prob = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do.to(v.dtype), tl.trans(v), input_precision=PREC)
+        dropped = prob
         if HAS_DROPOUT:
             keep = _dropout_factor(
                 _load_row_keys(RK, bh, i, M), A + i[:, None] - j[None, :],
                 keep_threshold, drop_scale,
             )
-            dv += tl.dot(tl.trans((prob * keep).to(v.dtype)), do.to(v.dtype), input_precision=PREC)
+            dropped = prob * keep
+        dv += tl.dot(tl.trans(dropped.to(v.dtype)), do.to(v.dtype), input_precision=PREC)
+        dp = tl.dot(do.to(v.dtype), tl.trans(v), input_precision=PREC)
+        if HAS_DROPOUT:
             dp = dp * keep
-        else:
-            dv += tl.dot(tl.trans(prob.to(v.dtype)), do.to(v.dtype), input_precision=PREC)
         ds = prob * (dp - dl[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
 
@@ -580,15 +581,16 @@ def _bwd_persistent_kernel(
             s = tl.dot(q, tl.trans(mk), input_precision=PREC) * scale_log2
             s = tl.where(row_ok[:, None] & (n[None, :] < N), s, float("-inf"))
             prob = tl.math.exp2(s - lse[:, None])
-            dp = tl.dot(do.to(mv.dtype), tl.trans(mv), input_precision=PREC)
+            dropped = prob
             if HAS_DROPOUT:  # column id: -1 - n
                 keep = _dropout_factor(
                     _load_row_keys(RK, bh, i, M), -1 - n[None, :], keep_threshold, drop_scale
                 )
-                dmv += tl.dot(tl.trans((prob * keep).to(mv.dtype)), do.to(mv.dtype), input_precision=PREC)
+                dropped = prob * keep
+            dmv += tl.dot(tl.trans(dropped.to(mv.dtype)), do.to(mv.dtype), input_precision=PREC)
+            dp = tl.dot(do.to(mv.dtype), tl.trans(mv), input_precision=PREC)
+            if HAS_DROPOUT:
                 dp = dp * keep
-            else:
-                dmv += tl.dot(tl.trans(prob.to(mv.dtype)), do.to(mv.dtype), input_precision=PREC)
             ds = prob * (dp - dl[:, None])
             dmk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     off = (sp * H + h) * N * D + n[:, None] * D + offs_d[None, :]
