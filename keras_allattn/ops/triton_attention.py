@@ -929,7 +929,7 @@ def triton_all_attention(
         dropout_rate: float in [0, 1), the attention dropout rate.
         dropout_keys: int32 (B, H, M) row keys of the dropout mask
             (`keras_allattn.ops.random.attention_dropout_keys` of the
-            call's seed), on the device of `query`; needed when
+            call's seed), moved to the device of `query`; needed when
             `dropout_rate > 0`, ignored otherwise.
 
     Returns:
@@ -972,7 +972,8 @@ def triton_all_attention(
             f"`dropout_rate` must be in [0, 1). Received: dropout_rate={dropout_rate}"
         )
     if dropout_rate > 0.0:
-        _check_dropout_keys(dropout_keys, (B, H, M), query.device)
+        _check_dropout_keys(dropout_keys, (B, H, M))
+        dropout_keys = dropout_keys.to(query.device)
     else:
         dropout_keys = None
     deterministic = resolve_deterministic(deterministic)
@@ -1009,7 +1010,7 @@ def triton_all_attention(
     )
 
 
-def _check_dropout_keys(keys, shape, device):
+def _check_dropout_keys(keys, shape):
     import torch
 
     if keys is None:
@@ -1017,9 +1018,8 @@ def _check_dropout_keys(keys, shape, device):
             f"`dropout_keys` (int32 {shape}) is needed when `dropout_rate` > 0. "
             "Received: dropout_keys=None"
         )
-    if tuple(keys.shape) != shape or keys.dtype != torch.int32 or keys.device != device:
+    if tuple(keys.shape) != shape or keys.dtype != torch.int32:
         raise ValueError(
-            f"`dropout_keys` must be an int32 tensor of shape (B, H, M) = {shape} "
-            f"on {device}. Received: dropout_keys with shape {tuple(keys.shape)}, "
-            f"dtype {keys.dtype}, device {keys.device}"
+            f"`dropout_keys` must be an int32 tensor of shape (B, H, M) = {shape}. "
+            f"Received: dropout_keys with shape {tuple(keys.shape)}, dtype {keys.dtype}"
         )
