@@ -14,6 +14,10 @@ For enwik8-small-like shapes (B=64, M=512, H=8, D=64, N=1024) this script
     forward+backward, and the portable path's times for comparison;
   * optionally times a few alternative tile configurations.
 
+With `--dropout RATE` every check and timing runs with attention dropout at
+that rate (the kernel with the row keys of a fixed seed, the portable path
+with the seed itself: the same mask).
+
 Configurations: "fixed" (A = 2048 attended distances, no adaptive span) and
 "adaptive" (L = A = 8192, span ratios chosen so that the heads' spans are
 about 768..1280, ~1024 on average: the kernel skips the key tiles beyond
@@ -23,6 +27,9 @@ errors are caught and printed per configuration.
 Usage (on the GPU machine, Keras carried as wheels, see GPU.md):
     KERAS_BACKEND=torch python3 benchmarks/triton_kernel_check.py
     ... --configs fixed --check-batch 4 --no-sweep --no-portable-timing
+    ... --dropout 0.3
+CPU self-test of the script (Triton interpreter, tiny shapes, checks only):
+    KERAS_BACKEND=torch python3 benchmarks/triton_kernel_check.py --smoke [--dropout 0.3]
 """
 
 import argparse
@@ -38,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 SPAN_RAMP = 32
+DROPOUT_SEED = (123456789, 42)
 
 CONFIGS = {
     # name: (B, M, H, D, A, N, max_span or None, mean span or None)
@@ -95,6 +103,26 @@ def make_inputs(shape, batch, dtype, device, seed=0):
     return inputs, grad, kwargs
 
 
+def dropout_kwargs(inputs, rate):
+    """(kernel kwargs, portable kwargs) of attention dropout at `rate`.
+
+    The kernel gets the row keys of the seed, the portable path the seed:
+    both draw the same mask.
+    """
+    if not rate:
+        return {}, {}
+    from keras_allattn.ops.random import attention_dropout_keys
+
+    query = inputs["query"]
+    seed = torch.tensor(DROPOUT_SEED, dtype=torch.int32, device=query.device)
+    B, M, H, _ = query.shape
+    keys = attention_dropout_keys(seed, B, H, M).to(query.device)
+    return (
+        {"dropout_rate": rate, "dropout_keys": keys},
+        {"dropout_rate": rate, "dropout_seed": seed},
+    )
+
+
 def leaves(inputs, dtype=None):
     out = {}
     for name, t in inputs.items():
@@ -140,8 +168,9 @@ def check(shape, args):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     inputs, grad, kwargs = make_inputs(shape, args.check_batch, torch.float32, args.device)
-    ref = forward_backward(portable, inputs, grad, **kwargs)
-    got = forward_backward(triton_all_attention, inputs, grad, **kwargs)
+    drop_kernel, drop_portable = dropout_kwargs(inputs, args.dropout)
+    ref = forward_backward(portable, inputs, grad, **kwargs, **drop_portable)
+    got = forward_backward(triton_all_attention, inputs, grad, **kwargs, **drop_kernel)
     record["fp32_rel_err"] = rel_errors(got, ref)
     del got
     # bfloat16: kernel on bf16 inputs against the fp32 reference on the
@@ -151,15 +180,17 @@ def check(shape, args):
         for k, v in inputs.items()
     }
     grad_r = grad.to(torch.bfloat16).float()
-    ref = forward_backward(portable, rounded, grad_r, **kwargs)
+    ref = forward_backward(portable, rounded, grad_r, **kwargs, **drop_portable)
     bf16_inputs = {
         k: (v.to(torch.bfloat16) if k != "span_ratio" else v) for k, v in inputs.items()
     }
-    got = forward_backward(triton_all_attention, bf16_inputs, grad_r.bfloat16(), **kwargs)
+    got = forward_backward(
+        triton_all_attention, bf16_inputs, grad_r.bfloat16(), **kwargs, **drop_kernel
+    )
     record["bf16_rel_err"] = rel_errors(got, ref)
     del got
     if args.portable_bf16_error:
-        got = forward_backward(portable, bf16_inputs, grad_r.bfloat16(), **kwargs)
+        got = forward_backward(portable, bf16_inputs, grad_r.bfloat16(), **kwargs, **drop_portable)
         record["portable_bf16_rel_err"] = rel_errors(got, ref)
         del got
     del ref
@@ -199,7 +230,8 @@ def timings(shape, args, tiles=None):
     from keras_allattn.ops.triton_attention import triton_all_attention
 
     inputs, grad, kwargs = make_inputs(shape, shape["B"], torch.bfloat16, args.device)
-    kw = dict(kwargs, **(tiles or {}))
+    drop_kernel, drop_portable = dropout_kwargs(inputs, args.dropout)
+    kw = dict(kwargs, **drop_kernel, **(tiles or {}))
     record = {}
     t0 = time.time()
     fwd, _ = time_fn(triton_all_attention, inputs, grad, kw, backward=False)
@@ -217,8 +249,9 @@ def timings(shape, args, tiles=None):
     record["fwd_tflops_useful"] = round(flops / (fwd / 1e3) / 1e12, 1)
     if tiles is None and args.portable_timing:
         try:
-            pf, _ = time_fn(portable, inputs, grad, kwargs, backward=False)
-            pfb, ppeak = time_fn(portable, inputs, grad, kwargs, backward=True)
+            pkw = dict(kwargs, **drop_portable)
+            pf, _ = time_fn(portable, inputs, grad, pkw, backward=False)
+            pfb, ppeak = time_fn(portable, inputs, grad, pkw, backward=True)
             record.update(
                 portable_fwd_ms=round(pf, 3), portable_fwd_bwd_ms=round(pfb, 3),
                 portable_peak_gib=round(ppeak, 2),
@@ -251,10 +284,16 @@ def main():
     parser.add_argument("--warmup", type=int, default=25)
     parser.add_argument("--rep", type=int, default=100)
     parser.add_argument(
+        "--dropout", type=float, default=0.0, metavar="RATE",
+        help="attention dropout rate of every check and timing (default 0: none)",
+    )
+    parser.add_argument(
         "--smoke", action="store_true",
         help="CPU self-test of this script: tiny shapes, Triton interpreter, checks only",
     )
     args = parser.parse_args()
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1). Received: --dropout {args.dropout}")
     args.device = "cuda"
     if args.smoke:
         args.device = "cpu"
@@ -271,7 +310,8 @@ def main():
     })
     for name in args.configs.split(","):
         shape = CONFIGS[name]
-        record = {"config": name, "shape": shape, "dtype_timed": "bfloat16"}
+        record = {"config": name, "shape": shape, "dtype_timed": "bfloat16",
+                  "dropout": args.dropout}
         try:
             if args.check:
                 t0 = time.time()
@@ -292,7 +332,7 @@ def main():
         emit(record)
         if args.sweep:
             for tiles in SWEEP:
-                variant = {"config": name, "tiles": tiles}
+                variant = {"config": name, "tiles": tiles, "dropout": args.dropout}
                 try:
                     variant.update(timings(shape, args, tiles))
                 except Exception as error:

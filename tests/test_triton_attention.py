@@ -3,8 +3,10 @@
 Run on CPU through Triton's interpreter (`TRITON_INTERPRET=1`, set here
 before the kernels are built), on small shapes with tiles of 16, against an
 independent float64 torch implementation of SPEC §1 in log-space form and
-against `portable_all_attention`. With `TRITON_INTERPRET=0` on a CUDA
-machine the compiled kernels are tested on the GPU instead.
+against `portable_all_attention`; with attention dropout, against both with
+the mask of the NumPy transcription in tests/reference.py. With
+`TRITON_INTERPRET=0` on a CUDA machine the compiled kernels are tested on
+the GPU instead.
 """
 
 import math
@@ -37,9 +39,12 @@ import keras  # noqa: E402
 if keras.backend.backend() != "torch":  # pragma: no cover
     pytest.skip("Keras is not on the torch backend", allow_module_level=True)
 
+from keras_allattn.ops.attention import all_attention  # noqa: E402
 from keras_allattn.ops.attention import portable_all_attention  # noqa: E402
+from keras_allattn.ops.random import attention_dropout_keys  # noqa: E402
 from keras_allattn.ops.triton_attention import triton_all_attention  # noqa: E402
 from keras_allattn.ops.triton_attention import triton_available  # noqa: E402
+from tests import reference  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 TOL = 1e-4
@@ -51,9 +56,27 @@ SPAN_RATIOS = (0.2137, 0.5521, 0.97)
 
 
 def reference_all_attention(
-    q, k, v, pos, mk, mv, z, max_span, ramp, integration
+    q, k, v, pos, mk, mv, z, max_span, ramp, integration, dropout=None
 ):
-    """SPEC §1 by gathering keys per distance, log-space span mask."""
+    """SPEC §1 by gathering keys per distance, log-space span mask.
+
+    `dropout`: None or (rate, seed), the mask of tests/reference.py applied
+    to the normalised weights (context column `r - 1` has id `r`,
+    persistent vector `n` the id `-1 - n`).
+    """
+    drop_ctx = drop_pers = None
+    if dropout is not None:
+        rate, seed = dropout
+        b, m, h, _ = q.shape
+        keys = reference.dropout_keys(seed, b, h, m)[..., None]
+
+        def factors(columns):
+            f = reference.dropout_factors(keys, columns, rate)
+            return torch.as_tensor(f, dtype=q.dtype, device=q.device)
+
+        drop_ctx = factors(range(1, pos.shape[1] + 1))
+        if mk is not None:
+            drop_pers = factors([-1 - n for n in range(mk.shape[1])])
     _, m, _, d = q.shape
     a = pos.shape[1]
     i = torch.arange(m, device=q.device)[:, None]
@@ -73,6 +96,8 @@ def reference_all_attention(
         s = s + log_mask[None, :, None, :]
     if mk is None:
         weights = torch.softmax(s, -1)
+        if drop_ctx is not None:
+            weights = weights * drop_ctx
         return torch.einsum("bhma,bmahd->bmhd", weights, v_r)
     u = torch.einsum("bmhd,hnd->bhmn", q, mk) / math.sqrt(d)
     if integration == "joint":
@@ -80,6 +105,8 @@ def reference_all_attention(
         weights, weights_p = joint[..., :a], joint[..., a:]
     else:
         weights, weights_p = torch.softmax(s, -1), torch.softmax(u, -1)
+    if drop_ctx is not None:
+        weights, weights_p = weights * drop_ctx, weights_p * drop_pers
     out = torch.einsum("bhma,bmahd->bmhd", weights, v_r)
     return out + torch.einsum("bhmn,hnd->bmhd", weights_p, mv)
 
@@ -131,7 +158,7 @@ def check(out, grads, ref_out, ref_grads, tol):
     assert not bad, f"relative errors above {tol}: {bad} (all: {errors})"
 
 
-def reference_run(inputs, grad, persistent, span, integration):
+def reference_run(inputs, grad, persistent, span, integration, dropout=None):
     args = dict(inputs)
     if not persistent:
         args.pop("persistent_keys")
@@ -146,6 +173,7 @@ def reference_run(inputs, grad, persistent, span, integration):
         return reference_all_attention(
             query, key, value, position_keys, persistent_keys,
             persistent_values, span_ratio, MAX_SPAN, RAMP, integration,
+            dropout,
         )
 
     return args, run(fn, args, grad, torch.float64)
@@ -176,30 +204,38 @@ def test_matches_float64_reference(span, persistent, integration):
     check(out, grads, ref_out, ref_grads, TOL)
 
 
+# block_q < block_k, other tiles for each backward kernel, D = 20 (padded
+# to 32), N = 37 persistent vectors (not a multiple of the tile), A <
+# max_span, two position-gradient replicas.
+UNEVEN_SHAPE = (1, 45, 2, 20, 70, 37)
+UNEVEN_TILES = dict(
+    block_q=16, block_k=32,
+    backward={"dq": (16, 16), "dkdv": (16, 32), "persistent": (32, 16)},
+    position_grad_replicas=2, persistent_split=1,
+)
+
+
 def test_uneven_tiles_and_head_dim():
-    # block_q < block_k, other tiles for each backward kernel, D = 20
-    # (padded to 32), N = 37 persistent vectors (not a multiple of the
-    # tile), A < max_span, two position-gradient replicas.
-    inputs, grad = make_inputs(1, 45, 2, 20, 70, 37, seed=2)
+    inputs, grad = make_inputs(*UNEVEN_SHAPE, seed=2)
     args, (ref_out, ref_grads) = reference_run(inputs, grad, True, True, "joint")
     out, grads = run(
         triton_all_attention, args, grad, torch.float32,
-        max_span=MAX_SPAN, span_ramp=RAMP, integration="joint",
-        block_q=16, block_k=32,
-        backward={"dq": (16, 16), "dkdv": (16, 32), "persistent": (32, 16)},
-        position_grad_replicas=2, persistent_split=1,
+        max_span=MAX_SPAN, span_ramp=RAMP, integration="joint", **UNEVEN_TILES,
     )
     check(out, grads, ref_out, ref_grads, TOL)
 
 
-@pytest.mark.parametrize(
-    "persistent,span,integration",
-    [(False, False, "joint"), (True, True, "joint"), (True, True, "separate"),
-     (False, True, "joint"), (True, "boundaries", "joint")],
-    ids=["context_only", "span_joint", "span_separate", "span_context_only",
-         "span_boundaries"],
-)
-def test_matches_portable(persistent, span, integration):
+PORTABLE_CASES = {
+    # id: (persistent, span, integration)
+    "context_only": (False, False, "joint"),
+    "span_joint": (True, True, "joint"),
+    "span_separate": (True, True, "separate"),
+    "span_context_only": (False, True, "joint"),
+    "span_boundaries": (True, "boundaries", "joint"),
+}
+
+
+def portable_case_inputs(span):
     inputs, grad = make_inputs(2, 21, 3, 16, 50, 12, seed=3)
     if span == "boundaries":
         # z = 0 (the recipe's initial value) and z L = 30 make the unclipped
@@ -208,9 +244,19 @@ def test_matches_portable(persistent, span, integration):
         inputs["span_ratio"] = torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64)
     elif span:
         inputs["span_ratio"] = torch.tensor([0.1137, 0.27, 0.43], dtype=torch.float64)
-    args, _ = reference_run(inputs, grad, persistent, bool(span), integration)
     # max_span 120 with A = 50: head 0 masks distances > 22 (ramp 15..22),
     # head 1 has its ramp at 33..40, head 2 keeps every distance.
+    return inputs, grad
+
+
+@pytest.mark.parametrize(
+    "persistent,span,integration",
+    list(PORTABLE_CASES.values()),
+    ids=list(PORTABLE_CASES),
+)
+def test_matches_portable(persistent, span, integration):
+    inputs, grad = portable_case_inputs(span)
+    args, _ = reference_run(inputs, grad, persistent, bool(span), integration)
     options = dict(max_span=MAX_SPAN, span_ramp=RAMP, integration=integration)
     ref_out, ref_grads = run(
         portable_all_attention, args, grad, torch.float32, **options
@@ -220,6 +266,83 @@ def test_matches_portable(persistent, span, integration):
         block_q=16, block_k=16, **options,
     )
     check(out, grads, ref_out, ref_grads, TOL)
+
+
+DROPOUT_RATE = 0.3
+DROPOUT_SEED = (123456789, 42)
+
+
+def dropout_seed():
+    return torch.tensor(DROPOUT_SEED, dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("case", [*PORTABLE_CASES, "uneven_tiles"])
+def test_dropout_matches_portable_path_and_reference(case):
+    """With attention dropout the kernels draw the portable path's mask
+    (same seed, same counter-based function): outputs and every gradient
+    agree with it and with the float64 reference under the NumPy mask, so
+    each backward kernel regenerates the forward's mask."""
+    if case == "uneven_tiles":
+        inputs, grad = make_inputs(*UNEVEN_SHAPE, seed=2)
+        persistent, span, integration = True, True, "joint"
+        tiles = UNEVEN_TILES
+    else:
+        persistent, span, integration = PORTABLE_CASES[case]
+        inputs, grad = portable_case_inputs(span)
+        tiles = dict(block_q=16, block_k=16)
+    args, (ref_out, ref_grads) = reference_run(
+        inputs, grad, persistent, bool(span), integration,
+        dropout=(DROPOUT_RATE, DROPOUT_SEED),
+    )
+    b, m, h, _ = inputs["query"].shape
+    seed = dropout_seed()
+    keys = attention_dropout_keys(seed, b, h, m).to(DEVICE)
+    options = dict(max_span=MAX_SPAN, span_ramp=RAMP, integration=integration)
+    want = run(
+        portable_all_attention, args, grad, torch.float32,
+        dropout_rate=DROPOUT_RATE, dropout_seed=seed, **options,
+    )
+    out, grads = run(
+        triton_all_attention, args, grad, torch.float32,
+        dropout_rate=DROPOUT_RATE, dropout_keys=keys, **tiles, **options,
+    )
+    check(out, grads, *want, TOL)
+    if span == "boundaries":
+        # The log-space reference has no gradient at m = 0 and the one-sided
+        # one at m = 1 (the module docstring of triton_attention says why):
+        # the portable path above is the reference for d span_ratio there.
+        ref_grads.pop("span_ratio")
+    check(out, grads, ref_out, ref_grads, TOL)
+    # Dropout changed the function and every gradient.
+    plain_out, plain_grads = run(
+        portable_all_attention, args, grad, torch.float32, **options
+    )
+    assert rel_err(want[0], plain_out) > 0.05
+    for name, value in want[1].items():
+        assert rel_err(value, plain_grads[name]) > 0.05, name
+
+
+def test_dispatcher_picks_the_kernel_with_dropout():
+    from keras_allattn.ops import attention
+
+    class CudaTensor:  # the dispatcher reads only the tensor's device here
+        is_cuda = True
+
+    fused, reason = attention._fused_kernel(CudaTensor(), dropout_rate=DROPOUT_RATE)
+    assert fused is not None, reason
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the dispatcher fuses CUDA tensors only")
+def test_fused_dispatch_with_dropout_matches_portable():
+    inputs, grad = portable_case_inputs(True)
+    args, _ = reference_run(inputs, grad, True, True, "joint")
+    seed = dropout_seed()
+    options = dict(max_span=MAX_SPAN, span_ramp=RAMP, integration="joint",
+                   dropout_rate=DROPOUT_RATE, dropout_seed=seed)
+    want = run(portable_all_attention, args, grad, torch.float32, **options)
+    got = run(all_attention, args, grad, torch.float32,
+              implementation="fused", **options)
+    check(*got, *want, TOL)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -262,6 +385,24 @@ def test_rejects_bad_arguments():
         triton_all_attention(
             t["query"], t["key"], t["value"], t["position_keys"],
             block_q=32, block_k=16,
+        )
+    with pytest.raises(ValueError, match=r"`dropout_rate` must be in \[0, 1\). Received: dropout_rate=1.0"):
+        triton_all_attention(
+            t["query"], t["key"], t["value"], t["position_keys"], dropout_rate=1.0,
+        )
+    with pytest.raises(ValueError, match="Received: dropout_keys=None"):
+        triton_all_attention(
+            t["query"], t["key"], t["value"], t["position_keys"], dropout_rate=0.3,
+        )
+    with pytest.raises(ValueError, match=r"shape \(1, 1, 7\), dtype torch.int32"):
+        triton_all_attention(
+            t["query"], t["key"], t["value"], t["position_keys"], dropout_rate=0.3,
+            dropout_keys=torch.zeros((1, 1, 7), dtype=torch.int32),
+        )
+    with pytest.raises(ValueError, match="dtype torch.int64"):
+        triton_all_attention(
+            t["query"], t["key"], t["value"], t["position_keys"], dropout_rate=0.3,
+            dropout_keys=torch.zeros((1, 1, 8), dtype=torch.int64),
         )
 
 

@@ -1,9 +1,9 @@
 """Fused all-attention for the PyTorch backend, written in Triton.
 
 `triton_all_attention` computes exactly the function of
-`keras_allattn.ops.attention.portable_all_attention` (SPEC §1, without
-dropout) on torch tensors, forward and backward, without materialising any
-(B, H, M, A) tensor in device memory:
+`keras_allattn.ops.attention.portable_all_attention` (SPEC §1, attention
+dropout included) on torch tensors, forward and backward, without
+materialising any (B, H, M, A) tensor in device memory:
 
 * forward: one program per (query tile, batch, head); an online (flash
   attention) softmax in float32 over the context key tiles, then over the
@@ -45,6 +45,17 @@ dropout) on torch tensors, forward and backward, without materialising any
   distances: the pure log-space derivative differs there in sign and size.
   Only key tiles whose distances reach the ramp compute these terms, and
   tiles wholly inside it (`m = 1`) skip the mask's logarithm.
+* attention dropout: the counter-based mask of `keras_allattn.ops.random`.
+  Every kernel hashes the row keys of its query rows (an int32 (B, H, M)
+  input computed from the call's seed) with the column ids (the distance
+  `r = A + i - j` of a context key, `-1 - n` for persistent vector `n`) in
+  uint32 arithmetic, so the backward kernels regenerate the forward's mask
+  and nothing of size (B, H, M, A) is stored. The softmax normaliser (the
+  saved log-sum-exp) sums the weights before dropout, the outputs use the
+  dropped weights; in the backward `dV += (P f)^T dO`, `dP = f (dO V^T)`
+  and `dS = P (dP - Delta)` with `Delta = rowsum(dO O)` of the dropped
+  output (the span-ratio term uses the same `dP - Delta`). Without dropout
+  the `HAS_DROPOUT` constexpr removes all of it from the compiled kernels.
 
 Triton is imported lazily: importing this module never needs triton (nor
 torch); the kernels are built on first use. Set `TRITON_INTERPRET=1`
@@ -57,6 +68,7 @@ from __future__ import annotations
 import math
 import threading
 
+from keras_allattn.ops import random as dropout_hash
 from keras_allattn.ops.attention import resolve_deterministic
 
 INTEGRATIONS = ("joint", "separate")
@@ -73,6 +85,9 @@ _JIT_NAMES = (
     "_span_mask",
     "_band",
     "_context_logits",
+    "_mix32",
+    "_dropout_factor",
+    "_load_row_keys",
     "_online",
     "_load_rows",
     "_load_cols",
@@ -86,7 +101,7 @@ _JIT_NAMES = (
 
 # Attention dropout inside the kernels (the counter-based mask of
 # `keras_allattn.ops.random`).
-HAS_DROPOUT = False
+HAS_DROPOUT = True
 
 
 def triton_available():
@@ -177,14 +192,45 @@ def _context_logits(x, i, j, A, M, top, span_ramp, HAS_SPAN: tl.constexpr):
     return tl.where(valid, x, float("-inf"))
 
 
-def _online(m_i, l_i, acc, s, v, PREC: tl.constexpr):
-    """One step of the online softmax (log2 units); returns the new state."""
+def _online(m_i, l_i, acc, s, v, keep, PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """One step of the online softmax (log2 units); returns the new state.
+
+    With dropout, `keep` holds the tile's factors: the normaliser sums the
+    weights before dropout, the output accumulates the dropped ones.
+    """
     m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+    if HAS_DROPOUT:
+        p = p * keep
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return m_new, l_i, acc
+
+
+def _mix32(x):
+    """`keras_allattn.ops.random.mix32` on uint32 values (products wrap,
+    shifts are logical)."""
+    x = x ^ (x >> 16)
+    x = x * tl.full([], 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full([], 0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+def _dropout_factor(rk, u, keep_threshold, drop_scale):
+    """Dropout factors (0 or `drop_scale`) of the weights at row keys `rk`
+    (uint32 (rows, 1)) and column ids `u` (int32, broadcastable): the
+    counter-based mask of `keras_allattn.ops.random`, float32."""
+    x = _mix32(rk ^ (u.to(tl.uint32, bitcast=True) * tl.full([], 0x85EBCA6B, tl.uint32)))
+    kept = (x >> 8).to(tl.int32) < keep_threshold
+    return tl.where(kept, drop_scale, 0.0)
+
+
+def _load_row_keys(RK, bh, i, M):
+    """The dropout row keys of rows `i` of (batch, head) `bh`, uint32 (rows, 1)."""
+    rk = tl.load(RK + bh * M + i, mask=i < M, other=0)
+    return rk.to(tl.uint32, bitcast=True)[:, None]
 
 
 def _load_rows(base, rows, stride, n_rows, offs_d, D: tl.constexpr, BD: tl.constexpr):
@@ -216,11 +262,12 @@ def _add_position_grad(DPOS, cols, offs_d, dpos, A, D: tl.constexpr, BD: tl.cons
 
 
 def _fwd_kernel(
-    Q, K, V, POS, MK, MV, Z, O, OC, OP, LSE_C, LSE_P,
+    Q, K, V, POS, MK, MV, Z, RK, O, OC, OP, LSE_C, LSE_P,
     s_qb, s_qm, s_qh, s_kb, s_km, s_kh, s_vb, s_vm, s_vh, s_ob, s_om, s_oh,
     s_mkh, s_mkn, s_mvh, s_mvn,
-    H, M, A, N, max_span, span_ramp, scale_log2,
+    H, M, A, N, max_span, span_ramp, scale_log2, keep_threshold, drop_scale,
     HAS_SPAN: tl.constexpr, HAS_PERS: tl.constexpr, SEPARATE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -236,6 +283,8 @@ def _fwd_kernel(
     total = A + M
 
     q = _load_rows(Q + b * s_qb + h * s_qh, i, s_qm, M, offs_d, D, BD)
+    if HAS_DROPOUT:
+        rk = _load_row_keys(RK, bh, i, M)
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     top, r_bound = _span_setup(Z, h, A, max_span, span_ramp, HAS_SPAN)
@@ -257,7 +306,10 @@ def _fwd_kernel(
         x = tl.dot(q, kt, input_precision=PREC) + band
         s = _context_logits(x * scale_log2, i, j, A, M, top, span_ramp, HAS_SPAN)
         v = _load_rows(v_base, j, s_vm, total, offs_d, D, BD)
-        m_i, l_i, acc = _online(m_i, l_i, acc, s, v, PREC)
+        keep = s
+        if HAS_DROPOUT:  # column id: the distance
+            keep = _dropout_factor(rk, A + i[:, None] - j[None, :], keep_threshold, drop_scale)
+        m_i, l_i, acc = _online(m_i, l_i, acc, s, v, keep, PREC, HAS_DROPOUT)
         qp_prev = qp_cur
 
     m2 = tl.full([BQ], -1.0e30, tl.float32)
@@ -270,10 +322,13 @@ def _fwd_kernel(
             s = tl.dot(q, mkt, input_precision=PREC) * scale_log2
             s = tl.where(n[None, :] < N, s, float("-inf"))
             mv = _load_rows(MV + h * s_mvh, n, s_mvn, N, offs_d, D, BD).to(V.dtype.element_ty)
+            keep = s
+            if HAS_DROPOUT:  # column id: -1 - n
+                keep = _dropout_factor(rk, -1 - n[None, :], keep_threshold, drop_scale)
             if SEPARATE:
-                m2, l2, acc2 = _online(m2, l2, acc2, s, mv, PREC)
+                m2, l2, acc2 = _online(m2, l2, acc2, s, mv, keep, PREC, HAS_DROPOUT)
             else:
-                m_i, l_i, acc = _online(m_i, l_i, acc, s, mv, PREC)
+                m_i, l_i, acc = _online(m_i, l_i, acc, s, mv, keep, PREC, HAS_DROPOUT)
 
     row_ok = i < M
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -293,12 +348,13 @@ def _fwd_kernel(
 
 
 def _bwd_dq_kernel(
-    Q, K, V, POS, MK, MV, Z, DO, LSE_C, LSE_P, DEL_C, DEL_P, DQ, DPOS, DZP,
+    Q, K, V, POS, MK, MV, Z, RK, DO, LSE_C, LSE_P, DEL_C, DEL_P, DQ, DPOS, DZP,
     s_qb, s_qm, s_qh, s_kb, s_km, s_kh, s_vb, s_vm, s_vh, s_ob, s_om, s_oh,
     s_mkh, s_mkn, s_mvh, s_mvn,
     H, M, A, N, max_span, span_ramp, scale_log2, scale, dz_coef, REPLICAS,
+    keep_threshold, drop_scale,
     HAS_SPAN: tl.constexpr, HAS_PERS: tl.constexpr, NEED_DPOS: tl.constexpr,
-    NEED_DZ: tl.constexpr,
+    NEED_DZ: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -324,6 +380,8 @@ def _bwd_dq_kernel(
     do = _load_rows(DO + b * s_ob + h * s_oh, i, s_om, M, offs_d, D, BD)
     lse_c = tl.load(LSE_C + bh * M + i, mask=row_ok, other=0.0)
     del_c = tl.load(DEL_C + bh * M + i, mask=row_ok, other=0.0)
+    if HAS_DROPOUT:
+        rk = _load_row_keys(RK, bh, i, M)
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     top, r_bound = _span_setup(Z, h, A, max_span, span_ramp, HAS_SPAN)
@@ -353,6 +411,8 @@ def _bwd_dq_kernel(
         prob = tl.math.exp2(s - lse_c[:, None])
         vt = _load_cols(v_base, j, s_vm, total, offs_d, D, BD)
         dp = tl.dot(do.to(vt.dtype), vt, input_precision=PREC)
+        if HAS_DROPOUT:  # d loss / d weight before dropout
+            dp = dp * _dropout_factor(rk, A + i[:, None] - j[None, :], keep_threshold, drop_scale)
         ds = prob * (dp - del_c[:, None])  # d loss / d logit (natural units)
         if HAS_SPAN:
             if NEED_DZ:
@@ -408,6 +468,8 @@ def _bwd_dq_kernel(
             prob = tl.math.exp2(s - lse_p[:, None])
             mvt = _load_cols(MV + h * s_mvh, n, s_mvn, N, offs_d, D, BD).to(V.dtype.element_ty)
             dp = tl.dot(do.to(mvt.dtype), mvt, input_precision=PREC)
+            if HAS_DROPOUT:
+                dp = dp * _dropout_factor(rk, -1 - n[None, :], keep_threshold, drop_scale)
             ds = prob * (dp - del_p[:, None])
             dq += tl.dot(ds.to(q.dtype), tl.trans(mkt), input_precision=PREC)
 
@@ -420,10 +482,10 @@ def _bwd_dq_kernel(
 
 
 def _bwd_dkdv_kernel(
-    Q, K, V, POS, Z, DO, LSE_C, DEL_C, DK, DV,
+    Q, K, V, POS, Z, RK, DO, LSE_C, DEL_C, DK, DV,
     s_qb, s_qm, s_qh, s_kb, s_km, s_kh, s_vb, s_vm, s_vh, s_ob, s_om, s_oh,
-    H, M, A, max_span, span_ramp, scale_log2, scale,
-    HAS_SPAN: tl.constexpr,
+    H, M, A, max_span, span_ramp, scale_log2, scale, keep_threshold, drop_scale,
+    HAS_SPAN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -467,8 +529,17 @@ def _bwd_dkdv_kernel(
         x = tl.dot(q, tl.trans(k), input_precision=PREC) + band
         s = _context_logits(x * scale_log2, i, j, A, M, top, span_ramp, HAS_SPAN)
         prob = tl.math.exp2(s - lse[:, None])
-        dv += tl.dot(tl.trans(prob.to(v.dtype)), do.to(v.dtype), input_precision=PREC)
+        dropped = prob
+        if HAS_DROPOUT:
+            keep = _dropout_factor(
+                _load_row_keys(RK, bh, i, M), A + i[:, None] - j[None, :],
+                keep_threshold, drop_scale,
+            )
+            dropped = prob * keep
+        dv += tl.dot(tl.trans(dropped.to(v.dtype)), do.to(v.dtype), input_precision=PREC)
         dp = tl.dot(do.to(v.dtype), tl.trans(v), input_precision=PREC)
+        if HAS_DROPOUT:
+            dp = dp * keep
         ds = prob * (dp - dl[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
 
@@ -480,10 +551,11 @@ def _bwd_dkdv_kernel(
 
 
 def _bwd_persistent_kernel(
-    Q, MK, MV, DO, LSE_P, DEL_P, DMK, DMV,
+    Q, MK, MV, RK, DO, LSE_P, DEL_P, DMK, DMV,
     s_qb, s_qm, s_qh, s_ob, s_om, s_oh, s_mkh, s_mkn, s_mvh, s_mvn,
-    B, H, M, N, scale_log2, scale, SPLIT,
+    B, H, M, N, scale_log2, scale, SPLIT, keep_threshold, drop_scale,
     V_DTYPE_REF,
+    HAS_DROPOUT: tl.constexpr,
     D: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -509,8 +581,16 @@ def _bwd_persistent_kernel(
             s = tl.dot(q, tl.trans(mk), input_precision=PREC) * scale_log2
             s = tl.where(row_ok[:, None] & (n[None, :] < N), s, float("-inf"))
             prob = tl.math.exp2(s - lse[:, None])
-            dmv += tl.dot(tl.trans(prob.to(mv.dtype)), do.to(mv.dtype), input_precision=PREC)
+            dropped = prob
+            if HAS_DROPOUT:  # column id: -1 - n
+                keep = _dropout_factor(
+                    _load_row_keys(RK, bh, i, M), -1 - n[None, :], keep_threshold, drop_scale
+                )
+                dropped = prob * keep
+            dmv += tl.dot(tl.trans(dropped.to(mv.dtype)), do.to(mv.dtype), input_precision=PREC)
             dp = tl.dot(do.to(mv.dtype), tl.trans(mv), input_precision=PREC)
+            if HAS_DROPOUT:
+                dp = dp * keep
             ds = prob * (dp - dl[:, None])
             dmk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     off = (sp * H + h) * N * D + n[:, None] * D + offs_d[None, :]
@@ -562,7 +642,8 @@ def _make_function(torch, triton):
 
     class AllAttentionFunction(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, query, key, value, position_keys, pkeys, pvalues, span_ratio, cfg):
+        def forward(ctx, query, key, value, position_keys, pkeys, pvalues, span_ratio,
+                    dropout_keys, cfg):
             q = query.contiguous()
             k = key.contiguous()
             v = value.contiguous()
@@ -578,6 +659,8 @@ def _make_function(torch, triton):
             mv = pvalues.contiguous() if has_pers else q
             N = mk.shape[1] if has_pers else 0
             z = span_ratio.contiguous() if has_span else q
+            has_dropout = cfg["dropout"] > 0.0
+            rk = dropout_keys.contiguous() if has_dropout else q
             tiles = cfg["forward"]
             bd = max(16, _next_pow2(D))
             scale = 1.0 / math.sqrt(D)
@@ -593,21 +676,23 @@ def _make_function(torch, triton):
                 oc = op = out
             grid = (triton.cdiv(M, tiles[0]), B * H)
             _fwd_kernel[grid](
-                q, k, v, pos, mk, mv, z, out, oc, op, lse_c, lse_p,
+                q, k, v, pos, mk, mv, z, rk, out, oc, op, lse_c, lse_p,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
                 out.stride(0), out.stride(1), out.stride(2),
                 mk.stride(0), mk.stride(1), mv.stride(0), mv.stride(1),
                 H, M, A, N, cfg["max_span"], cfg["span_ramp"],
-                scale * math.log2(math.e),
+                scale * math.log2(math.e), cfg["keep_threshold"], cfg["drop_scale"],
                 HAS_SPAN=has_span, HAS_PERS=has_pers, SEPARATE=separate,
+                HAS_DROPOUT=has_dropout,
                 D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=cfg["prec"](q.dtype),
                 **launch_options(tiles),
             )
             ctx.cfg = cfg
             ctx.has_pers = has_pers
             ctx.has_span = has_span
+            ctx.has_dropout = has_dropout
             ctx.separate = separate
             ctx.pos_dtype = position_keys.dtype
             saved = [q, k, v, pos, out, lse_c]
@@ -617,6 +702,8 @@ def _make_function(torch, triton):
                 saved += [lse_p, oc, op]
             if has_span:
                 saved += [z]
+            if has_dropout:
+                saved += [rk]
             ctx.save_for_backward(*saved)
             return out
 
@@ -626,7 +713,7 @@ def _make_function(torch, triton):
             saved = list(ctx.saved_tensors)
             q, k, v, pos, out, lse_c = saved[:6]
             rest = saved[6:]
-            mk = mv = z = None
+            mk = mv = z = rk = None
             if ctx.has_pers:
                 mk, mv = rest[:2]
                 rest = rest[2:]
@@ -635,6 +722,9 @@ def _make_function(torch, triton):
                 rest = rest[3:]
             if ctx.has_span:
                 z = rest[0]
+                rest = rest[1:]
+            if ctx.has_dropout:
+                rk = rest[0]
             B, M, H, D = q.shape
             A = pos.shape[0]
             N = mk.shape[1] if ctx.has_pers else 0
@@ -663,7 +753,9 @@ def _make_function(torch, triton):
             mk_arg = mk if ctx.has_pers else q
             mv_arg = mv if ctx.has_pers else q
             z_arg = z if ctx.has_span else q
+            rk_arg = rk if ctx.has_dropout else q
             max_span, ramp = cfg["max_span"], cfg["span_ramp"]
+            drop = (cfg["keep_threshold"], cfg["drop_scale"])
 
             tiles = cfg["dq"]
             nq = triton.cdiv(M, tiles[0])
@@ -679,7 +771,7 @@ def _make_function(torch, triton):
                                dtype=torch.float32)
             dzp = torch.zeros((B * H * nq,), device=dev, dtype=torch.float32)
             _bwd_dq_kernel[(nq, B * H)](
-                q, k, v, pos, mk_arg, mv_arg, z_arg, do, lse_c, lse_p, del_c, del_p,
+                q, k, v, pos, mk_arg, mv_arg, z_arg, rk_arg, do, lse_c, lse_p, del_c, del_p,
                 dq, dpos, dzp,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
@@ -687,9 +779,9 @@ def _make_function(torch, triton):
                 do.stride(0), do.stride(1), do.stride(2),
                 mk_arg.stride(0), mk_arg.stride(1), mv_arg.stride(0), mv_arg.stride(1),
                 H, M, A, N, max_span, ramp, scale_log2, scale,
-                (max_span / ramp) if ctx.has_span else 0.0, replicas,
+                (max_span / ramp) if ctx.has_span else 0.0, replicas, *drop,
                 HAS_SPAN=ctx.has_span, HAS_PERS=ctx.has_pers,
-                NEED_DPOS=need_dpos, NEED_DZ=need_dz,
+                NEED_DPOS=need_dpos, NEED_DZ=need_dz, HAS_DROPOUT=ctx.has_dropout,
                 D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
                 **launch_options(tiles),
             )
@@ -698,13 +790,13 @@ def _make_function(torch, triton):
             dk = torch.empty_like(k)
             dv = torch.empty_like(v)
             _bwd_dkdv_kernel[(triton.cdiv(A + M, tiles[1]), B * H)](
-                q, k, v, pos, z_arg, do, lse_c, del_c, dk, dv,
+                q, k, v, pos, z_arg, rk_arg, do, lse_c, del_c, dk, dv,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
                 do.stride(0), do.stride(1), do.stride(2),
-                H, M, A, max_span, ramp, scale_log2, scale,
-                HAS_SPAN=ctx.has_span,
+                H, M, A, max_span, ramp, scale_log2, scale, *drop,
+                HAS_SPAN=ctx.has_span, HAS_DROPOUT=ctx.has_dropout,
                 D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
                 **launch_options(tiles),
             )
@@ -720,12 +812,13 @@ def _make_function(torch, triton):
                 part_k = torch.empty((split, H, N, D), device=dev, dtype=torch.float32)
                 part_v = torch.empty_like(part_k)
                 _bwd_persistent_kernel[(n_tiles, H, split)](
-                    q, mk, mv, do, lse_p, del_p, part_k, part_v,
+                    q, mk, mv, rk_arg, do, lse_p, del_p, part_k, part_v,
                     q.stride(0), q.stride(1), q.stride(2),
                     do.stride(0), do.stride(1), do.stride(2),
                     mk.stride(0), mk.stride(1), mv.stride(0), mv.stride(1),
-                    B, H, M, N, scale_log2, scale, split,
+                    B, H, M, N, scale_log2, scale, split, *drop,
                     v,
+                    HAS_DROPOUT=ctx.has_dropout,
                     D=D, BQ=tiles[0], BN=tiles[1], BD=bd, PREC=prec,
                     **launch_options(tiles),
                 )
@@ -738,7 +831,8 @@ def _make_function(torch, triton):
             dpos_out = None
             if need_dpos:
                 dpos_out = dpos.sum(0).t().to(ctx.pos_dtype)
-            return dq, dk, dv, dpos_out, dmk, dmv, dz, None
+            # The dropout row keys are integers: no gradient.
+            return dq, dk, dv, dpos_out, dmk, dmv, dz, None, None
 
     return AllAttentionFunction
 
@@ -795,8 +889,10 @@ def triton_all_attention(
     position_grad_replicas=None,
     fp32_precision="ieee",
     deterministic=None,
+    dropout_rate=0.0,
+    dropout_keys=None,
 ):
-    """Fused all-attention (SPEC §1, no dropout) on torch tensors.
+    """Fused all-attention (SPEC §1) on torch tensors, dropout included.
 
     Same layouts and function as `portable_all_attention`:
 
@@ -830,6 +926,11 @@ def triton_all_attention(
         deterministic: bitwise reproducible gradients at the memory cost
             described in the module docstring; None: the mode of
             `keras_allattn.ops.attention.is_deterministic()` at this call.
+        dropout_rate: float in [0, 1), the attention dropout rate.
+        dropout_keys: int32 (B, H, M) row keys of the dropout mask
+            (`keras_allattn.ops.random.attention_dropout_keys` of the
+            call's seed), moved to the device of `query`; needed when
+            `dropout_rate > 0`, ignored otherwise.
 
     Returns:
         (B, M, H, D) in the dtype of `query`. Differentiable in `query`,
@@ -865,6 +966,16 @@ def triton_all_attention(
             raise ValueError("Persistent keys/values must have shape (H, N, D).")
     if span_ratio is not None and tuple(span_ratio.shape) != (H,):
         raise ValueError(f"`span_ratio` must have shape {(H,)}.")
+    dropout_rate = float(dropout_rate)
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(
+            f"`dropout_rate` must be in [0, 1). Received: dropout_rate={dropout_rate}"
+        )
+    if dropout_rate > 0.0:
+        _check_dropout_keys(dropout_keys, (B, H, M))
+        dropout_keys = dropout_keys.to(query.device)
+    else:
+        dropout_keys = None
     deterministic = resolve_deterministic(deterministic)
     forward = _tiles("forward", (block_q, block_k, num_warps, num_stages), ())
     backward = dict(backward or {})
@@ -880,6 +991,10 @@ def triton_all_attention(
         "replicas": position_grad_replicas,
         "prec": _precision(fp32_precision),
         "deterministic": deterministic,
+        "dropout": dropout_rate,
+        # `(x >> 8) < keep_threshold` keeps a weight (keras_allattn.ops.random).
+        "keep_threshold": dropout_hash.keep_threshold(dropout_rate),
+        "drop_scale": 1.0 / (1.0 - dropout_rate),
     }
     for name in ("dq", "dkdv", "persistent"):
         cfg[name] = _tiles(name, backward.get(name, forward), forward)
@@ -891,5 +1006,20 @@ def triton_all_attention(
     function = _build()
     return function.apply(
         query, key, value, position_keys,
-        persistent_keys, persistent_values, span_ratio, cfg,
+        persistent_keys, persistent_values, span_ratio, dropout_keys, cfg,
     )
+
+
+def _check_dropout_keys(keys, shape):
+    import torch
+
+    if keys is None:
+        raise ValueError(
+            f"`dropout_keys` (int32 {shape}) is needed when `dropout_rate` > 0. "
+            "Received: dropout_keys=None"
+        )
+    if tuple(keys.shape) != shape or keys.dtype != torch.int32:
+        raise ValueError(
+            f"`dropout_keys` must be an int32 tensor of shape (B, H, M) = {shape}. "
+            f"Received: dropout_keys with shape {tuple(keys.shape)}, dtype {keys.dtype}"
+        )
