@@ -224,6 +224,10 @@ presets)
       $pre --preset wikitext103 --span adaptive:2048
   }
   lane1() {
+    step triton_gpu_tests 150 env KERAS_BACKEND=torch TRITON_INTERPRET=0 \
+      python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py
+    step triton_dropout_timing 150 env KERAS_BACKEND=torch python3 benchmarks/triton_kernel_check.py \
+      --configs fixed --no-sweep --no-check --no-portable-timing --dropout 0.3
     step torch_fixed_dropout 120 env KERAS_BACKEND=torch $tp --span fixed:2048 --dropout 0.3
     step torch_adaptive_dropout 120 env KERAS_BACKEND=torch $tp --span adaptive:1024 --dropout 0.3
     step torch_fixed1k_dropout 120 env KERAS_BACKEND=torch $tp --span fixed:1024 --dropout 0.3
