@@ -319,3 +319,26 @@ def test_span_mask_gradient_passes_at_the_clip_ends():
     # m(r) = (4 - r + 1) / 4 for r = 1..5 (r = 1 and r = 5 are the ends),
     # each with dm/dz = L / R = 4.
     np.testing.assert_allclose(keras.ops.convert_to_numpy(grad), [5 * 4.0])
+
+
+def test_span_ratio_stays_float32_under_mixed_precision(rng, monkeypatch):
+    """A bfloat16 span ratio would move the span by up to L / 512 tokens,
+    and a recomputation (remat) outside the layer's autocast scope would
+    read another dtype than the forward pass did."""
+    from keras_allattn.layers import persistent_memory_attention as module
+
+    seen = []
+    original = module.all_attention
+
+    def spy(**kwargs):
+        seen.append(keras.backend.standardize_dtype(kwargs["span_ratio"].dtype))
+        return original(**kwargs)
+
+    monkeypatch.setattr(module, "all_attention", spy)
+    layer, positions = build_attention(
+        rng, adaptive_span=True, span_ramp=4, dtype="mixed_bfloat16"
+    )
+    x = rng.normal(size=(B, M, D_MODEL)).astype("float32")
+    layer(x, memory=np.zeros((B, L, D_MODEL), "float32"),
+          position_keys=positions(x))
+    assert seen and set(seen) == {"float32"}

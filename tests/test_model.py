@@ -268,6 +268,19 @@ def test_remat_gives_the_same_training_step(rng, dropout):
     assert max(moved) > 1e-3
 
 
+def test_layer_remat_trains_under_mixed_precision(rng):
+    """The recomputed layer reads what the forward pass read (dtypes
+    included), under mixed precision and with adaptive span and dropout."""
+    model = make_model(rng, adaptive_span=True, remat="layer", dropout=0.2,
+                       dtype="mixed_bfloat16")
+    model.compile(optimizer=keras.optimizers.SGD(0.1),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = rng.integers(0, V, (2 * B, M)).astype("int32")
+    history = model.fit(x, x, batch_size=B, shuffle=False, verbose=0)
+    assert model.resolved_remat == "layer"
+    assert np.isfinite(history.history["loss"][-1])
+
+
 def test_remat_auto_follows_the_memory_estimate(rng, monkeypatch):
     from keras_allattn.models import memory_estimate
 
@@ -278,17 +291,16 @@ def test_remat_auto_follows_the_memory_estimate(rng, monkeypatch):
             for mode in (False, "attention", "layer")}
     assert need["layer"] < need[False]
     gib = 2**30
-    # Budgets between the estimates pick the least recomputation that fits.
-    expected = [(need[False], False), (need["layer"], "layer")]
-    if not fused:
-        assert need["attention"] < need[False]
-        expected.insert(1, (need["attention"], "attention"))
-    for bytes_needed, mode in expected:
-        budget = bytes_needed / memory_estimate.HEADROOM * 1.001
+    # At each estimate as the budget, the first option (in the order none,
+    # attention (portable path only), layer) that fits is chosen.
+    order = [False] + ([] if fused else ["attention"]) + ["layer"]
+    for target in order:
+        budget = need[target] / memory_estimate.HEADROOM * 1.001
         monkeypatch.setenv("KERAS_ALLATTN_MEMORY_GIB", str(budget / gib))
-        assert memory_estimate.choose_remat(model)[0] == mode
+        expected = next(m for m in order if need[m] <= need[target])
+        assert memory_estimate.choose_remat(model)[0] == expected
     # Nothing fits: fit raises before compiling, naming what to change.
-    budget = need["layer"] / memory_estimate.HEADROOM * 0.9
+    budget = min(need[m] for m in order) / memory_estimate.HEADROOM * 0.9
     monkeypatch.setenv("KERAS_ALLATTN_MEMORY_GIB", str(budget / gib))
     model.compile(optimizer="sgd",
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))

@@ -94,6 +94,11 @@ class AdaptiveSpan(keras.layers.Layer):
             shape=(self.num_heads,),
             initializer=keras.initializers.Constant(self.span_init),
             constraint=ClipToUnitInterval(),
+            # Read in float32 also under mixed precision: a bfloat16 ratio
+            # would move the span by up to L / 512 tokens (16 at L = 8192),
+            # and a recomputation outside the layer's autocast scope
+            # (remat) must read the same dtype as the forward pass did.
+            autocast=False,
         )
         self.built = True
 

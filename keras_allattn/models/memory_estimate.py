@@ -17,14 +17,17 @@ can reach (`max_span`: adaptive spans may grow to it):
   (queries, attention outputs, projections, residual sums, LayerNorm); the
   portable path also keeps about 8 bytes per attention score
   (`B H M (max_span + N)` scores) unless the attention is recomputed;
-  with `remat="layer"` only about four `B x M x d` tensors;
-- what one layer's recomputation needs at a time (its keys and values, or
-  the portable path's scores).
+  with `remat="layer"` the keys and values are dropped, the twelve
+  `B x M x d` tensors stay (most lie outside the attention layer);
+- what one layer's recomputation needs at a time (its keys, values and
+  rows with their gradients, or the portable path's scores).
 
-Calibrated on one H200 (JAX, bf16, enwik8_small geometry, batch 64):
-estimated / measured peak 18.0 / 18.1 GiB (fused, fixed span 2048),
-13.5 / 13.6 GiB (fused, fixed 1024), 24 / 22.2 GiB (portable with attention
-recomputed, 2048).
+Calibrated on one H200 (JAX, bf16, batch 64, recipe dropout), estimated /
+measured peak: enwik8_small fused at fixed span 2048 18.1 / 18.1 GiB, at
+fixed 1024 13.6 / 13.6 GiB, at its full span 8192 45.1 / 42.1 GiB;
+enwik8_large at 8192 with `remat="layer"` 36.4 / 33.1 GiB; wikitext103 at
+2048 32.3 / 32.6 GiB; the portable path with the attention recomputed at
+2048 24.1 / 22.2 GiB.
 
 The budget is the memory the backend lets the process use:
 `KERAS_ALLATTN_MEMORY_GIB` when set; else JAX's allocator limit of the
@@ -131,8 +134,11 @@ def training_memory_bytes(model, remat, fused=None):
         kept += 2 * b * m * model.feedforward_dim * c
     at_once = 0
     if remat == "layer":
-        at_once = kept
-        kept = 4 * block * c
+        # The recomputed keys, values and rows, and their gradients; the
+        # activations outside the attention layer (residual, LayerNorm)
+        # are still kept.
+        at_once = 6 * rows * c
+        kept = 12 * block * c
         if not fused:
             at_once += scores
     elif not fused:
