@@ -100,6 +100,13 @@ CONFIGS = {
         span=tuple(float(x) for x in (np.linspace(0.088, 0.16, 8) + 1.37e-5).round(7)),
         integration="joint", dtypes=("bfloat16",), check_batch=2,
     ),
+    # What training at spans near 1024 runs: the memory trimmed to 1280 rows
+    # (granularity 256), every head at span 1024 (z L = 992.05).
+    "adaptive_A1280_span1k_bf16": dict(
+        batch=64, queries=512, length=1280, heads=8, head_dim=64,
+        persistent=1024, max_span=8192, span=(0.1211,) * 8,
+        integration="joint", dtypes=("bfloat16",), check_batch=2,
+    ),
     # The same with fixed spans of 1024 (A = 1024, no mask) and with the full
     # span 8192 (z = 1): cost should follow the span, not A.
     "fixed_A1024_bf16": dict(
@@ -414,6 +421,8 @@ def main():
     parser.add_argument("--profile", action="store_true",
                         help="per-kernel times of the chosen configs (--only) for a few tile shapes")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--profile-tiles", type=int, default=None,
+                        help="profile only the first N tile shapes")
     parser.add_argument("--dropout", type=float, default=0.0,
                         help="attention dropout rate of the timed kernels")
     parser.add_argument("--interpret", action="store_true", help=argparse.SUPPRESS)
@@ -431,7 +440,7 @@ def main():
     if args.profile:
         for name in names:
             cfg = CONFIGS[name]
-            for tiles in PROFILE_TILES:
+            for tiles in PROFILE_TILES[: args.profile_tiles]:
                 record = {"config": name, "profile": True, "tiles": tiles}
                 try:
                     record["time"] = profile_config(cfg, cfg["dtypes"][0], args.repeats, tiles)

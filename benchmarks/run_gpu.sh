@@ -235,7 +235,26 @@ presets)
       --span adaptive:8192 --memory-gib 80
   }
   lanes ;;
-*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe or presets"; exit 2 ;;
+adaptive)
+  # Why adaptive spans near 1024 cost more than a fixed 1024 on JAX: the
+  # kernels on the trimmed memory (1280 rows) against A = 1024, with the
+  # recipe's dropout; the small geometry on both backends; PyTorch's
+  # enwik8_large at its full span (whole-layer remat) planned for 80 GB.
+  kc="python3 benchmarks/kernel_check.py --no-check --profile --profile-tiles 1 --dropout 0.3"
+  small="--layers 6 --hidden-dim 256 --num-heads 4 --persistent 256 --block-size 256 --batch-size 32 --span fixed:2048 --dropout 0.3"
+  lane0() {
+    step pallas_profile_adaptive 200 env KERAS_BACKEND=jax $kc --only adaptive_A1280_span1k_bf16,fixed_A1024_bf16
+    step jax_small 120 env KERAS_BACKEND=jax $tp $small
+    step jax_adaptive_dropout 150 env KERAS_BACKEND=jax $tp --span adaptive:1024 --dropout 0.3
+  }
+  lane1() {
+    step torch_small 120 env KERAS_BACKEND=torch $tp $small
+    step torch_enwik8_large_full 240 env KERAS_BACKEND=torch python3 benchmarks/throughput.py \
+      --steps 4 --warmup-steps 2 --record --dropout recipe --preset enwik8_large \
+      --span adaptive:8192 --memory-gib 80
+  }
+  lanes ;;
+*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe, presets or adaptive"; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
 # The device tool returns a limited number of files: RESULTS.md and the

@@ -47,6 +47,10 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=None)
     parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--hidden-dim", type=int, default=None)
+    parser.add_argument("--num-heads", type=int, default=None)
+    parser.add_argument("--persistent", type=int, default=None,
+                        help="persistent vectors per head")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--dtype", default="mixed_bfloat16")
@@ -152,6 +156,9 @@ def build(args, transformer, optimizer=None):
     for key, value in (("batch_size", args.batch_size),
                        ("block_size", args.block_size),
                        ("num_layers", args.layers),
+                       ("hidden_dim", getattr(args, "hidden_dim", None)),
+                       ("num_heads", getattr(args, "num_heads", None)),
+                       ("persistent_memory_size", getattr(args, "persistent", None)),
                        # (scaling.py and loss_match.py build through here
                        # with arguments of their own, without this one)
                        ("span_granularity", getattr(args, "span_granularity", None))):
@@ -226,6 +233,9 @@ def measure(args, transformer=False):
         "batch_size": batch,
         "block_size": block,
         "num_layers": model.num_layers,
+        "hidden_dim": model.hidden_dim,
+        "num_heads": model.num_heads,
+        "persistent": model.persistent_memory_size,
         "mean_span": round(float(spans.mean()), 1),
         "attended_spans": sorted(set(model.attended_spans())),
         "span_granularity": model.span_granularity,
@@ -250,7 +260,9 @@ def record(result):
         f"{result['model']}, preset {result['preset']}, span {result['span']} "
         f"(mean {result['mean_span']}, attended {result['attended_spans']}, "
         f"granularity {result['span_granularity']}), batch {result['batch_size']}, block "
-        f"{result['block_size']}, layers {result['num_layers']}, "
+        f"{result['block_size']}, layers {result['num_layers']}, d "
+        f"{result['hidden_dim']}, heads {result['num_heads']}, N "
+        f"{result['persistent']}, "
         f"{result['dtype_policy']}, implementation {result['implementation']}, "
         f"remat {result['remat']}, jit_compile {result['jit_compile']}, "
         f"dropout {result['dropout']}"
