@@ -1,4 +1,6 @@
+import contextlib
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -596,21 +598,181 @@ class AllAttentionLM(keras.Model):
         """The memory rows each layer currently attends, a list of ints."""
         return [a.attended_span for a in self.attention_layers]
 
-    def fit(self, *args, callbacks=None, **kwargs):
+    def get_memory(self):
+        """The training segment memory, a NumPy array per layer.
+
+        Returns:
+            A list of `num_layers` arrays `(batch_size, max_span,
+            hidden_dim)`: what the next batch of `fit` (or a direct call
+            `model(tokens)`) will attend to.
+        """
+        _sync_jax_state(self)
+        return [
+            np.asarray(ops.convert_to_numpy(layer.memory))
+            for layer in self.segment_memories
+        ]
+
+    def set_memory(self, memories):
+        """Sets the training segment memory (e.g. from `get_memory()`).
+
+        Args:
+            memories: a list of `num_layers` arrays `(batch_size, max_span,
+                hidden_dim)`.
+        """
+        if len(memories) != self.num_layers:
+            raise ValueError(
+                f"`memories` must hold num_layers={self.num_layers} arrays. "
+                f"Received: {len(memories)} arrays"
+            )
+        _sync_jax_state(self)
+        for i, (layer, memory) in enumerate(zip(self.segment_memories, memories)):
+            if tuple(memory.shape) != tuple(layer.memory.shape):
+                raise ValueError(
+                    f"`memories[{i}]` must have shape "
+                    f"{tuple(layer.memory.shape)}. Received: "
+                    f"shape={tuple(memory.shape)}"
+                )
+            layer.memory.assign(memory)
+
+    def fit(
+        self, x=None, y=None, batch_size=None, epochs=1, verbose="auto",
+        callbacks=None, validation_split=0.0, validation_data=None,
+        shuffle=None, **kwargs,
+    ):
+        """`keras.Model.fit`, reading batches in stream order.
+
+        Differences from Keras's defaults, because batch `k + 1` must
+        continue every row of batch `k`: rows of array inputs are read in
+        order (`shuffle` may only be False; left out, it is turned off with
+        a warning), `batch_size` defaults to the model's `batch_size` (the
+        only one it accepts), and array inputs (and `validation_data`) must
+        hold a whole number of batches. Validation runs on a memory of its
+        own (see `evaluate`): the training memory is left as it was.
+        """
+        shuffle = self._stream_shuffle(x, shuffle)
+        if _array_rows(x) is not None:
+            batch_size = self._stream_batch_size("batch_size", batch_size)
+            rows = _array_rows(x)
+            validation = rows - int(rows * (1.0 - validation_split))
+            if validation_split and validation_data is None:
+                self._check_rows("x", rows - validation, "rows left for training")
+                self._check_rows("x", validation, "rows split off for validation")
+            else:
+                self._check_rows("x", rows)
+        if validation_data is not None:
+            validation_x = (
+                validation_data[0]
+                if isinstance(validation_data, (list, tuple))
+                else validation_data
+            )
+            if _array_rows(validation_x) is not None:
+                kwargs["validation_batch_size"] = self._stream_batch_size(
+                    "validation_batch_size",
+                    kwargs.get("validation_batch_size") or batch_size,
+                )
+                self._check_rows("validation_data", _array_rows(validation_x))
         callbacks = list(callbacks or [])
         if self.adaptive_span and not any(
             isinstance(c, SpanTrimming) for c in callbacks
         ):
             callbacks.append(SpanTrimming())
-        return super().fit(*args, callbacks=callbacks, **kwargs)
+        parent = super().fit
+        return _leave_usable(self, lambda: parent(
+            x, y, batch_size=batch_size, epochs=epochs, verbose=verbose,
+            callbacks=callbacks, validation_split=validation_split,
+            validation_data=validation_data, shuffle=shuffle, **kwargs,
+        ))
 
-    def evaluate(self, *args, **kwargs):
-        self.update_span_trimming()
-        return super().evaluate(*args, **kwargs)
+    def evaluate(self, x=None, y=None, batch_size=None, *args, **kwargs):
+        """`keras.Model.evaluate` on a segment memory of its own.
 
-    def predict(self, *args, **kwargs):
+        Every call starts from zero memory, carries it from batch to batch
+        (the batches must continue the streams row by row, as in `fit`),
+        and leaves the training memory exactly as it was, also when `fit`
+        runs it for `validation_data`. `batch_size` defaults to the
+        model's `batch_size`.
+        """
+        if _array_rows(x) is not None:
+            batch_size = self._stream_batch_size("batch_size", batch_size)
+            self._check_rows("x", _array_rows(x))
         self.update_span_trimming()
-        return super().predict(*args, **kwargs)
+        parent = super().evaluate
+        with self._separate_memory():
+            return _leave_usable(
+                self, lambda: parent(x, y, batch_size, *args, **kwargs)
+            )
+
+    def predict(self, x, batch_size=None, *args, **kwargs):
+        """`keras.Model.predict` on a segment memory of its own.
+
+        As `evaluate`: every call starts from zero memory, carries it
+        through its batches, and leaves the training memory as it was;
+        `batch_size` defaults to the model's `batch_size`.
+        """
+        if _array_rows(x) is not None:
+            batch_size = self._stream_batch_size("batch_size", batch_size)
+            self._check_rows("x", _array_rows(x))
+        self.update_span_trimming()
+        parent = super().predict
+        with self._separate_memory():
+            return _leave_usable(
+                self, lambda: parent(x, batch_size, *args, **kwargs)
+            )
+
+    def _stream_batch_size(self, name, batch_size):
+        """The batch size for array inputs: the model's, or an error."""
+        if batch_size is None:
+            return self.batch_size
+        if batch_size != self.batch_size:
+            raise ValueError(
+                f"`{name}` must be the model's batch_size={self.batch_size} "
+                "(the segment memory has one row per stream), or None. "
+                f"Received: {name}={batch_size!r}"
+            )
+        return batch_size
+
+    def _check_rows(self, name, rows, what="rows"):
+        """Raises unless `rows` is a whole number of batches."""
+        if rows % self.batch_size:
+            raise ValueError(
+                f"`{name}` must hold a multiple of batch_size="
+                f"{self.batch_size} rows (whole batches, each row one "
+                f"stream). Received: {rows} {what}"
+            )
+
+    def _stream_shuffle(self, x, shuffle):
+        """`fit`'s `shuffle`: False; True is refused (stream order)."""
+        if shuffle is None:
+            if _array_rows(x) is not None or isinstance(
+                x, keras.utils.PyDataset
+            ):
+                warnings.warn(
+                    "AllAttentionLM.fit reads the rows of `x` in order "
+                    "(shuffle=False): each batch continues the streams of "
+                    "the previous one. Pass shuffle=False to say so.",
+                    stacklevel=3,
+                )
+            return False
+        if shuffle:
+            raise ValueError(
+                "`shuffle` must be False for AllAttentionLM.fit: every batch "
+                "must continue the streams of the previous batch row by row, "
+                "and shuffling would break them. Received: "
+                f"shuffle={shuffle!r}"
+            )
+        return False
+
+    @contextlib.contextmanager
+    def _separate_memory(self):
+        """Zero memory inside the block; the training memory after it."""
+        _sync_jax_state(self)
+        kept = [layer.snapshot() for layer in self.segment_memories]
+        self.reset_memory()
+        try:
+            yield
+        finally:
+            for layer, memory in zip(self.segment_memories, kept):
+                layer.restore(memory)
 
     @classmethod
     def presets(cls):
@@ -678,31 +840,94 @@ class AllAttentionLM(keras.Model):
 class SpanTrimming(keras.callbacks.Callback):
     """Keeps `AllAttentionLM`'s memory trimming in step with learned spans.
 
-    Calls `model.update_span_trimming()` when training starts and after
-    every `update_every` batches; `AllAttentionLM.fit` adds it for models
-    with adaptive span. Reading the spans waits for the step to finish;
-    with `update_every > 1` a span may outgrow its trimmed length by more
-    than the margin between two checks, so leave it at 1 for exact results.
+    Calls `model.update_span_trimming()` when training starts and then
+    before every `update_every`-th batch; `AllAttentionLM.fit` adds it for
+    models with adaptive span. Reading the spans waits for the steps
+    already dispatched to finish (a host sync), which is why it does not
+    happen at every step: on TensorFlow and JAX a step whose spans have
+    outgrown their trimmed length attends every memory row instead (a
+    device-side conditional, see `PersistentMemoryAttention`), so results
+    are exact for any `update_every`, and trimming only decides the speed.
+    On PyTorch that conditional would itself be a host read in every
+    layer, so the default there is an update before every batch (exact,
+    as before).
+
+    The check runs in `on_train_batch_begin`: a callback with
+    `on_train_batch_end` would stop Keras from running the other
+    callbacks' batch ends (progress bar, history) off the training
+    thread.
 
     Args:
-        update_every: int, batches between two updates.
+        update_every: int, batches between two updates; None for 50 on
+            TensorFlow and JAX and 1 on PyTorch.
     """
 
-    def __init__(self, update_every=1):
+    def __init__(self, update_every=None):
         super().__init__()
+        if update_every is None:
+            update_every = 1 if keras.backend.backend() == "torch" else 50
         self.update_every = check_positive("update_every", update_every)
+        self.batches = 0
 
     def _update(self):
-        if keras.backend.backend() == "jax":
-            self.model.jax_state_sync()
+        _sync_jax_state(self.model)
         self.model.update_span_trimming()
 
     def on_train_begin(self, logs=None):
+        self.batches = 0
         self._update()
 
-    def on_train_batch_end(self, batch, logs=None):
-        if (batch + 1) % self.update_every == 0:
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.batches and self.batches % self.update_every == 0:
             self._update()
+        self.batches += 1
+
+
+def _array_rows(x):
+    """Rows of array inputs (arrays or tensors, or a structure of them).
+
+    None for anything else (a `tf.data.Dataset`, a generator, a
+    `PyDataset`, a `DataLoader`): Keras batches those as they come.
+    """
+    if x is None:
+        return None
+    leaves = keras.tree.flatten(x) if isinstance(x, (list, tuple, dict)) else [x]
+    shapes = [getattr(leaf, "shape", None) for leaf in leaves]
+    if not leaves or any(shape is None or len(shape) == 0 for shape in shapes):
+        return None
+    return int(shapes[0][0])
+
+
+def _sync_jax_state(model):
+    """Writes JAX's in-flight training state back to the variables."""
+    if keras.backend.backend() == "jax":
+        model.jax_state_sync()
+
+
+def _leave_usable(model, run):
+    """Runs a Keras loop (`run()`); if it fails, the model stays usable.
+
+    JAX's loops detach the variables' values while they run and put them
+    back at the end; a loop that raises in between leaves them empty
+    ("'NoneType' object is not callable" at the next use). This puts back
+    the loop's last state, or the values from before it.
+    """
+    if keras.backend.backend() != "jax":
+        return run()
+    variables = list(model.variables) + list(model.metrics_variables)
+    if model.optimizer is not None and model.optimizer.built:
+        variables += list(model.optimizer.variables)
+    kept = [(variable, variable.value) for variable in variables]
+    try:
+        return run()
+    except BaseException:
+        model.jax_state_sync()
+        for variable, value in kept:
+            try:
+                variable.value
+            except TypeError:  # detached by the failed loop
+                variable.assign(value)
+        raise
 
 
 def _is_concrete(x):
