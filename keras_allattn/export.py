@@ -138,10 +138,18 @@ def write_saved_model(model, export_dir):
     memories_spec = tf.TensorSpec(
         [None, layers, span, width], tf.float32, name="memories"
     )
-    # Not `archive.track(model)`: that would save every model variable,
-    # the training segment memory included. The archive keeps the
-    # variables the signatures use: the parameters.
+    # Not `archive.track(model)`: that would save every model variable, the
+    # training segment memory included. The archive keeps the variables
+    # the signatures use, and lists the parameters under the usual names.
+    # (TensorFlow's own variables: a Keras variable would be saved again
+    # beside the TensorFlow variable it wraps.)
     archive = keras.export.ExportArchive()
+    for name, variables in [
+        ("variables", model.weights),
+        ("trainable_variables", model.trainable_weights),
+        ("non_trainable_variables", model.non_trainable_weights),
+    ]:
+        archive.add_variable_collection(name, [v.value for v in variables])
     archive.add_endpoint("serving_default", serving_default, [tokens_spec])
     archive.add_endpoint("step", step, [tokens_spec, memories_spec])
     archive.write_out(export_dir, verbose=False)

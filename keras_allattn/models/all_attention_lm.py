@@ -915,8 +915,9 @@ def _leave_usable(model, run):
     if keras.backend.backend() != "jax":
         return run()
     variables = list(model.variables) + list(model.metrics_variables)
-    if model.optimizer is not None and model.optimizer.built:
-        variables += list(model.optimizer.variables)
+    optimizer = getattr(model, "optimizer", None)  # None before compile
+    if optimizer is not None and optimizer.built:
+        variables += list(optimizer.variables)
     kept = [(variable, variable.value) for variable in variables]
     try:
         return run()
