@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from keras_allattn import AllAttentionLM
+from keras_allattn import SpanTrimming
 from tests import reference
 from tests.conftest import randomize
 
@@ -211,3 +212,68 @@ def test_fit_lowers_loss_on_real_text(data_dir):
     after = model.evaluate(x[: 8 * 5], y[: 8 * 5], batch_size=8, verbose=0)
     assert after < before - 0.5, (before, after)
     assert np.any(keras.ops.convert_to_numpy(model.segment_memories[0].memory))
+
+
+def test_span_trimming_is_exact_without_reading_spans_every_step(rng):
+    """Spans that outgrow the trimmed memory between two checks.
+
+    A callback widens every span past the attended length before step 2;
+    the trimmed model's per-step losses (and so its gradients) still equal
+    those of a twin that never trims. `SpanTrimming` reads the spans (a
+    host sync) only when training starts and before every
+    `update_every`-th batch: on TensorFlow and JAX a step whose spans
+    reach past the trimmed length attends every row on the device; on
+    PyTorch, where that would be a host read per layer, the default
+    checks before every batch.
+    """
+    steps = 4
+    config = dict(max_span=160, span_granularity=16, adaptive_span=True)
+    trimmed, full = tiny_model(rng, **config), tiny_model(
+        rng, **dict(config, span_granularity=160)
+    )
+    full.set_weights(trimmed.get_weights())
+    x = rng.integers(0, 19, (steps * 3, 5)).astype("int32")
+    y = rng.integers(0, 19, (steps * 3, 5)).astype("int32")
+
+    class Widen(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 2:
+                if keras.backend.backend() == "jax":
+                    self.model.jax_state_sync()
+                for attention in self.model.attention_layers:
+                    attention.span.span_ratio.assign(np.full((2,), 0.9))
+
+    class Counted(SpanTrimming):
+        def _update(self):
+            self.reads = getattr(self, "reads", 0) + 1
+            super()._update()
+
+    class StepLosses(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.losses = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.losses.append(float(logs["loss"]))
+
+    runs = []
+    for model in (trimmed, full):
+        for attention in model.attention_layers:
+            attention.span.span_ratio.assign(np.full((2,), 0.05))
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss=LOSS)
+        counted, losses = Counted(), StepLosses()
+        model.fit(x, y, shuffle=False, verbose=0,
+                  callbacks=[Widen(), losses, counted])
+        runs.append((counted, losses.losses, model.attended_spans()))
+    (counted, trimmed_losses, _), (_, full_losses, full_spans) = runs
+    assert full_spans == [160, 160]
+    np.testing.assert_allclose(trimmed_losses, full_losses, rtol=1e-5)
+    expected_reads = 1 + (steps - 1) // counted.update_every
+    assert counted.reads == expected_reads
+    if keras.backend.backend() == "torch":
+        assert counted.update_every == 1
+    else:
+        assert counted.update_every == 50
+        # Spans of 12 tokens plus the margin of 64: 80 rows, never widened.
+        assert trimmed.attended_spans() == [80, 80]
+    for a, b in zip(trimmed.get_weights(), full.get_weights()):
+        assert reference.relative_error(a, b) < 1e-5
