@@ -35,9 +35,7 @@ class PersistentMemoryAttention(keras.layers.Layer):
     `AllAttentionLM.update_span_trimming`) restricts the computation to the
     most recent `attended_span` memory rows. As long as it is at least the
     largest current span, the result is unchanged (up to the 1e-8 of the
-    renormalisation); on TensorFlow and JAX a call whose spans reach past
-    it attends every row instead (a device-side conditional), so the
-    result never changes, however stale `attended_span` is.
+    renormalisation).
 
     Args:
         num_heads: int, the number of heads `H`; must divide the width.
@@ -197,15 +195,22 @@ class PersistentMemoryAttention(keras.layers.Layer):
         return ops.reshape(x, (-1, length, self.num_heads, self.head_dim))
 
     def call(self, inputs, memory, position_keys, training=None):
+        length = self.attended_span
         if memory.shape[1] is not None and memory.shape[1] < self.max_span:
             raise ValueError(
                 f"`memory` must have at least max_span={self.max_span} rows. "
                 f"Received: memory.shape={tuple(memory.shape)}"
             )
+        memory = ops.cast(memory[:, memory.shape[1] - length :], inputs.dtype)
+        context = ops.concatenate([memory, inputs], axis=1)  # (B, A+M, d)
         query = self._split_heads(self.query_dense(inputs))
+        key = self._split_heads(self.key_dense(context))
+        value = self._split_heads(self.value_dense(context))
+        positions = position_keys[:, self.max_span - length :]  # (D, A)
 
         # Tensor arguments of the attention, by name; None when unused.
-        tensors = {"query": query}
+        tensors = {"query": query, "key": key, "value": value,
+                   "position_keys": positions}
         if self.persistent_memory_size:
             tensors["persistent_keys"] = ops.cast(
                 self.persistent_keys, self.compute_dtype
@@ -220,53 +225,21 @@ class PersistentMemoryAttention(keras.layers.Layer):
         if dropout:
             # A seed drawn outside keeps recomputation (remat) identical.
             tensors["dropout_seed"] = self.seed_generator.next()
+        names = list(tensors)
 
-        def attend_over(length):
-            """The attention over the latest `length` memory rows."""
-            recent = ops.cast(memory[:, memory.shape[1] - length :], inputs.dtype)
-            context = ops.concatenate([recent, inputs], axis=1)  # (B, A+M, d)
-            attended = dict(
-                tensors,
-                key=self._split_heads(self.key_dense(context)),
-                value=self._split_heads(self.value_dense(context)),
-                position_keys=position_keys[:, self.max_span - length :],
-            )  # position keys (D, A)
-            names = list(attended)
-
-            def attend(*values):
-                return all_attention(
-                    **dict(zip(names, values)),
-                    max_span=self.max_span,
-                    span_ramp=self.span_ramp,
-                    integration=self.integration,
-                    dropout_rate=self.dropout if dropout else 0.0,
-                    implementation=self.implementation,
-                )
-
-            if self.remat:
-                attend = keras.remat(attend)
-            return attend(*attended.values())  # (B, M, H, D)
-
-        length = self.attended_span
-        if (
-            self.span is not None
-            and length < self.max_span
-            and keras.backend.backend() != "torch"
-        ):
-            # Exact however far the spans grew since `attended_span` was
-            # set: a step whose spans reach past it attends every row. A
-            # device-side conditional (no read on the host) on TensorFlow
-            # and JAX; on PyTorch it would be a host read per layer, so
-            # there `attended_span` is kept up to date after every step.
-            ratio = ops.cast(tensors["span_ratio"], "float32")
-            fits = ops.max(ratio) * self.max_span + self.span_ramp + 1 <= length
-            out = ops.cond(
-                fits,
-                lambda: attend_over(length),
-                lambda: attend_over(self.max_span),
+        def attend(*values):
+            return all_attention(
+                **dict(zip(names, values)),
+                max_span=self.max_span,
+                span_ramp=self.span_ramp,
+                integration=self.integration,
+                dropout_rate=self.dropout if dropout else 0.0,
+                implementation=self.implementation,
             )
-        else:
-            out = attend_over(length)
+
+        if self.remat:
+            attend = keras.remat(attend)
+        out = attend(*tensors.values())  # (B, M, H, D)
         out = ops.reshape(out, (-1, inputs.shape[1], self.hidden_dim))
         return self.output_dense(out)
 

@@ -10,6 +10,7 @@ from keras_allattn.layers.adaptive_embedding import AdaptiveEmbedding
 from keras_allattn.layers.adaptive_embedding import check_cutoffs
 from keras_allattn.layers.adaptive_embedding import cluster_widths
 from keras_allattn.layers.adaptive_softmax import AdaptiveSoftmax
+from keras_allattn.layers.adaptive_span import spans_from_ratios
 from keras_allattn.layers.feed_forward import FeedForward
 from keras_allattn.layers.persistent_memory_attention import (
     PersistentMemoryAttention,
@@ -562,29 +563,39 @@ class AllAttentionLM(keras.Model):
             return np.full((self.num_layers, self.num_heads), self.max_span)
         return np.stack([a.span.current_spans() for a in self.attention_layers])
 
-    def update_span_trimming(self, margin=64):
+    def update_span_trimming(self, margin=64, spans=None, headroom=0):
         """Sets each layer's attended memory length from its learned spans.
 
         The length is the layer's largest current span plus `margin`,
         rounded up to a multiple of `span_granularity` and capped at
-        `max_span`. It grows as soon as a span exceeds it and shrinks only
-        when the target falls below it, so spans that hover near a boundary
-        do not cause repeated retraces. Compiled functions are rebuilt when
-        a length changes.
+        `max_span`. It grows as soon as a span comes within `headroom` of
+        it and shrinks only when the target falls below it, so spans that
+        hover near a boundary do not cause repeated retraces. Compiled
+        functions are rebuilt when a length changes.
+
+        Args:
+            margin: int, tokens added to the largest span.
+            spans: None to read `current_spans()`, or spans read before,
+                `(num_layers, num_heads)`.
+            headroom: int, grow when a span is closer than this to the
+                attended length (for spans read some steps late).
 
         Returns:
             bool, whether any length changed.
         """
         if not self.adaptive_span:
             return False
+        if spans is None:
+            spans = self.current_spans()
         changed = False
         for attention, largest in zip(
-            self.attention_layers, self.current_spans().max(axis=1)
+            self.attention_layers, np.asarray(spans).max(axis=1)
         ):
             step = self.span_granularity
             target = min(self.max_span, math.ceil((largest + margin) / step) * step)
-            if attention.attended_span < largest or target < attention.attended_span:
-                if target != attention.attended_span:
+            attended = attention.attended_span
+            if attended < largest + headroom or target < attended:
+                if target != attended:
                     attention.set_attended_span(target)
                     changed = True
         if changed:
@@ -840,47 +851,106 @@ class AllAttentionLM(keras.Model):
 class SpanTrimming(keras.callbacks.Callback):
     """Keeps `AllAttentionLM`'s memory trimming in step with learned spans.
 
-    Calls `model.update_span_trimming()` when training starts and then
-    before every `update_every`-th batch; `AllAttentionLM.fit` adds it for
-    models with adaptive span. Reading the spans waits for the steps
-    already dispatched to finish (a host sync), which is why it does not
-    happen at every step: on TensorFlow and JAX a step whose spans have
-    outgrown their trimmed length attends every memory row instead (a
-    device-side conditional, see `PersistentMemoryAttention`), so results
-    are exact for any `update_every`, and trimming only decides the speed.
-    On PyTorch that conditional would itself be a host read in every
-    layer, so the default there is an update before every batch (exact,
-    as before).
+    `AllAttentionLM.fit` adds it for models with adaptive span. When
+    training starts it sets the attended lengths from the spans; then,
+    every `update_every` batches, it reads the spans one step late: it
+    keeps a device copy of the span ratios a step is about to use, and
+    reads that copy to the host before the next-but-one batch, when the
+    step after it is already queued. So the device never waits for the
+    host (no host sync on the step in flight), and the lengths are set
+    from spans one step old, with `headroom` tokens to spare (the length
+    grows when a span comes closer than that to it).
 
-    The check runs in `on_train_batch_begin`: a callback with
+    The spans read are exactly those the previous step used, so every
+    step whose spans were read is checked: if a span outgrew the length
+    that step attended (it grew by more than `headroom` in one step),
+    that step's result was not the untrimmed model's; the step is added
+    to `inexact_steps`, a warning says so, and the length grows. With
+    `update_every=1` (the default) every step is checked.
+
+    The work happens in `on_train_batch_begin`: a callback with
     `on_train_batch_end` would stop Keras from running the other
-    callbacks' batch ends (progress bar, history) off the training
-    thread.
+    callbacks' batch ends (progress bar, history) off the training thread.
 
     Args:
-        update_every: int, batches between two updates; None for 50 on
-            TensorFlow and JAX and 1 on PyTorch.
+        update_every: int, batches between two span reads.
+        margin: int, tokens added to the largest span (see
+            `AllAttentionLM.update_span_trimming`).
+        headroom: int, tokens a span may grow in one step and still be
+            attended.
+
+    Attributes:
+        inexact_steps: the training steps (counted from the start of
+            `fit`) whose spans reached past their attended length.
     """
 
-    def __init__(self, update_every=None):
+    def __init__(self, update_every=1, margin=64, headroom=32):
         super().__init__()
-        if update_every is None:
-            update_every = 1 if keras.backend.backend() == "torch" else 50
         self.update_every = check_positive("update_every", update_every)
-        self.batches = 0
-
-    def _update(self):
-        _sync_jax_state(self.model)
-        self.model.update_span_trimming()
+        self.margin = check_non_negative("margin", margin)
+        self.headroom = check_non_negative("headroom", headroom)
+        if headroom > margin:
+            raise ValueError(
+                "`headroom` must be at most `margin`. Received: "
+                f"headroom={headroom}, margin={margin}"
+            )
+        self.inexact_steps = []
+        self._pending = None
+        self._batches = 0
 
     def on_train_begin(self, logs=None):
-        self.batches = 0
-        self._update()
+        self.inexact_steps = []
+        self._pending = None
+        self._batches = 0
+        _sync_jax_state(self.model)
+        self.model.update_span_trimming(self.margin)
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self.batches and self.batches % self.update_every == 0:
-            self._update()
-        self.batches += 1
+        step = self._batches
+        self._batches += 1
+        if self._pending is not None:
+            self._check_and_update()
+        if step % self.update_every == 0:
+            # The ratios step `step` will use, copied on the device.
+            _sync_jax_state(self.model)
+            self._pending = (
+                step,
+                self.model.attended_spans(),
+                [ops.copy(a.span.span_ratio.value)
+                 for a in self.model.attention_layers],
+            )
+
+    def on_train_end(self, logs=None):
+        if self._pending is not None:
+            self._check_and_update(update=False)
+
+    def _check_and_update(self, update=True):
+        step, attended, ratios = self._pending
+        self._pending = None
+        model = self.model
+        spans = np.stack([
+            spans_from_ratios(
+                np.asarray(ops.convert_to_numpy(ratio), "float64"),
+                model.max_span, model.span_ramp,
+            )
+            for ratio in ratios
+        ])
+        largest = spans.max(axis=1)
+        if np.any(largest > np.asarray(attended)):
+            self.inexact_steps.append(step)
+            warnings.warn(
+                f"SpanTrimming: at training step {step} a span reached "
+                f"{largest.tolist()} tokens (per layer) while the layers "
+                f"attended {list(attended)} memory rows: that step's result "
+                "is not the untrimmed model's. Spans grew by more than "
+                f"headroom={self.headroom} tokens in one step; widening. "
+                "Pass a larger `headroom` and `margin` to avoid this.",
+                stacklevel=2,
+            )
+        if update:
+            model.update_span_trimming(
+                self.margin, spans=spans, headroom=self.headroom
+            )
 
 
 def _array_rows(x):
