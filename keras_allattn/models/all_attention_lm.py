@@ -40,13 +40,31 @@ class AllAttentionLM(keras.Model):
     comparison (set `persistent_memory_size=0` for the plain baseline).
 
     The segment memory of every layer (the layer's inputs for the previous
-    `max_span` tokens of each of the `batch_size` streams) lives in
-    non-trainable variables and is carried from batch to batch inside
-    `fit`, `evaluate` and `predict`, compiled or not: consecutive batches
-    must continue the same streams row by row, and every batch must hold
-    exactly `batch_size` rows. `reset_memory()` zeroes it. The stateless
-    `call_with_memory(tokens, memories)` takes and returns the memories
-    explicitly, for generation and serving.
+    `max_span` tokens of each of the `batch_size` streams) is carried from
+    batch to batch inside `fit`, compiled or not: consecutive batches must
+    continue the same streams row by row, and every batch must hold
+    exactly `batch_size` rows. So `fit` reads array rows in order (it
+    refuses `shuffle=True`; left out, Keras's default is turned off with a
+    warning), and `fit`, `evaluate` and `predict` take the model's
+    `batch_size` when none is given. `reset_memory()` zeroes the training
+    memory; `get_memory()` and `set_memory()` read and write it. The
+    stateless `call_with_memory(tokens, memories)` takes and returns the
+    memories explicitly, for generation and serving.
+
+    `evaluate` and `predict` (and the validation of `fit`) run on a memory
+    of their own: each call starts every stream from zero memory, carries
+    it through its batches, and leaves the training memory exactly as it
+    was, so evaluating the same held-out batches twice gives the same
+    numbers and validation does not change training. A direct call
+    `model(tokens)` reads and updates the training memory, like a training
+    step.
+
+    The memory is state, not a parameter: it is in `model.variables` but
+    not in `model.weights`, so `count_params()`, `summary()`,
+    `get_weights()`, `.keras` files, weight files and exported SavedModels
+    leave it out, and a loaded model starts from zero memory. Training
+    checkpoints (`keras_allattn.training.save_training`) keep it, for an
+    exact resume.
 
     Compile with `keras.losses.SparseCategoricalCrossentropy(from_logits=True)`
     on targets shifted by one token. The span loss of adaptive span is added
@@ -76,10 +94,12 @@ class AllAttentionLM(keras.Model):
     recent `attended_span` memory rows of each layer, the largest current
     span of its heads plus a margin of 64, rounded up to a multiple of
     `span_granularity` (so at most `max_span / span_granularity` distinct
-    lengths, hence retraces of compiled functions). `fit` updates it after
-    every batch (`SpanTrimming` callback, added automatically), and
-    `evaluate` and `predict` before they start. It changes no result: the
-    rows left out all have a span mask of zero.
+    lengths, hence retraces of compiled functions). `fit` keeps it up to
+    date from spans read one step late, without waiting for the step in
+    flight (`SpanTrimming` callback, added automatically: a step whose
+    spans outgrew its length by more than the headroom is reported), and
+    `evaluate` and `predict` update it before they start. It changes no
+    result: the rows left out all have a span mask of zero.
 
     Args:
         vocabulary_size: int, number of token ids `V`.
@@ -139,8 +159,8 @@ class AllAttentionLM(keras.Model):
     ...     optimizer="adagrad",
     ...     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     >>> x = np.random.randint(0, 27, (4, 9)).astype("int32")
-    >>> history = model.fit(x[:, :-1], x[:, 1:], batch_size=2, verbose=0)
-    >>> tuple(model.predict(x[:2, :-1], batch_size=2, verbose=0).shape)
+    >>> history = model.fit(x[:, :-1], x[:, 1:], shuffle=False, verbose=0)
+    >>> tuple(model.predict(x[:2, :-1], verbose=0).shape)
     (2, 8, 27)
 
     References:
@@ -754,8 +774,11 @@ class AllAttentionLM(keras.Model):
     def _stream_shuffle(self, x, shuffle):
         """`fit`'s `shuffle`: False; True is refused (stream order)."""
         if shuffle is None:
-            if _array_rows(x) is not None or isinstance(
-                x, keras.utils.PyDataset
+            # Keras shuffles arrays and finite PyDatasets (the endless
+            # StreamDataset is never shuffled); datasets as they come.
+            if _array_rows(x) is not None or (
+                isinstance(x, keras.utils.PyDataset)
+                and x.num_batches is not None
             ):
                 warnings.warn(
                     "AllAttentionLM.fit reads the rows of `x` in order "
