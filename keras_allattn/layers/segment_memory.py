@@ -109,34 +109,27 @@ class SegmentMemory(keras.layers.Layer):
     def snapshot(self):
         """The current memory, unaffected by later updates (see `restore`).
 
-        On TensorFlow under a `tf.distribute` strategy, one value per
-        replica (each replica holds the memory of its own rows).
+        Under a `tf.distribute` strategy, one value per replica (each
+        replica holds the memory of its own rows).
         """
-        variable = self.memory
+        value = self.memory.value
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
 
-            if tf.distribute.has_strategy():
-                strategy = tf.distribute.get_strategy()
-                return [
-                    tf.identity(local)
-                    for local in strategy.experimental_local_results(
-                        variable.value
-                    )
-                ]
+            if isinstance(value, tf.distribute.DistributedValues):
+                local = value.distribute_strategy.experimental_local_results
+                return [tf.identity(part) for part in local(value)]
         if keras.backend.backend() == "jax":
-            return variable.value  # immutable: no copy needed
-        return ops.copy(variable.value)
+            return value  # immutable: no copy needed
+        return ops.copy(value)
 
     def restore(self, snapshot):
         """Puts back a memory taken with `snapshot()`."""
         if isinstance(snapshot, list):
-            import tensorflow as tf
-
-            strategy = tf.distribute.get_strategy()
-            local = strategy.experimental_local_results(self.memory.value)
-            for variable, value in zip(local, snapshot):
-                variable.assign(value)
+            value = self.memory.value
+            local = value.distribute_strategy.experimental_local_results
+            for part, kept in zip(local(value), snapshot):
+                part.assign(kept)
             return
         self.memory.assign(snapshot)
 
