@@ -24,7 +24,7 @@ parser.add_argument("--version", type=int, default=1)
 parser.add_argument("--overwrite", action="store_true")
 args = parser.parse_args()
 
-model = keras.saving.load_model(args.checkpoint)
+model = keras.saving.load_model(args.checkpoint, compile=False)  # no training here
 export_dir = keras_allattn.export_saved_model(
     model,
     args.output,

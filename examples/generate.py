@@ -37,7 +37,7 @@ parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 
 keras.utils.set_random_seed(args.seed)
-model = keras.saving.load_model(args.checkpoint)
+model = keras.saving.load_model(args.checkpoint, compile=False)  # no training here
 
 if args.tokenizer == "byte":
     tokenizer = keras_hub.tokenizers.ByteTokenizer(lowercase=False)

@@ -138,8 +138,18 @@ def write_saved_model(model, export_dir):
     memories_spec = tf.TensorSpec(
         [None, layers, span, width], tf.float32, name="memories"
     )
+    # Not `archive.track(model)`: that would save every model variable, the
+    # training segment memory included. The archive keeps the variables
+    # the signatures use, and lists the parameters under the usual names.
+    # (TensorFlow's own variables: a Keras variable would be saved again
+    # beside the TensorFlow variable it wraps.)
     archive = keras.export.ExportArchive()
-    archive.track(model)
+    for name, variables in [
+        ("variables", model.weights),
+        ("trainable_variables", model.trainable_weights),
+        ("non_trainable_variables", model.non_trainable_weights),
+    ]:
+        archive.add_variable_collection(name, [v.value for v in variables])
     archive.add_endpoint("serving_default", serving_default, [tokens_spec])
     archive.add_endpoint("step", step, [tokens_spec, memories_spec])
     archive.write_out(export_dir, verbose=False)
@@ -327,7 +337,11 @@ def export_keras_file(keras_path, export_dir):
     `export_saved_model`). The attention uses the portable path there:
     fused kernels are for training backends.
     """
-    model = keras.saving.load_model(keras_path)
+    # compile=False: the compile config names the optimizer class of the
+    # training backend (`keras.src.backend.torch.optimizers...` after
+    # PyTorch), and importing torch next to TensorFlow aborts the process
+    # ("LLVM ERROR: inconsistency in registered CommandLine options").
+    model = keras.saving.load_model(keras_path, compile=False)
     if not isinstance(model, AllAttentionLM):
         raise TypeError(
             f"{keras_path} does not hold an AllAttentionLM. "

@@ -53,11 +53,22 @@ def keras_log_probs(model, tokens, memories=None):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny model, never called before export (it is built on creation)."""
+    """A tiny model trained with `fit` (weights, optimizer and training
+    memory all changed), then exported; every test compares the export
+    with this model."""
     keras.utils.set_random_seed(7)
     rng = np.random.default_rng(7)
     model = AllAttentionLM(**CONFIG)
     randomize(model, rng, 0.0, 0.7)
+    before = model.get_weights()
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x = rng.integers(0, V, (4, 5)).astype("int32")
+    model.fit(x[:, :-1], x[:, 1:], epochs=2, shuffle=False, verbose=0)
+    assert any(np.any(a != b) for a, b in zip(model.get_weights(), before))
+    assert np.any(model.get_memory()[0])
     base = tmp_path_factory.mktemp("serving")
     export_dir = export_saved_model(model, base, model_name=NAME, version=3)
     tokens = rng.integers(0, V, (3, 11)).astype("int32")
@@ -127,6 +138,25 @@ def test_layout_and_models_config(exported):
     assert entry.name == NAME
     assert entry.base_path == f"/models/{NAME}"
     assert entry.model_platform == "tensorflow"
+
+
+def test_saved_model_holds_the_parameters_not_the_memory(exported, loaded):
+    """The variables are the parameters: no segment memory, no optimizer
+    state, no random seeds."""
+    model = exported["model"]
+    assert len(loaded.variables) == len(model.weights)
+    assert len(loaded.trainable_variables) == len(model.trainable_weights)
+    sizes = sum(int(np.prod(v.shape)) for v in loaded.variables)
+    assert sizes == model.count_params()
+    reader = tf.train.load_checkpoint(
+        os.path.join(exported["dir"], "variables", "variables")
+    )
+    stored = sum(
+        int(np.prod(shape))
+        for key, shape in reader.get_variable_to_shape_map().items()
+        if key.endswith("VARIABLE_VALUE")
+    )
+    assert stored == model.count_params()
 
 
 def test_signatures(loaded):

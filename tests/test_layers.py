@@ -165,6 +165,15 @@ def test_segment_memory_carries_state(rng):
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(layer.memory), np.concatenate([a, b], 1)[:, -4:]
     )
+    # State, not a weight: carried by the training loops, never saved.
+    assert layer.weights == [] and layer.count_params() == 0
+    assert [v.path for v in layer.variables] == [layer.memory.path]
+    kept = layer.snapshot()
+    layer(a)  # an update after the snapshot does not reach it
+    layer.restore(kept)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(layer.memory), np.concatenate([a, b], 1)[:, -4:]
+    )
     layer.reset()
     assert not np.any(keras.ops.convert_to_numpy(layer.memory))
     with pytest.raises(ValueError, match="batch_size.*Received: a batch of size 3"):

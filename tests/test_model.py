@@ -136,8 +136,65 @@ def test_save_and_load_keras_file(rng, tmp_path):
     loaded = keras.saving.load_model(path)
     assert isinstance(loaded, AllAttentionLM)
     assert loaded.get_config() == model.get_config()
+    for a, b in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # The memory is not saved: the loaded model starts its streams afresh.
+    assert not any(np.any(memory) for memory in loaded.get_memory())
     nxt = rng.integers(0, V, (B, M)).astype("int32")
-    np.testing.assert_array_equal(to_numpy(loaded(nxt)), to_numpy(model(nxt)))
+    fresh, _ = model.call_with_memory(nxt, model.initial_memories(B))
+    np.testing.assert_array_equal(to_numpy(loaded(nxt)), to_numpy(fresh))
+
+
+def test_saved_files_hold_the_parameters_not_the_memory(rng, tmp_path):
+    """`.keras` files, weight files and `count_params` leave the memory out.
+
+    The memory here (batch 4, span 512, width 256, 2 layers: 4 MiB) is
+    larger than the parameters (2.9 MiB); a trained model's file is still
+    within a few percent of the parameter bytes.
+    """
+    vocabulary, width, heads, persistent, span, batch = 256, 256, 4, 64, 512, 4
+    model = AllAttentionLM(
+        vocabulary_size=vocabulary, num_layers=2, hidden_dim=width,
+        num_heads=heads, persistent_memory_size=persistent, max_span=span,
+        block_size=8, batch_size=batch,
+    )
+    head = width // heads
+    per_layer = 4 * width * width + 2 * heads * persistent * head + heads + 2 * width
+    expected = (
+        vocabulary * width  # token embedding
+        + head * span  # relative position keys, shared
+        + 2 * per_layer
+        + width * vocabulary + vocabulary  # output projection
+    )
+    assert model.count_params() == expected
+    assert sum(int(np.prod(w.shape)) for w in model.weights) == expected
+    assert model.non_trainable_weights == []
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01),  # no per-weight slots
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x = rng.integers(0, vocabulary, (2 * batch, 9)).astype("int32")
+    model.fit(x[:, :-1], x[:, 1:], shuffle=False, verbose=0)
+    memory = model.get_memory()
+    assert np.all([np.any(m) for m in memory])
+    memory_bytes = sum(m.nbytes for m in memory)
+    assert memory_bytes > 4 * expected, (memory_bytes, 4 * expected)
+    model.save(tmp_path / "model.keras")
+    size = os.path.getsize(tmp_path / "model.keras")
+    assert 4 * expected <= size < 1.05 * 4 * expected, (size, 4 * expected)
+    model.save_weights(tmp_path / "model.weights.h5")
+    assert os.path.getsize(tmp_path / "model.weights.h5") < 1.05 * 4 * expected
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert loaded.count_params() == expected
+    assert not any(np.any(m) for m in loaded.get_memory())
+    for a, b in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # The training memory itself is still there, and can be set and read.
+    loaded.set_memory(memory)
+    for a, b in zip(loaded.get_memory(), memory):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"memories\[1\]` must have shape"):
+        loaded.set_memory([memory[0], memory[1][:1]])
 
 
 NEXT_BACKEND = {"tensorflow": "jax", "jax": "torch", "torch": "tensorflow"}
@@ -160,7 +217,8 @@ def test_model_saved_under_one_backend_loads_under_another(rng, tmp_path):
     model.save(tmp_path / "model.keras")
     tokens = rng.integers(0, V, (B, M)).astype("int32")
     np.save(tmp_path / "tokens.npy", tokens)
-    np.save(tmp_path / "expected.npy", to_numpy(model(tokens)))
+    expected, _ = model.call_with_memory(tokens, model.initial_memories(B))
+    np.save(tmp_path / "expected.npy", to_numpy(expected))  # zero memory
     other = NEXT_BACKEND[keras.backend.backend()]
     result = subprocess.run(
         [sys.executable, "-c", LOAD_SCRIPT, str(tmp_path / "model.keras"),

@@ -13,8 +13,16 @@ class SegmentMemory(keras.layers.Layer):
     Each call returns the memory as it was before the call and stores the
     next one (the last `memory_length` rows of `[memory; inputs]`, gradients
     stopped). This is how the memory crosses batches inside `fit`,
-    `evaluate` and `predict`, compiled or not; consecutive batches must
-    therefore continue the same streams row by row.
+    compiled or not; consecutive batches must therefore continue the same
+    streams row by row.
+
+    The memory is state, not a weight: it is in `layer.variables` (so the
+    backends' training loops carry it from step to step) but not in
+    `layer.weights`, so `count_params()`, `get_weights()`, `.keras` files
+    and `save_weights()` leave it out, and a loaded layer starts from zero
+    memory. `snapshot()` and `restore()` keep it aside and put it back
+    (what `AllAttentionLM` does around `evaluate` and `predict`, and the
+    training checkpoints through `get_memory()` and `set_memory()`).
 
     Args:
         batch_size: int, the number of streams (the static batch size).
@@ -80,6 +88,50 @@ class SegmentMemory(keras.layers.Layer):
     def reset(self):
         """Zeroes the memory of every stream."""
         self.memory.assign(ops.zeros(self.memory.shape, self.memory.dtype))
+
+    @property
+    def weights(self):
+        # The memory is activations of the streams, not a parameter.
+        return []
+
+    def save_own_variables(self, store):
+        """Saves nothing: the memory is state, not a weight."""
+
+    def load_own_variables(self, store):
+        """Zeroes the memory: a loaded model starts its streams afresh.
+
+        Files written before the memory was left out hold it under "0";
+        it is ignored as well.
+        """
+        if self.built:
+            self.reset()
+
+    def snapshot(self):
+        """The current memory, unaffected by later updates (see `restore`).
+
+        Under a `tf.distribute` strategy, one value per replica (each
+        replica holds the memory of its own rows).
+        """
+        value = self.memory.value
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            if isinstance(value, tf.distribute.DistributedValues):
+                local = value.distribute_strategy.experimental_local_results
+                return [tf.identity(part) for part in local(value)]
+        if keras.backend.backend() == "jax":
+            return value  # immutable: no copy needed
+        return ops.copy(value)
+
+    def restore(self, snapshot):
+        """Puts back a memory taken with `snapshot()`."""
+        if isinstance(snapshot, list):
+            value = self.memory.value
+            local = value.distribute_strategy.experimental_local_results
+            for part, kept in zip(local(value), snapshot):
+                part.assign(kept)
+            return
+        self.memory.assign(snapshot)
 
     def compute_output_shape(self, inputs_shape):
         return (self.batch_size, self.memory_length, inputs_shape[-1])

@@ -1,4 +1,6 @@
+import contextlib
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -8,6 +10,7 @@ from keras_allattn.layers.adaptive_embedding import AdaptiveEmbedding
 from keras_allattn.layers.adaptive_embedding import check_cutoffs
 from keras_allattn.layers.adaptive_embedding import cluster_widths
 from keras_allattn.layers.adaptive_softmax import AdaptiveSoftmax
+from keras_allattn.layers.adaptive_span import spans_from_ratios
 from keras_allattn.layers.feed_forward import FeedForward
 from keras_allattn.layers.persistent_memory_attention import (
     PersistentMemoryAttention,
@@ -38,13 +41,31 @@ class AllAttentionLM(keras.Model):
     comparison (set `persistent_memory_size=0` for the plain baseline).
 
     The segment memory of every layer (the layer's inputs for the previous
-    `max_span` tokens of each of the `batch_size` streams) lives in
-    non-trainable variables and is carried from batch to batch inside
-    `fit`, `evaluate` and `predict`, compiled or not: consecutive batches
-    must continue the same streams row by row, and every batch must hold
-    exactly `batch_size` rows. `reset_memory()` zeroes it. The stateless
-    `call_with_memory(tokens, memories)` takes and returns the memories
-    explicitly, for generation and serving.
+    `max_span` tokens of each of the `batch_size` streams) is carried from
+    batch to batch inside `fit`, compiled or not: consecutive batches must
+    continue the same streams row by row, and every batch must hold
+    exactly `batch_size` rows. So `fit` reads array rows in order (it
+    refuses `shuffle=True`; left out, Keras's default is turned off with a
+    warning), and `fit`, `evaluate` and `predict` take the model's
+    `batch_size` when none is given. `reset_memory()` zeroes the training
+    memory; `get_memory()` and `set_memory()` read and write it. The
+    stateless `call_with_memory(tokens, memories)` takes and returns the
+    memories explicitly, for generation and serving.
+
+    `evaluate` and `predict` (and the validation of `fit`) run on a memory
+    of their own: each call starts every stream from zero memory, carries
+    it through its batches, and leaves the training memory exactly as it
+    was, so evaluating the same held-out batches twice gives the same
+    numbers and validation does not change training. A direct call
+    `model(tokens)` reads and updates the training memory, like a training
+    step.
+
+    The memory is state, not a parameter: it is in `model.variables` but
+    not in `model.weights`, so `count_params()`, `summary()`,
+    `get_weights()`, `.keras` files, weight files and exported SavedModels
+    leave it out, and a loaded model starts from zero memory. Training
+    checkpoints (`keras_allattn.training.save_training`) keep it, for an
+    exact resume.
 
     Compile with `keras.losses.SparseCategoricalCrossentropy(from_logits=True)`
     on targets shifted by one token. The span loss of adaptive span is added
@@ -74,10 +95,12 @@ class AllAttentionLM(keras.Model):
     recent `attended_span` memory rows of each layer, the largest current
     span of its heads plus a margin of 64, rounded up to a multiple of
     `span_granularity` (so at most `max_span / span_granularity` distinct
-    lengths, hence retraces of compiled functions). `fit` updates it after
-    every batch (`SpanTrimming` callback, added automatically), and
-    `evaluate` and `predict` before they start. It changes no result: the
-    rows left out all have a span mask of zero.
+    lengths, hence retraces of compiled functions). `fit` keeps it up to
+    date from spans read one step late, without waiting for the step in
+    flight (`SpanTrimming` callback, added automatically: a step whose
+    spans outgrew its length by more than the headroom is reported), and
+    `evaluate` and `predict` update it before they start. It changes no
+    result: the rows left out all have a span mask of zero.
 
     Args:
         vocabulary_size: int, number of token ids `V`.
@@ -143,8 +166,8 @@ class AllAttentionLM(keras.Model):
     ...     optimizer="adagrad",
     ...     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     >>> x = np.random.randint(0, 27, (4, 9)).astype("int32")
-    >>> history = model.fit(x[:, :-1], x[:, 1:], batch_size=2, verbose=0)
-    >>> tuple(model.predict(x[:2, :-1], batch_size=2, verbose=0).shape)
+    >>> history = model.fit(x[:, :-1], x[:, 1:], shuffle=False, verbose=0)
+    >>> tuple(model.predict(x[:2, :-1], verbose=0).shape)
     (2, 8, 27)
 
     References:
@@ -570,29 +593,39 @@ class AllAttentionLM(keras.Model):
             return np.full((self.num_layers, self.num_heads), self.max_span)
         return np.stack([a.span.current_spans() for a in self.attention_layers])
 
-    def update_span_trimming(self, margin=64):
+    def update_span_trimming(self, margin=64, spans=None, headroom=0):
         """Sets each layer's attended memory length from its learned spans.
 
         The length is the layer's largest current span plus `margin`,
         rounded up to a multiple of `span_granularity` and capped at
-        `max_span`. It grows as soon as a span exceeds it and shrinks only
-        when the target falls below it, so spans that hover near a boundary
-        do not cause repeated retraces. Compiled functions are rebuilt when
-        a length changes.
+        `max_span`. It grows as soon as a span comes within `headroom` of
+        it and shrinks only when the target falls below it, so spans that
+        hover near a boundary do not cause repeated retraces. Compiled
+        functions are rebuilt when a length changes.
+
+        Args:
+            margin: int, tokens added to the largest span.
+            spans: None to read `current_spans()`, or spans read before,
+                `(num_layers, num_heads)`.
+            headroom: int, grow when a span is closer than this to the
+                attended length (for spans read some steps late).
 
         Returns:
             bool, whether any length changed.
         """
         if not self.adaptive_span:
             return False
+        if spans is None:
+            spans = self.current_spans()
         changed = False
         for attention, largest in zip(
-            self.attention_layers, self.current_spans().max(axis=1)
+            self.attention_layers, np.asarray(spans).max(axis=1)
         ):
             step = self.span_granularity
             target = min(self.max_span, math.ceil((largest + margin) / step) * step)
-            if attention.attended_span < largest or target < attention.attended_span:
-                if target != attention.attended_span:
+            attended = attention.attended_span
+            if attended < largest + headroom or target < attended:
+                if target != attended:
                     attention.set_attended_span(target)
                     changed = True
         if changed:
@@ -632,22 +665,185 @@ class AllAttentionLM(keras.Model):
         self._remat_checked = True
         return mode
 
-    def fit(self, *args, callbacks=None, **kwargs):
+    def get_memory(self):
+        """The training segment memory, a NumPy array per layer.
+
+        Returns:
+            A list of `num_layers` arrays `(batch_size, max_span,
+            hidden_dim)`: what the next batch of `fit` (or a direct call
+            `model(tokens)`) will attend to.
+        """
+        _sync_jax_state(self)
+        return [
+            np.asarray(ops.convert_to_numpy(layer.memory))
+            for layer in self.segment_memories
+        ]
+
+    def set_memory(self, memories):
+        """Sets the training segment memory (e.g. from `get_memory()`).
+
+        Args:
+            memories: a list of `num_layers` arrays `(batch_size, max_span,
+                hidden_dim)`.
+        """
+        if len(memories) != self.num_layers:
+            raise ValueError(
+                f"`memories` must hold num_layers={self.num_layers} arrays. "
+                f"Received: {len(memories)} arrays"
+            )
+        _sync_jax_state(self)
+        for i, (layer, memory) in enumerate(zip(self.segment_memories, memories)):
+            if tuple(memory.shape) != tuple(layer.memory.shape):
+                raise ValueError(
+                    f"`memories[{i}]` must have shape "
+                    f"{tuple(layer.memory.shape)}. Received: "
+                    f"shape={tuple(memory.shape)}"
+                )
+            layer.memory.assign(memory)
+
+    def fit(
+        self, x=None, y=None, batch_size=None, epochs=1, verbose="auto",
+        callbacks=None, validation_split=0.0, validation_data=None,
+        shuffle=None, **kwargs,
+    ):
+        """`keras.Model.fit`, reading batches in stream order.
+
+        Differences from Keras's defaults, because batch `k + 1` must
+        continue every row of batch `k`: rows of array inputs are read in
+        order (`shuffle` may only be False; left out, it is turned off with
+        a warning), `batch_size` defaults to the model's `batch_size` (the
+        only one it accepts), and array inputs (and `validation_data`) must
+        hold a whole number of batches. Validation runs on a memory of its
+        own (see `evaluate`): the training memory is left as it was.
+        """
         self.resolve_remat()
+        shuffle = self._stream_shuffle(x, shuffle)
+        if _array_rows(x) is not None:
+            batch_size = self._stream_batch_size("batch_size", batch_size)
+            rows = _array_rows(x)
+            validation = rows - int(rows * (1.0 - validation_split))
+            if validation_split and validation_data is None:
+                self._check_rows("x", rows - validation, "rows left for training")
+                self._check_rows("x", validation, "rows split off for validation")
+            else:
+                self._check_rows("x", rows)
+        if validation_data is not None:
+            validation_x = (
+                validation_data[0]
+                if isinstance(validation_data, (list, tuple))
+                else validation_data
+            )
+            if _array_rows(validation_x) is not None:
+                kwargs["validation_batch_size"] = self._stream_batch_size(
+                    "validation_batch_size",
+                    kwargs.get("validation_batch_size") or batch_size,
+                )
+                self._check_rows("validation_data", _array_rows(validation_x))
         callbacks = list(callbacks or [])
         if self.adaptive_span and not any(
             isinstance(c, SpanTrimming) for c in callbacks
         ):
             callbacks.append(SpanTrimming())
-        return super().fit(*args, callbacks=callbacks, **kwargs)
+        parent = super().fit
+        return _leave_usable(self, lambda: parent(
+            x, y, batch_size=batch_size, epochs=epochs, verbose=verbose,
+            callbacks=callbacks, validation_split=validation_split,
+            validation_data=validation_data, shuffle=shuffle, **kwargs,
+        ))
 
-    def evaluate(self, *args, **kwargs):
-        self.update_span_trimming()
-        return super().evaluate(*args, **kwargs)
+    def evaluate(self, x=None, y=None, batch_size=None, *args, **kwargs):
+        """`keras.Model.evaluate` on a segment memory of its own.
 
-    def predict(self, *args, **kwargs):
+        Every call starts from zero memory, carries it from batch to batch
+        (the batches must continue the streams row by row, as in `fit`),
+        and leaves the training memory exactly as it was, also when `fit`
+        runs it for `validation_data`. `batch_size` defaults to the
+        model's `batch_size`.
+        """
+        if _array_rows(x) is not None:
+            batch_size = self._stream_batch_size("batch_size", batch_size)
+            self._check_rows("x", _array_rows(x))
         self.update_span_trimming()
-        return super().predict(*args, **kwargs)
+        parent = super().evaluate
+        with self._separate_memory():
+            return _leave_usable(
+                self, lambda: parent(x, y, batch_size, *args, **kwargs)
+            )
+
+    def predict(self, x, batch_size=None, *args, **kwargs):
+        """`keras.Model.predict` on a segment memory of its own.
+
+        As `evaluate`: every call starts from zero memory, carries it
+        through its batches, and leaves the training memory as it was;
+        `batch_size` defaults to the model's `batch_size`.
+        """
+        if _array_rows(x) is not None:
+            batch_size = self._stream_batch_size("batch_size", batch_size)
+            self._check_rows("x", _array_rows(x))
+        self.update_span_trimming()
+        parent = super().predict
+        with self._separate_memory():
+            return _leave_usable(
+                self, lambda: parent(x, batch_size, *args, **kwargs)
+            )
+
+    def _stream_batch_size(self, name, batch_size):
+        """The batch size for array inputs: the model's, or an error."""
+        if batch_size is None:
+            return self.batch_size
+        if batch_size != self.batch_size:
+            raise ValueError(
+                f"`{name}` must be the model's batch_size={self.batch_size} "
+                "(the segment memory has one row per stream), or None. "
+                f"Received: {name}={batch_size!r}"
+            )
+        return batch_size
+
+    def _check_rows(self, name, rows, what="rows"):
+        """Raises unless `rows` is a whole number of batches."""
+        if rows % self.batch_size:
+            raise ValueError(
+                f"`{name}` must hold a multiple of batch_size="
+                f"{self.batch_size} rows (whole batches, each row one "
+                f"stream). Received: {rows} {what}"
+            )
+
+    def _stream_shuffle(self, x, shuffle):
+        """`fit`'s `shuffle`: False; True is refused (stream order)."""
+        if shuffle is None:
+            # Keras shuffles arrays and finite PyDatasets (the endless
+            # StreamDataset is never shuffled); datasets as they come.
+            if _array_rows(x) is not None or (
+                isinstance(x, keras.utils.PyDataset)
+                and x.num_batches is not None
+            ):
+                warnings.warn(
+                    "AllAttentionLM.fit reads the rows of `x` in order "
+                    "(shuffle=False): each batch continues the streams of "
+                    "the previous one. Pass shuffle=False to say so.",
+                    stacklevel=3,
+                )
+            return False
+        if shuffle:
+            raise ValueError(
+                "`shuffle` must be False for AllAttentionLM.fit: every batch "
+                "must continue the streams of the previous batch row by row, "
+                "and shuffling would break them. Received: "
+                f"shuffle={shuffle!r}"
+            )
+        return False
+
+    @contextlib.contextmanager
+    def _separate_memory(self):
+        """Zero memory inside the block; the training memory after it."""
+        _sync_jax_state(self)
+        kept = [layer.snapshot() for layer in self.segment_memories]
+        self.reset_memory()
+        try:
+            yield
+        finally:
+            for layer, memory in zip(self.segment_memories, kept):
+                layer.restore(memory)
 
     @classmethod
     def presets(cls):
@@ -715,31 +911,154 @@ class AllAttentionLM(keras.Model):
 class SpanTrimming(keras.callbacks.Callback):
     """Keeps `AllAttentionLM`'s memory trimming in step with learned spans.
 
-    Calls `model.update_span_trimming()` when training starts and after
-    every `update_every` batches; `AllAttentionLM.fit` adds it for models
-    with adaptive span. Reading the spans waits for the step to finish;
-    with `update_every > 1` a span may outgrow its trimmed length by more
-    than the margin between two checks, so leave it at 1 for exact results.
+    `AllAttentionLM.fit` adds it for models with adaptive span. When
+    training starts it sets the attended lengths from the spans; then,
+    every `update_every` batches, it reads the spans one step late: it
+    keeps a device copy of the span ratios a step is about to use, and
+    reads that copy to the host before the next-but-one batch, when the
+    step after it is already queued. So the device never waits for the
+    host (no host sync on the step in flight), and the lengths are set
+    from spans one step old, with `headroom` tokens to spare (the length
+    grows when a span comes closer than that to it).
+
+    The spans read are exactly those the previous step used, so every
+    step whose spans were read is checked: if a span outgrew the length
+    that step attended (it grew by more than `headroom` in one step),
+    that step's result was not the untrimmed model's; the step is added
+    to `inexact_steps`, a warning says so, and the length grows. With
+    `update_every=1` (the default) every step is checked.
+
+    The work happens in `on_train_batch_begin`: a callback with
+    `on_train_batch_end` would stop Keras from running the other
+    callbacks' batch ends (progress bar, history) off the training thread.
 
     Args:
-        update_every: int, batches between two updates.
+        update_every: int, batches between two span reads.
+        margin: int, tokens added to the largest span (see
+            `AllAttentionLM.update_span_trimming`).
+        headroom: int, tokens a span may grow in one step and still be
+            attended.
+
+    Attributes:
+        inexact_steps: the training steps (counted from the start of
+            `fit`) whose spans reached past their attended length.
     """
 
-    def __init__(self, update_every=1):
+    def __init__(self, update_every=1, margin=64, headroom=32):
         super().__init__()
         self.update_every = check_positive("update_every", update_every)
-
-    def _update(self):
-        if keras.backend.backend() == "jax":
-            self.model.jax_state_sync()
-        self.model.update_span_trimming()
+        self.margin = check_non_negative("margin", margin)
+        self.headroom = check_non_negative("headroom", headroom)
+        if headroom > margin:
+            raise ValueError(
+                "`headroom` must be at most `margin`. Received: "
+                f"headroom={headroom}, margin={margin}"
+            )
+        self.inexact_steps = []
+        self._pending = None
+        self._batches = 0
 
     def on_train_begin(self, logs=None):
-        self._update()
+        self.inexact_steps = []
+        self._pending = None
+        self._batches = 0
+        _sync_jax_state(self.model)
+        self.model.update_span_trimming(self.margin)
 
-    def on_train_batch_end(self, batch, logs=None):
-        if (batch + 1) % self.update_every == 0:
-            self._update()
+    def on_train_batch_begin(self, batch, logs=None):
+        step = self._batches
+        self._batches += 1
+        if self._pending is not None:
+            self._check_and_update()
+        if step % self.update_every == 0:
+            # The ratios step `step` will use, copied on the device.
+            _sync_jax_state(self.model)
+            self._pending = (
+                step,
+                self.model.attended_spans(),
+                [ops.copy(a.span.span_ratio.value)
+                 for a in self.model.attention_layers],
+            )
+
+    def on_train_end(self, logs=None):
+        if self._pending is not None:
+            self._check_and_update(update=False)
+
+    def _check_and_update(self, update=True):
+        step, attended, ratios = self._pending
+        self._pending = None
+        model = self.model
+        spans = np.stack([
+            spans_from_ratios(
+                np.asarray(ops.convert_to_numpy(ratio), "float64"),
+                model.max_span, model.span_ramp,
+            )
+            for ratio in ratios
+        ])
+        largest = spans.max(axis=1)
+        if np.any(largest > np.asarray(attended)):
+            self.inexact_steps.append(step)
+            warnings.warn(
+                f"SpanTrimming: at training step {step} a span reached "
+                f"{largest.tolist()} tokens (per layer) while the layers "
+                f"attended {list(attended)} memory rows: that step's result "
+                "is not the untrimmed model's. Spans grew by more than "
+                f"headroom={self.headroom} tokens in one step; widening. "
+                "Pass a larger `headroom` and `margin` to avoid this.",
+                stacklevel=2,
+            )
+        if update:
+            model.update_span_trimming(
+                self.margin, spans=spans, headroom=self.headroom
+            )
+
+
+def _array_rows(x):
+    """Rows of array inputs (arrays or tensors, or a structure of them).
+
+    None for anything else (a `tf.data.Dataset`, a generator, a
+    `PyDataset`, a `DataLoader`): Keras batches those as they come.
+    """
+    if x is None:
+        return None
+    leaves = keras.tree.flatten(x) if isinstance(x, (list, tuple, dict)) else [x]
+    shapes = [getattr(leaf, "shape", None) for leaf in leaves]
+    if not leaves or any(shape is None or len(shape) == 0 for shape in shapes):
+        return None
+    return int(shapes[0][0])
+
+
+def _sync_jax_state(model):
+    """Writes JAX's in-flight training state back to the variables."""
+    if keras.backend.backend() == "jax":
+        model.jax_state_sync()
+
+
+def _leave_usable(model, run):
+    """Runs a Keras loop (`run()`); if it fails, the model stays usable.
+
+    JAX's loops detach the variables' values while they run and put them
+    back at the end; a loop that raises in between leaves them empty
+    ("'NoneType' object is not callable" at the next use). This puts back
+    the loop's last state, or the values from before it.
+    """
+    if keras.backend.backend() != "jax":
+        return run()
+    variables = list(model.variables) + list(model.metrics_variables)
+    optimizer = getattr(model, "optimizer", None)  # None before compile
+    if optimizer is not None and optimizer.built:
+        variables += list(optimizer.variables)
+    kept = [(variable, variable.value) for variable in variables]
+    try:
+        return run()
+    except BaseException:
+        model.jax_state_sync()
+        for variable, value in kept:
+            try:
+                variable.value
+            except TypeError:  # detached by the failed loop
+                variable.assign(value)
+        raise
 
 
 def _is_concrete(x):

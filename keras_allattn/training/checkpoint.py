@@ -3,8 +3,11 @@
 A checkpoint is a folder `step_000001000/` inside a checkpoint directory:
 
 - `model.weights.h5`: `model.save_weights`, i.e. every model weight (the
-  segment memory variables and the span ratios included) and the
-  optimizer's variables (its iteration count, accumulators or moments).
+  span ratios included) and the optimizer's variables (its iteration
+  count, accumulators or moments).
+- `memory.npz`: the segment memory of every layer (`model.get_memory()`),
+  which is state, not a weight, so neither `.keras` files nor weight files
+  hold it; for models without segment memory, no file.
 - `training_state.json`: what the weights file lacks: the global step of
   the data stream, the `StreamBatcher`'s seed and geometry, the state of
   every random seed generator (dropout), and the memory rows each layer
@@ -30,8 +33,9 @@ from keras_allattn.utils import check_non_negative
 from keras_allattn.utils import check_positive
 
 WEIGHTS_FILE = "model.weights.h5"
+MEMORY_FILE = "memory.npz"
 STATE_FILE = "training_state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _CHECKPOINT_NAME = re.compile(r"^step_(\d+)$")
 
 
@@ -46,9 +50,12 @@ def _seed_states(model):
     """The seed generator states of `model`, in a fixed model order.
 
     They are the entries of `model.variables` that `model.weights` leaves
-    out (Keras saves weights, not random state).
+    out (Keras saves weights, not random state), the segment memory aside.
     """
     weights = {id(w) for w in model.weights}
+    weights.update(
+        id(layer.memory) for layer in getattr(model, "segment_memories", [])
+    )
     return [v for v in model.variables if id(v) not in weights]
 
 
@@ -124,6 +131,8 @@ def save_training(model, directory, step, batcher=None, keep=2):
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     model.save_weights(os.path.join(partial, WEIGHTS_FILE))
+    if hasattr(model, "get_memory"):
+        np.savez(os.path.join(partial, MEMORY_FILE), *model.get_memory())
     attended = getattr(model, "attended_spans", None)
     state = {
         "format": FORMAT_VERSION,
@@ -151,8 +160,8 @@ def save_training(model, directory, step, batcher=None, keep=2):
 def restore_training(model, directory, batcher=None):
     """Restores the newest checkpoint of `directory` into `model`.
 
-    Restores the weights (segment memory included), the optimizer state,
-    the random seed states and the attended memory lengths. Build and
+    Restores the weights, the segment memory, the optimizer state, the
+    random seed states and the attended memory lengths. Build and
     compile the model exactly as for the run that saved it, restore, then
     train on `batcher.as_dataset(start_step=step)` with the returned step,
     from a `StreamBatcher` with the saved seed (pass it as `batcher` to
@@ -194,7 +203,8 @@ def restore_training(model, directory, batcher=None):
     if state.get("format") != FORMAT_VERSION:
         raise ValueError(
             f"{path} has checkpoint format {state.get('format')!r}; this "
-            f"version reads format {FORMAT_VERSION}."
+            f"version reads format {FORMAT_VERSION} (format 1 kept the "
+            "segment memory in the weights file)."
         )
     if batcher is not None and state["batcher"] is not None:
         expected = state["batcher"]
@@ -215,6 +225,9 @@ def restore_training(model, directory, batcher=None):
         optimizer.build(model.trainable_variables)
     _sync(model)
     model.load_weights(os.path.join(path, WEIGHTS_FILE))
+    if hasattr(model, "set_memory"):
+        with np.load(os.path.join(path, MEMORY_FILE)) as saved:
+            model.set_memory([saved[f"arr_{i}"] for i in range(len(saved.files))])
     iterations = int(ops.convert_to_numpy(optimizer.iterations))
     if iterations != state["optimizer_iterations"]:
         raise ValueError(
