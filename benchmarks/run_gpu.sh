@@ -254,7 +254,19 @@ adaptive)
       --span adaptive:8192 --memory-gib 80
   }
   lanes ;;
-*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe, presets or adaptive"; exit 2 ;;
+adaptive2)
+  # Adaptive ~1024 against fixed 1024 with the recipe's dropout, both
+  # backends, side by side.
+  lane0() {
+    step jax_adaptive_dropout 150 env KERAS_BACKEND=jax $tp --span adaptive:1024 --dropout 0.3
+    step jax_fixed1k_dropout 150 env KERAS_BACKEND=jax $tp --span fixed:1024 --dropout 0.3
+  }
+  lane1() {
+    step torch_adaptive_dropout 150 env KERAS_BACKEND=torch $tp --span adaptive:1024 --dropout 0.3
+    step torch_fixed1k_dropout 150 env KERAS_BACKEND=torch $tp --span fixed:1024 --dropout 0.3
+  }
+  lanes ;;
+*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe, presets, adaptive or adaptive2"; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
 # The device tool returns a limited number of files: RESULTS.md and the
