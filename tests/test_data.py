@@ -452,7 +452,7 @@ def test_stream_seed_makes_offsets_reproducible():
         (
             np.arange(100) - 1,
             {"batch_size": 2, "block_size": 2},
-            "`tokens` must hold token ids in [0, 2**31). Received: tokens with range [-1, 98]",
+            "`tokens` must hold token ids in [0, 2**31). Received: tokens[0]=-1",
         ),
         (
             np.arange(100),
@@ -732,9 +732,15 @@ def test_evaluate_stream_reads_block_size_and_checks_arguments():
         evaluate_stream(with_block, tokens[:1])
     with pytest.raises(
         ValueError,
-        match="Token id 5 is outside the model's vocabulary of 3 symbols",
+        match=re.escape(
+            "`tokens` must hold token ids in [0, vocabulary_size=3). "
+            "Received: tokens[3]=5"
+        ),
     ):
         evaluate_stream(with_block, np.array([0, 1, 2, 5]), batch_size=1)
+    # The first id is never a target: it is checked too.
+    with pytest.raises(ValueError, match=re.escape("Received: tokens[0]=7")):
+        evaluate_stream(with_block, np.array([7, 1, 2, 0]), batch_size=1)
 
     class WrongShape(BigramCounter):
         def call_with_memory(self, tokens, memories):
