@@ -98,10 +98,14 @@ def check_shape(name, shape, expected):
 def check_last_axis(name, shape, size):
     """Raises ValueError unless `shape` is `(..., size)` (any leading axes).
 
-    `size=None` only requires the last axis to be known.
+    `size=None` only requires the last axis to be known; an unknown last
+    axis (while tracing) matches any `size`.
     """
     shape = tuple(shape)
-    if shape and shape[-1] is not None and size in (None, shape[-1]):
+    if shape and (
+        (size is None and shape[-1] is not None)
+        or (size is not None and shape[-1] in (None, size))
+    ):
         return
     expected = "a known size" if size is None else size
     raise ValueError(

@@ -877,9 +877,10 @@ def test_evaluate_stream_reads_block_size_and_checks_arguments():
         ),
     ):
         evaluate_stream(with_block, np.array([0, 1, 2, 5]), batch_size=1)
-    # The first id is never a target: it is checked too.
-    with pytest.raises(ValueError, match=re.escape("Received: tokens[0]=7")):
-        evaluate_stream(with_block, np.array([7, 1, 2, 0]), batch_size=1)
+    # A model without `vocabulary_size`: every id, inputs included, is
+    # checked against the width of its first logits.
+    with pytest.raises(ValueError, match=re.escape("Received: tokens[4]=3")):
+        evaluate_stream(with_block, np.array([0, 1, 2, 0, 3, 1]), batch_size=1)
 
     class WrongShape(BigramCounter):
         def call_with_memory(self, tokens, memories):

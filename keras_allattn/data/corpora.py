@@ -431,6 +431,12 @@ def _resolve(path, url, sha256, cache_dir, canonical):
                 "`url` is only used to download (path=None). Received: "
                 f"path={path!r}, url={url!r}"
             )
+        if sha256 is not None and os.path.isdir(path):
+            raise ValueError(
+                "`sha256` checks one file (an archive or the unzipped "
+                "corpus), not a folder of splits. Received: "
+                f"path={path!r}, sha256={sha256!r}"
+            )
         return path
     return _download(canonical, url, expected, cache_dir)
 
