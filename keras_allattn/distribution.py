@@ -617,6 +617,8 @@ class DataParallelTrainer:
             )
         self.model = model
         self.plan = plan
+        if hasattr(model, "resolve_remat"):  # as `fit` does, before tracing
+            model.resolve_remat()
         self.tokens_per_second = None
         self._step = None
         strategy = plan.strategy if plan is not None else None

@@ -1,5 +1,6 @@
 """Argument validation and initializers shared by the layers and the model."""
 
+import difflib
 import math
 import numbers
 
@@ -65,6 +66,81 @@ def check_choice(name, value, choices):
             f"Received: {name}={value!r}"
         )
     return value
+
+
+def _show_shape(expected):
+    parts = [str(e) for e in expected]
+    return f"({parts[0]},)" if len(parts) == 1 else f"({', '.join(parts)})"
+
+
+def check_shape(name, shape, expected):
+    """Raises ValueError unless `shape` matches `expected`.
+
+    Args:
+        name: the argument's name, e.g. "position_keys".
+        shape: the received shape (a tuple; `None` entries are unknown
+            sizes and match anything).
+        expected: a tuple with one entry per axis: an int (that size) or a
+            string (a name for any size, e.g. "batch", shown as is).
+    """
+    shape = tuple(shape)
+    if len(shape) == len(expected) and all(
+        isinstance(e, str) or s is None or s == e
+        for s, e in zip(shape, expected)
+    ):
+        return
+    raise ValueError(
+        f"`{name}` must have shape {_show_shape(expected)}. "
+        f"Received: {name}.shape={shape}"
+    )
+
+
+def check_last_axis(name, shape, size):
+    """Raises ValueError unless `shape` is `(..., size)` (any leading axes).
+
+    `size=None` only requires the last axis to be known; an unknown last
+    axis (while tracing) matches any `size`.
+    """
+    shape = tuple(shape)
+    if shape and (
+        (size is None and shape[-1] is not None)
+        or (size is not None and shape[-1] in (None, size))
+    ):
+        return
+    expected = "a known size" if size is None else size
+    raise ValueError(
+        f"`{name}` must have shape (..., {expected}). "
+        f"Received: {name}.shape={shape}"
+    )
+
+
+def check_known_arguments(owner, received, known):
+    """Raises TypeError naming every key of `received` not in `known`.
+
+    Each unknown name comes with the closest known one, when there is one
+    close enough (`difflib.get_close_matches`), so that a misspelled
+    argument fails loudly instead of being ignored.
+
+    Args:
+        owner: what the arguments were given to, e.g. "AllAttentionLM".
+        received: dict of keyword arguments.
+        known: iterable of accepted names.
+    """
+    known = sorted(known)
+    unknown = [name for name in received if name not in known]
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        hints.append(f"`{name}`{hint}")
+    values = ", ".join(f"{name}={received[name]!r}" for name in unknown)
+    raise TypeError(
+        f"{owner} got unexpected keyword argument"
+        f"{'s' if len(unknown) > 1 else ''}: {', '.join(hints)}. "
+        f"Received: {values}"
+    )
 
 
 def device_name():

@@ -1,10 +1,12 @@
 """Tests of keras_allattn.data: corpora, stream batching, full evaluation."""
 
 import concurrent.futures
+import hashlib
 import io
 import lzma
 import math
 import os
+import pathlib
 import re
 import zipfile
 
@@ -32,6 +34,11 @@ def write(path, data):
 
 def write_xz(path, data):
     return write(path, lzma.compress(data))
+
+
+def sha256_of(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def python_words(data):
@@ -66,7 +73,8 @@ def test_text8_canonical_file_and_zip_split_90_5_5(
     with zipfile.ZipFile(archive, "w") as z:
         z.writestr("text8", text)
     for path in (raw, archive):
-        corpus = load_text8(path)
+        # Not the canonical files: checked against their own SHA-256.
+        corpus = load_text8(path, sha256=sha256_of(path))
         assert corpus.vocabulary == list(" abcdefghijklmnopqrstuvwxyz")
         assert corpus.vocabulary_size == 27
         assert corpus.train.dtype == np.int32
@@ -96,7 +104,7 @@ def test_text8_rejects_wrong_size_and_foreign_characters(tmp_path):
     with pytest.raises(
         ValueError, match="must hold exactly one file named text8"
     ):
-        load_text8(archive)
+        load_text8(archive, sha256=sha256_of(archive))
     folder = tmp_path / "folder"
     write(folder / "train.txt", b"abc def")
     write(folder / "valid.txt", b"abc")
@@ -137,7 +145,7 @@ def test_enwik8_canonical_file_and_zip(tmp_path, small_character_corpus):
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as z:
         z.writestr("enwik8", data)
     for path in (raw, archive):
-        corpus = load_enwik8(path)
+        corpus = load_enwik8(path, sha256=sha256_of(path))
         assert corpus.train.tolist() == list(data[:90])
         assert corpus.valid.tolist() == list(data[90:95])
         assert corpus.test.tolist() == list(data[95:])
@@ -273,8 +281,8 @@ def test_wikitext103_zip_and_folder_names(tmp_path):
     folder = tmp_path / "wikitext-103"
     for split, data in splits.items():
         write(folder / f"wiki.{split}.tokens", data)
-    for path in (archive, str(folder)):
-        corpus = load_wikitext103(path)
+    for path, sha256 in ((archive, sha256_of(archive)), (str(folder), None)):
+        corpus = load_wikitext103(path, sha256=sha256)
         assert [corpus.vocabulary[i] for i in corpus.train] == python_words(
             splits["train"]
         )
@@ -303,9 +311,9 @@ def test_ptb_standard_counts_on_shared_copy(data_dir):
     assert [corpus.vocabulary[i] for i in corpus.valid] == python_words(valid)
 
 
-def test_ptb_download_path_uses_md5_checked_cache(tmp_path, data_dir):
-    # A cache holding the canonical files: keras.utils.get_file checks their
-    # MD5 against the loader's and downloads nothing.
+def test_ptb_download_path_uses_sha256_checked_cache(tmp_path, data_dir):
+    # A cache holding the canonical files: their SHA-256 passes and nothing
+    # is downloaded.
     for split in ("train", "valid", "test"):
         data = lzma.open(data_dir / "ptb" / f"{split}.txt.xz").read()
         write(tmp_path / "datasets" / f"ptb.{split}.txt", data)
@@ -334,6 +342,137 @@ def test_corpus_decode_rejects_bad_ids():
         corpus.decode([0, 2])
     with pytest.raises(ValueError, match="`ids` must be 1-D"):
         corpus.decode([[0]])
+
+
+# === Corpus file checks ===
+
+
+def test_canonical_files_have_published_digests_and_https_addresses():
+    files = [
+        corpora.TEXT8_ZIP, corpora.TEXT8_FILE, corpora.ENWIK8_ZIP,
+        corpora.ENWIK8_FILE, corpora.WIKITEXT103_ZIP,
+        *corpora.PTB_FILES.values(),
+    ]
+    for file in files:
+        assert file.url.startswith("https://"), file
+        length = {"sha256": 64, "md5": 32}[file.algorithm]
+        assert len(file.digest) == length and int(file.digest, 16) >= 0
+    # Every downloaded archive is checked with SHA-256.
+    for file in (corpora.TEXT8_ZIP, corpora.ENWIK8_ZIP,
+                 corpora.WIKITEXT103_ZIP, *corpora.PTB_FILES.values()):
+        assert file.algorithm == "sha256", file
+
+
+def test_ptb_published_sha256_matches_the_shared_copy(tmp_path, data_dir):
+    """The shared PTB files (MD5s of the canonical ones) pass the SHA-256
+    check, downloaded from a mirror given by `url=`."""
+    mirror = tmp_path / "mirror"
+    for split in ("train", "valid", "test"):
+        write(mirror / f"ptb.{split}.txt",
+              lzma.open(data_dir / "ptb" / f"{split}.txt.xz").read())
+    corpus = load_ptb(url=mirror.as_uri() + "/", cache_dir=str(tmp_path))
+    assert len(corpus.valid) == 73_760
+    # The same files in a folder under their canonical names are checked.
+    assert len(load_ptb(str(mirror)).test) == 82_430
+    data = bytearray((mirror / "ptb.test.txt").read_bytes())
+    data[100] ^= 1
+    (mirror / "ptb.test.txt").write_bytes(bytes(data))
+    path = str(mirror / "ptb.test.txt")
+    with pytest.raises(ValueError) as error:
+        load_ptb(str(mirror))
+    message = str(error.value)
+    assert message.startswith(f"{path} is not the expected ptb.test.txt")
+    assert corpora.PTB_FILES["test"].digest in message
+    assert "Delete it and download it again" in message
+
+
+def test_download_is_sha256_checked_and_a_bad_one_deleted(tmp_path):
+    fake = write(tmp_path / "mirror" / "text8.zip", b"not the archive")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with pytest.raises(ValueError) as error:
+        load_text8(url=pathlib.Path(fake).as_uri(), cache_dir=str(cache))
+    target = str(cache / "datasets" / "text8.zip")
+    message = str(error.value)
+    assert message.startswith(f"{target}, downloaded from {pathlib.Path(fake).as_uri()}")
+    assert "it holds 15 bytes instead of 31,344,016" in message
+    assert "pass `url=` another mirror of text8.zip" in message
+    assert not os.path.exists(target)
+    # With the SHA-256 of one's own copy, the same address is accepted up
+    # to the content check.
+    with pytest.raises(ValueError, match="not a readable zip archive"):
+        load_text8(url=pathlib.Path(fake).as_uri(), sha256=sha256_of(fake),
+                   cache_dir=str(cache))
+
+
+def test_damaged_cached_download_is_fetched_again(tmp_path, data_dir):
+    mirror = tmp_path / "mirror"
+    for split in ("train", "valid", "test"):
+        write(mirror / f"ptb.{split}.txt",
+              lzma.open(data_dir / "ptb" / f"{split}.txt.xz").read())
+    cached = write(tmp_path / "datasets" / "ptb.valid.txt", b"cut sho")
+    corpus = load_ptb(url=mirror.as_uri() + "/", cache_dir=str(tmp_path))
+    assert len(corpus.valid) == 73_760
+    assert sha256_of(cached) == corpora.PTB_FILES["valid"].digest
+
+
+@pytest.mark.parametrize("loader", [load_text8, load_enwik8, load_wikitext103])
+def test_local_archive_is_checked_against_the_canonical_sha256(
+    tmp_path, loader
+):
+    name = {load_text8: "text8.zip", load_enwik8: "enwik8.zip",
+            load_wikitext103: "wikitext-103-v1.zip"}[loader]
+    archive = str(tmp_path / name)
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("member", b"abc")
+    with pytest.raises(ValueError) as error:
+        loader(archive)
+    message = str(error.value)
+    assert message.startswith(f"{archive} is not the expected {name}")
+    assert "or pass `path=` the location of a good copy" in message
+    with pytest.raises(ValueError, match=re.escape("`sha256` must be None or")):
+        loader(archive, sha256="abc")
+
+
+def test_damaged_files_name_themselves(tmp_path, small_character_corpus):
+    # A cut .xz file.
+    folder = tmp_path / "cut"
+    write(folder / "train.txt.xz", lzma.compress(b"abc" * 1000)[:-20])
+    write(folder / "valid.txt", b"a")
+    write(folder / "test.txt", b"a")
+    cut = str(folder / "train.txt.xz")
+    with pytest.raises(
+        ValueError, match=re.escape(f"{cut} is not a valid xz file")
+    ):
+        load_text8(str(folder))
+    # A zip whose member fails its CRC.
+    text = b"ab cd" * 20
+    archive = str(tmp_path / "text8.zip")
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as z:
+        z.writestr("text8", text)
+    data = bytearray(open(archive, "rb").read())
+    data[data.index(text) + 7] ^= 1
+    open(archive, "wb").write(bytes(data))
+    with pytest.raises(ValueError) as error:
+        load_text8(archive, sha256=sha256_of(archive))
+    message = str(error.value)
+    assert message.startswith(f"Zip archive {archive} is damaged")
+    assert "CRC" in message and "Delete it" in message
+    # A cut WikiText archive: its hash fails first; with its own hash, it is
+    # named as an unreadable zip.
+    wiki = str(tmp_path / "wikitext-103-v1.zip")
+    with zipfile.ZipFile(wiki, "w") as z:
+        for split in ("train", "valid", "test"):
+            z.writestr(f"wikitext-103/wiki.{split}.tokens", b" a b\n" * 50)
+    open(wiki, "r+b").truncate(os.path.getsize(wiki) // 2)
+    with pytest.raises(
+        ValueError, match=re.escape(f"{wiki} is not the expected")
+    ):
+        load_wikitext103(wiki)
+    with pytest.raises(
+        ValueError, match=re.escape(f"{wiki} is not a readable zip archive")
+    ):
+        load_wikitext103(wiki, sha256=sha256_of(wiki))
 
 
 # === Stream batching ===
@@ -452,7 +591,7 @@ def test_stream_seed_makes_offsets_reproducible():
         (
             np.arange(100) - 1,
             {"batch_size": 2, "block_size": 2},
-            "`tokens` must hold token ids in [0, 2**31). Received: tokens with range [-1, 98]",
+            "`tokens` must hold token ids in [0, 2**31). Received: tokens[0]=-1",
         ),
         (
             np.arange(100),
@@ -732,9 +871,16 @@ def test_evaluate_stream_reads_block_size_and_checks_arguments():
         evaluate_stream(with_block, tokens[:1])
     with pytest.raises(
         ValueError,
-        match="Token id 5 is outside the model's vocabulary of 3 symbols",
+        match=re.escape(
+            "`tokens` must hold token ids in [0, vocabulary_size=3). "
+            "Received: tokens[3]=5"
+        ),
     ):
         evaluate_stream(with_block, np.array([0, 1, 2, 5]), batch_size=1)
+    # A model without `vocabulary_size`: every id, inputs included, is
+    # checked against the width of its first logits.
+    with pytest.raises(ValueError, match=re.escape("Received: tokens[4]=3")):
+        evaluate_stream(with_block, np.array([0, 1, 2, 0, 3, 1]), batch_size=1)
 
     class WrongShape(BigramCounter):
         def call_with_memory(self, tokens, memories):

@@ -27,6 +27,7 @@ from keras_allattn.training import optimizer_from_recipe
 from keras_allattn.training import restore_training
 from keras_allattn.training import scale_recipe
 from tests.conftest import backend
+from tests.test_training import reference_scheduler
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -80,10 +81,50 @@ def test_optimizer_from_recipe_word_recipe_is_adam_with_global_clip():
     assert optimizer.clipnorm is None
     assert optimizer.epsilon == 1e-8
     schedule = schedule_of(optimizer)
-    rates = [float(schedule(s)) for s in (0, 4_000, 8_000, 799_999, 800_000)]
+    # Update k reads the schedule at iterations k - 1.
+    updates = (1, 4_000, 8_000, 800_000, 800_001)
+    rates = [float(schedule(k - 1)) for k in updates]
     np.testing.assert_allclose(
-        rates, [0.0, 1.25e-4, 2.5e-4, 2.5e-4, 2.5e-5], rtol=1e-6
+        rates, [2.5e-4 / 8_000, 1.25e-4, 2.5e-4, 2.5e-4, 2.5e-5], rtol=1e-6
     )
+
+
+@pytest.mark.parametrize(
+    "name, total_steps",
+    [("text8_small", 40), ("char_small_cpu", 200), ("char_small_cpu", None)],
+)
+def test_recipe_schedule_follows_the_reference_order(name, total_steps):
+    """Every update of a (scaled) recipe uses the rate the reference's loop
+    gives it: scheduler stepped before the update, so update k uses
+    lr * min(1, k / warmup), and lr / 10 after `steps` updates."""
+    recipe = get_preset(name)["recipe"]
+    if total_steps is not None:
+        recipe = scale_recipe(recipe, total_steps)
+    schedule = schedule_of(optimizer_from_recipe(recipe))
+    scheduler = reference_scheduler(
+        recipe["learning_rate"], recipe["warmup_steps"],
+        recipe["steps"] if recipe["final_steps"] else None, 0.1,
+    )
+    length = recipe["steps"] + recipe["final_steps"]
+    updates = sorted(
+        {1, 2, 3, recipe["warmup_steps"], recipe["steps"], recipe["steps"] + 1,
+         length} | set(range(1, min(length, 400) + 1))
+    )
+    updates = [k for k in updates if k <= length]
+    expected = {}
+    for k in range(1, length + 1):
+        scheduler.step()
+        expected[k] = scheduler.lr
+    for k in updates:
+        assert float(schedule(k - 1)) == pytest.approx(expected[k], rel=1e-6), k
+    if name == "text8_small":
+        # Adagrad's warm-up is capped at 3x the run: without a final phase,
+        # the run's last update is at a third of the peak rate, exactly.
+        plain = scale_recipe(dict(get_preset(name)["recipe"], final_steps=0),
+                             total_steps)
+        assert plain["warmup_steps"] == 3 * total_steps
+        last = float(schedule_of(optimizer_from_recipe(plain))(total_steps - 1))
+        assert last == pytest.approx(plain["learning_rate"] / 3, rel=1e-6)
 
 
 def test_scale_recipe_fits_the_schedule_to_the_run():

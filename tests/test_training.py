@@ -14,13 +14,36 @@ from keras_allattn.training import LinearWarmup
 from keras_allattn.training import Perplexity
 
 
-def numpy_schedule(step, learning_rate, warmup_steps, drop_step, drop_factor):
-    rate = learning_rate
-    if warmup_steps:
-        rate *= min(1.0, step / warmup_steps)
-    if drop_step is not None and step >= drop_step:
-        rate *= drop_factor
-    return rate
+class NumpyLambdaLR:
+    """`torch.optim.lr_scheduler.LambdaLR`, transcribed.
+
+    The constructor sets the rate for epoch 0; every `step()` advances the
+    epoch, then sets `lr = base_lr * lr_lambda(epoch)`.
+    """
+
+    def __init__(self, base_lr, lr_lambda):
+        self.base_lr = base_lr
+        self.lr_lambda = lr_lambda
+        self.last_epoch = 0
+        self.lr = base_lr * lr_lambda(0)
+
+    def step(self):
+        self.last_epoch += 1
+        self.lr = self.base_lr * self.lr_lambda(self.last_epoch)
+
+
+def reference_scheduler(learning_rate, warmup_steps, drop_step, drop_factor):
+    """The reference's warm-up `lambda s: min(1, s / warmup)`, with the
+    recipes' drop to `drop_factor` after `drop_step` updates written in the
+    same convention."""
+
+    def factor(epoch):
+        value = min(1.0, epoch / warmup_steps) if warmup_steps else 1.0
+        if drop_step is not None and epoch > drop_step:
+            value *= drop_factor
+        return value
+
+    return NumpyLambdaLR(learning_rate, factor)
 
 
 class NumpyAdagradClip:
@@ -59,6 +82,7 @@ def test_adagrad_clip_matches_numpy_over_steps():
     clip = 1.0
     optimizer = AdagradClip(LinearWarmup(**schedule), grad_clip=clip)
     reference = NumpyAdagradClip(initial, clip)
+    scheduler = reference_scheduler(**schedule)
     for step in range(7):
         # Tensor 0 always under the clip, tensor 1 always over, tensor 2
         # alternating.
@@ -70,7 +94,9 @@ def test_adagrad_clip_matches_numpy_over_steps():
         optimizer.apply(
             [keras.ops.convert_to_tensor(g) for g in grads], variables
         )
-        reference.step(grads, numpy_schedule(step, **schedule))
+        # The reference's loop: the scheduler steps before the update.
+        scheduler.step()
+        reference.step(grads, scheduler.lr)
         for variable, expected in zip(variables, reference.params):
             np.testing.assert_allclose(
                 keras.ops.convert_to_numpy(variable),
@@ -164,10 +190,12 @@ def test_adagrad_clip_in_fit_matches_numpy(tmp_path, jit_compile):
     model.fit(tokens, targets, batch_size=batch, shuffle=False, verbose=0)
 
     reference = NumpyAdagradClip(params, clip)
+    scheduler = reference_scheduler(**schedule)
     for step in range(steps):
         rows = slice(step * batch, (step + 1) * batch)
         grads = _numpy_gradients(*reference.params, tokens[rows], targets[rows])
-        reference.step(grads, numpy_schedule(step, **schedule))
+        scheduler.step()
+        reference.step(grads, scheduler.lr)
     assert reference.clipped > 0 and reference.unclipped > 0
     for weight, expected in zip(model.get_weights(), reference.params):
         np.testing.assert_allclose(weight, expected, rtol=2e-5, atol=1e-6)
@@ -237,9 +265,16 @@ def test_adagrad_clip_rejects_bad_arguments(kwargs, message):
 
 def test_linear_warmup_values_and_config():
     schedule = LinearWarmup(0.07, warmup_steps=4, drop_step=10, drop_factor=0.1)
-    for step in [0, 1, 2, 3, 4, 5, 9, 10, 11, 1000]:
-        expected = numpy_schedule(step, 0.07, 4, 10, 0.1)
-        assert float(schedule(step)) == pytest.approx(expected, rel=1e-6)
+    scheduler = reference_scheduler(0.07, 4, 10, 0.1)
+    # Keras reads the schedule at `iterations` = k - 1 for the k-th update.
+    for iterations in range(30):
+        scheduler.step()
+        assert float(schedule(iterations)) == pytest.approx(
+            scheduler.lr, rel=1e-6
+        )
+    assert float(schedule(0)) == pytest.approx(0.07 / 4)
+    assert float(schedule(9)) == pytest.approx(0.07)
+    assert float(schedule(10)) == pytest.approx(0.007)
     no_warmup = LinearWarmup(0.5, warmup_steps=0)
     assert float(no_warmup(0)) == pytest.approx(0.5)
     assert float(no_warmup(10**6)) == pytest.approx(0.5)

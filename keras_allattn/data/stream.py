@@ -39,14 +39,35 @@ def as_token_array(tokens, name="tokens"):
             f"`{name}` must hold integer token ids. Received: {name} with "
             f"dtype {array.dtype}"
         )
-    if array.size and (array.min() < 0 or array.max() > np.iinfo(np.int32).max):
-        raise ValueError(
-            f"`{name}` must hold token ids in [0, 2**31). Received: {name} "
-            f"with range [{array.min()}, {array.max()}]"
-        )
+    check_token_range(array, np.iinfo(np.int32).max + 1, name, "2**31")
     if array.dtype == np.int32:
         return array
     return array.astype(np.int32)
+
+
+def check_token_range(array, limit, name="tokens", limit_name=None):
+    """Raises ValueError unless every id of `array` lies in [0, limit).
+
+    The message names the argument, the first bad id and its position
+    (`tokens[17]=300`), and how many ids are out of range.
+
+    Args:
+        array: 1-D numpy array of integer token ids.
+        limit: int, the first id out of range (e.g. the vocabulary size).
+        name: the argument name used in the message.
+        limit_name: how to write `limit` in the message (default its value).
+    """
+    if not array.size:
+        return
+    bad = np.flatnonzero((array < 0) | (array >= limit))
+    if not bad.size:
+        return
+    first = int(bad[0])
+    more = f" ({bad.size:,} ids out of range)" if bad.size > 1 else ""
+    raise ValueError(
+        f"`{name}` must hold token ids in [0, {limit_name or limit}). "
+        f"Received: {name}[{first}]={int(array[first])}{more}"
+    )
 
 
 class StreamBatcher:

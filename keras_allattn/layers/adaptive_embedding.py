@@ -76,7 +76,8 @@ class AdaptiveEmbedding(keras.layers.Layer):
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
-        inputs: int token ids of any shape `(...)`.
+        inputs: int token ids of any shape `(...)` (a float tensor raises
+            `ValueError`).
 
     Returns:
         `(..., hidden_dim)` embeddings, scaled by `sqrt(hidden_dim)`.
@@ -145,6 +146,12 @@ class AdaptiveEmbedding(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs):
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
+        if "int" not in dtype:
+            raise ValueError(
+                "`inputs` must hold integer token ids. Received: inputs with "
+                f"dtype {dtype} and shape {tuple(inputs.shape)}"
+            )
         ids = ops.cast(inputs, "int32")
         outputs = None
         for i in range(len(self.widths)):

@@ -4,6 +4,7 @@ from keras import ops
 from keras_allattn.layers.adaptive_embedding import AdaptiveEmbedding
 from keras_allattn.layers.adaptive_embedding import check_cutoffs
 from keras_allattn.layers.adaptive_embedding import cluster_widths
+from keras_allattn.utils import check_last_axis
 from keras_allattn.utils import check_positive
 
 
@@ -74,6 +75,7 @@ class AdaptiveSoftmax(keras.layers.Layer):
     Call arguments:
         inputs: `(..., hidden_dim)` hidden states.
         targets: None, or int token ids `(...)`, the same leading shape.
+        A wrong shape raises `ValueError` naming the argument.
 
     Returns:
         float32 log-probabilities: of each target, shape `(...)`, when
@@ -238,6 +240,19 @@ class AdaptiveSoftmax(keras.layers.Layer):
         return ops.cast(logits, "float32")
 
     def call(self, inputs, targets=None):
+        check_last_axis("inputs", inputs.shape, self.hidden_dim)
+        if targets is not None:
+            leading = tuple(inputs.shape)[:-1]
+            received = tuple(targets.shape)
+            if len(received) != len(leading) or any(
+                a is not None and b is not None and a != b
+                for a, b in zip(received, leading)
+            ):
+                raise ValueError(
+                    "`targets` must have the leading shape of `inputs`, "
+                    f"{leading}. Received: targets.shape={received}, "
+                    f"inputs.shape={tuple(inputs.shape)}"
+                )
         hidden = ops.cast(inputs, self.compute_dtype)
         leading = ops.shape(hidden)[:-1]
         hidden = ops.reshape(hidden, (-1, self.hidden_dim))  # (n, d)

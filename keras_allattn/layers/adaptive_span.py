@@ -117,7 +117,19 @@ class AdaptiveSpan(keras.layers.Layer):
             self.add_loss(self.span_loss())
 
     def call(self, inputs, normalize=True):
-        length = inputs.shape[-1]
+        shape = tuple(inputs.shape)
+        length = shape[-1] if shape else None
+        if (
+            len(shape) < 3
+            or shape[-3] not in (None, self.num_heads)
+            or length is None
+            or length > self.max_span
+        ):
+            raise ValueError(
+                f"`inputs` must have shape (..., num_heads={self.num_heads}, "
+                f"queries, A) with A <= max_span={self.max_span}. "
+                f"Received: inputs.shape={shape}"
+            )
         mask = ops.cast(self.mask(length), inputs.dtype)[:, None, :]
         weights = apply_span_mask(inputs, mask, normalize)  # (..., H, M, A)
         self.add_span_loss()

@@ -2,6 +2,7 @@ import keras
 import numpy as np
 
 from keras_allattn.utils import check_positive
+from keras_allattn.utils import check_last_axis
 from keras_allattn.utils import check_rate
 from keras_allattn.utils import torch_default_uniform
 
@@ -19,7 +20,8 @@ class FeedForward(keras.layers.Layer):
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
-        inputs: `(..., d)` hidden states.
+        inputs: `(..., d)` hidden states (`d` fixed when the layer is
+            built; another width raises `ValueError`).
         training: bool, whether dropout is active.
 
     Returns:
@@ -42,7 +44,9 @@ class FeedForward(keras.layers.Layer):
         self.dropout = check_rate("dropout", dropout)
 
     def build(self, inputs_shape):
+        check_last_axis("inputs", inputs_shape, None)
         hidden_dim = inputs_shape[-1]
+        self.hidden_dim = hidden_dim
         self.inner_dense = keras.layers.Dense(
             self.feedforward_dim,
             activation="relu",
@@ -69,6 +73,7 @@ class FeedForward(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs, training=None):
+        check_last_axis("inputs", inputs.shape, self.hidden_dim)
         hidden = self.dropout_layer(self.inner_dense(inputs), training=training)
         return self.outer_dense(hidden)
 

@@ -12,6 +12,7 @@ from keras_allattn.utils import check_non_negative
 from keras_allattn.utils import check_positive
 from keras_allattn.utils import check_rate
 from keras_allattn.utils import check_remat
+from keras_allattn.utils import check_shape
 from keras_allattn.utils import torch_default_uniform
 
 
@@ -37,6 +38,10 @@ class PersistentMemoryAttention(keras.layers.Layer):
     most recent `attended_span` memory rows. As long as it is at least the
     largest current span, the result is unchanged (up to the 1e-8 of the
     renormalisation).
+
+    Every shape is checked when the layer is built and called: a wrong one
+    raises `ValueError` naming the argument, the expected and the received
+    shape.
 
     Args:
         num_heads: int, the number of heads `H`; must divide the width.
@@ -138,7 +143,13 @@ class PersistentMemoryAttention(keras.layers.Layer):
         self.seed_generator = keras.random.SeedGenerator()
 
     def build(self, inputs_shape, memory_shape=None, position_keys_shape=None):
+        check_shape("inputs", inputs_shape, ("batch", "length", "width"))
         hidden_dim = inputs_shape[-1]
+        if hidden_dim is None:
+            raise ValueError(
+                "The width of `inputs` (last axis) must be known to build "
+                f"the layer. Received: inputs.shape={tuple(inputs_shape)}"
+            )
         if hidden_dim % self.num_heads:
             raise ValueError(
                 "The input width must be divisible by `num_heads`. Received: "
@@ -168,7 +179,32 @@ class PersistentMemoryAttention(keras.layers.Layer):
             )
         if self.span is not None:
             self.span.build()
+        self._check_shapes(inputs_shape, memory_shape, position_keys_shape)
         self.built = True
+
+    def _check_shapes(self, inputs_shape, memory_shape, position_keys_shape):
+        """Raises ValueError naming the first argument of a wrong shape."""
+        width = self.hidden_dim
+        check_shape("inputs", inputs_shape, ("batch", "length", width))
+        if memory_shape is not None:
+            batch = inputs_shape[0]
+            check_shape(
+                "memory",
+                memory_shape,
+                ("batch" if batch is None else batch,
+                 f"max_span={self.max_span} or more", width),
+            )
+            if memory_shape[1] is not None and memory_shape[1] < self.max_span:
+                raise ValueError(
+                    f"`memory` must have at least max_span={self.max_span} "
+                    f"rows. Received: memory.shape={tuple(memory_shape)}"
+                )
+        if position_keys_shape is not None:
+            check_shape(
+                "position_keys",
+                position_keys_shape,
+                (self.head_dim, self.max_span),
+            )
 
     def _projection(self, name):
         dense = keras.layers.Dense(
@@ -200,12 +236,8 @@ class PersistentMemoryAttention(keras.layers.Layer):
         return ops.reshape(x, (-1, length, self.num_heads, self.head_dim))
 
     def call(self, inputs, memory, position_keys, training=None):
+        self._check_shapes(inputs.shape, memory.shape, position_keys.shape)
         length = self.attended_span
-        if memory.shape[1] is not None and memory.shape[1] < self.max_span:
-            raise ValueError(
-                f"`memory` must have at least max_span={self.max_span} rows. "
-                f"Received: memory.shape={tuple(memory.shape)}"
-            )
         memory = memory[:, memory.shape[1] - length :]
         positions = position_keys[:, self.max_span - length :]  # (D, A)
         # State changes (the span loss, the seed generator's step) happen

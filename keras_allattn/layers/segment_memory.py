@@ -2,6 +2,7 @@ import keras
 from keras import ops
 
 from keras_allattn.utils import check_positive
+from keras_allattn.utils import check_shape
 
 
 @keras.saving.register_keras_serializable(package="keras_allattn")
@@ -53,6 +54,12 @@ class SegmentMemory(keras.layers.Layer):
         self.memory_length = check_positive("memory_length", memory_length)
 
     def build(self, inputs_shape):
+        check_shape("inputs", inputs_shape, ("batch_size", "length", "width"))
+        if inputs_shape[-1] is None:
+            raise ValueError(
+                "The width of `inputs` (last axis) must be known to build "
+                f"the memory. Received: inputs.shape={tuple(inputs_shape)}"
+            )
         self.memory = self.add_weight(
             name="memory",
             shape=(self.batch_size, self.memory_length, inputs_shape[-1]),
@@ -68,6 +75,9 @@ class SegmentMemory(keras.layers.Layer):
         return ops.stop_gradient(joined[:, joined.shape[1] - self.memory_length :])
 
     def call(self, inputs):
+        check_shape(
+            "inputs", inputs.shape, ("batch_size", "length", self.memory.shape[-1])
+        )
         batch = inputs.shape[0]
         if batch is not None and batch != self.batch_size:
             raise ValueError(

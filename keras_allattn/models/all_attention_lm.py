@@ -1,4 +1,5 @@
 import contextlib
+import inspect
 import math
 import warnings
 
@@ -21,12 +22,16 @@ from keras_allattn import presets as preset_table
 from keras_allattn.ops.attention import IMPLEMENTATIONS
 from keras_allattn.ops.attention import INTEGRATIONS
 from keras_allattn.utils import check_choice
+from keras_allattn.utils import check_known_arguments
 from keras_allattn.utils import check_non_negative
 from keras_allattn.utils import check_positive
 from keras_allattn.utils import check_rate
 from keras_allattn.utils import check_remat
 from keras_allattn.utils import check_unit_interval
 from keras_allattn.utils import torch_default_uniform
+
+# The `keras.Model` arguments a functional model accepts besides `dtype`.
+KERAS_MODEL_ARGUMENTS = ("name", "trainable")
 
 
 @keras.saving.register_keras_serializable(package="keras_allattn")
@@ -146,7 +151,8 @@ class AllAttentionLM(keras.Model):
             matrices and projections between input and output.
         dtype: the dtype policy of the layers (e.g. "mixed_bfloat16");
             logits are always float32.
-        **kwargs: `keras.Model` arguments such as `name`.
+        **kwargs: `keras.Model` arguments: `name` and `trainable`. Any
+            other name raises `TypeError` (naming the closest argument).
 
     Call arguments:
         inputs: int32 token ids of shape `(batch_size, block_size)`.
@@ -204,6 +210,9 @@ class AllAttentionLM(keras.Model):
         dtype=None,
         **kwargs,
     ):
+        check_known_arguments(
+            type(self).__name__, kwargs, self._argument_names()
+        )
         check_positive("vocabulary_size", vocabulary_size)
         check_positive("num_layers", num_layers)
         check_positive("hidden_dim", hidden_dim)
@@ -846,6 +855,17 @@ class AllAttentionLM(keras.Model):
                 layer.restore(memory)
 
     @classmethod
+    def _argument_names(cls):
+        """The keyword arguments the constructor accepts, a list of names."""
+        parameters = inspect.signature(cls.__init__).parameters
+        names = [
+            name
+            for name, parameter in parameters.items()
+            if name != "self" and parameter.kind is not parameter.VAR_KEYWORD
+        ]
+        return names + list(KERAS_MODEL_ARGUMENTS)
+
+    @classmethod
     def presets(cls):
         """Preset names mapped to their one-line descriptions."""
         return {
@@ -854,22 +874,30 @@ class AllAttentionLM(keras.Model):
         }
 
     @classmethod
-    def from_preset(cls, name, **overrides):
-        """A new model with the geometry of preset `name` (SPEC §5).
+    def from_preset(cls, preset, /, **overrides):
+        """A new model with the geometry of a preset (SPEC §5).
 
         Args:
-            name: a name from `AllAttentionLM.presets()`.
+            preset: a name from `AllAttentionLM.presets()` (positional, so
+                that `name=` stays the model's name).
             **overrides: constructor arguments replacing the preset's, e.g.
-                `batch_size=8, max_span=2048, dtype="mixed_bfloat16"`.
+                `batch_size=8, max_span=2048, dtype="mixed_bfloat16"`, and
+                the `keras.Model` arguments `name` and `trainable`. An
+                unknown name raises `TypeError`.
 
         Returns:
             An `AllAttentionLM` with freshly initialised weights. The
             preset's training recipe is `keras_allattn.presets.get_preset(
-            name)["recipe"]`.
+            preset)["recipe"]`.
         """
-        preset = preset_table.get_preset(name)
-        preset_table.check_buildable(name)
-        return cls(**{**preset["model"], **overrides})
+        table = preset_table.get_preset(preset)
+        check_known_arguments(
+            f"{cls.__name__}.from_preset({preset!r})",
+            overrides,
+            cls._argument_names(),
+        )
+        preset_table.check_buildable(preset)
+        return cls(**{**table["model"], **overrides})
 
     def get_config(self):
         return {

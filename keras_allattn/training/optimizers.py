@@ -138,27 +138,45 @@ class AdagradClip(keras.optimizers.Optimizer):
 class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warm-up to a constant rate, optionally dropped later.
 
-    `rate(step) = learning_rate * min(1, step / warmup_steps)`, multiplied by
-    `drop_factor` from step `drop_step` on. `step` is the optimizer's
-    iteration count, 0 at the first update, so the first update uses rate 0
-    exactly like the reference's `LambdaLR(lambda s: min(1, s / warmup))`.
-    The recipes train e.g. 450k steps at 0.07 then 30k at 0.007:
+    The `k`-th update (`k = 1, 2, ...`) uses
+    `learning_rate * min(1, k / warmup_steps)`, times `drop_factor` for
+    `k > drop_step`. This is the reference's order: it steps its
+    `LambdaLR(lambda s: min(1, s / warmup))` before `optimizer.step()`, so
+    its first update already moves the weights, by `learning_rate /
+    warmup_steps` (SPEC §4). Keras calls a schedule with the optimizer's
+    `iterations` before incrementing it, i.e. with `k - 1` for the `k`-th
+    update: `schedule(step)` is the rate of update `step + 1`.
+
+    The recipes train e.g. 450k updates at 0.07 then 30k at 0.007:
     `LinearWarmup(0.07, 32000, drop_step=450000)`.
 
     Args:
         learning_rate: float > 0, the rate after warm-up.
-        warmup_steps: int >= 0; 0 means no warm-up.
-        drop_step: `None` (no drop) or int > 0, the first step at the
+        warmup_steps: int >= 0, the update that first reaches
+            `learning_rate`; 0 means no warm-up.
+        drop_step: `None` (no drop) or int > 0, the number of updates
+            before the drop: updates `drop_step + 1` and later use the
             lower rate.
-        drop_factor: float > 0, the rate multiplier from `drop_step` on
-            (0.1 in the recipes).
+        drop_factor: float > 0, the rate multiplier after `drop_step`
+            updates (0.1 in the recipes).
         name: string, the schedule's name.
+
+    Call arguments:
+        step: the optimizer's iteration count, `k - 1` during the `k`-th
+            update.
+
+    Returns:
+        The float32 learning rate of update `step + 1`.
 
     Example:
 
     >>> schedule = LinearWarmup(0.07, warmup_steps=4, drop_step=10)
-    >>> [round(float(schedule(s)), 4) for s in (0, 2, 4, 9, 10)]
-    [0.0, 0.035, 0.07, 0.07, 0.007]
+    >>> [round(float(schedule(s)), 4) for s in (0, 1, 3, 9, 10)]
+    [0.0175, 0.035, 0.07, 0.07, 0.007]
+
+    References:
+        - [Sukhbaatar et al., 2019](https://arxiv.org/abs/1907.01470),
+          and the reference code's `LambdaLR` warm-up.
     """
 
     def __init__(
@@ -185,13 +203,13 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
         self.name = name
 
     def __call__(self, step):
-        step = ops.cast(step, "float32")
-        rate = ops.full_like(step, self.learning_rate)
+        update = ops.cast(step, "float32") + 1.0  # k, counted from 1
+        rate = ops.full_like(update, self.learning_rate)
         if self.warmup_steps:
-            rate = rate * ops.minimum(1.0, step / self.warmup_steps)
+            rate = rate * ops.minimum(1.0, update / self.warmup_steps)
         if self.drop_step is not None:
             rate = ops.where(
-                step >= self.drop_step, rate * self.drop_factor, rate
+                update > self.drop_step, rate * self.drop_factor, rate
             )
         return rate
 

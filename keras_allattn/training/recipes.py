@@ -60,7 +60,8 @@ def scale_recipe(recipe, total_steps):
       total_steps // 10)`, so that a short run is not all warm-up.
     - "adagrad_clip": capped at three times the run, `min(warmup_steps,
       3 * total_steps)`, so that a short run ends at a third of the peak
-      rate at most. Adagrad normalises every coordinate's step by its
+      rate at most (its last update, `k = total_steps`, uses
+      `learning_rate * total_steps / warmup_steps`). Adagrad normalises every coordinate's step by its
       accumulated gradients, so reaching the character recipes' rate of
       0.07 before the accumulators have grown stalls training at the
       unigram level: on text8-normalised text (char_small_cpu, 300 steps,
@@ -105,8 +106,10 @@ def scale_recipe(recipe, total_steps):
 def schedule_from_recipe(recipe):
     """The recipe's learning-rate schedule.
 
-    Linear warm-up over `warmup_steps` to `learning_rate`, then from step
-    `steps` on a tenth of it (no drop when `final_steps` is 0).
+    Linear warm-up over `warmup_steps` to `learning_rate` (the `k`-th
+    update uses `learning_rate * min(1, k / warmup_steps)`, the reference's
+    order), then a tenth of it for the `final_steps` updates after the
+    first `steps` (no drop when `final_steps` is 0).
 
     Args:
         recipe: a recipe dict (see the module docstring).
