@@ -1,9 +1,14 @@
-"""Argument validation and initializers shared by the layers and the model."""
+"""Argument validation, initializers, logging and progress bars."""
 
+import logging
 import math
 import numbers
+import sys
 
 import keras
+
+LOGGER_NAME = "keras_allattn"
+VERBOSE_VALUES = (0, 1, 2, "auto")
 
 
 def torch_default_uniform(fan_in):
@@ -87,3 +92,59 @@ def device_name():
     return tf.config.experimental.get_device_details(gpus[0]).get(
         "device_name", "GPU"
     )
+
+
+def check_verbose(verbose):
+    """`verbose` as Keras reads it: 0 silent, 1 a progress bar, 2 one line.
+
+    "auto" is 1, as in `Model.predict`.
+    """
+    if isinstance(verbose, bool) or verbose not in VERBOSE_VALUES:
+        raise ValueError(
+            f"`verbose` must be one of {VERBOSE_VALUES}. "
+            f"Received: verbose={verbose!r}"
+        )
+    return 1 if verbose == "auto" else verbose
+
+
+def progress_bar(target, verbose, unit_name="token"):
+    """A `keras.utils.Progbar` to `target`, or None when `verbose` is 0."""
+    verbose = check_verbose(verbose)
+    if not verbose or not target:
+        return None
+    return keras.utils.Progbar(target, verbose=verbose, unit_name=unit_name)
+
+
+class _StdoutWhenUnconfigured(logging.Handler):
+    """Writes records to stdout while the application configured no logging.
+
+    Once the root logger has a handler (`logging.basicConfig`, a framework),
+    records reach the application's handlers through propagation and this
+    one stays quiet, so nothing is written twice.
+    """
+
+    def emit(self, record):
+        if logging.getLogger().handlers:
+            return
+        try:
+            sys.stdout.write(self.format(record) + "\n")
+            sys.stdout.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def install_log_handler():
+    """Sets up the `keras_allattn` logger, the parent of the library's loggers.
+
+    Its messages (training progress lines, notes) are INFO and WARNING
+    records. Unless the application configured logging, they go to stdout
+    next to Keras's progress bars; otherwise they propagate to the
+    application's handlers. `logging.getLogger("keras_allattn").setLevel(
+    logging.WARNING)` silences the INFO lines. Called once, on import.
+    """
+    logger = logging.getLogger(LOGGER_NAME)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _StdoutWhenUnconfigured) for h in logger.handlers):
+        logger.addHandler(_StdoutWhenUnconfigured())
+    return logger

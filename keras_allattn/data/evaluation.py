@@ -10,9 +10,11 @@ from keras_allattn.compiling import cached
 from keras_allattn.compiling import compile_stateless
 from keras_allattn.data.stream import as_token_array
 from keras_allattn.utils import check_positive
+from keras_allattn.utils import progress_bar
 
 
-def evaluate_stream(model, tokens, batch_size=8, block_size=None):
+def evaluate_stream(model, tokens, batch_size=8, block_size=None,
+                    verbose="auto"):
     """Scores every token of a split exactly once, carrying memory throughout.
 
     A split of `n` tokens has `n - 1` predictions: token `t + 1` from tokens
@@ -44,6 +46,8 @@ def evaluate_stream(model, tokens, batch_size=8, block_size=None):
         tokens: 1-D array of the split's token ids, at least 2.
         batch_size: number of streams (the reference uses 8).
         block_size: tokens per block; `None` reads `model.block_size`.
+        verbose: 0 (silent), 1 or "auto" (a `keras.utils.Progbar` of the
+            tokens scored), 2 (one line at the end).
 
     Returns:
         A dict with `loss` (mean negative log-likelihood in nats),
@@ -73,6 +77,7 @@ def evaluate_stream(model, tokens, batch_size=8, block_size=None):
             f"tokens of length {len(tokens)}"
         )
     inputs, targets = tokens[:-1], tokens[1:]
+    progress = progress_bar(len(inputs), verbose)
     stream_length = len(inputs) // batch_size
     covered = batch_size * stream_length
 
@@ -82,7 +87,7 @@ def evaluate_stream(model, tokens, batch_size=8, block_size=None):
         input_rows = inputs[:covered].reshape(batch_size, stream_length)
         target_rows = targets[:covered].reshape(batch_size, stream_length)
         total, count, memories = _score_streams(
-            model, input_rows, target_rows, memories, block_size
+            model, input_rows, target_rows, memories, block_size, progress
         )
     if covered < len(inputs):
         last_row_memories = [memory[-1:] for memory in memories]
@@ -92,6 +97,7 @@ def evaluate_stream(model, tokens, batch_size=8, block_size=None):
             targets[None, covered:],
             last_row_memories,
             block_size,
+            progress,
         )
         total += tail_total
         count += tail_count
@@ -104,8 +110,13 @@ def evaluate_stream(model, tokens, batch_size=8, block_size=None):
     }
 
 
-def _score_streams(model, input_rows, target_rows, memories, block_size):
-    """Runs the rows block by block; returns (nll sum, count, memories)."""
+def _score_streams(model, input_rows, target_rows, memories, block_size,
+                   progress=None):
+    """Runs the rows block by block; returns (nll sum, count, memories).
+
+    `progress`, a `keras.utils.Progbar` of all rows' tokens, advances by
+    each block's tokens and shows the running mean loss.
+    """
     total, count = 0.0, 0
     score = _block_scorer(model)
     for start in range(0, input_rows.shape[1], block_size):
@@ -120,6 +131,9 @@ def _score_streams(model, input_rows, target_rows, memories, block_size):
         nll = ops.convert_to_numpy(nll)
         total += float(np.sum(nll, dtype=np.float64))
         count += nll.size
+        if progress is not None:
+            # The bar averages "loss" weighted by the tokens added.
+            progress.add(nll.size, [("loss", float(np.mean(nll, dtype=np.float64)))])
     return total, count, memories
 
 
