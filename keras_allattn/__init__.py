@@ -16,6 +16,10 @@ from keras_allattn.utils import install_log_handler as _install_log_handler
 
 _install_log_handler()
 
+# The subpackages register their Keras objects (optimizers, schedules,
+# metrics), which `keras.saving.load_model` needs for a trained model.
+from keras_allattn import data  # noqa: E402,F401
+from keras_allattn import training  # noqa: E402,F401
 from keras_allattn.distribution import DataParallelTrainer  # noqa: E402
 from keras_allattn.distribution import plan_data_parallel  # noqa: E402
 from keras_allattn.export import export_saved_model  # noqa: E402
