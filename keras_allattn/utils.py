@@ -107,12 +107,18 @@ def check_verbose(verbose):
     return 1 if verbose == "auto" else verbose
 
 
-def progress_bar(target, verbose, unit_name="token"):
-    """A `keras.utils.Progbar` to `target`, or None when `verbose` is 0."""
+def progress_bar(target, verbose, unit_name="token", stateful_metrics=None):
+    """A `keras.utils.Progbar` to `target`, or None when `verbose` is 0.
+
+    `stateful_metrics` are values shown as given (not averaged by the bar).
+    """
     verbose = check_verbose(verbose)
     if not verbose or not target:
         return None
-    return keras.utils.Progbar(target, verbose=verbose, unit_name=unit_name)
+    return keras.utils.Progbar(
+        target, verbose=verbose, unit_name=unit_name,
+        stateful_metrics=stateful_metrics,
+    )
 
 
 class _StdoutWhenUnconfigured(logging.Handler):

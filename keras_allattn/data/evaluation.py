@@ -77,7 +77,7 @@ def evaluate_stream(model, tokens, batch_size=8, block_size=None,
             f"tokens of length {len(tokens)}"
         )
     inputs, targets = tokens[:-1], tokens[1:]
-    progress = progress_bar(len(inputs), verbose)
+    progress = _progress(len(inputs), verbose)
     stream_length = len(inputs) // batch_size
     covered = batch_size * stream_length
 
@@ -114,8 +114,7 @@ def _score_streams(model, input_rows, target_rows, memories, block_size,
                    progress=None):
     """Runs the rows block by block; returns (nll sum, count, memories).
 
-    `progress`, a `keras.utils.Progbar` of all rows' tokens, advances by
-    each block's tokens and shows the running mean loss.
+    `progress(nll)`, if given, is called with each block's losses.
     """
     total, count = 0.0, 0
     score = _block_scorer(model)
@@ -132,9 +131,24 @@ def _score_streams(model, input_rows, target_rows, memories, block_size,
         total += float(np.sum(nll, dtype=np.float64))
         count += nll.size
         if progress is not None:
-            # The bar averages "loss" weighted by the tokens added.
-            progress.add(nll.size, [("loss", float(np.mean(nll, dtype=np.float64)))])
+            progress(nll)
     return total, count, memories
+
+
+def _progress(target, verbose):
+    """None, or `report(nll)`: a Progbar of the tokens scored and their
+    running mean loss."""
+    bar = progress_bar(target, verbose, stateful_metrics=["loss"])
+    if bar is None:
+        return None
+    seen = {"total": 0.0, "count": 0}
+
+    def report(nll):
+        seen["total"] += float(np.sum(nll, dtype=np.float64))
+        seen["count"] += nll.size
+        bar.update(seen["count"], [("loss", seen["total"] / seen["count"])])
+
+    return report
 
 
 def _check_targets(vocabulary, targets):
