@@ -121,36 +121,32 @@ def progress_bar(target, verbose, unit_name="token", stateful_metrics=None):
     )
 
 
-class _StdoutWhenUnconfigured(logging.Handler):
-    """Writes records to stdout while the application configured no logging.
+class _StdoutHandler(logging.StreamHandler):
+    """A `StreamHandler` on whatever `sys.stdout` is when a record comes."""
 
-    Once the root logger has a handler (`logging.basicConfig`, a framework),
-    records reach the application's handlers through propagation and this
-    one stays quiet, so nothing is written twice.
-    """
+    def __init__(self):
+        super().__init__(sys.stdout)
 
     def emit(self, record):
-        if logging.getLogger().handlers:
-            return
-        try:
-            sys.stdout.write(self.format(record) + "\n")
-            sys.stdout.flush()
-        except Exception:
-            self.handleError(record)
+        self.setStream(sys.stdout)
+        super().emit(record)
 
 
 def install_log_handler():
     """Sets up the `keras_allattn` logger, the parent of the library's loggers.
 
     Its messages (training progress lines, notes) are INFO and WARNING
-    records. Unless the application configured logging, they go to stdout
-    next to Keras's progress bars; otherwise they propagate to the
-    application's handlers. `logging.getLogger("keras_allattn").setLevel(
-    logging.WARNING)` silences the INFO lines. Called once, on import.
+    records, written to stdout next to Keras's progress bars by the
+    logger's own handler; they do not propagate to the root logger (which
+    absl, under TensorFlow, configures for WARNING on stderr). Silence them
+    with `logging.getLogger("keras_allattn").setLevel(logging.WARNING)`;
+    send them to the application's handlers instead with
+    `logger.handlers.clear(); logger.propagate = True`. Called on import.
     """
     logger = logging.getLogger(LOGGER_NAME)
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
-    if not any(isinstance(h, _StdoutWhenUnconfigured) for h in logger.handlers):
-        logger.addHandler(_StdoutWhenUnconfigured())
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        logger.addHandler(_StdoutHandler())
+        logger.propagate = False
     return logger
