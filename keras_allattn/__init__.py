@@ -9,8 +9,8 @@ keras-hub tokenizers in `keras_allattn.tokenizers` (needs keras-hub).
 the fused attention kernels run.
 """
 
-import importlib
-import warnings
+import importlib as _importlib
+import warnings as _warnings
 
 from keras_allattn.utils import install_log_handler as _install_log_handler
 
@@ -64,11 +64,11 @@ _INTERNAL = {
 def __getattr__(name):
     if name in _INTERNAL:
         module = _INTERNAL[name]
-        warnings.warn(
+        _warnings.warn(
             f"`keras_allattn.{name}` is not part of the public API; import "
             f"it from `{module}`.",
             DeprecationWarning,
             stacklevel=2,
         )
-        return getattr(importlib.import_module(module), name)
+        return getattr(_importlib.import_module(module), name)
     raise AttributeError(f"module 'keras_allattn' has no attribute {name!r}")
