@@ -106,7 +106,8 @@ def generate(
         # One unit per position read: the prompt's, then each new token's.
         progress = progress_bar(max_length - 1, verbose)
         token_ids = _decode(
-            model, sampler, stop_token_ids, token_ids, mask, start, progress
+            model, sampler, stop_token_ids, token_ids, mask, start,
+            _advance(progress),
         )
         if progress is not None:
             progress.update(max_length - 1, finalize=True)
@@ -121,16 +122,30 @@ def generate(
     return texts[0] if single else texts
 
 
+def _advance(progress):
+    """`advance(n)`: moves `progress` on by `n` positions, short of its end
+    (`generate` finalises it once, also when stop tokens end rows early)."""
+    if progress is None:
+        return lambda n: None
+    done = [0]
+
+    def advance(n):
+        done[0] = min(done[0] + n, progress.target - 1)
+        progress.update(done[0])
+
+    return advance
+
+
 def _decode(
-    model, sampler, stop_token_ids, token_ids, mask, start, progress=None
+    model, sampler, stop_token_ids, token_ids, mask, start, advance=None
 ):
     """Reads `token_ids[:, :start - 1]` in blocks, then samples the rest.
 
-    `progress` (a `keras.utils.Progbar` or None) advances by the positions
-    read: per prompt block, and per new token where the decoding loop runs
-    in Python (PyTorch); a compiled loop reports when it returns.
+    `advance(n)` (see `_advance`) is told of the positions read: per prompt
+    block, and per new token where the decoding loop runs in Python
+    (PyTorch); a compiled loop reports when it returns.
     """
-    advance = progress.add if progress is not None else lambda n: None
+    advance = advance or (lambda n: None)
     model.update_span_trimming()
     on_torch = keras.backend.backend() == "torch"
     prefill = _compiled(
