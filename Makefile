@@ -1,23 +1,38 @@
-# Two entry points, each setting everything up first:
-#   make demo   trains a small model on offline English text, prints bits per byte
-#   make test   runs the whole test suite under TensorFlow, JAX and PyTorch
+# Two entry points, each setting everything it needs up first:
+#   make demo   installs the package with JAX on CPU (or the KERAS_BACKEND
+#               given: tensorflow, torch), trains a small model
+#               on offline English text, prints bits per byte
+#   make test   installs everything the tests need and runs the whole suite
+#               under TensorFlow, JAX and PyTorch
+# Both install under constraints.txt, the tested versions.
 PYTHON ?= python3
 VENV ?= .venv
 BACKENDS ?= tensorflow jax torch
 PY := $(VENV)/bin/python
+# The demo's backend, which is also the name of the extra it installs.
+DEMO_BACKEND := $(or $(KERAS_BACKEND),jax)
+PIP := $(PY) -m pip install -q -c constraints.txt
 
 .PHONY: setup demo test
 
-$(VENV)/.installed: pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[all,test]"
+
+# What the demo needs: the package and its backend (JAX on CPU by default).
+$(VENV)/.installed-%: pyproject.toml constraints.txt | $(PY)
+	$(PIP) -e ".[$*]"
 	touch $@
+
+# Everything: the three backends, keras-hub, serving, the test tools.
+$(VENV)/.installed: pyproject.toml constraints.txt | $(PY)
+	$(PIP) -e ".[all,test]"
+	touch $@ $(foreach b,$(BACKENDS),$(VENV)/.installed-$(b))
 
 setup: $(VENV)/.installed
 
-demo: setup
-	KERAS_BACKEND=$${KERAS_BACKEND:-jax} $(PY) examples/quickstart.py
+demo: $(VENV)/.installed-$(DEMO_BACKEND)
+	KERAS_BACKEND=$(DEMO_BACKEND) $(PY) examples/quickstart.py
 
 test: setup
 	@status=0; for backend in $(BACKENDS); do \

@@ -14,21 +14,18 @@ Usage:
     python examples/train_enwik8.py --data enwik8.zip --preset enwik8_small \\
         --output runs/enwik8_small    # the paper's recipe (needs GPUs)
 
-The optimizer and schedule come from the preset's recipe. With --output
-the run writes checkpoints (and resumes from them), TensorBoard logs and a
-heat map of the learned spans. The last line printed is a JSON object with
-validation and test bits per byte and training tokens per second.
-"""
+The optimizer and schedule come from the preset's recipe. With --output the
+run writes checkpoints (and resumes from them), TensorBoard logs and a heat
+map of the learned spans and the trained model (model.keras). The last line
+printed is a JSON object with validation and test bits per byte and training
+tokens per second.
 
-import _train_common
+This script is `keras-allattn train --corpus enwik8` (installed with the
+package)."""
 
-from keras_allattn.data import load_enwik8
+import sys
 
-args = _train_common.parse_args(
-    __doc__,
-    default_preset="char_small_cpu",
-    data_help="enwik8 file, enwik8.zip, a folder of splits, or any file "
-    "(default: the offline pydoc text)",
-)
-corpus = _train_common.character_corpus("enwik8", args.data, load_enwik8)
-_train_common.train(corpus, args)
+from keras_allattn.cli import train
+
+if __name__ == "__main__":
+    sys.exit(train.main(corpus="enwik8", doc=__doc__))

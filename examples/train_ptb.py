@@ -14,23 +14,17 @@ Usage:
 
 The optimizer and schedule come from the preset's recipe (ptb_small_cpu:
 Adam with global-norm clipping and warm-up). With --output the run writes
-checkpoints (and resumes from them), TensorBoard logs and a heat map of the
-learned spans. The last line printed is a JSON object with validation and
-test perplexity and training tokens per second.
+checkpoints (and resumes from them), TensorBoard logs, a heat map of the
+learned spans and the trained model (model.keras). The last line printed is
+a JSON object with validation and test perplexity and training tokens per
+second.
+
+This script is `keras-allattn train --corpus ptb` (installed with the package).
 """
 
-import _train_common
+import sys
 
-from keras_allattn.data import load_ptb
+from keras_allattn.cli import train
 
-args = _train_common.parse_args(
-    __doc__,
-    default_preset="ptb_small_cpu",
-    data_help="folder of the PTB splits (required), e.g. ../shared/data/ptb",
-)
-if args.data is None:
-    raise SystemExit(
-        "train_ptb.py needs --data: a folder of the PTB splits, e.g. "
-        "--data ../shared/data/ptb (PTB has no offline default)."
-    )
-_train_common.train(load_ptb(args.data), args)
+if __name__ == "__main__":
+    sys.exit(train.main(corpus="ptb", doc=__doc__))

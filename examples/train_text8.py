@@ -15,21 +15,18 @@ Usage:
     python examples/train_text8.py --data text8.zip --preset text8_small \\
         --output runs/text8_small     # the paper's recipe (needs GPUs)
 
-The optimizer and schedule come from the preset's recipe. With --output
-the run writes checkpoints (and resumes from them), TensorBoard logs and a
-heat map of the learned spans. The last line printed is a JSON object with
-validation and test bits per character and training tokens per second.
-"""
+The optimizer and schedule come from the preset's recipe. With --output the
+run writes checkpoints (and resumes from them), TensorBoard logs and a heat
+map of the learned spans and the trained model (model.keras). The last line
+printed is a JSON object with validation and test bits per character and
+training tokens per second.
 
-import _train_common
+This script is `keras-allattn train --corpus text8` (installed with the
+package)."""
 
-from keras_allattn.data import load_text8
+import sys
 
-args = _train_common.parse_args(
-    __doc__,
-    default_preset="char_small_cpu",
-    data_help="text8 file, text8.zip, a folder of splits, or a text file "
-    "(default: the offline pydoc text)",
-)
-corpus = _train_common.character_corpus("text8", args.data, load_text8)
-_train_common.train(corpus, args)
+from keras_allattn.cli import train
+
+if __name__ == "__main__":
+    sys.exit(train.main(corpus="text8", doc=__doc__))

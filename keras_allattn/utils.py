@@ -1,10 +1,15 @@
-"""Argument validation and initializers shared by the layers and the model."""
+"""Argument validation, initializers, logging and progress bars."""
 
 import difflib
+import logging
 import math
 import numbers
+import sys
 
 import keras
+
+LOGGER_NAME = "keras_allattn"
+VERBOSE_VALUES = (0, 1, 2, "auto")
 
 
 def torch_default_uniform(fan_in):
@@ -182,3 +187,61 @@ def check_remat(remat, allow_auto=False):
         f"`remat` must be False, True or one of {modes}. Received: "
         f"remat={remat!r}"
     )
+
+
+def check_verbose(verbose):
+    """`verbose` as Keras reads it: 0 silent, 1 a progress bar, 2 one line.
+
+    "auto" is 1, as in `Model.predict`.
+    """
+    if isinstance(verbose, bool) or verbose not in VERBOSE_VALUES:
+        raise ValueError(
+            f"`verbose` must be one of {VERBOSE_VALUES}. "
+            f"Received: verbose={verbose!r}"
+        )
+    return 1 if verbose == "auto" else verbose
+
+
+def progress_bar(target, verbose, unit_name="token", stateful_metrics=None):
+    """A `keras.utils.Progbar` to `target`, or None when `verbose` is 0.
+
+    `stateful_metrics` are values shown as given (not averaged by the bar).
+    """
+    verbose = check_verbose(verbose)
+    if not verbose or not target:
+        return None
+    return keras.utils.Progbar(
+        target, verbose=verbose, unit_name=unit_name,
+        stateful_metrics=stateful_metrics,
+    )
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """A `StreamHandler` on whatever `sys.stdout` is when a record comes."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    def emit(self, record):
+        self.setStream(sys.stdout)
+        super().emit(record)
+
+
+def install_log_handler():
+    """Sets up the `keras_allattn` logger, the parent of the library's loggers.
+
+    Its messages (training progress lines, notes) are INFO and WARNING
+    records, written to stdout next to Keras's progress bars by the
+    logger's own handler; they do not propagate to the root logger (which
+    absl, under TensorFlow, configures for WARNING on stderr). Silence them
+    with `logging.getLogger("keras_allattn").setLevel(logging.WARNING)`;
+    send them to the application's handlers instead with
+    `logger.handlers.clear(); logger.propagate = True`. Called on import.
+    """
+    logger = logging.getLogger(LOGGER_NAME)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        logger.addHandler(_StdoutHandler())
+        logger.propagate = False
+    return logger

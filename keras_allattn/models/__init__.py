@@ -1,2 +1,5 @@
+"""`AllAttentionLM` and its text generation (`generation`)."""
+
 from keras_allattn.models.all_attention_lm import AllAttentionLM
-from keras_allattn.models.all_attention_lm import SpanTrimming
+
+__all__ = ["AllAttentionLM"]

@@ -529,7 +529,7 @@ class AllAttentionLM(keras.Model):
 
     def generate(
         self, prompt, max_length, sampler="greedy", stop_token_ids=None,
-        tokenizer=None,
+        tokenizer=None, verbose="auto",
     ):
         """Continues prompts token by token with a keras-hub sampler.
 
@@ -557,8 +557,11 @@ class AllAttentionLM(keras.Model):
                 cut (text, stop token excluded).
             tokenizer: a keras-hub tokenizer for text prompts (e.g.
                 `keras_hub.tokenizers.ByteTokenizer(lowercase=False)`, or
-                `generation.corpus_tokenizer(corpus)`); defaults to the
-                model's `tokenizer` attribute when it has one.
+                `keras_allattn.tokenizers.corpus_tokenizer(corpus)`);
+                defaults to the model's `tokenizer` attribute when it has
+                one.
+            verbose: 0 (silent), 1 or "auto" (a `keras.utils.Progbar` of
+                the positions read and generated), 2 (one line at the end).
 
         Returns:
             int32 token ids `(max_length,)` or `(batch, max_length)`,
@@ -580,6 +583,7 @@ class AllAttentionLM(keras.Model):
         return generate(
             self, prompt, max_length, sampler=sampler,
             stop_token_ids=stop_token_ids, tokenizer=tokenizer,
+            verbose=verbose,
         )
 
     def initial_memories(self, batch_size):

@@ -36,18 +36,17 @@ PyTorch eagerly under `torch.no_grad()` instead.
 """
 
 import contextlib
-import json
-import os
 import warnings
 
 import keras
-import keras_hub
 import numpy as np
 from keras import ops
 
 from keras_allattn.compiling import MAX_COMPILED
 from keras_allattn.compiling import cached
 from keras_allattn.compiling import compile_stateless
+from keras_allattn.utils import check_verbose
+from keras_allattn.utils import progress_bar
 
 SAMPLERS = ("greedy", "top_k", "top_p", "beam", "random")
 
@@ -61,9 +60,10 @@ TORCH_COMPILE = True
 
 def generate(
     model, prompt, max_length, sampler="greedy", stop_token_ids=None,
-    tokenizer=None,
+    tokenizer=None, verbose="auto",
 ):
     """Continues prompts with `model`; see `AllAttentionLM.generate`."""
+    check_verbose(verbose)
     rows, text, single = _prompt_rows(prompt, tokenizer)
     if not rows:
         raise ValueError("`prompt` must hold at least one prompt. Received: []")
@@ -103,7 +103,14 @@ def generate(
         mask[i, : row.size] = True
     start = min(lengths)
     if start < max_length:
-        token_ids = _decode(model, sampler, stop_token_ids, token_ids, mask, start)
+        # One unit per position read: the prompt's, then each new token's.
+        progress = progress_bar(max_length - 1, verbose)
+        token_ids = _decode(
+            model, sampler, stop_token_ids, token_ids, mask, start,
+            _advance(progress),
+        )
+        if progress is not None:
+            progress.update(max_length - 1, finalize=True)
     ends = _ends(token_ids, lengths, stop_token_ids)
     for row, end in zip(token_ids, ends):
         if end < max_length:
@@ -115,8 +122,30 @@ def generate(
     return texts[0] if single else texts
 
 
-def _decode(model, sampler, stop_token_ids, token_ids, mask, start):
-    """Reads `token_ids[:, :start - 1]` in blocks, then samples the rest."""
+def _advance(progress):
+    """`advance(n)`: moves `progress` on by `n` positions, short of its end
+    (`generate` finalises it once, also when stop tokens end rows early)."""
+    if progress is None:
+        return lambda n: None
+    done = [0]
+
+    def advance(n):
+        done[0] = min(done[0] + n, progress.target - 1)
+        progress.update(done[0])
+
+    return advance
+
+
+def _decode(
+    model, sampler, stop_token_ids, token_ids, mask, start, advance=None
+):
+    """Reads `token_ids[:, :start - 1]` in blocks, then samples the rest.
+
+    `advance(n)` (see `_advance`) is told of the positions read: per prompt
+    block, and per new token where the decoding loop runs in Python
+    (PyTorch); a compiled loop reports when it returns.
+    """
+    advance = advance or (lambda n: None)
     model.update_span_trimming()
     on_torch = keras.backend.backend() == "torch"
     prefill = _compiled(
@@ -130,6 +159,7 @@ def _decode(model, sampler, stop_token_ids, token_ids, mask, start):
     for begin in range(0, blocks, model.block_size):
         block = token_ids[:, begin : min(begin + model.block_size, blocks)]
         cache = prefill(ops.convert_to_tensor(block), cache)
+        advance(block.shape[1])
     if on_torch:
         step = _compiled(
             model, ("step",),
@@ -137,7 +167,15 @@ def _decode(model, sampler, stop_token_ids, token_ids, mask, start):
         )
         for t in range(blocks, read):
             _, cache = step(ops.convert_to_tensor(token_ids[:, t : t + 1]), cache)
-        decode = _eager(_decode_function(model, sampler, stop_token_ids, step))
+            advance(1)
+
+        def counted_step(token, cache):
+            advance(1)
+            return step(token, cache)
+
+        decode = _eager(
+            _decode_function(model, sampler, stop_token_ids, counted_step)
+        )
     else:
         decode = _compiled(
             model, ("decode", sampler, stop_token_ids),
@@ -335,6 +373,18 @@ def _compiled(model, key, build):
     return cached(model, "_generation_functions", key + (TORCH_COMPILE,), build)
 
 
+def _keras_hub():
+    """`keras_hub`, or an ImportError saying how to install it."""
+    try:
+        import keras_hub
+    except ImportError as error:
+        raise ImportError(
+            "Generation uses keras-hub's samplers: install them with "
+            "`pip install keras-allattn[hub]`."
+        ) from error
+    return keras_hub
+
+
 def get_sampler(sampler):
     """A keras-hub sampler from its name (see `SAMPLERS`) or an instance.
 
@@ -343,6 +393,7 @@ def get_sampler(sampler):
             the logits (contrastive: the last hidden states; speculative: a
             draft model; beam with `return_all_beams`).
     """
+    keras_hub = _keras_hub()
     if isinstance(sampler, str):
         if sampler not in SAMPLERS:
             raise ValueError(
@@ -487,141 +538,3 @@ def _as_strings(texts):
         t.decode("utf-8", errors="replace") if isinstance(t, bytes) else t
         for t in texts
     ]
-
-
-@keras.saving.register_keras_serializable(package="keras_allattn")
-class CharacterTokenizer(keras_hub.tokenizers.WordPieceTokenizer):
-    """One token per character from a vocabulary of characters (text8).
-
-    A `keras_hub.tokenizers.WordPieceTokenizer` whose words are the single
-    characters of the text: each character maps to its index in
-    `vocabulary`; a character outside it maps to `oov_token`. For text8
-    (`vocabulary=list(" abcdefghijklmnopqrstuvwxyz")`, lowercased, unknown
-    characters to spaces) this is the text8 normalisation, except that
-    digits are not spelled out. `detokenize` concatenates the characters.
-
-    Args:
-        vocabulary: list of single characters, the symbol of id `i` at `i`.
-        lowercase: bool, lowercase the text first.
-        oov_token: the character unknown characters become; must be in the
-            vocabulary.
-        **kwargs: `WordPieceTokenizer` arguments (`dtype`, `name`, ...).
-
-    Example:
-
-    >>> tokenizer = CharacterTokenizer(list(" abcdefghijklmnopqrstuvwxyz"))
-    >>> tokenizer("Hi, you").tolist()
-    [8, 9, 0, 0, 25, 15, 21]
-    >>> tokenizer.detokenize([8, 9, 0, 1])
-    'hi a'
-    """
-
-    def __init__(self, vocabulary=None, lowercase=True, oov_token=" ", **kwargs):
-        kwargs["split"] = False
-        super().__init__(
-            vocabulary=vocabulary, lowercase=lowercase, oov_token=oov_token,
-            **kwargs,
-        )
-
-    def tokenize(self, inputs):
-        if self._use_tf_workflow():
-            import tensorflow as tf
-
-            return super().tokenize(tf.strings.unicode_split(inputs, "UTF-8"))
-        if isinstance(inputs, str):
-            return super().tokenize(list(inputs))
-        return super().tokenize([list(text) for text in inputs])
-
-    def detokenize(self, inputs):
-        if self._use_tf_workflow():
-            import tensorflow as tf
-
-            tokens = tf.gather(self.get_vocabulary(), inputs)
-            return tf.strings.reduce_join(tokens, axis=-1)
-        from keras_hub.src.utils.tensor_utils import (
-            canonicalize_python_token_inputs,
-        )
-
-        ids, batched = canonicalize_python_token_inputs(inputs)
-        texts = ["".join(map(self.id_to_token, row)) for row in ids]
-        return texts if batched else texts[0]
-
-    def save_assets(self, dir_path):
-        # JSON, since the base class's one token per line loses " ".
-        with open(os.path.join(dir_path, "vocabulary.json"), "w") as f:
-            json.dump(self.vocabulary, f)
-
-    def load_assets(self, dir_path):
-        with open(os.path.join(dir_path, "vocabulary.json")) as f:
-            self.set_vocabulary(json.load(f))
-
-
-@keras.saving.register_keras_serializable(package="keras_allattn")
-class WordTokenizer(keras_hub.tokenizers.WordPieceTokenizer):
-    """Whitespace-separated words from a fixed vocabulary (PTB, WikiText).
-
-    A `keras_hub.tokenizers.WordPieceTokenizer` over whole words: the text
-    is split on whitespace only (punctuation stays inside words, as in the
-    corpora: `n't`, `'s`, `<eos>`), each word maps to its index in
-    `vocabulary`, and a word outside it maps to `oov_token`. Write `<eos>`
-    where a line ends, as the corpus loaders do. `detokenize` joins words
-    with single spaces.
-
-    Args:
-        vocabulary: list of words, the word of id `i` at `i` (e.g.
-            `Corpus.vocabulary`).
-        oov_token: the word unknown words become; must be in the vocabulary.
-        **kwargs: `WordPieceTokenizer` arguments (`lowercase`, `dtype`, ...).
-
-    Example:
-
-    >>> tokenizer = WordTokenizer(["<unk>", "<eos>", "the", "n't"])
-    >>> tokenizer("the cat n't <eos>").tolist()
-    [2, 0, 3, 1]
-    """
-
-    def __init__(self, vocabulary=None, oov_token="<unk>", **kwargs):
-        kwargs["split"] = False
-        super().__init__(vocabulary=vocabulary, oov_token=oov_token, **kwargs)
-
-    def tokenize(self, inputs):
-        if self._use_tf_workflow():
-            import tensorflow as tf
-
-            return super().tokenize(tf.strings.split(inputs))
-        if isinstance(inputs, str):
-            return super().tokenize(inputs.split())
-        return super().tokenize([text.split() for text in inputs])
-
-
-def corpus_tokenizer(corpus):
-    """The keras-hub tokenizer matching a `keras_allattn.data.Corpus`.
-
-    Byte level (enwik8): `keras_hub.tokenizers.ByteTokenizer(lowercase=False)`
-    (ids are the byte values). Character level (text8): `CharacterTokenizer` over the
-    corpus alphabet, unknown characters to spaces. Word level (PTB,
-    WikiText-103): `WordTokenizer` over the corpus vocabulary, unknown words
-    to `<unk>`.
-
-    Args:
-        corpus: a `Corpus` (anything with `level` and `vocabulary`).
-
-    Returns:
-        A keras-hub tokenizer whose ids are the corpus ids.
-    """
-    if corpus.level == "byte":
-        return keras_hub.tokenizers.ByteTokenizer(lowercase=False)
-    vocabulary = list(corpus.vocabulary)
-    if corpus.level == "character":
-        return CharacterTokenizer(
-            vocabulary,
-            lowercase=all(c == c.lower() for c in vocabulary),
-            oov_token=" " if " " in vocabulary else vocabulary[0],
-        )
-    if corpus.level == "word":
-        return WordTokenizer(vocabulary)
-    raise ValueError(
-        "`corpus.level` must be 'byte', 'character' or 'word'. "
-        f"Received: level={corpus.level!r}"
-    )
-

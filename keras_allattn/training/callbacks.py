@@ -1,6 +1,7 @@
 """Callbacks that watch training: learned spans and exact validation."""
 
 import importlib.util
+import logging
 import os
 
 import keras
@@ -9,6 +10,8 @@ from keras import ops
 
 from keras_allattn.data.evaluation import evaluate_stream
 from keras_allattn.utils import check_positive
+
+logger = logging.getLogger(__name__)
 
 # evaluate_stream's result key for each reported metric.
 VALIDATION_METRICS = {
@@ -26,10 +29,10 @@ def _sync(model):
         sync()
 
 
-def _print_line(line, params):
-    """Prints `line` on a line of its own, below `fit`'s progress bar."""
+def _log_line(line, params):
+    """Logs `line` (INFO), starting a new line below `fit`'s progress bar."""
     progress_bar = (params or {}).get("verbose") in (1, "auto")
-    print(("\n" if progress_bar else "") + line, flush=True)
+    logger.info(("\n" if progress_bar else "") + line)
 
 
 def _summary_module():
@@ -110,7 +113,8 @@ class SpanLogger(keras.callbacks.Callback):
     """Logs the learned span of every layer while an `AllAttentionLM` trains.
 
     Every `every_steps` steps it reads `model.current_spans()` (layers by
-    heads, in tokens) and prints one short line, the mean and the largest
+    heads, in tokens) and logs one short line (an INFO record of the
+    `keras_allattn.training.callbacks` logger), the mean and the largest
     span of each layer:
 
         step 400 spans mean/max per layer: 12/40 30/96 51/160 77/224
@@ -128,7 +132,7 @@ class SpanLogger(keras.callbacks.Callback):
         every_steps: int > 0, steps between two logs.
         log_dir: None, or the folder for TensorBoard event files.
         heatmap_path: None, or the PNG written at the end of training.
-        verbose: bool, whether to print the line.
+        verbose: bool, whether to log the line.
 
     Example:
 
@@ -160,11 +164,10 @@ class SpanLogger(keras.callbacks.Callback):
         if self.log_dir is not None:
             self._summary = _summary_module()
             if self._summary is None:
-                print(
+                logger.warning(
                     "SpanLogger: TensorFlow and TensorBoard are not both "
                     "installed, so no TensorBoard events are written to "
-                    f"{self.log_dir}.",
-                    flush=True,
+                    "%s.", self.log_dir,
                 )
 
     def on_train_begin(self, logs=None):
@@ -199,14 +202,14 @@ class SpanLogger(keras.callbacks.Callback):
             self._writer.flush()
 
     def log(self):
-        """Reads, prints and records the spans of the current step."""
+        """Reads, logs and records the spans of the current step."""
         _sync(self.model)
         spans = np.asarray(self.model.current_spans())
         self.records.append((self.step, spans))
         means, maxima = spans.mean(axis=1), spans.max(axis=1)
         if self.verbose:
             layers = " ".join(f"{m:.0f}/{x:.0f}" for m, x in zip(means, maxima))
-            _print_line(
+            _log_line(
                 f"step {self.step} spans mean/max per layer: {layers}",
                 self.params,
             )
@@ -266,7 +269,9 @@ class StreamValidation(keras.callbacks.Callback):
         if (epoch + 1) % self.every_epochs:
             return
         _sync(self.model)
-        result = evaluate_stream(self.model, self.tokens, self.batch_size)
+        result = evaluate_stream(
+            self.model, self.tokens, self.batch_size, verbose=0
+        )
         iteration = int(ops.convert_to_numpy(self.model.optimizer.iterations))
         self.results.append((iteration, result))
         if logs is not None:

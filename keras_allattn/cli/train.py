@@ -1,20 +1,32 @@
-"""What `train_text8.py`, `train_enwik8.py` and `train_ptb.py` share.
+"""`keras-allattn train`: the paper's recipes on text8, enwik8, PTB, WikiText-103.
 
-Each of those scripts picks its corpus loader and default preset; the flags,
-the offline default corpus and the training run itself live here, once.
+    keras-allattn train --steps 200                      # offline default corpus
+    keras-allattn train --corpus text8 --data text8.zip --preset text8_small
+    keras-allattn train --corpus ptb --data ptb --output runs/ptb
+    keras-allattn train --corpus wikitext103 --data wikitext-103 --output runs/wt
+
+`--corpus` picks the loader and the default preset; with no `--data`,
+text8 and enwik8 train on CPython's bundled English documentation
+(`pydoc_data`, normalised to text8's alphabet for text8, raw bytes for
+enwik8) split 90/5/5, so a run needs no download. `examples/train_*.py`
+are this command with the corpus fixed.
+
 Read `train()` top to bottom: it is the whole recipe (model from a preset,
 optimizer and schedule from the preset's recipe, stream batching with
 memory resets, checkpoints and exact resume, span logging, exact
-validation and test).
+validation and test). Its progress lines go to the `keras_allattn.cli.train`
+logger; the command prints one JSON line of results at the end.
 """
 
 import argparse
 import importlib.util
 import json
+import logging
 import lzma
 import math
 import os
 import re
+import sys
 import time
 import zipfile
 
@@ -26,6 +38,10 @@ from keras_allattn.data import Corpus
 from keras_allattn.data import ResetMemoryOnRestart
 from keras_allattn.data import StreamBatcher
 from keras_allattn.data import evaluate_stream
+from keras_allattn.data import load_enwik8
+from keras_allattn.data import load_ptb
+from keras_allattn.data import load_text8
+from keras_allattn.data import load_wikitext103
 from keras_allattn.data.corpora import CHARACTER_CORPUS_SIZE
 from keras_allattn.data.corpora import TEXT8_ALPHABET
 from keras_allattn.distribution import DataParallelTrainer
@@ -45,6 +61,47 @@ from keras_allattn.training import restore_training
 from keras_allattn.training import scale_recipe
 from keras_allattn.utils import device_name
 
+__all__ = [
+    "CORPORA",
+    "build_parser",
+    "character_corpus",
+    "load_corpus",
+    "main",
+    "offline_text",
+    "train",
+]
+
+logger = logging.getLogger(__name__)
+
+# Per corpus: the default preset, the --data help, and whether --data is
+# needed (word-level corpora have no offline default).
+CORPORA = {
+    "enwik8": {
+        "preset": "char_small_cpu",
+        "data_help": "enwik8 file, enwik8.zip, a folder of splits, or any "
+        "file, read as bytes (default: the offline pydoc text)",
+        "needs_data": False,
+    },
+    "text8": {
+        "preset": "char_small_cpu",
+        "data_help": "text8 file, text8.zip, a folder of splits, or a text "
+        "file (default: the offline pydoc text)",
+        "needs_data": False,
+    },
+    "ptb": {
+        "preset": "ptb_small_cpu",
+        "data_help": "folder of the PTB splits (required), e.g. "
+        "../shared/data/ptb",
+        "needs_data": True,
+    },
+    "wikitext103": {
+        "preset": "wikitext103",
+        "data_help": "folder (or zip archive) of the three splits (required)",
+        "needs_data": True,
+    },
+}
+DEFAULT_CORPUS = "enwik8"
+
 # What is reported at each level: the metric name and the training metric.
 METRICS = {
     "character": ("bits_per_character", BitsPerCharacter),
@@ -54,17 +111,43 @@ METRICS = {
 DIGIT_NAMES = "zero one two three four five six seven eight nine".split()
 
 
-def parse_args(doc, default_preset, data_help):
-    """The command line shared by the training scripts."""
+def build_parser(corpus=None, prog=None, doc=None):
+    """The command line of `keras-allattn train` and `examples/train_*.py`.
+
+    Args:
+        corpus: None adds `--corpus` (default enwik8); a name of `CORPORA`
+            fixes the corpus (the examples).
+        prog: the program name shown in the usage line.
+        doc: the description (first line) and epilog (the rest); default
+            this module's docstring.
+    """
+    doc = doc or __doc__
     parser = argparse.ArgumentParser(
+        prog=prog,
         description=doc.splitlines()[0],
         epilog="\n".join(doc.splitlines()[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    if corpus is None:
+        parser.add_argument(
+            "--corpus", choices=sorted(CORPORA), default=DEFAULT_CORPUS,
+            help=f"the corpus's loader and default preset (default "
+            f"{DEFAULT_CORPUS}, byte level)",
+        )
+        data_help = "; ".join(
+            f"{name}: {spec['data_help']}" for name, spec in CORPORA.items()
+        )
+        preset_help = ", ".join(
+            f"{spec['preset']} for {name}" for name, spec in CORPORA.items()
+        )
+    else:
+        parser.set_defaults(corpus=check_corpus(corpus))
+        data_help = CORPORA[corpus]["data_help"]
+        preset_help = CORPORA[corpus]["preset"]
     parser.add_argument("--data", help=data_help)
     parser.add_argument(
-        "--preset", default=default_preset, choices=preset_names(),
-        help=f"model and recipe (default {default_preset}); the vocabulary "
+        "--preset", choices=preset_names(),
+        help=f"model and recipe (default {preset_help}); the vocabulary "
         "size always comes from the corpus",
     )
     parser.add_argument(
@@ -88,13 +171,21 @@ def parse_args(doc, default_preset, data_help):
     parser.add_argument("--block-size", type=int, help="override the preset")
     parser.add_argument("--max-span", type=int, help="override the preset")
     parser.add_argument(
+        "--cutoffs", type=parse_cutoffs,
+        help="adaptive softmax cutoffs, e.g. 2000,6000, or 'none' for a "
+        "full softmax (default: the preset's)",
+    )
+    parser.add_argument("--div-val", type=int,
+                        help="override the preset's adaptive div_val")
+    parser.add_argument(
         "--mixed-precision", action="store_true",
         help='train with dtype "mixed_bfloat16"',
     )
     parser.add_argument(
         "--output",
-        help="folder for checkpoints, TensorBoard logs and the span heat "
-        "map; a run resumes from the checkpoint found there",
+        help="folder for checkpoints, TensorBoard logs, the span heat map "
+        "and the final model (model.keras); a run resumes from the "
+        "checkpoint found there",
     )
     parser.add_argument(
         "--eval-every", type=int, default=0,
@@ -132,7 +223,52 @@ def parse_args(doc, default_preset, data_help):
         help="with --distribute on JAX or TensorFlow: split the CPU into "
         "this many devices (a CPU smoke run)",
     )
-    return parser.parse_args()
+    return parser
+
+
+def check_corpus(corpus):
+    """Returns `corpus` if it names one of `CORPORA`, else raises."""
+    if corpus not in CORPORA:
+        raise ValueError(
+            f"`corpus` must be one of {tuple(sorted(CORPORA))}. "
+            f"Received: corpus={corpus!r}"
+        )
+    return corpus
+
+
+def parse_cutoffs(text):
+    """'20000,40000' -> [20000, 40000]; 'none' -> [] (a full softmax)."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "cutoffs must be comma-separated integers or 'none'. "
+            f"Received: {text!r}"
+        ) from None
+
+
+def load_corpus(corpus, path=None):
+    """The `Corpus` that `--corpus` and `--data` name.
+
+    text8 and enwik8 go through `character_corpus` (offline text when
+    `path` is None); PTB and WikiText-103 need `path`, a folder or archive
+    of their splits, read by their library loaders.
+    """
+    check_corpus(corpus)
+    if path is None and CORPORA[corpus]["needs_data"]:
+        raise ValueError(
+            f"The {corpus} corpus has no offline default: pass --data, a "
+            f"folder of its splits. Received: corpus={corpus!r}, data=None"
+        )
+    if corpus == "text8":
+        return character_corpus("text8", path, load_text8)
+    if corpus == "enwik8":
+        return character_corpus("enwik8", path, load_enwik8)
+    if corpus == "ptb":
+        return load_ptb(path)
+    return load_wikitext103(path)
 
 
 def offline_text():
@@ -275,12 +411,19 @@ class Throughput(keras.callbacks.Callback):
 
 
 def train(corpus, args):
-    """Trains on `corpus` as `args` say, then prints the final JSON line."""
+    """Trains on `corpus` as `args` (from `build_parser`) say.
+
+    Returns:
+        The results (validation and test figures, speed, sizes) as a dict,
+        which the command prints as its last line; None on processes other
+        than the first of a multi-process run. With `args.output` it also
+        writes `curve.json` and the trained model, `model.keras`.
+    """
     metric, metric_class = METRICS[corpus.level]
-    print(
-        f"corpus: {corpus.name}, {corpus.vocabulary_size:,} symbols, "
-        f"{len(corpus.train):,} / {len(corpus.valid):,} / "
-        f"{len(corpus.test):,} tokens (train / valid / test)"
+    logger.info(
+        "corpus: %s, %s symbols, %s / %s / %s tokens (train / valid / test)",
+        corpus.name, f"{corpus.vocabulary_size:,}", f"{len(corpus.train):,}",
+        f"{len(corpus.valid):,}", f"{len(corpus.test):,}",
     )
     if args.cpu_devices:
         use_virtual_cpu_devices(args.cpu_devices)
@@ -288,9 +431,22 @@ def train(corpus, args):
 
     # === Model: the preset's geometry, the corpus's vocabulary ===
     overrides = {"vocabulary_size": corpus.vocabulary_size}
-    for flag in ("batch_size", "block_size", "max_span"):
+    for flag, key in (("batch_size", "batch_size"), ("block_size", "block_size"),
+                      ("max_span", "max_span"), ("div_val", "adaptive_div_val")):
         if getattr(args, flag):
-            overrides[flag] = getattr(args, flag)
+            overrides[key] = getattr(args, flag)
+    if args.cutoffs is not None:
+        overrides["adaptive_cutoffs"] = args.cutoffs or None
+    cutoffs = overrides.get(
+        "adaptive_cutoffs", get_preset(args.preset)["model"].get("adaptive_cutoffs")
+    )
+    if cutoffs and cutoffs[-1] >= corpus.vocabulary_size:
+        raise ValueError(
+            f"The adaptive cutoffs {cutoffs} do not fit a vocabulary of "
+            f"{corpus.vocabulary_size:,} symbols: pass --cutoffs (e.g. "
+            f"{corpus.vocabulary_size // 5},{corpus.vocabulary_size // 2}) or "
+            f"--cutoffs none. Received: cutoffs={cutoffs}"
+        )
     if args.mixed_precision:
         overrides["dtype"] = "mixed_bfloat16"
     plan = None
@@ -300,16 +456,21 @@ def train(corpus, args):
         plan = plan_data_parallel({**get_preset(args.preset)["model"], **overrides})
         plan.activate()
         overrides["batch_size"] = plan.model_batch_size
-        print(plan)
+        logger.info("%s", plan)
         if args.output and (plan.backend != "jax" or plan.process_count > 1):
-            raise SystemExit(
+            raise ValueError(
                 "--output with --distribute needs JAX on one host: elsewhere "
-                "a checkpoint would hold the segment memory of one replica"
+                "a checkpoint would hold the segment memory of one replica. "
+                f"Received: output={args.output!r} on {plan.backend} with "
+                f"{plan.process_count} process(es)"
             )
     if args.transformer:
         persistent = get_preset(args.preset)["model"]["persistent_memory_size"]
         overrides.update(persistent_memory_size=0, feedforward_dim=persistent)
     model = AllAttentionLM.from_preset(args.preset, **overrides)
+    # With an adaptive softmax the model outputs hidden states and computes
+    # the targets' negative log-likelihood itself (`compute_loss`).
+    adaptive = model.adaptive_softmax is not None
     if plan:
         plan.check_model(model)
     global_batch_size = plan.global_batch_size if plan else model.batch_size
@@ -328,24 +489,27 @@ def train(corpus, args):
             if run_recipe["final_steps"]
             else ""
         )
-        print(
-            f"schedule: {steps} steps instead of the recipe's {full_steps}: "
-            f"warm-up {recipe['warmup_steps']} -> "
-            f"{run_recipe['warmup_steps']} steps"
-            f"{'' if args.warmup_steps is not None else ' (see scale_recipe)'}"
-            f"{drop}"
+        logger.info(
+            "schedule: %s steps instead of the recipe's %s: warm-up %s -> %s "
+            "steps%s%s", steps, full_steps, recipe["warmup_steps"],
+            run_recipe["warmup_steps"],
+            "" if args.warmup_steps is not None else " (see scale_recipe)",
+            drop,
         )
     model.compile(
         optimizer=optimizer_from_recipe(run_recipe),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[metric_class()],
+        loss=None if adaptive else keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True),
+        metrics=None if adaptive else [metric_class()],
     )
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
-    print(
-        f"model: {args.preset} with {trainable:,} parameters, "
-        f"batch {model.batch_size} x block {model.block_size}, span up to "
-        f"{model.max_span}; {run_recipe['optimizer']} lr "
-        f"{run_recipe['learning_rate']}, clip {run_recipe['clip']}"
+    output = (f"adaptive softmax {model.adaptive_cutoffs}" if adaptive
+              else "full softmax")
+    logger.info(
+        "model: %s with %s parameters, %s, batch %s x block %s, span up to "
+        "%s; %s lr %s, clip %s", args.preset, f"{trainable:,}", output,
+        model.batch_size, model.block_size, model.max_span,
+        run_recipe["optimizer"], run_recipe["learning_rate"], run_recipe["clip"],
     )
 
     # === Data: contiguous streams; resume where a checkpoint left off ===
@@ -358,7 +522,9 @@ def train(corpus, args):
     start_step = 0
     if checkpoints and latest_checkpoint(checkpoints):
         start_step = restore_training(model, checkpoints, batcher)
-        print(f"resumed from {latest_checkpoint(checkpoints)}: step {start_step}")
+        logger.info(
+            "resumed from %s: step %s", latest_checkpoint(checkpoints), start_step
+        )
 
     # === Training: one progress-bar epoch per validation ===
     epoch_steps = args.eval_every or max(1, min(1000, steps // 2))
@@ -421,20 +587,21 @@ def train(corpus, args):
         valid = evaluate_stream(model, corpus.valid, batch_size=8)
     test = evaluate_stream(model, corpus.test, batch_size=8)
     spans = model.current_spans()
-    print(f"largest learned span per layer: {spans.max(axis=1).tolist()}")
+    logger.info("largest learned span per layer: %s", spans.max(axis=1).tolist())
     key = "perplexity" if metric == "perplexity" else "bits_per_token"
     digits = 2 if metric == "perplexity" else 4
     tokens_per_s = (
         trainer.tokens_per_second if trainer else throughput.tokens_per_second()
     )
     if plan and plan.process_index:
-        return
+        return None
     result = {
         "corpus": corpus.name,
         "backend": keras.backend.backend(),
         "device": device_name(),
         "preset": args.preset,
         "model": "transformer" if args.transformer else "all-attention",
+        "adaptive_cutoffs": model.adaptive_cutoffs if adaptive else None,
         "parameters": trainable,
         "steps": iterations,
         "train_seconds": round(clock.elapsed, 1),
@@ -447,8 +614,40 @@ def train(corpus, args):
         ),
     }
     if args.output:
-        # The learning curve for benchmarks/plot_curves.py.
+        # The learning curve for benchmarks/plot_curves.py, and the model
+        # for `keras-allattn generate` and `keras-allattn export`.
         os.makedirs(args.output, exist_ok=True)
         with open(os.path.join(args.output, "curve.json"), "w") as f:
             json.dump({"metric": metric, "result": result, "curve": clock.curve}, f)
-    print(json.dumps(result))
+        model_path = os.path.join(args.output, "model.keras")
+        model.save(model_path)
+        logger.info("saved the trained model to %s", model_path)
+    return result
+
+
+def main(argv=None, corpus=None, prog=None, doc=None):
+    """Runs `keras-allattn train` (or an example) with `argv`.
+
+    Prints the results as one JSON line and returns 0. A bad argument or
+    corpus ends it with a usage error (exit status 2).
+
+    Args:
+        argv: the arguments, default `sys.argv[1:]`.
+        corpus, prog, doc: see `build_parser`.
+    """
+    parser = build_parser(corpus, prog=prog, doc=doc)
+    args = parser.parse_args(argv)
+    if args.preset is None:
+        args.preset = CORPORA[args.corpus]["preset"]
+    try:
+        corpus_data = load_corpus(args.corpus, args.data)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    result = train(corpus_data, args)
+    if result is not None:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
