@@ -384,6 +384,10 @@ def test_model_config_round_trip_and_keras_file(rng, tmp_path):
     loaded = keras.saving.load_model(tmp_path / "model.keras")
     assert loaded.get_config() == config
     assert loaded.adaptive_softmax.embedding is loaded.token_embedding
+    # The segment memory is state, not saved: the loaded model starts from
+    # zero memory, as the saved one does after reset_memory().
+    assert not any(np.any(memory) for memory in loaded.get_memory())
+    model.reset_memory()
     tokens = rng.integers(0, V, (B, M)).astype("int32")
     np.testing.assert_array_equal(to_numpy(loaded(tokens)), to_numpy(model(tokens)))
     memories = model.initial_memories(B)
