@@ -338,8 +338,8 @@ def export_keras_file(keras_path, export_dir):
     fused kernels are for training backends.
     """
     # compile=False: the compile config names the optimizer class of the
-    # training backend (`keras.src.backend.torch.optimizers...` after
-    # PyTorch), and importing torch next to TensorFlow aborts the process
+    # training backend (Keras's torch optimizer module after PyTorch), and
+    # importing torch next to TensorFlow aborts the process
     # ("LLVM ERROR: inconsistency in registered CommandLine options").
     model = keras.saving.load_model(keras_path, compile=False)
     if not isinstance(model, AllAttentionLM):

@@ -129,10 +129,11 @@ def test_layout_keys_are_the_full_variable_paths():
     assert memory_variable_paths(config) == memory_variable_paths(model)
     mesh = keras.distribution.DeviceMesh((1, 1), ("batch", "model"), ["cpu:0"])
     data_only = memory_layout_map(config, mesh)
-    sharded = {v.path for v in model.weights if data_only[v.path] is not None}
+    # The segment memory is state, not weights: among the variables.
+    sharded = {v.path for v in model.variables if data_only[v.path] is not None}
     assert sharded == set(memory_variable_paths(model))
     both = memory_layout_map(config, mesh, shard_model=True)
-    sharded = {v.path for v in model.weights if both[v.path] is not None}
+    sharded = {v.path for v in model.variables if both[v.path] is not None}
     assert sharded - set(memory_variable_paths(model)) == {
         f"{prefix}_{i}/{name}"
         for i in range(config["num_layers"])

@@ -7,7 +7,7 @@ import pytest
 
 from keras_allattn import AllAttentionLM
 from keras_allattn.data import evaluate_stream
-from keras_allattn.data import load_ptb
+from keras_allattn.data import load_wikitext103
 from keras_allattn.models import generation
 from keras_allattn.tokenizers import CharacterTokenizer
 from keras_allattn.tokenizers import WordTokenizer
@@ -63,12 +63,14 @@ def test_generate_progress_bar(capsys, monkeypatch):
 
 
 def test_corpus_preparation_progress_bar(tmp_path, capsys):
+    # A folder of token files (PTB folders are checked against the
+    # published files, so these go through the WikiText-103 loader).
     lines = {"train": "a b c\nb c\n", "valid": "a b\n", "test": "c a\n"}
     for split, text in lines.items():
-        (tmp_path / f"ptb.{split}.txt").write_text(text)
-    corpus = load_ptb(tmp_path, verbose=0)
+        (tmp_path / f"wiki.{split}.tokens").write_text(text)
+    corpus = load_wikitext103(tmp_path, verbose=0)
     assert capsys.readouterr().out == ""
-    assert load_ptb(tmp_path).vocabulary == corpus.vocabulary
+    assert load_wikitext103(tmp_path).vocabulary == corpus.vocabulary
     total = sum(len(text) for text in lines.values())
     bars = bar_lines(capsys.readouterr().out)
     assert bars and bars[-1].startswith(f"{total}/{total}")
