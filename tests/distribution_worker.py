@@ -149,7 +149,7 @@ def jax_devices(out_dir):
         unplaced_error = str(error)
     sharded = {
         v.path: str(tuple(v.value.sharding.spec))
-        for v in model.weights
+        for v in model.variables
         if any(axis is not None for axis in v.value.sharding.spec)
     }
     write(out_dir, "jax-devices-0", {
@@ -168,7 +168,7 @@ def jax_devices(out_dir):
         "losses": losses,
         "sharded_variables": {
             v.path: str(tuple(v.value.sharding.spec))
-            for v in model.weights
+            for v in model.variables
             if any(axis is not None for axis in v.value.sharding.spec)
         },
     }, local_memories(model))
