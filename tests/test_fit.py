@@ -272,9 +272,8 @@ def test_span_trimming_reads_spans_late_and_checks_every_step(rng):
     assert runs[1][0].inexact_steps == []  # never trimmed
     # One step (a running mean over the epoch's steps) at a time.
     np.testing.assert_allclose(runs[0][1][:2], runs[1][1][:2], rtol=1e-5)
-    if keras.backend.backend() != "tensorflow":
-        # The widened spans reached step 2, so trimming changed its loss.
-        # On TensorFlow, in the whole suite, that step once matched the
-        # untrimmed run to one ulp (the assignment had not reached the
-        # step); the warning and `inexact_steps` above hold there too.
-        assert abs(runs[0][1][2] - runs[1][1][2]) > 1e-4
+    # Step 2 is flagged because the spans it used outgrew the rows read for
+    # it; whether its loss then differs from the untrimmed run depends on
+    # when the widening assignment reaches the step (in the whole suite it
+    # once matched to one ulp on TensorFlow and on JAX): the flag may
+    # over-report, never under-report.
