@@ -294,10 +294,9 @@ def test_bad_call_inputs(rng):
         )
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_remat_gives_the_same_training_step(rng, dropout):
-    """Recomputing the attention or whole layers changes no number, also
-    with attention dropout (the recomputation redraws the same mask)."""
+def test_remat_gives_the_same_training_step(rng, dropout=0.3):
+    """Recomputing the attention or whole layers changes no number, with
+    attention dropout on (the recomputation redraws the same mask)."""
     x = rng.integers(0, V, (2 * B, M)).astype("int32")
     y = rng.integers(0, V, (2 * B, M)).astype("int32")
     modes = (False, "attention", "layer")
