@@ -221,38 +221,6 @@ def test_rejects_bad_arguments():
         pallas_all_attention(q, k, k, pos, backward_blocks=((16, 16),))
 
 
-def test_lowers_to_triton_for_cuda():
-    """Forward and backward lower to Triton IR for the CUDA platform."""
-    b, m, a, h, d, n = 2, 40, 72, 2, 16, 24
-    sds = jax.ShapeDtypeStruct
-    shapes = [
-        sds((b, m, h, d), jnp.bfloat16),
-        sds((b, a + m, h, d), jnp.bfloat16),
-        sds((b, a + m, h, d), jnp.bfloat16),
-        sds((d, a), jnp.float32),
-        sds((h, n, d), jnp.float32),
-        sds((h, n, d), jnp.float32),
-        sds((h,), jnp.float32),
-    ]
-
-    def loss(*args):
-        out = pallas_all_attention(
-            *args, max_span=96, span_ramp=RAMP, block_q=32, block_k=16
-        )
-        return jnp.sum(out.astype(jnp.float32))
-
-    fn = jax.jit(jax.grad(loss, argnums=tuple(range(7))))
-    try:
-        lowered = fn.trace(*shapes).lower(lowering_platforms=("cuda",))
-    except Exception as error:  # pragma: no cover - depends on jaxlib build
-        if "cuda" in str(error).lower() and "platform" in str(error).lower():
-            pytest.skip(f"no CUDA lowering in this jaxlib: {error}")
-        raise
-    text = lowered.as_text()
-    # Forward (saved for the VJP), dK/dV, dQ and persistent kernels.
-    assert text.count("__gpu$xla.gpu.triton") >= 4
-
-
 @pytest.mark.parametrize("integration", ["joint", "separate"])
 def test_span_gradient_at_the_clip_ends_matches_portable(integration):
     """At z = 0 (the recipes' start) both clip ends fall on whole distances;
@@ -360,8 +328,10 @@ def test_dropout_matches_portable_path_exactly(name):
         assert rel_err(want[1][key], plain[1][key]) > 0.05, key
 
 
-def test_dropout_lowers_to_triton_for_cuda():
-    """The hashing (uint32 products, logical shifts) lowers for the GPU."""
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lowers_to_triton_for_cuda(dropout):
+    """Forward and backward lower to Triton IR for the CUDA platform, with
+    the dropout hashing (uint32 products, logical shifts) too."""
     from keras_allattn.ops.random import attention_dropout_keys
 
     b, m, a, h, d, n = 2, 40, 72, 2, 16, 24
@@ -379,9 +349,10 @@ def test_dropout_lowers_to_triton_for_cuda():
 
     def loss(*args):
         *arrays, seed = args
+        keys = attention_dropout_keys(seed, b, h, m) if dropout else None
         out = pallas_all_attention(
             *arrays, max_span=96, span_ramp=RAMP, block_q=32, block_k=16,
-            dropout_rate=0.3, dropout_keys=attention_dropout_keys(seed, b, h, m),
+            dropout_rate=dropout, dropout_keys=keys,
         )
         return jnp.sum(out.astype(jnp.float32))
 
@@ -392,4 +363,5 @@ def test_dropout_lowers_to_triton_for_cuda():
         if "cuda" in str(error).lower() and "platform" in str(error).lower():
             pytest.skip(f"no CUDA lowering in this jaxlib: {error}")
         raise
+    # Forward (saved for the VJP), dK/dV, dQ and persistent kernels.
     assert lowered.as_text().count("__gpu$xla.gpu.triton") >= 4
