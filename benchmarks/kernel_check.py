@@ -22,8 +22,9 @@ Usage (on the GPU machine, Keras importable, e.g. from carried wheels):
     KERAS_BACKEND=jax python3 benchmarks/kernel_check.py --profile --only enwik8_small_bf16
     KERAS_BACKEND=jax python3 benchmarks/kernel_check.py --list
 
-`--profile` times each kernel separately (forward, dK/dV, dQ with and
-without the position-key atomics, persistent) for the tile shapes in
+`--profile` times each kernel separately (forward, the position scores,
+dK/dV, dQ with and without its dS store, the position-term gradients,
+persistent) for the tile shapes in
 PROFILE_TILES. Measured on an H100 (jax 0.11.2, triton 3.6), default tiles,
 enwik8_small_bf16: forward 2.7 ms vs 7.4 ms for the portable path, forward +
 backward 13.8 ms vs 18.6 ms; adaptive_L8192_span1k_bf16: 10.8 ms vs 64.5 ms.
@@ -342,15 +343,14 @@ def time_config(cfg, dtype_name, repeats, tiles=None, portable=True):
 
 PROFILE_TILES = [
     dict(block_q=64, block_k=64, num_warps=4, num_stages=2),
-    dict(block_q=64, block_k=64, num_warps=4, num_stages=2,
-         backward_blocks=((32, 64, 4, 2), (64, 32, 4, 4))),
-    dict(block_q=64, block_k=64, num_warps=4, num_stages=2,
-         backward_blocks=((32, 64, 4, 2), (64, 64, 4, 3))),
-    dict(block_q=64, block_k=64, num_warps=4, num_stages=2,
-         backward_blocks=((32, 64, 4, 2), (64, 32, 8, 3))),
-    # Before the per-kernel backward tiles and relaxed atomics:
-    dict(block_q=64, block_k=64, num_warps=4, num_stages=2,
-         backward_blocks=((64, 64), (64, 64)), _acq_rel_atomics=True),
+    dict(block_q=64, block_k=64, num_warps=4, num_stages=3,
+         backward_blocks=((64, 64, 4, 2), (64, 64, 4, 2))),
+    dict(block_q=128, block_k=64, num_warps=8, num_stages=3,
+         backward_blocks=((64, 128, 8, 2), (128, 64, 8, 2))),
+    dict(block_q=128, block_k=32, num_warps=4, num_stages=3,
+         backward_blocks=((32, 128, 4, 3), (128, 32, 4, 3))),
+    dict(block_q=64, block_k=128, num_warps=4, num_stages=2,
+         backward_blocks=((64, 128, 4, 2), (64, 128, 8, 2))),
 ]
 
 
@@ -362,8 +362,6 @@ def profile_config(cfg, dtype_name, repeats, tiles):
     q, k, v, pos, mk, mv, z = arrays
     options = dict(cfg.get("kernel", {}))
     options.update(tiles)
-    pa._DEBUG["dp_copies"] = options.pop("_dp_copies", None)
-    pa._DEBUG["acq_rel_atomics"] = options.pop("_acq_rel_atomics", False)
     kcfg, prepared = pa._prepare(
         q, k, v, pos, mk, mv, z, cfg.get("max_span"), cfg.get("ramp", 32),
         cfg["integration"], INTERPRET[0], options.get("block_q", 64),
@@ -377,23 +375,27 @@ def profile_config(cfg, dtype_name, repeats, tiles):
     fwd = jax.jit(lambda *a: pa._attention_fwd(kcfg, *a))
     result["fwd_ms"] = timed(fwd, prepared, repeats)
     _, res = fwd(*prepared)
+    qpos, ppos = prepared[0], prepared[3]
+    scores = jax.jit(lambda q, p: pa._position_scores(kcfg, q, p))
+    result["position_scores_ms"] = timed(scores, (qpos, ppos), repeats)
+    qp = scores(qpos, ppos)
     do = ct.astype(q.dtype)
     deltas = jax.jit(lambda res, do: pa._deltas(kcfg, res, do))
     delta, delta_p = deltas(res, do)
     result["deltas_ms"] = timed(deltas, (res, do), repeats)
-    dkdv = jax.jit(lambda res, do, d: pa._dkdv_call(kcfg, res, do, d))
-    result["dkdv_ms"] = timed(dkdv, (res, do, delta), repeats)
-    dq = jax.jit(lambda res, do, d, dp: pa._dq_call(kcfg, res, do, d, dp))
-    result["dq_dpos_dz_ms"] = timed(dq, (res, do, delta, delta_p), repeats)
-    pa._DEBUG["skip_dp_atomics"] = True
+    dkdv = jax.jit(lambda res, qp, do, d: pa._dkdv_call(kcfg, res, qp, do, d))
+    result["dkdv_ms"] = timed(dkdv, (res, qp, do, delta), repeats)
+    dq = jax.jit(lambda res, qp, do, d, dp: pa._dq_call(kcfg, res, qp, do, d, dp))
+    result["dq_ds_dz_ms"] = timed(dq, (res, qp, do, delta, delta_p), repeats)
+    dq_out, ds, _ = dq(res, qp, do, delta, delta_p)
+    pa._DEBUG["skip_ds_store"] = True
     try:
-        dq2 = jax.jit(lambda res, do, d, dp: pa._dq_call(kcfg, res, do, d, dp))
-        result["dq_without_dpos_atomics_ms"] = timed(dq2, (res, do, delta, delta_p), repeats)
+        dq2 = jax.jit(lambda res, qp, do, d, dp: pa._dq_call(kcfg, res, qp, do, d, dp))
+        result["dq_without_ds_store_ms"] = timed(dq2, (res, qp, do, delta, delta_p), repeats)
     finally:
-        pa._DEBUG["skip_dp_atomics"] = False
-    result["dp_copies"] = kcfg.dp_copies
-    pa._DEBUG["dp_copies"] = None
-    pa._DEBUG["acq_rel_atomics"] = False
+        pa._DEBUG["skip_ds_store"] = False
+    grads = jax.jit(lambda q, p, dq, ds: pa._position_gradients(kcfg, q, p, dq, ds))
+    result["position_gradients_ms"] = timed(grads, (qpos, ppos, dq_out, ds), repeats)
     if kcfg.persistent:
         pers = jax.jit(lambda res, do, d, dp: pa._persistent_call(kcfg, res, do, d, dp))
         result["persistent_ms"] = timed(pers, (res, do, delta, delta_p), repeats)

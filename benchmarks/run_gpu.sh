@@ -27,6 +27,8 @@
 #   presets peak memory of every large preset with default arguments and its
 #          recipe's dropout at its largest span, planned for an 80 GB card;
 #          PyTorch recipe throughput (issue 13)
+#   position the position term through XLA matmuls (no in-kernel ring):
+#          compiled checks, per-kernel times, recipe throughput (issue 13)
 #   multi8 on a 4- or 8-GPU machine: scaling over 1, 2, 4, 8 GPUs (batch 64
 #          per GPU) and the first 200 step losses of 8 GPUs against one
 #          GPU at global batch 64 (deterministic kernels; next to the one-ulp
@@ -266,7 +268,27 @@ adaptive2)
     step torch_fixed1k_dropout 150 env KERAS_BACKEND=torch $tp --span fixed:1024 --dropout 0.3
   }
   lanes ;;
-*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe, presets, adaptive or adaptive2"; exit 2 ;;
+position)
+  # The position term through XLA (QP scores, dS, two matmuls) instead of
+  # the in-kernel ring: compiled correctness, per-kernel times for a few
+  # tile shapes without and with the recipe's dropout, and the recipe's
+  # training throughput (fixed 2048, adaptive ~1024, fixed 1024).
+  kc="python3 benchmarks/kernel_check.py --no-check --profile --only enwik8_small_bf16"
+  lane0() {
+    step pallas_check 200 env KERAS_BACKEND=jax python3 benchmarks/kernel_check.py \
+      --no-time --only smoke_odd_shapes,smoke_separate_q128_k32,smoke_context_only_q32_k128,enwik8_small_bf16
+    step pallas_check_dropout 150 env KERAS_BACKEND=jax python3 benchmarks/kernel_check.py \
+      --no-time --dropout 0.3 --only smoke_odd_shapes,enwik8_small_bf16
+    step pallas_profile 200 env KERAS_BACKEND=jax $kc
+    step pallas_profile_dropout 200 env KERAS_BACKEND=jax $kc --dropout 0.3
+  }
+  lane1() {
+    step jax_fixed_dropout 150 env KERAS_BACKEND=jax $tp --span fixed:2048 --dropout 0.3
+    step jax_adaptive_dropout 150 env KERAS_BACKEND=jax $tp --span adaptive:1024 --dropout 0.3
+    step jax_fixed1k_dropout 150 env KERAS_BACKEND=jax $tp --span fixed:1024 --dropout 0.3
+  }
+  lanes ;;
+*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe, presets, adaptive, adaptive2 or position"; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
 # The device tool returns a limited number of files: RESULTS.md and the

@@ -22,9 +22,24 @@ persistent logits ("joint") or one softmax each, outputs summed
 ("separate").
 
 Kernels (float32 online softmax and accumulation; nothing of size
-(B, H, M, A) is written to HBM). All pallas_calls pass Triton
-`CompilerParams`, which selects the Triton lowering (without them recent jax
-picks Mosaic GPU).
+(B, H, M, A) is kept between the forward and the backward pass). All
+pallas_calls pass Triton `CompilerParams`, which selects the Triton lowering
+(without them recent jax picks Mosaic GPU).
+
+The relative-position term. Entry (i, j) of the context scores needs
+`q_i . P[:, j - i]` (column `c = j - i` of position_keys holds the key of
+distance `A - c`). Outside the kernels, one XLA matmul per call computes
+the position scores `QP = Q P` (B, H, M, A) in the inputs' dtype (float32
+accumulation); a kernel reads the band of a (query tile, key tile) pair from
+it with one gather load, `QP[i, j - i]`, contiguous along the keys (the rows
+of the band are consecutive columns of QP). In the backward, the dQ kernel
+writes the score gradients `dS` (B, H, M, A) back in the same skewed layout
+with one masked scatter store per tile (zeros for the distances the span
+skips), and two XLA matmuls give the position term's share of dQ (`dS P^T`)
+and the gradient of position_keys (`Q^T dS`, summed over batch, heads and
+queries). The forward's QP is recomputed in the backward rather than kept:
+each is a transient of 2 B H M A bytes in bfloat16 (1 GiB at B = 64,
+H = 8, M = 512, A = 2048) while one layer runs.
 
 * forward: one program per (query-tile group, head, batch row); it loops over
   its query tiles, and for each over the key tiles inside the head's span
@@ -36,52 +51,18 @@ picks Mosaic GPU).
 * backward, flash-attention style recomputation from the saved log-sum-exp
   (and `delta = rowsum(dO * O)`): a dK/dV kernel (key-tile programs looping
   over the query tiles that see them), a dQ kernel (query-tile programs
-  looping over key tiles) that also produces d position_keys (each
-  completed (BK, D) distance block added with a relaxed-ordering atomic into
-  one of several float32 copies, summed outside; in deterministic mode one
-  copy per program, see below) and d span_ratio
+  looping over key tiles) that also writes dS and d span_ratio
   (per-program partials: sum of dS (L/R)/m over the ramp, computed only in
   the key tiles whose distances reach the ramp), and a kernel for
   the persistent keys/values (persistent-tile programs looping over batch
   rows and query tiles; per-group partials summed outside). Each backward
   kernel has its own tile shape (`backward_blocks`).
 
-The relative-position term. For a query tile `[i0, i0 + BQ)` and a key tile
-`[j0, j0 + BK)` the distances form a band: entry (a, b) needs
-`q_a . P[:, j0 + b - i0 - a]`. The kernels compute `Q_tile @ P_block` for
-BK-wide blocks of P columns (aligned on `j0 - i0`), store them in a small
-per-program scratch ring in global memory and read the band back with a
-gather load (pointer tensor) `ring[a, slot(b - a) * BK + (b - a) mod BK]`;
-the inverse "skew" of the score gradients for dQ and dP is the same gather
-over a ring of score-gradient tiles. In the forward and dQ kernels the ring
-reuses each P block for every key tile it overlaps, so the position term
-costs one extra (BQ x BK x D) matmul per tile, like the key term (the dK/dV
-kernel, whose query tile changes every iteration, computes the whole band:
-two blocks).
-
-Ordering in the scratch ring: a block is stored `lag = num_stages + 1`
-iterations before it is read, the ring has `nb + lag + 2` slots (`nb =
-ceil((BQ - 1) / BK)`) and every loop iteration executes one CTA barrier;
-with Triton's software pipelining (which may hoist a load by up to
-`num_stages - 1` iterations but never moves stores), every read is then
-separated from the store that produced it, and every overwrite from the
-last read, by at least one barrier. The scratch is indexed by program, and
-each program loops over several tiles, so its size is
-(programs x BQ x ring width), independent of A.
-
-Deterministic mode (`keras_allattn.ops.attention.set_deterministic`, read
-when the kernels are traced and kept in the static config). The copies of
-d position_keys are shared by programs that run at the same time, so the
-order of the float32 additions, hence the rounding, varies from run to run.
-In deterministic mode every dQ program adds into a copy of its own. A
-program adds to the same address again only from a later query tile of its
-loop, after a CTA barrier, so its additions come in a fixed order; the
-copies are then summed in a fixed order outside. This lifts the `_DP_BYTES`
-cap: `groups * H * B` copies of `p_rows * D * 4` bytes (`p_rows`: A plus
-the zero padding), e.g. 1024 x 0.77 MiB = 784 MiB for B = 64, H = 8,
-M = 512, A = 2048, D = 64 with the default tiles (256 MiB otherwise). The
-other backward outputs are already written once per program (partials
-summed outside).
+Determinism. Every output of a kernel is written by one program, partials
+are summed outside in a fixed order, and no kernel uses atomics: the
+gradients are bitwise reproducible on the same device and shapes in every
+mode (the `deterministic` argument is accepted for the dispatcher's sake
+and changes nothing here).
 
 Attention dropout. The mask is the counter-based one of
 `keras_allattn.ops.random`: each kernel hashes the row keys of its query
@@ -120,12 +101,9 @@ INTEGRATIONS = ("joint", "separate")
 _M_INIT = -1e30
 # Number of programs a kernel grid aims at (several per SM of an H100).
 _DEFAULT_PROGRAMS = 1024
-# Memory for the copies of the d position_keys accumulator: program
-# (b, h) adds into copy (b H + h) mod copies, so that programs running at the
-# same time rarely add to the same addresses. Deterministic mode ignores it.
-_DP_BYTES = 256 * 2**20
-# Profiling switches (read when kernels are traced; benchmarks only).
-_DEBUG = {"skip_dp_atomics": False, "dp_copies": None, "acq_rel_atomics": False}
+# Profiling switch (read when kernels are traced; benchmarks only): the dQ
+# kernel skips its dS store, to time the store's share.
+_DEBUG = {"skip_ds_store": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,11 +130,6 @@ class _Config:
     # and dQ kernels.
     dkdv_blocks: tuple = (None, None, None, None)
     dq_blocks: tuple = (None, None, None, None)
-    # Zero rows before/after P^T: the maximum over the kernels' tiles.
-    pads: tuple = (None, None)
-    # One d position_keys copy per dQ program (part of the static config,
-    # so that a change of mode retraces).
-    deterministic: bool = False
     # Attention dropout rate (0: none); the row keys are a kernel input.
     dropout: float = 0.0
 
@@ -164,32 +137,6 @@ class _Config:
     @property
     def total(self):  # A + M key rows
         return self.length + self.queries
-
-    @property
-    def nb(self):  # P blocks before the current one that a band touches
-        return max(1, -(-(self.block_q - 1) // self.block_k))
-
-    @property
-    def lag(self):
-        return self.num_stages + 1
-
-    @property
-    def slots(self):
-        return self.nb + self.lag + 2
-
-    def required_pads(self):
-        """P^T rows this config's tiles may read before / after the A rows."""
-        front = (self.nb + 2) * self.block_k + (self.lag + 1) * self.block_q
-        back = 2 * self.block_q + (self.nb + self.lag + 4) * self.block_k
-        return front, back
-
-    @property
-    def pad_front(self):
-        return self.pads[0]
-
-    @property
-    def pad_back(self):
-        return self.pads[1]
 
     def with_blocks(self, blocks):
         block_q, block_k, num_warps, num_stages = blocks
@@ -205,10 +152,6 @@ class _Config:
     @property
     def dq(self):  # the config of the dQ kernel
         return self.with_blocks(self.dq_blocks)
-
-    @property
-    def p_rows(self):
-        return self.pad_front + self.length + self.pad_back
 
     @property
     def nq(self):
@@ -247,99 +190,10 @@ class _Config:
         per = self.heads * self.batch
         return int(min(tiles, max(1, -(-self.programs // per))))
 
-    @property
-    def dp_copies(self):
-        """Copies of d position_keys for the dQ kernel's programs."""
-        if self.deterministic:  # one per program of the (groups, H, B) grid
-            return self.groups(self.nq) * self.heads * self.batch
-        if _DEBUG["dp_copies"]:
-            return int(_DEBUG["dp_copies"])
-        per_copy = self.p_rows * self.head_dim * 4
-        return int(max(1, min(self.batch * self.heads, _DP_BYTES // per_copy)))
-
-    def dp_copy(self, g, h, b):
-        """The copy that program (g, h, b) of the dQ kernel adds into."""
-        if self.deterministic:
-            return (g * self.heads + h) * self.batch + b
-        return lax.rem(b * self.heads + h, self.dp_copies)
-
     def compiler_params(self):
         return plt.CompilerParams(
             num_warps=self.num_warps, num_stages=self.num_stages
         )
-
-
-# ---------------------------------------------------------------------------
-# A relaxed-ordering atomic add
-# ---------------------------------------------------------------------------
-#
-# `plt.atomic_add` lowers to acquire-release atomics at GPU scope, which
-# order every tile of atomics against all other memory traffic of the
-# program. The position-key gradient only needs atomicity (the kernel's end
-# orders everything), so this builds the same primitive with relaxed
-# semantics, reusing Pallas's abstract evaluation, interpreter (discharge)
-# rule and pointer computation. It relies on Pallas internals: if they are
-# missing (another jax version), `plt.atomic_add` is used instead.
-
-
-def _make_relaxed_atomic_add():
-    try:
-        from jax._src import core as jax_core
-        from jax._src import tree_util
-        from jax._src.lib.mlir import ir
-        from jax._src.lib.triton import dialect as tt_dialect
-        from jax._src.pallas.triton import lowering as tl
-        from jax._src.pallas.triton import primitives as tp
-        from jax._src.state import discharge as state_discharge
-        from jax._src.state import indexing
-        from jax._src.state import primitives as state_primitives
-
-        add = tp.AtomicOpType.ADD
-        prim = jax_core.Primitive("all_attention_relaxed_atomic_add")
-        prim.def_effectful_abstract_eval(tp._atomic_abstract_eval)
-        state_discharge.register_discharge_rule(prim)(tp._atomic_rmw_discharge_rule)
-        relaxed = tt_dialect.MemSemantic.RELAXED
-
-        @tl.register_lowering(prim)
-        def _lowering(ctx, *args_flat, args_tree, atomic_type):
-            del atomic_type
-            block_info, *_ = ctx.block_infos
-            ptr, indexers, val, mask = args_tree.unflatten(args_flat)
-            *_, value_aval, mask_aval = args_tree.unflatten(ctx.avals_in)
-            indexers = list(indexers)
-            if len(indexers) != 1 or not isinstance(indexers[0], indexing.NDIndexer):
-                raise NotImplementedError("one NDIndexer expected")
-            ptr = tl._compute_pointers_from_indices(ptr, block_info, indexers[0])
-            val = tl._ensure_ir_value(val, value_aval)
-            if mask is not None:
-                mask = tl._ensure_ir_value(mask, mask_aval)
-            if isinstance(val.type, ir.IntegerType):
-                raise NotImplementedError("float atomics only")
-            return tl._atomic_rmw(
-                tt_dialect.RMWOp.FADD, ptr, val, mask=mask, semantic=relaxed
-            )
-
-        def relaxed_atomic_add(ref, idx, val, *, mask=None):
-            x_ref, transforms = state_primitives.get_ref_and_transforms(
-                ref, idx, "atomic_rmw"
-            )
-            args_flat, args_tree = tree_util.tree_flatten(
-                (x_ref, transforms, val, mask)
-            )
-            return prim.bind(*args_flat, args_tree=args_tree, atomic_type=add)
-
-        return relaxed_atomic_add
-    except Exception:  # pragma: no cover - depends on jax internals
-        return None
-
-
-_relaxed_atomic_add = _make_relaxed_atomic_add()
-
-
-def _atomic_add(ref, idx, val, *, mask=None, relaxed=True):
-    if relaxed and _relaxed_atomic_add is not None:
-        return _relaxed_atomic_add(ref, idx, val, mask=mask)
-    return plt.atomic_add(ref, idx, val, mask=mask)
 
 
 # ---------------------------------------------------------------------------
@@ -377,20 +231,8 @@ def _dot_tn(a, b, cfg):  # a (k, m), b (k, n) -> (m, n) float32
     )
 
 
-def _barrier(cfg):
-    # A CTA barrier (bar.sync); meaningless (and unsupported) when the
-    # kernel is interpreted sequentially on the CPU.
-    if not cfg.interpret:
-        plt.debug_barrier()
-
-
 def _idiv(x, d):  # floor division of non-negative int32 values
     return lax.div(x, jnp.int32(d))
-
-
-def _slot(t, cfg):
-    # Ring slot of block/tile t (t may be slightly negative).
-    return lax.rem(t + cfg.slots * (cfg.nb + cfg.lag + 2), cfg.slots)
 
 
 def _span_limit(z, cfg):
@@ -468,9 +310,32 @@ def _store_vec(ref, b, h, start, size, limit, value):
     )
 
 
-def _p_block(pt_ref, col0, cfg):
-    """(BK, D) rows of the padded P^T for P columns [col0, col0 + BK)."""
-    return pt_ref[pl.ds(cfg.pad_front + col0, cfg.block_k), :]
+def _band_index(i0, j0, cfg):
+    """Rows `i` and QP columns `c = j - i` of the (BQ, BK) tile at (i0, j0),
+    and where they lie inside the (M, A) position scores."""
+    shape = (cfg.block_q, cfg.block_k)
+    i = i0 + lax.broadcasted_iota(jnp.int32, shape, 0)
+    c = j0 + lax.broadcasted_iota(jnp.int32, shape, 1) - i
+    inside = (i < cfg.queries) & (c >= 0) & (c < cfg.length)
+    return i, c, inside
+
+
+def _position_band(qp_ref, b, h, i0, j0, cfg):
+    """`q_i . P[:, j - i]` for the (BQ, BK) tile at (i0, j0), float32.
+
+    A gather from QP with the indices clamped into bounds: the entries
+    outside the band (distances not in 1..A, rows past M) read some other
+    in-bounds entry, and the caller masks them with the logits."""
+    i, c, _ = _band_index(i0, j0, cfg)
+    i = jnp.minimum(i, cfg.queries - 1)
+    c = jnp.clip(c, 0, cfg.length - 1)
+    return qp_ref[b, h, i, c].astype(jnp.float32)
+
+
+def _store_band(ds_ref, b, h, i0, j0, cfg, value):
+    """Writes the (BQ, BK) tile at (i0, j0) into the skewed (M, A) layout."""
+    i, c, inside = _band_index(i0, j0, cfg)
+    plt.store(ds_ref.at[b, h, i, c], value.astype(ds_ref.dtype), mask=inside)
 
 
 def _key_range(i0, rmax, cfg):
@@ -478,22 +343,6 @@ def _key_range(i0, rmax, cfg):
     j_lo = jnp.maximum(i0 + cfg.length - rmax, 0)
     j_hi = jnp.minimum(cfg.total - 1, i0 + cfg.block_q + cfg.length - 2)
     return _idiv(j_lo, cfg.block_k), _idiv(j_hi, cfg.block_k) + 1
-
-
-def _band_gather(ring_ref, idx, tile, cfg):
-    """Skewed position scores of key tile `tile` from the QP ring.
-
-    Entry (a, b) is `q_a . p` at P column `tile * BK - i0 + b - a`, which
-    lives in block `tile - nb + (b - a + nb BK) // BK` at column
-    `(b - a + nb BK) % BK`.
-    """
-    bq, bk = cfg.block_q, cfg.block_k
-    ar = lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-    bc = lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-    e = bc - ar + cfg.nb * bk
-    block = tile - cfg.nb + _idiv(e, bk)
-    col = _slot(block, cfg) * bk + lax.rem(e, jnp.int32(bk))
-    return ring_ref[idx + (ar, col)]
 
 
 def _online_update(state, t, vals, cfg, keep=None):
@@ -581,7 +430,7 @@ def _unpack(refs, names):
 
 
 def _input_names(cfg):
-    names = ["q", "k", "v", "pt"]
+    names = ["q", "k", "v", "qp"]
     names += ["mk", "mv"] if cfg.persistent else []
     names += ["z"] if cfg.has_span else []
     names += ["rk"] if cfg.has_dropout else []
@@ -597,14 +446,12 @@ def _fwd_kernel(cfg, *refs):
     names = _input_names(cfg) + ["o", "lse"]
     if cfg.separate_persistent:
         names += ["o_ctx", "o_pers", "lse_p"]
-    names += ["ring"]
     r = _unpack(refs, names)
     bq, bk, d = cfg.block_q, cfg.block_k, cfg.head_dim
     groups = cfg.groups(cfg.nq)
     g, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     z = r["z"][h].astype(jnp.float32) if cfg.has_span else None
     rmax = _span_limit(z, cfg)
-    ring_idx = (g, h, b)
 
     def tile_body(step, carry):
         qt = g + step * groups
@@ -613,22 +460,11 @@ def _fwd_kernel(cfg, *refs):
         rk = _load_keys(r, b, h, i0, cfg)
         kt_lo, kt_hi = _key_range(i0, rmax, cfg)
 
-        def store_qp(block):
-            qp = _dot_nt(q, _p_block(r["pt"], block * bk - i0, cfg), cfg)
-            r["ring"][ring_idx + (slice(None), pl.ds(_slot(block, cfg) * bk, bk))] = qp
-
-        for u in range(cfg.nb + cfg.lag):  # prologue: blocks before kt_lo+lag
-            store_qp(kt_lo - cfg.nb + u)
-        _barrier(cfg)
-
         def key_body(kt, state):
-            _barrier(cfg)
-            store_qp(kt + cfg.lag)
-            spos = _band_gather(r["ring"], ring_idx, kt, cfg)
             j0 = kt * bk
             kb = _load_rows(r["k"], b, j0, h, bk, cfg.total)
             vb = _load_rows(r["v"], b, j0, h, bk, cfg.total)
-            s = _dot_nt(q, kb, cfg) + spos
+            s = _dot_nt(q, kb, cfg) + _position_band(r["qp"], b, h, i0, j0, cfg)
             t, _, _ = _context_logits(s, i0, j0, z, cfg)
             keep = _context_dropout(rk, i0, j0, cfg, s.shape)
             return _online_update(state, t, vb, cfg, keep)
@@ -679,19 +515,13 @@ def _fwd_kernel(cfg, *refs):
 
 
 def _dkdv_kernel(cfg, *refs):
-    names = _input_names(cfg) + ["do", "lse", "delta", "dk", "dv", "ring"]
+    names = _input_names(cfg) + ["do", "lse", "delta", "dk", "dv"]
     r = _unpack(refs, names)
     bq, bk, d = cfg.block_q, cfg.block_k, cfg.head_dim
-    nb, lag = cfg.nb, cfg.lag
-    band_slots = lag + 2
-    band = (nb + 1) * bk
     groups = cfg.groups(cfg.nk)
     g, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     z = r["z"][h].astype(jnp.float32) if cfg.has_span else None
     rmax = _span_limit(z, cfg)
-    ring_idx = (g, h, b)
-    ar = lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-    bc = lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
 
     def tile_body(step, carry):
         kt = g + step * groups
@@ -704,33 +534,14 @@ def _dkdv_kernel(cfg, *refs):
         qt_lo = _idiv(i_lo, bq)
         qt_hi = jnp.where(i_hi >= i_lo, _idiv(jnp.maximum(i_hi, 0), bq) + 1, qt_lo)
 
-        def store_band(qt):
-            # Q_tile(qt) @ P blocks (j0 - i0) + beta BK, beta = -nb .. 0.
-            i0 = qt * bq
-            q = _load_rows(r["q"], b, i0, h, bq, cfg.queries)
-            base = lax.rem(qt, band_slots) * band
-            for beta in range(nb + 1):
-                col0 = j0 - i0 + (beta - nb) * bk
-                qp = _dot_nt(q, _p_block(r["pt"], col0, cfg), cfg)
-                r["ring"][ring_idx + (slice(None), pl.ds(base + beta * bk, bk))] = qp
-
-        for u in range(lag):
-            store_band(qt_lo + u)
-        _barrier(cfg)
-
         def q_body(qt, state):
             dk, dv = state
-            _barrier(cfg)
-            store_band(qt + lag)
             i0 = qt * bq
-            e = bc - ar + nb * bk
-            col = lax.rem(qt, band_slots) * band + e
-            spos = r["ring"][ring_idx + (ar, col)]
             q = _load_rows(r["q"], b, i0, h, bq, cfg.queries)
             do = _load_rows(r["do"], b, i0, h, bq, cfg.queries)
             lse = _load_vec(r["lse"], b, h, i0, bq, cfg.queries)
             delta = _load_vec(r["delta"], b, h, i0, bq, cfg.queries)
-            s = _dot_nt(q, kb, cfg) + spos
+            s = _dot_nt(q, kb, cfg) + _position_band(r["qp"], b, h, i0, j0, cfg)
             t, valid, _ = _context_logits(s, i0, j0, z, cfg)
             p = jnp.where(valid, jnp.exp(t - lse[:, None]), 0.0)
             keep = _context_dropout(_load_keys(r, b, h, i0, cfg), i0, j0, cfg, s.shape)
@@ -754,19 +565,16 @@ def _dq_kernel(cfg, *refs):
     names = _input_names(cfg) + ["do", "lse", "delta"]
     if cfg.separate_persistent:
         names += ["lse_p", "delta_p"]
-    names += ["dp_in", "dq", "dp", "dz", "ring", "ring_ds"]
+    names += ["dq", "ds", "dz"]
     r = _unpack(refs, names)
-    del r["dp_in"]  # aliased with r["dp"]
     bq, bk, d = cfg.block_q, cfg.block_k, cfg.head_dim
-    nb, lag = cfg.nb, cfg.lag
     groups = cfg.groups(cfg.nq)
     g, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     z = r["z"][h].astype(jnp.float32) if cfg.has_span else None
     rmax = _span_limit(z, cfg)
-    ring_idx = (g, h, b)
-    copy = cfg.dp_copy(g, h, b)
     ar = lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     bc = lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    store_ds = not _DEBUG["skip_ds_store"]
 
     def tile_body(step, dz):
         qt = g + step * groups
@@ -778,58 +586,33 @@ def _dq_kernel(cfg, *refs):
         rk = _load_keys(r, b, h, i0, cfg)
         kt_lo, kt_hi = _key_range(i0, rmax, cfg)
 
-        def store_qp(block):
-            qp = _dot_nt(q, _p_block(r["pt"], block * bk - i0, cfg), cfg)
-            r["ring"][ring_idx + (slice(None), pl.ds(_slot(block, cfg) * bk, bk))] = qp
+        if store_ds:
+            # dS is zero at the distances the span skips: write those tiles
+            # (all of the band that lies before kt_lo) so that every entry
+            # of the (M, A) layout is written once.
+            kt_first, _ = _key_range(i0, cfg.length, cfg)
+            zeros = jnp.zeros((bq, bk), jnp.float32)
 
-        for u in range(nb + lag):
-            store_qp(kt_lo - nb + u)
-        _barrier(cfg)
+            def zero_body(kt, carry):
+                _store_band(r["ds"], b, h, i0, kt * bk, cfg, zeros)
+                return carry
 
-        def position_block(block, dq, tile_hi):
-            # Score gradients of P block `block` (columns block BK - i0 + w):
-            # entry (a, w) comes from tile block + (w + a) // BK, column
-            # (w + a) % BK, for tiles in [kt_lo, tile_hi).
-            e = bc + ar
-            tile = block + _idiv(e, bk)
-            col = _slot(tile, cfg) * bk + lax.rem(e, jnp.int32(bk))
-            dsb = r["ring_ds"][ring_idx + (ar, col)]
-            dsb = jnp.where((tile >= kt_lo) & (tile < tile_hi), dsb, 0.0)
-            col0 = block * bk - i0
-            pb = _p_block(r["pt"], col0, cfg)
-            dq = dq + _dot_nn(dsb.astype(pb.dtype), pb, cfg)
-            dpb = _dot_tn(dsb.astype(q.dtype), q, cfg)  # (BK, D)
-            if not _DEBUG["skip_dp_atomics"]:
-                # Blocks before kt_lo - nb get nothing (the first iterations
-                # of the main loop); masked atomics touch no memory. (The
-                # interpreter has no masked atomics: it adds the zeros.)
-                mask = None
-                if not cfg.interpret:
-                    mask = jnp.full((bk, d), block >= kt_lo - nb)
-                _atomic_add(
-                    r["dp"],
-                    (copy, pl.ds(cfg.pad_front + col0, bk), slice(None)),
-                    dpb,
-                    mask=mask,
-                    relaxed=not _DEBUG["acq_rel_atomics"],
-                )
-            return dq
+            lax.fori_loop(kt_first, kt_lo, zero_body, 0)
 
         def key_body(kt, state):
             dq, dz = state
-            _barrier(cfg)
-            store_qp(kt + lag)
-            spos = _band_gather(r["ring"], ring_idx, kt, cfg)
             j0 = kt * bk
             kb = _load_rows(r["k"], b, j0, h, bk, cfg.total)
             vb = _load_rows(r["v"], b, j0, h, bk, cfg.total)
-            s = _dot_nt(q, kb, cfg) + spos
+            s = _dot_nt(q, kb, cfg) + _position_band(r["qp"], b, h, i0, j0, cfg)
             t, valid, raw = _context_logits(s, i0, j0, z, cfg)
             p = jnp.where(valid, jnp.exp(t - lse[:, None]), 0.0)
             keep = _context_dropout(rk, i0, j0, cfg, s.shape)
             dp = _dropped(_dot_nt(do, vb, cfg), keep)
             ds = p * (dp - delta[:, None])
             dq = dq + _dot_nn(ds.astype(kb.dtype), kb, cfg)
+            if store_ds:
+                _store_band(r["ds"], b, h, i0, j0, cfg, ds)
             if cfg.has_span:
                 # d/dz over the distances whose unclipped mask lies in
                 # [0, 1], ends included (torch.clamp's gradient in the
@@ -853,17 +636,10 @@ def _dq_kernel(cfg, *refs):
                     return jnp.sum(jnp.sum(contrib, axis=1), axis=0)
 
                 dz = lax.cond(touches, lambda acc: acc + ramp_sum(), lambda acc: acc, dz)
-            r["ring_ds"][ring_idx + (slice(None), pl.ds(_slot(kt, cfg) * bk, bk))] = ds
-            dq = position_block(kt - nb - lag, dq, kt_hi)
             return dq, dz
 
         dq, dz = lax.fori_loop(
             kt_lo, kt_hi, key_body, (jnp.zeros((bq, d), jnp.float32), dz)
-        )
-        _barrier(cfg)
-        first = jnp.maximum(kt_lo - nb, kt_hi - nb - lag)
-        dq = lax.fori_loop(
-            first, kt_hi, lambda blk, dq: position_block(blk, dq, kt_hi), dq
         )
 
         if cfg.persistent:
@@ -883,7 +659,7 @@ def _dq_kernel(cfg, *refs):
                 return dq + _dot_nn(du.astype(mk.dtype), mk, cfg)
 
             dq = lax.fori_loop(0, cfg.nn, pers_body, dq)
-        _store_rows(r["dq"], b, i0, h, bq, cfg.queries, dq * cfg.scale)
+        _store_rows(r["dq"], b, i0, h, bq, cfg.queries, dq)
         return dz
 
     steps = _idiv(cfg.nq - g + groups - 1, groups)
@@ -944,8 +720,16 @@ def _sds(shape, dtype):
     return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), dtype)
 
 
-def _inputs(cfg, q, k, v, pt, mk, mv, z, rk):
-    args = [q, k, v, pt]
+def _position_scores(cfg, q, pos):
+    """QP (B, H, M, A) = Q P in the dtype of q, float32 accumulation."""
+    return jnp.einsum(
+        "bmhd,da->bhma", q, pos, precision=cfg.precision,
+        preferred_element_type=jnp.float32,
+    ).astype(q.dtype)
+
+
+def _inputs(cfg, q, k, v, qp, mk, mv, z, rk):
+    args = [q, k, v, qp]
     if cfg.persistent:
         args += [mk, mv]
     if cfg.has_span:
@@ -955,9 +739,10 @@ def _inputs(cfg, q, k, v, pt, mk, mv, z, rk):
     return args
 
 
-def _forward(cfg, q, k, v, pt, mk, mv, z, rk):
+def _forward(cfg, q, k, v, pos, mk, mv, z, rk):
     B, M, H, D = q.shape
     groups = cfg.groups(cfg.nq)
+    qp = _position_scores(cfg, q, pos)
     out_shape = [_sds((B, M, H, D), q.dtype), _sds((B, H, M), jnp.float32)]
     if cfg.separate_persistent:
         out_shape += [
@@ -965,16 +750,14 @@ def _forward(cfg, q, k, v, pt, mk, mv, z, rk):
             _sds((B, M, H, D), jnp.float32),
             _sds((B, H, M), jnp.float32),
         ]
-    out_shape += [_sds((groups, H, B, cfg.block_q, cfg.slots * cfg.block_k), jnp.float32)]
-    outs = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg),
         grid=(groups, H, B),
         out_shape=out_shape,
         compiler_params=cfg.compiler_params(),
         interpret=cfg.interpret,
         name="all_attention_fwd",
-    )(*_inputs(cfg, q, k, v, pt, mk, mv, z, rk))
-    return outs[:-1]
+    )(*_inputs(cfg, q, k, v, qp, mk, mv, z, rk))
 
 
 def _deltas(cfg, res, do):
@@ -990,60 +773,62 @@ def _deltas(cfg, res, do):
     return row_dot(o), None
 
 
-def _dkdv_call(cfg, res, do, delta):
+def _dkdv_call(cfg, res, qp, do, delta):
     cfg = cfg.dkdv
-    q, k, v, pt, mk, mv, z, rk, _, lse, _, _, _ = res
+    q, k, v, _, mk, mv, z, rk, _, lse, _, _, _ = res
     H, B = cfg.heads, cfg.batch
     groups = cfg.groups(cfg.nk)
-    band_width = (cfg.lag + 2) * (cfg.nb + 1) * cfg.block_k
-    dk, dv, _ = pl.pallas_call(
+    dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg),
         grid=(groups, H, B),
-        out_shape=[
-            _sds(k.shape, k.dtype),
-            _sds(v.shape, v.dtype),
-            _sds((groups, H, B, cfg.block_q, band_width), jnp.float32),
-        ],
+        out_shape=[_sds(k.shape, k.dtype), _sds(v.shape, v.dtype)],
         compiler_params=cfg.compiler_params(),
         interpret=cfg.interpret,
         name="all_attention_dkdv",
-    )(*_inputs(cfg, q, k, v, pt, mk, mv, z, rk), do, lse, delta)
+    )(*_inputs(cfg, q, k, v, qp, mk, mv, z, rk), do, lse, delta)
     return dk, dv
 
 
-def _dq_call(cfg, res, do, delta, delta_p):
-    """dQ, the gradient of the padded P^T and d span_ratio."""
+def _dq_call(cfg, res, qp, do, delta, delta_p):
+    """The kernel's share of dQ (context keys and persistent keys, unscaled,
+    float32), the score gradients dS (B, H, M, A) and d span_ratio."""
     cfg = cfg.dq
-    q, k, v, pt, mk, mv, z, rk, _, lse, _, _, lse_p = res
-    H, B, D = cfg.heads, cfg.batch, cfg.head_dim
+    q, k, v, _, mk, mv, z, rk, _, lse, _, _, lse_p = res
+    H, B = cfg.heads, cfg.batch
     f32 = jnp.float32
     groups = cfg.groups(cfg.nq)
-    base = _inputs(cfg, q, k, v, pt, mk, mv, z, rk)
     extra = [do, lse, delta]
     if cfg.separate_persistent:
         extra += [lse_p, delta_p]
-    dp0 = jnp.zeros((cfg.dp_copies, cfg.p_rows, D), f32)
-    ring_shape = (groups, H, B, cfg.block_q, cfg.slots * cfg.block_k)
-    dq, dp, dz, _, _ = pl.pallas_call(
+    dq, ds, dz = pl.pallas_call(
         functools.partial(_dq_kernel, cfg),
         grid=(groups, H, B),
         out_shape=[
-            _sds(q.shape, q.dtype),
-            _sds(dp0.shape, f32),
+            _sds(q.shape, f32),
+            _sds(qp.shape, q.dtype),
             _sds((groups, H, B), f32),
-            _sds(ring_shape, f32),
-            _sds(ring_shape, f32),
         ],
-        input_output_aliases={len(base) + len(extra): 1},
         compiler_params=cfg.compiler_params(),
         interpret=cfg.interpret,
         name="all_attention_dq",
-    )(*base, *extra, dp0)
-    # Gradient of the padded P^T (the padding rows receive exact zeros and
-    # are dropped by the VJP of the padding outside).
-    dpt = (jnp.sum(dp, axis=0) * cfg.scale).astype(pt.dtype)
+    )(*_inputs(cfg, q, k, v, qp, mk, mv, z, rk), *extra)
     dz = jnp.sum(dz, axis=(0, 2)) if cfg.has_span else None
-    return dq, dpt, dz
+    return dq, ds, dz
+
+
+def _position_gradients(cfg, q, pos, dq, ds):
+    """Adds the position term's share `dS P^T` to the kernel's dQ and returns
+    (dQ, d position_keys = Q^T dS summed over batch, heads and queries)."""
+    f32 = jnp.float32
+    dq = dq + jnp.einsum(
+        "bhma,da->bmhd", ds, pos.astype(ds.dtype), precision=cfg.precision,
+        preferred_element_type=f32,
+    )
+    dpos = jnp.einsum(
+        "bmhd,bhma->da", q, ds.astype(q.dtype), precision=cfg.precision,
+        preferred_element_type=f32,
+    )
+    return (dq * cfg.scale).astype(q.dtype), (dpos * cfg.scale).astype(pos.dtype)
 
 
 def _persistent_call(cfg, res, do, delta, delta_p):
@@ -1069,29 +854,32 @@ def _persistent_call(cfg, res, do, delta, delta_p):
 
 
 def _backward(cfg, res, do):
-    do = do.astype(res[0].dtype)
+    q, pos = res[0], res[3]
+    do = do.astype(q.dtype)
     delta, delta_p = _deltas(cfg, res, do)
-    dk, dv = _dkdv_call(cfg, res, do, delta)
-    dq, dpt, dz = _dq_call(cfg, res, do, delta, delta_p)
+    qp = _position_scores(cfg, q, pos)
+    dk, dv = _dkdv_call(cfg, res, qp, do, delta)
+    dq, ds, dz = _dq_call(cfg, res, qp, do, delta, delta_p)
+    dq, dpos = _position_gradients(cfg, q, pos, dq, ds)
     dmk = dmv = None
     if cfg.persistent:
         dmk, dmv = _persistent_call(cfg, res, do, delta, delta_p)
     # The dropout row keys are integers: no cotangent.
-    return dq, dk, dv, dpt, dmk, dmv, dz, None
+    return dq, dk, dv, dpos, dmk, dmv, dz, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg, q, k, v, pt, mk, mv, z, rk):
-    return _forward(cfg, q, k, v, pt, mk, mv, z, rk)[0]
+def _attention(cfg, q, k, v, pos, mk, mv, z, rk):
+    return _forward(cfg, q, k, v, pos, mk, mv, z, rk)[0]
 
 
-def _attention_fwd(cfg, q, k, v, pt, mk, mv, z, rk):
-    outs = _forward(cfg, q, k, v, pt, mk, mv, z, rk)
+def _attention_fwd(cfg, q, k, v, pos, mk, mv, z, rk):
+    outs = _forward(cfg, q, k, v, pos, mk, mv, z, rk)
     o, lse = outs[0], outs[1]
     o_ctx = o_pers = lse_p = None
     if cfg.separate_persistent:
         o_ctx, o_pers, lse_p = outs[2:]
-    return o, (q, k, v, pt, mk, mv, z, rk, o, lse, o_ctx, o_pers, lse_p)
+    return o, (q, k, v, pos, mk, mv, z, rk, o, lse, o_ctx, o_pers, lse_p)
 
 
 def _attention_bwd(cfg, res, do):
@@ -1159,16 +947,16 @@ def pallas_all_attention(
         precision: None (default matmul precision: TF32 for float32 inputs
             on the GPU) or "highest" (exact float32 products).
         num_programs: programs a grid aims at; each program loops over
-            `ceil(tiles / groups)` tiles (sets the scratch size).
+            `ceil(tiles / groups)` tiles.
         backward_blocks: None or a pair of tuples `(block_q, block_k)` or
             `(block_q, block_k, num_warps, num_stages)`: the tiles of the
             dK/dV and of the dQ kernel. None: `(block_q / 2, block_k)` and
             `(block_q, block_k / 2, num_warps, num_stages + 1)` (tiles at
             least 16), the best of the shapes timed on an H100 for D = 64
             (with 64x64 forward tiles: dK/dV 32x64, dQ 64x32 with 3 stages).
-        deterministic: bitwise reproducible gradients at the memory cost
-            described in the module docstring; None: the mode of
-            `keras_allattn.ops.attention.is_deterministic()` when traced.
+        deterministic: None, True or False; accepted for the dispatcher's
+            sake: the kernels' gradients are bitwise reproducible in every
+            mode (no atomics, partials summed in a fixed order).
         dropout_rate: float in [0, 1), the attention dropout rate.
         dropout_keys: int32 (B, H, M) row keys of the dropout mask
             (`keras_allattn.ops.random.attention_dropout_keys` of the
@@ -1194,7 +982,7 @@ def _prepare(
     dropout_keys=None,
 ):
     """Validates the arguments; returns the static config and kernel inputs."""
-    deterministic = resolve_deterministic(deterministic)
+    resolve_deterministic(deterministic)  # validates the argument
     dropout_rate = float(dropout_rate)
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(
@@ -1293,17 +1081,10 @@ def _prepare(
         programs=int(num_programs),
         dkdv_blocks=dkdv_blocks,
         dq_blocks=dq_blocks,
-        deterministic=deterministic,
         dropout=dropout_rate,
     )
-    pads = [c.required_pads() for c in (cfg, cfg.dkdv, cfg.dq)]
-    cfg = dataclasses.replace(
-        cfg, pads=(max(p[0] for p in pads), max(p[1] for p in pads))
-    )
     dtype = query.dtype
-    # P^T (A, D) padded with zero rows so every block load is in bounds.
-    pt = jnp.transpose(position_keys.astype(dtype))
-    pt = jnp.pad(pt, ((cfg.pad_front, cfg.pad_back), (0, 0)))
+    pos = position_keys.astype(dtype)
     mk = mv = z = None
     if N:
         mk = persistent_keys.astype(dtype)
@@ -1313,4 +1094,4 @@ def _prepare(
     key = key.astype(dtype)
     value = value.astype(dtype)
     rk = None if dropout_keys is None else dropout_keys.astype(jnp.int32)
-    return cfg, (query, key, value, pt, mk, mv, z, rk)
+    return cfg, (query, key, value, pos, mk, mv, z, rk)
