@@ -29,11 +29,11 @@ pallas_calls pass Triton `CompilerParams`, which selects the Triton lowering
 The relative-position term. Entry (i, j) of the context scores needs
 `q_i . P[:, j - i]` (column `c = j - i` of position_keys holds the key of
 distance `A - c`). Outside the kernels, one XLA matmul per call computes
-the position scores `QP = Q P` (B, H, M, A) in the inputs' dtype (float32
+the position scores `QP = Q P` (B, M, H, A) in the inputs' dtype (float32
 accumulation); a kernel reads the band of a (query tile, key tile) pair from
 it with one gather load, `QP[i, j - i]`, contiguous along the keys (the rows
 of the band are consecutive columns of QP). In the backward, the dQ kernel
-writes the score gradients `dS` (B, H, M, A) back in the same skewed layout
+writes the score gradients `dS` (B, M, H, A) back in the same skewed layout
 with one masked scatter store per tile (zeros for the distances the span
 skips), and two XLA matmuls give the position term's share of dQ (`dS P^T`)
 and the gradient of position_keys (`Q^T dS`, summed over batch, heads and
@@ -329,13 +329,13 @@ def _position_band(qp_ref, b, h, i0, j0, cfg):
     i, c, _ = _band_index(i0, j0, cfg)
     i = jnp.minimum(i, cfg.queries - 1)
     c = jnp.clip(c, 0, cfg.length - 1)
-    return qp_ref[b, h, i, c].astype(jnp.float32)
+    return qp_ref[b, i, h, c].astype(jnp.float32)
 
 
 def _store_band(ds_ref, b, h, i0, j0, cfg, value):
     """Writes the (BQ, BK) tile at (i0, j0) into the skewed (M, A) layout."""
     i, c, inside = _band_index(i0, j0, cfg)
-    plt.store(ds_ref.at[b, h, i, c], value.astype(ds_ref.dtype), mask=inside)
+    plt.store(ds_ref.at[b, i, h, c], value.astype(ds_ref.dtype), mask=inside)
 
 
 def _key_range(i0, rmax, cfg):
@@ -721,9 +721,10 @@ def _sds(shape, dtype):
 
 
 def _position_scores(cfg, q, pos):
-    """QP (B, H, M, A) = Q P in the dtype of q, float32 accumulation."""
+    """QP (B, M, H, A) = Q P in the dtype of q, float32 accumulation: one
+    (B M H, D) x (D, A) matmul, no transpose."""
     return jnp.einsum(
-        "bmhd,da->bhma", q, pos, precision=cfg.precision,
+        "bmhd,da->bmha", q, pos, precision=cfg.precision,
         preferred_element_type=jnp.float32,
     ).astype(q.dtype)
 
@@ -791,7 +792,7 @@ def _dkdv_call(cfg, res, qp, do, delta):
 
 def _dq_call(cfg, res, qp, do, delta, delta_p):
     """The kernel's share of dQ (context keys and persistent keys, unscaled,
-    float32), the score gradients dS (B, H, M, A) and d span_ratio."""
+    float32), the score gradients dS (B, M, H, A) and d span_ratio."""
     cfg = cfg.dq
     q, k, v, _, mk, mv, z, rk, _, lse, _, _, lse_p = res
     H, B = cfg.heads, cfg.batch
@@ -821,11 +822,11 @@ def _position_gradients(cfg, q, pos, dq, ds):
     (dQ, d position_keys = Q^T dS summed over batch, heads and queries)."""
     f32 = jnp.float32
     dq = dq + jnp.einsum(
-        "bhma,da->bmhd", ds, pos.astype(ds.dtype), precision=cfg.precision,
+        "bmha,da->bmhd", ds, pos.astype(ds.dtype), precision=cfg.precision,
         preferred_element_type=f32,
     )
     dpos = jnp.einsum(
-        "bmhd,bhma->da", q, ds.astype(q.dtype), precision=cfg.precision,
+        "bmhd,bmha->da", q, ds.astype(q.dtype), precision=cfg.precision,
         preferred_element_type=f32,
     )
     return (dq * cfg.scale).astype(q.dtype), (dpos * cfg.scale).astype(pos.dtype)
@@ -857,7 +858,10 @@ def _backward(cfg, res, do):
     q, pos = res[0], res[3]
     do = do.astype(q.dtype)
     delta, delta_p = _deltas(cfg, res, do)
-    qp = _position_scores(cfg, q, pos)
+    # Recomputed, not kept from the forward: the barrier stops XLA from
+    # merging the two matmuls (common subexpressions), which would keep
+    # every layer's QP alive from its forward to its backward.
+    qp = _position_scores(cfg, *lax.optimization_barrier((q, pos)))
     dk, dv = _dkdv_call(cfg, res, qp, do, delta)
     dq, ds, dz = _dq_call(cfg, res, qp, do, delta, delta_p)
     dq, dpos = _position_gradients(cfg, q, pos, dq, ds)
@@ -950,10 +954,11 @@ def pallas_all_attention(
             `ceil(tiles / groups)` tiles.
         backward_blocks: None or a pair of tuples `(block_q, block_k)` or
             `(block_q, block_k, num_warps, num_stages)`: the tiles of the
-            dK/dV and of the dQ kernel. None: `(block_q / 2, block_k)` and
+            dK/dV and of the dQ kernel. None: `(block_q, block_k)` and
             `(block_q, block_k / 2, num_warps, num_stages + 1)` (tiles at
-            least 16), the best of the shapes timed on an H100 for D = 64
-            (with 64x64 forward tiles: dK/dV 32x64, dQ 64x32 with 3 stages).
+            least 16), the best of the shapes timed on an H200 for D = 64
+            with the recipe's dropout (with 64x64 forward tiles: dK/dV
+            64x64, dQ 64x32 with 3 stages).
         deterministic: None, True or False; accepted for the dispatcher's
             sake: the kernels' gradients are bitwise reproducible in every
             mode (no atomics, partials summed in a fixed order).
@@ -1025,7 +1030,7 @@ def _prepare(
     block_n = block_k if block_n is None else block_n
     if backward_blocks is None:
         backward_blocks = (
-            (max(16, block_q // 2), block_k),
+            (block_q, block_k),
             (block_q, max(16, block_k // 2), num_warps, num_stages + 1),
         )
     try:
