@@ -275,12 +275,10 @@ position)
   # training throughput (fixed 2048, adaptive ~1024, fixed 1024).
   kc="python3 benchmarks/kernel_check.py --no-check --profile --only enwik8_small_bf16"
   lane0() {
-    step pallas_check 200 env KERAS_BACKEND=jax python3 benchmarks/kernel_check.py \
-      --no-time --only smoke_odd_shapes,smoke_separate_q128_k32,smoke_context_only_q32_k128,enwik8_small_bf16
     step pallas_check_dropout 150 env KERAS_BACKEND=jax python3 benchmarks/kernel_check.py \
-      --no-time --dropout 0.3 --only smoke_odd_shapes,enwik8_small_bf16
-    step pallas_profile 200 env KERAS_BACKEND=jax $kc
-    step pallas_profile_dropout 200 env KERAS_BACKEND=jax $kc --dropout 0.3
+      --no-time --dropout 0.3 --only smoke_odd_shapes,smoke_separate_q128_k32,enwik8_small_bf16
+    step pallas_profile_dropout 200 env KERAS_BACKEND=jax $kc --dropout 0.3 --profile-tiles ${PROFILE_TILES:-2}
+    [ -n "${PROFILE_PLAIN:-}" ] && step pallas_profile 200 env KERAS_BACKEND=jax $kc
   }
   lane1() {
     step jax_fixed_dropout 150 env KERAS_BACKEND=jax $tp --span fixed:2048 --dropout 0.3
