@@ -285,6 +285,45 @@ def test_deterministic_mode(monkeypatch):
         config("yes")
 
 
+def test_batch_chunks_match_portable_path(monkeypatch):
+    """Where the position scores of the batch exceed the cap, the passes run
+    over batch chunks (here one row each, with dropout): the same function
+    and gradients, the chunks' partial sums (position keys, persistent
+    vectors, span ratios) added up."""
+    from keras_allattn.ops import pallas_attention
+    from keras_allattn.ops.random import attention_dropout_keys
+
+    name = "joint_span_persistent"
+    b, m, a, h, _, _, _, integration, options = CONFIGS[name]
+    monkeypatch.setattr(pallas_attention, "_POSITION_BYTES", h * m * a * 4)
+    inputs, cotangent = make_inputs(name)
+    seed = jnp.asarray([7, 8], jnp.uint32)
+    keys = attention_dropout_keys(seed, b, h, m)
+    span_args = dict(max_span=MAX_SPAN, span_ramp=RAMP, integration=integration)
+
+    def kernel(q, k, v, pos, mk, mv, z):
+        cfg, _ = pallas_attention._prepare(
+            q, k, v, pos, mk, mv, z, MAX_SPAN, RAMP, integration, True,
+            options["block_q"], options["block_k"], None, 4, 2, None,
+            options["num_programs"], options["backward_blocks"],
+        )
+        assert pallas_attention._batch_chunks(cfg, 4) == b
+        return pallas_all_attention(
+            q, k, v, pos, mk, mv, z, interpret=True, dropout_rate=0.2,
+            dropout_keys=keys, **span_args, **options,
+        )
+
+    def portable(q, k, v, pos, mk, mv, z):
+        return portable_all_attention(
+            q, k, v, pos, mk, mv, z, dropout_rate=0.2, dropout_seed=seed,
+            **span_args,
+        )
+
+    got = _vjp(kernel, inputs, cotangent, jnp.float32)
+    want = _vjp(portable, inputs, cotangent, jnp.float32)
+    _compare(got, want)
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_dropout_matches_portable_path_exactly(name):
     """With attention dropout the kernels draw the portable path's mask

@@ -20,7 +20,13 @@ can reach (`max_span`: adaptive spans may grow to it):
   with `remat="layer"` the keys and values are dropped, the twelve
   `B x M x d` tensors stay (most lie outside the attention layer);
 - what one layer's recomputation needs at a time (its keys, values and
-  rows with their gradients, or the portable path's scores).
+  rows with their gradients, or the portable path's scores);
+- on JAX, the fused kernels' position-score transients: the Pallas path
+  builds the position scores `Q P` and their gradients (`B H M max_span`
+  values each, in batch chunks of at most 512 MiB) outside the kernels;
+  with the whole batch in one chunk the peak held about five such buffers
+  at once (23.7 GiB measured at fixed span 2048, 18.1 before the scores
+  moved out of the kernels), counted here for one chunk.
 
 Calibrated on one H200 (JAX, bf16, batch 64, recipe dropout), estimated /
 measured peak: enwik8_small fused at fixed span 2048 18.1 / 18.1 GiB, at
@@ -55,6 +61,9 @@ PORTABLE_SCORE_BYTES = 8
 GIB = 2**30
 # PyTorch's activation memory against the JAX-calibrated estimate.
 TORCH_FACTOR = 1.4
+# Position-score-sized (B, M, H, A) buffers the JAX fused path holds at once
+# (QP of the forward or the backward, dS, their layout copies).
+JAX_POSITION_BUFFERS = 5
 
 
 def memory_budget_bytes():
@@ -151,6 +160,10 @@ def training_memory_bytes(model, remat, fused=None):
             at_once = scores
         else:
             kept += scores
+    if fused and keras.backend.backend() == "jax":
+        at_once += JAX_POSITION_BUFFERS * _position_chunk_bytes(
+            b, model.num_heads, m, span, c
+        )
     vocabulary = model.vocabulary_size if model.adaptive_softmax is None else d
     logits = 3 * b * m * vocabulary * 4
     activations = model.num_layers * kept + at_once + logits
@@ -160,6 +173,15 @@ def training_memory_bytes(model, remat, fused=None):
         # estimate gives 36.5 (enwik8_large, full span, remat="layer").
         activations *= TORCH_FACTOR
     return int(params + state + activations)
+
+
+def _position_chunk_bytes(batch, heads, queries, span, itemsize):
+    """Bytes of the position scores of one batch chunk of the Pallas path
+    (it splits the batch so that they stay under its cap)."""
+    from keras_allattn.ops.pallas_attention import position_chunks
+
+    n = position_chunks(batch, heads, queries, span, itemsize)
+    return (batch // n) * heads * queries * span * itemsize
 
 
 def _parameter_count(model):

@@ -37,9 +37,11 @@ writes the score gradients `dS` (B, M, H, A) back in the same skewed layout
 with one masked scatter store per tile (zeros for the distances the span
 skips), and two XLA matmuls give the position term's share of dQ (`dS P^T`)
 and the gradient of position_keys (`Q^T dS`, summed over batch, heads and
-queries). The forward's QP is recomputed in the backward rather than kept:
-each is a transient of 2 B H M A bytes in bfloat16 (1 GiB at B = 64,
-H = 8, M = 512, A = 2048) while one layer runs.
+queries). The forward's QP is recomputed in the backward rather than kept.
+QP and dS are transients of 2 B H M A bytes each in bfloat16 (1 GiB at
+B = 64, H = 8, M = 512, A = 2048) while one layer runs; where they would
+exceed `_POSITION_BYTES` (512 MiB) each pass runs over batch chunks, one
+after the other (`lax.map`), so the transients do not grow with the span.
 
 * forward: one program per (query-tile group, head, batch row); it loops over
   its query tiles, and for each over the key tiles inside the head's span
@@ -104,6 +106,11 @@ _DEFAULT_PROGRAMS = 1024
 # Profiling switch (read when kernels are traced; benchmarks only): the dQ
 # kernel skips its dS store, to time the store's share.
 _DEBUG = {"skip_ds_store": False}
+# Cap on the position scores QP (and dS) of one pass: a larger batch runs in
+# chunks, one after the other (`lax.map`), so the transients stay near this
+# size whatever the span (at A = 8192, B = 64, H = 8, M = 512 in bfloat16
+# the scores of the whole batch would take 4 GiB each).
+_POSITION_BYTES = 512 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -740,7 +747,46 @@ def _inputs(cfg, q, k, v, qp, mk, mv, z, rk):
     return args
 
 
+def position_chunks(batch, heads, queries, length, itemsize):
+    """Batch chunks the Pallas passes run one after the other: the fewest (a
+    divisor of `batch`) whose position scores, `heads * queries * length`
+    values of `itemsize` bytes per batch row, fit `_POSITION_BYTES`."""
+    per_row = heads * queries * length * itemsize
+    for n in range(1, batch + 1):
+        if batch % n == 0 and (batch // n) * per_row <= _POSITION_BYTES:
+            return n
+    return batch
+
+
+def _batch_chunks(cfg, itemsize):
+    return position_chunks(
+        cfg.batch, cfg.heads, cfg.queries, cfg.length, itemsize
+    )
+
+
+def _split(x, n):
+    return None if x is None else x.reshape((n, x.shape[0] // n) + x.shape[1:])
+
+
+def _merge(x):
+    return None if x is None else x.reshape((-1,) + x.shape[2:])
+
+
 def _forward(cfg, q, k, v, pos, mk, mv, z, rk):
+    n = _batch_chunks(cfg, q.dtype.itemsize)
+    if n == 1:
+        return _forward_chunk(cfg, q, k, v, pos, mk, mv, z, rk)
+    part = dataclasses.replace(cfg, batch=cfg.batch // n)
+
+    def body(xs):
+        qc, kc, vc, rkc = xs
+        return _forward_chunk(part, qc, kc, vc, pos, mk, mv, z, rkc)
+
+    outs = lax.map(body, tuple(_split(x, n) for x in (q, k, v, rk)))
+    return [_merge(o) for o in outs]
+
+
+def _forward_chunk(cfg, q, k, v, pos, mk, mv, z, rk):
     B, M, H, D = q.shape
     groups = cfg.groups(cfg.nq)
     qp = _position_scores(cfg, q, pos)
@@ -819,7 +865,8 @@ def _dq_call(cfg, res, qp, do, delta, delta_p):
 
 def _position_gradients(cfg, q, pos, dq, ds):
     """Adds the position term's share `dS P^T` to the kernel's dQ and returns
-    (dQ, d position_keys = Q^T dS summed over batch, heads and queries)."""
+    (dQ, d position_keys = Q^T dS summed over batch, heads and queries, in
+    float32)."""
     f32 = jnp.float32
     dq = dq + jnp.einsum(
         "bmha,da->bmhd", ds, pos.astype(ds.dtype), precision=cfg.precision,
@@ -829,7 +876,7 @@ def _position_gradients(cfg, q, pos, dq, ds):
         "bmhd,bmha->da", q, ds.astype(q.dtype), precision=cfg.precision,
         preferred_element_type=f32,
     )
-    return (dq * cfg.scale).astype(q.dtype), (dpos * cfg.scale).astype(pos.dtype)
+    return (dq * cfg.scale).astype(q.dtype), dpos * cfg.scale
 
 
 def _persistent_call(cfg, res, do, delta, delta_p):
@@ -849,12 +896,47 @@ def _persistent_call(cfg, res, do, delta, delta_p):
         interpret=cfg.interpret,
         name="all_attention_persistent",
     )(q, mk, mv, do, lse_x, delta_x, *([rk] if cfg.has_dropout else []))
-    dmk = jnp.sum(dmk, axis=0).astype(mk.dtype)
-    dmv = jnp.sum(dmv, axis=0).astype(mv.dtype)
-    return dmk, dmv
+    return jnp.sum(dmk, axis=0), jnp.sum(dmv, axis=0)  # float32
+
+
+# Indices of the residuals (see `_attention_fwd`) that have a batch axis.
+_BATCHED = (0, 1, 2, 7, 8, 9, 10, 11, 12)
 
 
 def _backward(cfg, res, do):
+    q, pos, mk, mv = res[0], res[3], res[4], res[5]
+    n = _batch_chunks(cfg, q.dtype.itemsize)
+    if n == 1:
+        grads = _backward_chunk(cfg, res, do)
+    else:
+        part = dataclasses.replace(cfg, batch=cfg.batch // n)
+
+        def body(xs):
+            chunk, do_c = xs
+            full = list(res)
+            for i, x in zip(_BATCHED, chunk):
+                full[i] = x
+            return _backward_chunk(part, tuple(full), do_c)
+
+        chunks = tuple(_split(res[i], n) for i in _BATCHED)
+        grads = lax.map(body, (chunks, _split(do, n)))
+        dq, dk, dv, dpos, dmk, dmv, dz, _ = grads
+
+        def total(x):
+            return None if x is None else jnp.sum(x, axis=0)
+
+        grads = (_merge(dq), _merge(dk), _merge(dv), total(dpos), total(dmk),
+                 total(dmv), total(dz), None)
+    dq, dk, dv, dpos, dmk, dmv, dz, _ = grads
+    dpos = dpos.astype(pos.dtype)
+    if cfg.persistent:
+        dmk, dmv = dmk.astype(mk.dtype), dmv.astype(mv.dtype)
+    # The dropout row keys are integers: no cotangent.
+    return dq, dk, dv, dpos, dmk, dmv, dz, None
+
+
+def _backward_chunk(cfg, res, do):
+    """Gradients of one batch chunk; dpos, dmk, dmv, dz in float32."""
     q, pos = res[0], res[3]
     do = do.astype(q.dtype)
     delta, delta_p = _deltas(cfg, res, do)
