@@ -380,8 +380,10 @@ def train_variant(name, seed, corpus, args, out):
     ]
 
     cap = args.cap_eval_tokens_for_testing
+    scoring = time.perf_counter()
     valid = evaluate_stream(model, corpus.valid[:cap], batch_size=8, verbose=0)
     test = evaluate_stream(model, corpus.test[:cap], batch_size=8, verbose=0)
+    scoring = time.perf_counter() - scoring
     steady = statistics.median(clock.seconds[1:] or clock.seconds)
     tokens_per_step = args.batch_size * args.block_size
     record = {
@@ -407,6 +409,7 @@ def train_variant(name, seed, corpus, args, out):
         "first_step_seconds": round(clock.seconds[0], 2),
         "train_seconds": round(train_seconds, 2),
         "curve": curve,
+        "final_scoring_seconds": round(scoring, 1),
         "valid_bits": round(valid["bits_per_token"], 5),
         "test_bits": round(test["bits_per_token"], 5),
         "valid_tokens_scored": valid["tokens"],
@@ -420,8 +423,10 @@ def train_variant(name, seed, corpus, args, out):
             timespec="seconds"),
     }
     if name in args.stats_variants:
+        analysing = time.perf_counter()
         record["stats_file"] = save_statistics(model, corpus, name, seed, args,
                                                out)
+        record["stats_seconds"] = round(time.perf_counter() - analysing, 1)
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
     del model
     keras.backend.clear_session()
@@ -484,9 +489,11 @@ def run(args):
         for name in names:
             record = train_variant(name, seed, corpus, args, out)
             append_line(out / "runs.jsonl", record)
-            print(json.dumps({k: record[k] for k in (
+            print(json.dumps({k: record.get(k) for k in (
                 "variant", "seed", "parameters", "steps", "train_tokens_per_s",
-                "valid_bits", "test_bits", "wall_seconds")}), flush=True)
+                "first_step_seconds", "train_seconds", "final_scoring_seconds",
+                "stats_seconds", "valid_bits", "test_bits", "wall_seconds")}),
+                flush=True)
 
 
 # === report ===
