@@ -71,7 +71,9 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # for _common
+    sys.path.insert(0, HERE)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_DATA = {
@@ -409,6 +411,7 @@ def train_variant(name, seed, corpus, args, out):
         "first_step_seconds": round(clock.seconds[0], 2),
         "train_seconds": round(train_seconds, 2),
         "curve": curve,
+        "curve_tokens": len(curve_tokens),
         "final_scoring_seconds": round(scoring, 1),
         "valid_bits": round(valid["bits_per_token"], 5),
         "test_bits": round(test["bits_per_token"], 5),
@@ -677,9 +680,9 @@ def corpus_section(corpus, runs, stats, out):
     if stat is not None:
         what = f"{stat['variant']}, seed {stat['seed']}"
         plot_heatmap(stat["persistent_share"], "share of attention on the "
-                     f"persistent vectors ({what})", "persistent share",
+                     f"persistent vectors\n({what})", "persistent share",
                      out / f"ablations_{slug}_persistent_share.png", vmax=1.0)
-        plot_heatmap(stat["spans"], f"learned span in tokens ({what})",
+        plot_heatmap(stat["spans"], f"learned span in tokens\n({what})",
                      "span (tokens)", out / f"ablations_{slug}_spans.png",
                      vmax=stat["max_span"])
         plot_distance(stat, out / f"ablations_{slug}_mass_by_distance.png")
@@ -734,7 +737,10 @@ def plot_curves(by_variant, names, unit, path):
                     color=colour, marker=".", alpha=0.9 if number == 0 else 0.5,
                     label=name if number == 0 else None)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"validation {unit} (start of the split)")
+    tokens = sorted({r.get("curve_tokens") for group in by_variant.values()
+                     for r in group} - {None})
+    ax.set_ylabel(f"validation {unit} (first "
+                  f"{' / '.join(f'{t:,}' for t in tokens) or '?'} tokens)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("learning curves, one line per seed", fontsize=10)

@@ -3,10 +3,7 @@
 import importlib.util
 import json
 import lzma
-import os
 import pathlib
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -45,20 +42,19 @@ def small_corpus(data_dir, folder):
     return folder
 
 
-def script(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT),
-               KERAS_BACKEND=keras.backend.backend())
-    done = subprocess.run([sys.executable, str(SCRIPT), *args], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+def script(capsys, *args):
+    """Runs the script's `main` here (the test process has imported Keras
+    and the backend already) and returns what it printed."""
+    assert load_script().main(list(args)) == 0
+    return capsys.readouterr().out
 
 
-def test_run_and_report_end_to_end(data_dir, tmp_path):
+def test_run_and_report_end_to_end(data_dir, tmp_path, capsys):
     data = small_corpus(data_dir, tmp_path / "data")
     runs = tmp_path / "runs"
-    printed = script("run", "--variants", "allattn,transformer", "--seeds",
-                     "0", "--out", str(runs), "--data", str(data), *TOY)
+    printed = script(capsys, "run", "--variants", "allattn,transformer",
+                     "--seeds", "0", "--out", str(runs), "--data", str(data),
+                     *TOY)
     assert "parameters: allattn" in printed
 
     records = [json.loads(line)
@@ -88,7 +84,7 @@ def test_run_and_report_end_to_end(data_dir, tmp_path):
                                atol=1e-5)
 
     out = tmp_path / "report"
-    script("report", "--runs", str(runs), "--out", str(out))
+    script(capsys, "report", "--runs", str(runs), "--out", str(out))
     table = (out / "ablations.md").read_text()
     assert "| allattn | all-attention, N = 8" in table
     assert "| transformer | Transformer: feed-forward" in table
