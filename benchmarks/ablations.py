@@ -28,6 +28,7 @@ Variants (the paper's questions, SPEC §5; N is `--persistent`, 1024):
                  feed-forward sublayer
     transformer  no persistent vectors, a feed-forward sublayer in every
                  layer whose width gives the parameter count of allattn
+                 (adaptive span, as every variant but fixed-span)
     separate     allattn with integration="separate" (two softmaxes)
     both         allattn plus that feed-forward sublayer
     fixed-span   allattn without adaptive span (every head sees
