@@ -612,8 +612,10 @@ def corpus_section(corpus, runs, stats, out):
         f"backend {', '.join(sorted({r['backend'] for r in runs}))} on "
         f"{', '.join(sorted({r['device'] for r in runs}))}; commit "
         f"{', '.join(sorted({r['commit'] for r in runs}))}. Figures: "
-        f"mean ± sample standard deviation over the seeds; one seed shows "
-        f"no spread.",
+        f"mean ± sample standard deviation over the seeds (one seed shows "
+        f"no spread), the whole validation and test splits scored once at "
+        f"the end; tokens/s: training tokens over the median step time, "
+        f"every step waited for.",
     ]
     caps = sorted({r["eval_token_cap"] for r in runs if r["eval_token_cap"]})
     if caps:

@@ -128,3 +128,18 @@ def test_matched_feedforward_width():
     assert abs(2 * 512 * f + f + 3 * 512 - 2 * 1024 * 512) <= 1025 / 2
     with pytest.raises(ValueError, match="Received: persistent=0"):
         ablations.matched_feedforward_dim(512, 0)
+
+
+def test_enwik8_head_is_split_in_order(data_dir):
+    ablations = load_script()
+    args = ablations.build_parser().parse_args(
+        ["run", "--variants", "allattn", "--out", "unused", "--corpus",
+         "enwik8-head", "--data",
+         str(data_dir / "enwik8-head" / "enwik8-head.txt.xz")])
+    corpus = ablations.load_corpus(args)
+    sizes = [len(corpus.train), len(corpus.valid), len(corpus.test)]
+    assert sum(sizes) == 4_154_399 and corpus.vocabulary_size == 256
+    assert sizes[0] == int(4_154_399 * 0.9)
+    with lzma.open(data_dir / "enwik8-head" / "enwik8-head.txt.xz") as f:
+        head = f.read(100)
+    assert corpus.train[:100].tolist() == list(head)
