@@ -60,21 +60,16 @@ def dropout_factors(keys, columns, rate):
     return np.where((x >> 8) < threshold, 1.0 / (1.0 - rate), 0.0)
 
 
-def attention(x, memory, w, num_heads, max_span, ramp=32, integration="joint",
-              dropout=None):
-    """One all-attention sublayer (before residual and LayerNorm).
+def attention_probabilities(x, memory, w, num_heads, max_span, ramp=32,
+                            integration="joint"):
+    """The attention weights of one sublayer, before dropout.
 
-    Args:
-        x: (B, M, d) inputs. memory: (B, L, d) previous inputs (L = max_span).
-        w: dict with query, key, value, output (d, d) kernels, position
-            (D, L), optional persistent_keys / persistent_values (H, N, D)
-            as stored, optional span_ratio (H,).
-        dropout: None or (rate, seed): attention dropout with the
-            counter-based mask (distance `r` for context weights,
-            `2^32 - 1 - n` for persistent vector `n`).
+    Args: as `attention`.
 
     Returns:
-        (B, M, d) outputs.
+        `(a_ctx, a_pers, v_r)`: context weights (B, H, M, L) with axis 3
+        the distance `r - 1` (the previous token first), persistent weights
+        (B, H, M, N) or None, and the values by distance (B, M, L, H, D).
     """
     batch, block, d = x.shape
     head_dim = d // num_heads
@@ -98,28 +93,52 @@ def attention(x, memory, w, num_heads, max_span, ramp=32, integration="joint",
     if w.get("span_ratio") is not None:
         mask = span_mask(w["span_ratio"], max_span, ramp)[None, :, None, :]
 
-    has_persistent = w.get("persistent_keys") is not None
+    a_pers = None
+    if w.get("persistent_keys") is not None:
+        pk = w["persistent_keys"] * math.sqrt(head_dim)
+        pers_logits = np.einsum("bihd,hnd->bhin", q, pk) / math.sqrt(head_dim)
+        if integration == "joint":
+            joint = softmax(np.concatenate([logits, pers_logits], -1))
+            a_ctx, a_pers = joint[..., :length], joint[..., length:]
+            if mask is not None:
+                a_ctx = a_ctx * mask
+                total = a_ctx.sum(-1, keepdims=True) + a_pers.sum(-1, keepdims=True)
+                a_ctx = a_ctx / (total + 1e-8)
+                a_pers = a_pers / (total + 1e-8)
+            return a_ctx, a_pers, v_r
+        a_pers = softmax(pers_logits)
+    a_ctx = softmax(logits)
+    if mask is not None:
+        a_ctx = a_ctx * mask
+        a_ctx = a_ctx / (a_ctx.sum(-1, keepdims=True) + 1e-8)
+    return a_ctx, a_pers, v_r
+
+
+def attention(x, memory, w, num_heads, max_span, ramp=32, integration="joint",
+              dropout=None):
+    """One all-attention sublayer (before residual and LayerNorm).
+
+    Args:
+        x: (B, M, d) inputs. memory: (B, L, d) previous inputs (L = max_span).
+        w: dict with query, key, value, output (d, d) kernels, position
+            (D, L), optional persistent_keys / persistent_values (H, N, D)
+            as stored, optional span_ratio (H,).
+        dropout: None or (rate, seed): attention dropout with the
+            counter-based mask (distance `r` for context weights,
+            `2^32 - 1 - n` for persistent vector `n`).
+
+    Returns:
+        (B, M, d) outputs.
+    """
+    batch, block, d = x.shape
+    a_ctx, a_pers, v_r = attention_probabilities(
+        x, memory, w, num_heads, max_span, ramp, integration
+    )
+    has_persistent = a_pers is not None
+    r = np.arange(1, max_span + 1)
     if has_persistent:
         n = w["persistent_keys"].shape[1]
-        pk = w["persistent_keys"] * math.sqrt(head_dim)
         pv = w["persistent_values"] * math.sqrt(n)
-        pers_logits = np.einsum("bihd,hnd->bhin", q, pk) / math.sqrt(head_dim)
-
-    if has_persistent and integration == "joint":
-        joint = softmax(np.concatenate([logits, pers_logits], -1))
-        a_ctx, a_pers = joint[..., :length], joint[..., length:]
-        if mask is not None:
-            a_ctx = a_ctx * mask
-            total = a_ctx.sum(-1, keepdims=True) + a_pers.sum(-1, keepdims=True)
-            a_ctx = a_ctx / (total + 1e-8)
-            a_pers = a_pers / (total + 1e-8)
-    else:
-        a_ctx = softmax(logits)
-        if mask is not None:
-            a_ctx = a_ctx * mask
-            a_ctx = a_ctx / (a_ctx.sum(-1, keepdims=True) + 1e-8)
-        if has_persistent:
-            a_pers = softmax(pers_logits)
 
     if dropout is not None:
         rate, seed = dropout
@@ -134,12 +153,14 @@ def attention(x, memory, w, num_heads, max_span, ramp=32, integration="joint",
     return out.reshape(batch, block, d) @ w["output"]
 
 
-def model_forward(tokens, memories, weights, config):
+def model_forward(tokens, memories, weights, config, probabilities=None):
     """The whole network on one segment.
 
     Args:
         tokens: (B, M) ints. memories: list of (B, L, d) arrays.
         weights: dict from `extract_weights`. config: model config dict.
+        probabilities: None, or a list to which `(a_ctx, a_pers)` of every
+            layer is appended (see `attention_probabilities`).
 
     Returns:
         (logits (B, M, V), next memories).
@@ -150,15 +171,11 @@ def model_forward(tokens, memories, weights, config):
     for i, layer in enumerate(weights["layers"]):
         joined = np.concatenate([memories[i], h], axis=1)
         next_memories.append(joined[:, -max_span:])
-        out = attention(
-            h,
-            memories[i],
-            layer,
-            config["num_heads"],
-            max_span,
-            config["span_ramp"],
-            config["integration"],
-        )
+        args = (h, memories[i], layer, config["num_heads"], max_span,
+                config["span_ramp"], config["integration"])
+        if probabilities is not None:
+            probabilities.append(attention_probabilities(*args)[:2])
+        out = attention(*args)
         h = layer_norm(h + out, *layer["norm"])
         if "inner" in layer:
             inner = np.maximum(h @ layer["inner"][0] + layer["inner"][1], 0)

@@ -7,6 +7,7 @@ from keras_allattn.layers.adaptive_span import AdaptiveSpan
 from keras_allattn.ops.attention import IMPLEMENTATIONS
 from keras_allattn.ops.attention import INTEGRATIONS
 from keras_allattn.ops.attention import all_attention
+from keras_allattn.ops.attention import attention_probabilities
 from keras_allattn.utils import check_choice
 from keras_allattn.utils import check_non_negative
 from keras_allattn.utils import check_positive
@@ -252,18 +253,18 @@ class PersistentMemoryAttention(keras.layers.Layer):
             layer = keras.remat(layer)
         return layer(inputs, memory, positions, *seeds)
 
-    def _layer(self, inputs, memory, positions, *seeds):
-        """Projections, attention and output projection on the attended
-        memory rows; `seeds`: the dropout seed when dropout is active."""
+    def _attention_tensors(self, inputs, memory, positions):
+        """The attention's tensor arguments by name (those in use): the
+        projections of `inputs` and `[memory; inputs]`, the persistent
+        vectors as used and the span ratios."""
         memory = ops.cast(memory, inputs.dtype)
         context = ops.concatenate([memory, inputs], axis=1)  # (B, A+M, d)
-        query = self._split_heads(self.query_dense(inputs))
-        key = self._split_heads(self.key_dense(context))
-        value = self._split_heads(self.value_dense(context))
-
-        # Tensor arguments of the attention, by name; None when unused.
-        tensors = {"query": query, "key": key, "value": value,
-                   "position_keys": positions}
+        tensors = {
+            "query": self._split_heads(self.query_dense(inputs)),
+            "key": self._split_heads(self.key_dense(context)),
+            "value": self._split_heads(self.value_dense(context)),
+            "position_keys": positions,
+        }
         if self.persistent_memory_size:
             tensors["persistent_keys"] = ops.cast(
                 self.persistent_keys, self.compute_dtype
@@ -273,6 +274,44 @@ class PersistentMemoryAttention(keras.layers.Layer):
             ) * math.sqrt(self.persistent_memory_size)
         if self.span is not None:
             tensors["span_ratio"] = ops.convert_to_tensor(self.span.span_ratio)
+        return tensors
+
+    def attention_probabilities(self, inputs, memory, position_keys):
+        """The attention weights of an evaluation call (no dropout).
+
+        The weights the layer gives, for every query, to the `max_span`
+        previous positions and to its persistent vectors: the same
+        projections, persistent vectors, span mask and renormalisation as
+        `call`, through `keras_allattn.ops.attention_probabilities` (the
+        portable path's math). All `max_span` rows of the memory are
+        scored, whatever the attended span (rows beyond it get weight 0).
+
+        Args:
+            inputs: `(B, M, d)` hidden states of the current block.
+            memory: `(B, S, d)` with `S >= max_span`, as in `call`.
+            position_keys: `(d / num_heads, max_span)`, as in `call`.
+
+        Returns:
+            `(context, persistent)`: float32 `(B, H, M, max_span)`, column
+            `c` for distance `max_span - c` (the oldest first), and
+            `(B, H, M, N)`, or None without persistent vectors.
+        """
+        self._check_shapes(inputs.shape, memory.shape, position_keys.shape)
+        memory = memory[:, memory.shape[1] - self.max_span :]
+        tensors = self._attention_tensors(inputs, memory, position_keys)
+        tensors.pop("value")
+        tensors.pop("persistent_values", None)
+        return attention_probabilities(
+            **tensors,
+            max_span=self.max_span,
+            span_ramp=self.span_ramp,
+            integration=self.integration,
+        )
+
+    def _layer(self, inputs, memory, positions, *seeds):
+        """Projections, attention and output projection on the attended
+        memory rows; `seeds`: the dropout seed when dropout is active."""
+        tensors = self._attention_tensors(inputs, memory, positions)
         if seeds:
             tensors["dropout_seed"] = seeds[0]
         names = list(tensors)

@@ -606,6 +606,14 @@ class AllAttentionLM(keras.Model):
             return np.full((self.num_layers, self.num_heads), self.max_span)
         return np.stack([a.span.current_spans() for a in self.attention_layers])
 
+    def attention_statistics(self, tokens, warmup_tokens=None):
+        """Attention mass per layer and head on `tokens`: persistent vs
+        context, by distance, and the learned spans; see
+        `keras_allattn.analysis.attention_statistics`."""
+        from keras_allattn.analysis import attention_statistics
+
+        return attention_statistics(self, tokens, warmup_tokens)
+
     def update_span_trimming(self, margin=64, spans=None, headroom=0):
         """Sets each layer's attended memory length from its learned spans.
 

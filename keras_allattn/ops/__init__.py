@@ -2,6 +2,7 @@
 counter-based attention dropout (the fused kernels live beside them)."""
 
 from keras_allattn.ops.attention import all_attention
+from keras_allattn.ops.attention import attention_probabilities
 from keras_allattn.ops.attention import fused_kernel_applies
 from keras_allattn.ops.attention import is_deterministic
 from keras_allattn.ops.attention import portable_all_attention
@@ -13,6 +14,7 @@ from keras_allattn.ops.random import dropout_multiplier
 __all__ = [
     "all_attention",
     "attention_dropout_keys",
+    "attention_probabilities",
     "dropout_multiplier",
     "fused_kernel_applies",
     "is_deterministic",

@@ -235,6 +235,83 @@ def _dropout_keys(query, rate, seed):
     return attention_dropout_keys(seed, batch, heads, queries)[..., None]
 
 
+def attention_probabilities(
+    query,
+    key,
+    position_keys,
+    persistent_keys=None,
+    span_ratio=None,
+    max_span=None,
+    span_ramp=32,
+    integration="joint",
+):
+    """The attention weights of `portable_all_attention`, before dropout.
+
+    The weights the portable path multiplies with the values (it calls
+    this function): the softmax over context and persistent scores (one
+    or two, by `integration`), the adaptive-span mask and the
+    renormalisation applied. Attention dropout is not applied: these are
+    the weights of evaluation.
+
+    Args:
+        query: (B, M, H, D) projected queries.
+        key: (B, A + M, H, D) projected keys of `[memory; inputs]`.
+        position_keys: (D, A) relative-position keys; column `c` is the key
+            of distance `A - c`.
+        persistent_keys: None or (H, N, D) persistent keys, as used.
+        span_ratio: None or (H,) adaptive-span ratios `z`.
+        max_span: int `L`, needed with `span_ratio`.
+        span_ramp: int `R`.
+        integration: "joint" or "separate" (see `portable_all_attention`).
+
+    Returns:
+        `(context, persistent)`: float32 context weights (B, H, M, A),
+        column `c` for distance `A - c` (the oldest first), and the
+        persistent weights (B, H, M, N), or None without persistent keys.
+        With "joint" the two together sum to 1 for every query (up to the
+        1e-8 of the span renormalisation); with "separate" each sums to 1.
+    """
+    length = position_keys.shape[-1]
+    head_dim = query.shape[-1]
+    scale = 1.0 / math.sqrt(head_dim)
+    q = ops.transpose(query, (0, 2, 1, 3))  # (B, H, M, D)
+    k = ops.transpose(key, (0, 2, 1, 3))  # (B, H, A+M, D)
+
+    context = unskew(ops.matmul(q, ops.swapaxes(k, -1, -2)), length)
+    context = context + ops.matmul(q, ops.cast(position_keys, q.dtype))
+    context = ops.cast(context, "float32") * scale  # (B, H, M, A)
+
+    mask = None
+    if span_ratio is not None:
+        mask = span_mask(span_ratio, max_span, span_ramp, length)
+        mask = mask[None, :, None, :]  # (1, H, 1, A)
+
+    persistent = None
+    if persistent_keys is not None:
+        pk = ops.cast(persistent_keys, q.dtype)[None]  # (1, H, N, D)
+        persistent = ops.matmul(q, ops.swapaxes(pk, -1, -2))
+        persistent = ops.cast(persistent, "float32") * scale  # (B, H, M, N)
+
+    if persistent is None or integration == "separate":
+        context = ops.softmax(context, axis=-1)
+        if mask is not None:
+            context = apply_span_mask(context, mask)
+        if persistent is not None:
+            persistent = ops.softmax(persistent, axis=-1)
+    else:
+        num_context = context.shape[-1]
+        joint = ops.softmax(ops.concatenate([context, persistent], -1), -1)
+        context, persistent = joint[..., :num_context], joint[..., num_context:]
+        if mask is not None:
+            context = context * mask
+            total = ops.sum(context, -1, keepdims=True) + ops.sum(
+                persistent, -1, keepdims=True
+            )
+            context = _renormalise(context, total)
+            persistent = _renormalise(persistent, total)
+    return context, persistent
+
+
 def portable_all_attention(
     query,
     key,
@@ -279,44 +356,12 @@ def portable_all_attention(
     """
     out_dtype = query.dtype
     length = position_keys.shape[-1]
-    head_dim = query.shape[-1]
-    scale = 1.0 / math.sqrt(head_dim)
-    q = ops.transpose(query, (0, 2, 1, 3))  # (B, H, M, D)
-    k = ops.transpose(key, (0, 2, 1, 3))  # (B, H, A+M, D)
     v = ops.transpose(value, (0, 2, 1, 3))  # (B, H, A+M, D)
-
-    context = unskew(ops.matmul(q, ops.swapaxes(k, -1, -2)), length)
-    context = context + ops.matmul(q, ops.cast(position_keys, q.dtype))
-    context = ops.cast(context, "float32") * scale  # (B, H, M, A)
-
-    mask = None
-    if span_ratio is not None:
-        mask = span_mask(span_ratio, max_span, span_ramp, length)
-        mask = mask[None, :, None, :]  # (1, H, 1, A)
-
-    persistent = None
-    if persistent_keys is not None:
-        pk = ops.cast(persistent_keys, q.dtype)[None]  # (1, H, N, D)
-        persistent = ops.matmul(q, ops.swapaxes(pk, -1, -2))
-        persistent = ops.cast(persistent, "float32") * scale  # (B, H, M, N)
-
-    if persistent is None or integration == "separate":
-        context = ops.softmax(context, axis=-1)
-        if mask is not None:
-            context = apply_span_mask(context, mask)
-        if persistent is not None:
-            persistent = ops.softmax(persistent, axis=-1)
-    else:
-        num_context = context.shape[-1]
-        joint = ops.softmax(ops.concatenate([context, persistent], -1), -1)
-        context, persistent = joint[..., :num_context], joint[..., num_context:]
-        if mask is not None:
-            context = context * mask
-            total = ops.sum(context, -1, keepdims=True) + ops.sum(
-                persistent, -1, keepdims=True
-            )
-            context = _renormalise(context, total)
-            persistent = _renormalise(persistent, total)
+    context, persistent = attention_probabilities(
+        query, key, position_keys, persistent_keys=persistent_keys,
+        span_ratio=span_ratio, max_span=max_span, span_ramp=span_ramp,
+        integration=integration,
+    )
 
     keys = _dropout_keys(query, dropout_rate, dropout_seed)
     if keys is not None:
