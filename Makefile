@@ -3,7 +3,7 @@
 #               given: tensorflow, torch), trains a small model
 #               on offline English text, prints bits per byte
 #   make test   installs everything the tests need and runs the whole suite
-#               under TensorFlow, JAX and PyTorch
+#               under TensorFlow, JAX and PyTorch (side by side)
 # Both install under constraints.txt, the tested versions.
 PYTHON ?= python3
 VENV ?= .venv
@@ -34,8 +34,16 @@ setup: $(VENV)/.installed
 demo: $(VENV)/.installed-$(DEMO_BACKEND)
 	KERAS_BACKEND=$(DEMO_BACKEND) $(PY) examples/quickstart.py
 
+# One pytest process per backend, run side by side (most of a test's time is
+# compilation and single-threaded Python, so they share the cores well);
+# each backend's output is printed whole once all have finished.
 test: setup
-	@status=0; for backend in $(BACKENDS); do \
+	@mkdir -p $(VENV)/test-logs; for backend in $(BACKENDS); do \
+	  ( KERAS_BACKEND=$$backend $(PY) -m pytest -q -p no:cacheprovider tests \
+	      > $(VENV)/test-logs/$$backend.log 2>&1; \
+	    echo $$? > $(VENV)/test-logs/$$backend.status ) & \
+	done; wait; status=0; for backend in $(BACKENDS); do \
 	  echo "=== KERAS_BACKEND=$$backend ==="; \
-	  KERAS_BACKEND=$$backend $(PY) -m pytest -q -p no:cacheprovider tests || status=1; \
+	  cat $(VENV)/test-logs/$$backend.log; \
+	  [ "$$(cat $(VENV)/test-logs/$$backend.status)" = 0 ] || status=1; \
 	done; exit $$status
