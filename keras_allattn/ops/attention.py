@@ -62,9 +62,9 @@ def set_deterministic(enabled):
     - Triton (PyTorch): `ceil(M / block_q) * B * H` copies: with B = 64,
       H = 8, block M = 512, span A = 2048, D = 64 and 64-query dQ tiles,
       4096 x 0.5 MiB = 2 GiB (8 copies, 4 MiB, otherwise).
-    - Pallas (JAX): one copy (A plus padding rows) per dQ program,
-      `groups * H * B` (about 1024 programs by default): 1024 x 0.77 MiB =
-      784 MiB for the same shapes (256 MiB otherwise).
+    - Pallas (JAX): nothing: its kernels use no atomics (the position-key
+      gradient is a matmul outside them), so their gradients are bitwise
+      reproducible in both modes.
 
     The rest of the computation must be reproducible too: on PyTorch,
     `torch.use_deterministic_algorithms(True)` and
