@@ -135,6 +135,19 @@ def test_no_private_modules_of_dependencies():
     assert not offenders, offenders
 
 
+def test_no_private_optimizer_methods():
+    """A loop that must clip uses the project's `clip_gradients` or the
+    optimizer's public `apply`, never its private methods."""
+    pattern = re.compile(r"\boptimizer\._[a-z]")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in python_files()
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not offenders, offenders
+
+
 def test_library_code_logs_instead_of_printing():
     """`print` only in the commands' `main` functions (their output)."""
     offenders = []

@@ -27,6 +27,47 @@ def _check_number(name, value, minimum, strict=False):
     return float(value)
 
 
+def clip_gradients(optimizer, gradients):
+    """`gradients` clipped as `optimizer`'s Keras clipping options say.
+
+    The clipping Keras's optimizers apply at the start of `apply`, for a
+    loop that must clip a gradient it has combined itself (the sum over
+    replicas) before handing it on: `clipnorm` scales each tensor `g` by
+    `clipnorm / max(||g||, clipnorm)`; else `global_clipnorm` scales all of
+    them by `global_clipnorm / max(norm, global_clipnorm)`, `norm` their
+    joint norm (NaN everywhere if it is not finite); else `clipvalue`
+    clips every element to `[-clipvalue, clipvalue]`. `None` gradients
+    stay `None`.
+
+    Args:
+        optimizer: a `keras.optimizers.Optimizer`.
+        gradients: list of tensors (or `None`), one per variable.
+
+    Returns:
+        The list of clipped gradients (`gradients` itself without clipping
+        options).
+    """
+    if optimizer.clipnorm and optimizer.clipnorm > 0:
+        clip = optimizer.clipnorm
+        return [
+            None if g is None
+            else g * clip / ops.maximum(ops.sqrt(ops.sum(ops.square(g))), clip)
+            for g in gradients
+        ]
+    if optimizer.global_clipnorm and optimizer.global_clipnorm > 0:
+        clip = optimizer.global_clipnorm
+        norm = ops.sqrt(ops.sum(ops.stack(
+            [ops.sum(ops.square(g)) for g in gradients if g is not None]
+        )))
+        # `norm - norm` is 0 for a finite norm and NaN otherwise.
+        scale = clip * ops.minimum(1.0 / norm, 1.0 / clip) + (norm - norm)
+        return [None if g is None else g * scale for g in gradients]
+    if optimizer.clipvalue and optimizer.clipvalue > 0:
+        clip = optimizer.clipvalue
+        return [None if g is None else ops.clip(g, -clip, clip) for g in gradients]
+    return gradients
+
+
 @keras.saving.register_keras_serializable(package="keras_allattn")
 class AdagradClip(keras.optimizers.Optimizer):
     """Adagrad with per-tensor gradient clipping, as in the reference code.
