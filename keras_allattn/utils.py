@@ -1,4 +1,5 @@
-"""Argument validation, initializers, logging and progress bars."""
+"""Argument validation, initializers, logging, progress bars and the JAX
+training state's write-back."""
 
 import difflib
 import logging
@@ -43,6 +44,22 @@ def check_non_negative(name, value):
             f"Received: {name}={value!r}"
         )
     return int(value)
+
+
+def check_number(name, value, minimum, strict=False):
+    """Returns `value` as float if it is a real number `>= minimum` (`>`
+    with `strict`), else raises ValueError."""
+    if (
+        not isinstance(value, numbers.Real)
+        or isinstance(value, bool)
+        or value < minimum
+        or (strict and value == minimum)
+    ):
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        raise ValueError(
+            f"`{name}` must be a number {bound}. Received: {name}={value!r}"
+        )
+    return float(value)
 
 
 def check_unit_interval(name, value):
@@ -168,6 +185,18 @@ def device_name():
     return tf.config.experimental.get_device_details(gpus[0]).get(
         "device_name", "GPU"
     )
+
+
+def sync_jax_state(model):
+    """Writes JAX's in-flight training state back to `model`'s variables.
+
+    On JAX, `fit` holds the variables' values apart from the variables
+    between steps; a callback that reads or writes a variable in between
+    calls this first. Nothing happens on the other backends.
+    """
+    sync = getattr(model, "jax_state_sync", None)
+    if sync is not None:
+        sync()
 
 
 REMAT_MODES = ("attention", "layer")

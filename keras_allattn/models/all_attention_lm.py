@@ -8,8 +8,8 @@ import numpy as np
 from keras import ops
 
 from keras_allattn.layers.adaptive_embedding import AdaptiveEmbedding
-from keras_allattn.layers.adaptive_embedding import check_cutoffs
-from keras_allattn.layers.adaptive_embedding import cluster_widths
+from keras_allattn.layers.adaptive_clusters import check_cutoffs
+from keras_allattn.layers.adaptive_clusters import cluster_widths
 from keras_allattn.layers.adaptive_softmax import AdaptiveSoftmax
 from keras_allattn.layers.adaptive_span import spans_from_ratios
 from keras_allattn.layers.feed_forward import FeedForward
@@ -28,6 +28,7 @@ from keras_allattn.utils import check_positive
 from keras_allattn.utils import check_rate
 from keras_allattn.utils import check_remat
 from keras_allattn.utils import check_unit_interval
+from keras_allattn.utils import sync_jax_state
 from keras_allattn.utils import torch_default_uniform
 
 # The `keras.Model` arguments a functional model accepts besides `dtype`.
@@ -686,7 +687,7 @@ class AllAttentionLM(keras.Model):
             hidden_dim)`: what the next batch of `fit` (or a direct call
             `model(tokens)`) will attend to.
         """
-        _sync_jax_state(self)
+        sync_jax_state(self)
         return [
             np.asarray(ops.convert_to_numpy(layer.memory))
             for layer in self.segment_memories
@@ -704,7 +705,7 @@ class AllAttentionLM(keras.Model):
                 f"`memories` must hold num_layers={self.num_layers} arrays. "
                 f"Received: {len(memories)} arrays"
             )
-        _sync_jax_state(self)
+        sync_jax_state(self)
         for i, (layer, memory) in enumerate(zip(self.segment_memories, memories)):
             if tuple(memory.shape) != tuple(layer.memory.shape):
                 raise ValueError(
@@ -849,7 +850,7 @@ class AllAttentionLM(keras.Model):
     @contextlib.contextmanager
     def _separate_memory(self):
         """Zero memory inside the block; the training memory after it."""
-        _sync_jax_state(self)
+        sync_jax_state(self)
         kept = [layer.snapshot() for layer in self.segment_memories]
         self.reset_memory()
         try:
@@ -994,7 +995,7 @@ class SpanTrimming(keras.callbacks.Callback):
         self.inexact_steps = []
         self._pending = None
         self._batches = 0
-        _sync_jax_state(self.model)
+        sync_jax_state(self.model)
         self.model.update_span_trimming(self.margin)
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -1004,7 +1005,7 @@ class SpanTrimming(keras.callbacks.Callback):
             self._check_and_update()
         if step % self.update_every == 0:
             # The ratios step `step` will use, copied on the device.
-            _sync_jax_state(self.model)
+            sync_jax_state(self.model)
             self._pending = (
                 step,
                 self.model.attended_spans(),
@@ -1058,12 +1059,6 @@ def _array_rows(x):
     if not leaves or any(shape is None or len(shape) == 0 for shape in shapes):
         return None
     return int(shapes[0][0])
-
-
-def _sync_jax_state(model):
-    """Writes JAX's in-flight training state back to the variables."""
-    if keras.backend.backend() == "jax":
-        model.jax_state_sync()
 
 
 def _leave_usable(model, run):

@@ -10,6 +10,7 @@ from keras import ops
 
 from keras_allattn.data.evaluation import evaluate_stream
 from keras_allattn.utils import check_positive
+from keras_allattn.utils import sync_jax_state
 
 logger = logging.getLogger(__name__)
 
@@ -20,13 +21,6 @@ VALIDATION_METRICS = {
     "bits_per_token": "bits_per_token",
     "perplexity": "perplexity",
 }
-
-
-def _sync(model):
-    """Writes JAX's in-flight training state back to the variables."""
-    sync = getattr(model, "jax_state_sync", None)
-    if sync is not None:
-        sync()
 
 
 def _log_line(line, params):
@@ -203,7 +197,7 @@ class SpanLogger(keras.callbacks.Callback):
 
     def log(self):
         """Reads, logs and records the spans of the current step."""
-        _sync(self.model)
+        sync_jax_state(self.model)
         spans = np.asarray(self.model.current_spans())
         self.records.append((self.step, spans))
         means, maxima = spans.mean(axis=1), spans.max(axis=1)
@@ -268,7 +262,7 @@ class StreamValidation(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every_epochs:
             return
-        _sync(self.model)
+        sync_jax_state(self.model)
         result = evaluate_stream(
             self.model, self.tokens, self.batch_size, verbose=0
         )

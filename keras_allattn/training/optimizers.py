@@ -1,30 +1,14 @@
 """The reference's optimizer and learning-rate schedule for the char recipes."""
 
-import numbers
-
 import keras
 from keras import ops
 
 from keras_allattn.utils import check_non_negative
+from keras_allattn.utils import check_number
 from keras_allattn.utils import check_positive
 
 # Added to the gradient norm before dividing by it, as in the reference.
 _NORM_EPSILON = 1e-10
-
-
-def _check_number(name, value, minimum, strict=False):
-    """Returns `value` as float if it is a real number above `minimum`."""
-    if (
-        not isinstance(value, numbers.Real)
-        or isinstance(value, bool)
-        or value < minimum
-        or (strict and value == minimum)
-    ):
-        bound = f"> {minimum}" if strict else f">= {minimum}"
-        raise ValueError(
-            f"`{name}` must be a number {bound}. Received: {name}={value!r}"
-        )
-    return float(value)
 
 
 def clip_gradients(optimizer, gradients):
@@ -119,11 +103,11 @@ class AdagradClip(keras.optimizers.Optimizer):
         **kwargs,
     ):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        self.grad_clip = _check_number("grad_clip", grad_clip, 0.0)
-        self.initial_accumulator_value = _check_number(
+        self.grad_clip = check_number("grad_clip", grad_clip, 0.0)
+        self.initial_accumulator_value = check_number(
             "initial_accumulator_value", initial_accumulator_value, 0.0
         )
-        self.epsilon = _check_number("epsilon", epsilon, 0.0, strict=True)
+        self.epsilon = check_number("epsilon", epsilon, 0.0, strict=True)
 
     def build(self, var_list):
         if self.built:
@@ -229,7 +213,7 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
         name="linear_warmup",
     ):
         super().__init__()
-        self.learning_rate = _check_number(
+        self.learning_rate = check_number(
             "learning_rate", learning_rate, 0.0, strict=True
         )
         self.warmup_steps = check_non_negative("warmup_steps", warmup_steps)
@@ -238,7 +222,7 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
             if drop_step is None
             else check_positive("drop_step", drop_step)
         )
-        self.drop_factor = _check_number(
+        self.drop_factor = check_number(
             "drop_factor", drop_factor, 0.0, strict=True
         )
         self.name = name
