@@ -148,6 +148,123 @@ def test_no_private_optimizer_methods():
     assert not offenders, offenders
 
 
+def imported_modules(path):
+    """The modules a file imports (`from M import N` counts as `M` and `M.N`)."""
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module)
+            modules.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return modules
+
+
+def test_the_kernels_and_the_dispatcher_do_not_import_each_other_back():
+    """`ops/attention.py` reaches the kernels; the kernels read the shared
+    settings from `ops/kernel_settings.py`, which imports neither."""
+    ops = PACKAGE / "ops"
+    for kernel in ("pallas_attention.py", "triton_attention.py"):
+        imports = imported_modules(ops / kernel)
+        assert "keras_allattn.ops.attention" not in imports, kernel
+        assert "keras_allattn.ops.kernel_settings" in imports, kernel
+    settings = imported_modules(ops / "kernel_settings.py")
+    assert not {m for m in settings if m.startswith("keras_allattn")}, settings
+
+
+# Every private JAX name the library uses (module: names), where no public
+# API serves: the Pallas kernel's relaxed-ordering atomic add
+# (keras_allattn/ops/pallas_attention.py, `_make_relaxed_atomic_add`).
+JAX_PRIVATE_NAMES = {
+    "jax._src.lib.triton.dialect": ("MemSemantic.RELAXED", "RMWOp.FADD"),
+    "jax._src.pallas.triton.lowering": (
+        "register_lowering", "_compute_pointers_from_indices",
+        "_ensure_ir_value", "_atomic_rmw",
+    ),
+    "jax._src.pallas.triton.primitives": (
+        "AtomicOpType.ADD", "_atomic_abstract_eval",
+        "_atomic_rmw_discharge_rule",
+    ),
+    "jax._src.state.discharge": ("register_discharge_rule",),
+    "jax._src.state.indexing": ("NDIndexer",),
+    "jax._src.state.primitives": ("get_ref_and_transforms",),
+}
+
+
+def moved_private_names(table):
+    """The entries of `table` that do not resolve, as messages.
+
+    A key is a module, or `module.attribute` (what `from module import
+    attribute` reads); its names are attribute chains on it.
+    """
+    moved = []
+    for dotted, names in table.items():
+        module_name, _, attribute = dotted.rpartition(".")
+        try:
+            try:
+                holder = importlib.import_module(dotted)
+            except ImportError:
+                holder = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as error:
+            moved.append(f"`{dotted}` does not import ({error})")
+            continue
+        for name in names:
+            obj = holder
+            try:
+                for part in name.split("."):
+                    obj = getattr(obj, part)
+            except AttributeError:
+                moved.append(f"`{dotted}.{name}` is gone")
+    return moved
+
+
+def private_jax_modules_used():
+    """`M.N` for every `from M import N` (and `M` for `import M`) of jax._src."""
+    pattern = re.compile(r"^\s*(?:from (jax\._src[\w.]*) import (\w+)"
+                         r"|import (jax\._src[\w.]*))")
+    used = set()
+    for path in python_files():
+        for line in path.read_text().splitlines():
+            match = pattern.match(line)
+            if match and match.group(1):
+                used.add(f"{match.group(1)}.{match.group(2)}")
+            elif match:
+                used.add(match.group(3))
+    return used
+
+
+def test_the_private_jax_names_the_pallas_kernel_needs_exist():
+    """Fails, naming the name, when a JAX release moves one of them (the
+    kernel would silently fall back to slower acquire-release atomics)."""
+    if backend() != "jax":
+        pytest.skip("the Pallas kernel runs on JAX")
+    import jax
+
+    from keras_allattn.ops import pallas_attention
+
+    assert private_jax_modules_used() == set(JAX_PRIVATE_NAMES), (
+        "List every jax._src module the library imports in JAX_PRIVATE_NAMES "
+        "with the names it uses."
+    )
+    moved = moved_private_names(JAX_PRIVATE_NAMES)
+    assert not moved, (
+        f"jax {jax.__version__} moved private names the Pallas kernel's "
+        f"relaxed atomic add needs: {'; '.join(moved)}. Update "
+        "`_make_relaxed_atomic_add` in keras_allattn/ops/pallas_attention.py."
+    )
+    assert pallas_attention._relaxed_atomic_add is not None
+
+
+def test_a_moved_private_name_is_named():
+    moved = moved_private_names({
+        "jax._src.state.indexing": ("NDIndexer", "NoSuchIndexer"),
+        "jax._src.no_such_module": ("anything",),
+    })
+    assert moved[0] == "`jax._src.state.indexing.NoSuchIndexer` is gone"
+    assert moved[1].startswith("`jax._src.no_such_module` does not import")
+    assert len(moved) == 2
+
+
 def test_library_code_logs_instead_of_printing():
     """`print` only in the commands' `main` functions (their output)."""
     offenders = []

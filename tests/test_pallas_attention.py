@@ -252,7 +252,7 @@ def test_span_gradient_at_the_clip_ends_matches_portable(integration):
 def test_deterministic_mode(monkeypatch):
     """One d position_keys copy per dQ program (several query tiles each),
     a config of its own (retraced), the same function."""
-    from keras_allattn.ops import attention
+    from keras_allattn.ops import kernel_settings as attention
     from keras_allattn.ops import pallas_attention
 
     name = "joint_span_persistent"

@@ -111,9 +111,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from keras_allattn.ops import random as dropout_hash
-from keras_allattn.ops.attention import resolve_deterministic
-
-INTEGRATIONS = ("joint", "separate")
+from keras_allattn.ops.kernel_settings import INTEGRATIONS
+from keras_allattn.ops.kernel_settings import is_power_of_two as _is_pow2
+from keras_allattn.ops.kernel_settings import resolve_deterministic
 
 # Initial running maximum: finite, so that a row whose logits in a tile are
 # all -inf gives exp(-inf - _M_INIT) = 0 and never NaN.
@@ -284,14 +284,30 @@ class _Config:
 
 def _make_relaxed_atomic_add():
     try:
-        from jax._src import core as jax_core
-        from jax._src import tree_util
-        from jax._src.lib.mlir import ir
+        from jax import tree_util
+        from jax.extend import core as jax_core
+        from jaxlib.mlir import ir
+
+        # Private: no public API defines a Pallas primitive or its Triton
+        # lowering. `tests/test_package.py` checks that each name exists.
+        # The Triton dialect's `MemSemantic.RELAXED` and `RMWOp.FADD`: the
+        # public `plt.atomic_add` fixes acquire-release semantics.
         from jax._src.lib.triton import dialect as tt_dialect
+        # `register_lowering`, `_compute_pointers_from_indices`,
+        # `_ensure_ir_value`, `_atomic_rmw`: how Pallas lowers a primitive
+        # to Triton IR; the public API exposes no lowering hook.
         from jax._src.pallas.triton import lowering as tl
+        # `AtomicOpType`, `_atomic_abstract_eval`,
+        # `_atomic_rmw_discharge_rule`: the atomic primitive's shape rule
+        # and interpreter rule, reused so the new primitive behaves alike.
         from jax._src.pallas.triton import primitives as tp
+        # `register_discharge_rule`: runs the primitive in the interpreter
+        # (`interpret=True`); no public registration exists.
         from jax._src.state import discharge as state_discharge
+        # `NDIndexer`: the index type the lowering receives, not public.
         from jax._src.state import indexing
+        # `get_ref_and_transforms`: splits a ref and its indexers as
+        # `plt.atomic_add` does before binding; not public.
         from jax._src.state import primitives as state_primitives
 
         add = tp.AtomicOpType.ADD
@@ -1104,10 +1120,6 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 # ---------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------
-
-
-def _is_pow2(x):
-    return x >= 1 and (x & (x - 1)) == 0
 
 
 def pallas_all_attention(
