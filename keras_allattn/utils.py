@@ -1,5 +1,6 @@
-"""Argument validation, initializers, logging, progress bars and the JAX
-training state's write-back."""
+"""Argument validation (token ids too, where values can be read),
+initializers, logging, progress bars and the JAX training state's
+write-back."""
 
 import difflib
 import logging
@@ -8,6 +9,7 @@ import numbers
 import sys
 
 import keras
+from keras import ops
 
 LOGGER_NAME = "keras_allattn"
 VERBOSE_VALUES = (0, 1, 2, "auto")
@@ -163,6 +165,43 @@ def check_known_arguments(owner, received, known):
         f"{'s' if len(unknown) > 1 else ''}: {', '.join(hints)}. "
         f"Received: {values}"
     )
+
+
+def is_concrete(x):
+    """Whether `x` holds values that can be read now (not traced)."""
+    if isinstance(x, keras.KerasTensor):
+        return False
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.executing_eagerly()
+    if backend == "jax":
+        import jax
+
+        return not isinstance(x, jax.core.Tracer)
+    if backend == "torch":
+        import torch
+
+        # Fake tensors: traced by `make_fx` (`compiling.torch_compile`).
+        return not (
+            torch.compiler.is_compiling()
+            or isinstance(x, torch._subclasses.FakeTensor)
+        )
+    return True
+
+
+def check_token_ids(tokens, vocabulary_size):
+    """Raises ValueError for ids outside [0, vocabulary_size), when eager."""
+    if not is_concrete(tokens):
+        return
+    values = ops.convert_to_numpy(tokens)
+    if values.size and (values.min() < 0 or values.max() >= vocabulary_size):
+        bad = values[(values < 0) | (values >= vocabulary_size)][0]
+        raise ValueError(
+            f"Token ids must lie in [0, vocabulary_size={vocabulary_size}). "
+            f"Received: a token id {int(bad)} in `tokens`"
+        )
 
 
 def device_name():

@@ -148,6 +148,60 @@ def test_no_private_optimizer_methods():
     assert not offenders, offenders
 
 
+# Names that moved to their own module, with the old paths that still
+# import them (user code and saved files may name them).
+MOVED = {
+    "keras_allattn.training.callbacks.SpanTrimming": (
+        "keras_allattn.models.all_attention_lm.SpanTrimming",
+    ),
+    "keras_allattn.compiling.torch_compile": (
+        "keras_allattn.models.generation.torch_compile",
+    ),
+    "keras_allattn.ops.kernel_settings.set_deterministic": (
+        "keras_allattn.ops.attention.set_deterministic",
+        "keras_allattn.set_deterministic",
+    ),
+    "keras_allattn.ops.kernel_settings.INTEGRATIONS": (
+        "keras_allattn.ops.attention.INTEGRATIONS",
+    ),
+    "keras_allattn.layers.adaptive_clusters.check_cutoffs": (
+        "keras_allattn.layers.adaptive_embedding.check_cutoffs",
+    ),
+    "keras_allattn.distribution.trainer.DataParallelTrainer": (
+        "keras_allattn.distribution.DataParallelTrainer",
+        "keras_allattn.DataParallelTrainer",
+    ),
+    "keras_allattn.distribution.jax_engine.data_parallel_distribution": (
+        "keras_allattn.distribution.data_parallel_distribution",
+    ),
+}
+
+
+def test_each_concept_in_its_module_and_the_old_paths_still_import():
+    from keras_allattn.models.all_attention_lm import AllAttentionLM
+    from keras_allattn.models.backbone import AllAttentionBackbone
+
+    # The network and its memory are the backbone; the LM adds the head.
+    assert issubclass(AllAttentionLM, AllAttentionBackbone)
+    for name in ("_network", "reset_memory", "get_memory", "set_memory",
+                 "update_span_trimming", "resolve_remat"):
+        assert name in vars(AllAttentionBackbone), name
+    for name in ("call_with_memory", "compute_loss", "generate", "fit",
+                 "from_preset", "get_config"):
+        assert name in vars(AllAttentionLM), name
+    # Saved files name the class by its registered name.
+    assert keras_allattn.models.AllAttentionLM is AllAttentionLM
+    import keras
+
+    assert keras.saving.get_registered_name(AllAttentionLM) == (
+        "keras_allattn>AllAttentionLM"
+    )
+    for home, old_paths in MOVED.items():
+        obj = resolve(home)
+        for old in old_paths:
+            assert resolve(old) is obj, old
+
+
 def imported_modules(path):
     """The modules a file imports (`from M import N` counts as `M` and `M.N`)."""
     modules = set()
