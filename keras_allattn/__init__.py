@@ -55,7 +55,7 @@ __all__ = [
 # Names this package used to export that are internal; still reachable here
 # for a while, from the modules that define them.
 _INTERNAL = {
-    "SpanTrimming": "keras_allattn.models.all_attention_lm",
+    "SpanTrimming": "keras_allattn.training.callbacks",
     "DataParallelPlan": "keras_allattn.distribution",
     "data_parallel_distribution": "keras_allattn.distribution",
 }

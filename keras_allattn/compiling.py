@@ -4,11 +4,16 @@ Generation (`keras_allattn.models.generation`) and exact evaluation
 (`keras_allattn.data.evaluate_stream`) call the model block by block or
 token by token; both compile those calls the same way and keep the
 compiled functions on the model, keyed by the attended spans that the
-compiled code bakes in. This module imports neither keras-hub nor any
-backend at import time.
+compiled code bakes in: `compile_stateless` (TensorFlow, JAX),
+`torch_compile` (PyTorch) and `cached`. This module imports neither
+keras-hub nor any backend at import time.
 """
 
+import contextlib
+import warnings
+
 import keras
+from keras import ops
 
 # Compiled functions kept per model and cache, at most this many.
 MAX_COMPILED = 16
@@ -75,3 +80,73 @@ def cached(model, cache_name, key, build):
             functions.clear()
         functions[key] = build()
     return functions[key]
+
+
+def torch_compile(model, fn):
+    """`fn(*tensors)`, which calls `model`, compiled with `torch.compile`.
+
+    Per shape (and dtype and device) of the arguments, `fn` is traced once
+    into a graph by `torch.fx.experimental.proxy_tensor.make_fx` on fake
+    tensors, with the model's weights as graph inputs (read again at every
+    call, as `compile_stateless` hands them to `jax.jit`), and that graph
+    is compiled by `torch.compile(dynamic=False, fullgraph=True)`. Tracing below Keras'
+    layer machinery gives one graph with no graph breaks (dynamo itself
+    breaks the graph inside Keras' `Layer.__call__`). The attention is
+    traced through its portable path: fused kernels launch outside the
+    trace. Runs under `torch.no_grad()`. Should compiling fail (e.g. no
+    C++ compiler for inductor on CPU), it warns and runs eagerly.
+    """
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    variables = list(model.variables)
+
+    def stateless(values, *args):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return fn(*args)
+
+    graphs = {}
+    failed = []
+
+    def run(*args):
+        args = [ops.convert_to_tensor(a) for a in args]
+        key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
+        values = [v.value for v in variables]
+        with torch.no_grad():
+            if failed:
+                return fn(*args)
+            if key in graphs:
+                return graphs[key](values, *args)
+            with _portable_attention(model):
+                graph = make_fx(stateless, tracing_mode="fake")(values, *args)
+            compiled = torch.compile(graph, dynamic=False, fullgraph=True)
+            try:
+                outputs = compiled(values, *args)
+            except Exception as error:  # the trace worked: the compiler failed
+                warnings.warn(
+                    "torch.compile failed, generation runs eagerly: "
+                    f"{type(error).__name__}: {str(error)[:500]}",
+                    stacklevel=2,
+                )
+                failed.append(error)
+                return fn(*args)
+            if len(graphs) >= MAX_COMPILED:
+                graphs.clear()
+            graphs[key] = compiled
+            return outputs
+
+    return run
+
+
+@contextlib.contextmanager
+def _portable_attention(model):
+    """Sets every attention layer of `model` to the portable path for a while."""
+    layers = model.attention_layers
+    saved = [layer.implementation for layer in layers]
+    try:
+        for layer in layers:
+            layer.implementation = "portable"
+        yield
+    finally:
+        for layer, implementation in zip(layers, saved):
+            layer.implementation = implementation

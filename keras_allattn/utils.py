@@ -1,4 +1,6 @@
-"""Argument validation, initializers, logging and progress bars."""
+"""Argument validation (token ids too, where values can be read),
+initializers, logging, progress bars and the JAX training state's
+write-back."""
 
 import difflib
 import logging
@@ -7,6 +9,7 @@ import numbers
 import sys
 
 import keras
+from keras import ops
 
 LOGGER_NAME = "keras_allattn"
 VERBOSE_VALUES = (0, 1, 2, "auto")
@@ -43,6 +46,22 @@ def check_non_negative(name, value):
             f"Received: {name}={value!r}"
         )
     return int(value)
+
+
+def check_number(name, value, minimum, strict=False):
+    """Returns `value` as float if it is a real number `>= minimum` (`>`
+    with `strict`), else raises ValueError."""
+    if (
+        not isinstance(value, numbers.Real)
+        or isinstance(value, bool)
+        or value < minimum
+        or (strict and value == minimum)
+    ):
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        raise ValueError(
+            f"`{name}` must be a number {bound}. Received: {name}={value!r}"
+        )
+    return float(value)
 
 
 def check_unit_interval(name, value):
@@ -148,6 +167,43 @@ def check_known_arguments(owner, received, known):
     )
 
 
+def is_concrete(x):
+    """Whether `x` holds values that can be read now (not traced)."""
+    if isinstance(x, keras.KerasTensor):
+        return False
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.executing_eagerly()
+    if backend == "jax":
+        import jax
+
+        return not isinstance(x, jax.core.Tracer)
+    if backend == "torch":
+        import torch
+
+        # Fake tensors: traced by `make_fx` (`compiling.torch_compile`).
+        return not (
+            torch.compiler.is_compiling()
+            or isinstance(x, torch._subclasses.FakeTensor)
+        )
+    return True
+
+
+def check_token_ids(tokens, vocabulary_size):
+    """Raises ValueError for ids outside [0, vocabulary_size), when eager."""
+    if not is_concrete(tokens):
+        return
+    values = ops.convert_to_numpy(tokens)
+    if values.size and (values.min() < 0 or values.max() >= vocabulary_size):
+        bad = values[(values < 0) | (values >= vocabulary_size)][0]
+        raise ValueError(
+            f"Token ids must lie in [0, vocabulary_size={vocabulary_size}). "
+            f"Received: a token id {int(bad)} in `tokens`"
+        )
+
+
 def device_name():
     """The accelerator's name for the current backend, or "CPU"."""
     backend = keras.backend.backend()
@@ -168,6 +224,18 @@ def device_name():
     return tf.config.experimental.get_device_details(gpus[0]).get(
         "device_name", "GPU"
     )
+
+
+def sync_jax_state(model):
+    """Writes JAX's in-flight training state back to `model`'s variables.
+
+    On JAX, `fit` holds the variables' values apart from the variables
+    between steps; a callback that reads or writes a variable in between
+    calls this first. Nothing happens on the other backends.
+    """
+    sync = getattr(model, "jax_state_sync", None)
+    if sync is not None:
+        sync()
 
 
 REMAT_MODES = ("attention", "layer")

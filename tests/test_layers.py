@@ -281,7 +281,7 @@ def test_dispatch_uses_the_portable_path_where_no_kernel_applies(rng):
 
 
 def test_deterministic_switch(monkeypatch):
-    from keras_allattn.ops import attention as attention_ops
+    from keras_allattn.ops import kernel_settings as attention_ops
 
     monkeypatch.setattr(attention_ops, "_deterministic", None)
     for value, expected in (("1", True), (" TRUE", True), ("0", False), ("", False)):

@@ -135,6 +135,118 @@ def test_no_private_modules_of_dependencies():
     assert not offenders, offenders
 
 
+def test_no_private_optimizer_methods():
+    """A loop that must clip uses the project's `clip_gradients` or the
+    optimizer's public `apply`, never its private methods."""
+    pattern = re.compile(r"\boptimizer\._[a-z]")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in python_files()
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not offenders, offenders
+
+
+# Names that moved to their own module, with the old paths that still
+# import them (user code and saved files may name them).
+MOVED = {
+    "keras_allattn.training.callbacks.SpanTrimming": (
+        "keras_allattn.models.all_attention_lm.SpanTrimming",
+    ),
+    "keras_allattn.compiling.torch_compile": (
+        "keras_allattn.models.generation.torch_compile",
+    ),
+    "keras_allattn.ops.kernel_settings.set_deterministic": (
+        "keras_allattn.ops.attention.set_deterministic",
+        "keras_allattn.set_deterministic",
+    ),
+    "keras_allattn.ops.kernel_settings.INTEGRATIONS": (
+        "keras_allattn.ops.attention.INTEGRATIONS",
+    ),
+    "keras_allattn.layers.adaptive_clusters.check_cutoffs": (
+        "keras_allattn.layers.adaptive_embedding.check_cutoffs",
+    ),
+    "keras_allattn.distribution.trainer.DataParallelTrainer": (
+        "keras_allattn.distribution.DataParallelTrainer",
+        "keras_allattn.DataParallelTrainer",
+    ),
+    "keras_allattn.distribution.jax_engine.data_parallel_distribution": (
+        "keras_allattn.distribution.data_parallel_distribution",
+    ),
+}
+
+
+def test_each_concept_in_its_module_and_the_old_paths_still_import():
+    from keras_allattn.models.all_attention_lm import AllAttentionLM
+    from keras_allattn.models.backbone import AllAttentionBackbone
+
+    # The network and its memory are the backbone; the LM adds the head.
+    assert issubclass(AllAttentionLM, AllAttentionBackbone)
+    for name in ("_network", "reset_memory", "get_memory", "set_memory",
+                 "update_span_trimming", "resolve_remat"):
+        assert name in vars(AllAttentionBackbone), name
+    for name in ("call_with_memory", "compute_loss", "generate", "fit",
+                 "from_preset", "get_config"):
+        assert name in vars(AllAttentionLM), name
+    # Saved files name the class by its registered name.
+    assert keras_allattn.models.AllAttentionLM is AllAttentionLM
+    import keras
+
+    assert keras.saving.get_registered_name(AllAttentionLM) == (
+        "keras_allattn>AllAttentionLM"
+    )
+    for home, old_paths in MOVED.items():
+        obj = resolve(home)
+        for old in old_paths:
+            assert resolve(old) is obj, old
+
+
+def imported_modules(path):
+    """The modules a file imports (`from M import N` counts as `M` and `M.N`)."""
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module)
+            modules.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return modules
+
+
+def test_the_kernels_and_the_dispatcher_do_not_import_each_other_back():
+    """`ops/attention.py` reaches the kernels; the kernels read the shared
+    settings from `ops/kernel_settings.py`, which imports neither."""
+    ops = PACKAGE / "ops"
+    for kernel in ("pallas_attention.py", "triton_attention.py"):
+        imports = imported_modules(ops / kernel)
+        assert "keras_allattn.ops.attention" not in imports, kernel
+        assert "keras_allattn.ops.kernel_settings" in imports, kernel
+    settings = imported_modules(ops / "kernel_settings.py")
+    assert not {m for m in settings if m.startswith("keras_allattn")}, settings
+
+
+def private_jax_modules_used():
+    """`M.N` for every `from M import N` (and `M` for `import M`) of jax._src."""
+    pattern = re.compile(r"^\s*(?:from (jax\._src[\w.]*) import (\w+)"
+                         r"|import (jax\._src[\w.]*))")
+    used = set()
+    for path in python_files():
+        for line in path.read_text().splitlines():
+            match = pattern.match(line)
+            if match and match.group(1):
+                used.add(f"{match.group(1)}.{match.group(2)}")
+            elif match:
+                used.add(match.group(3))
+    return used
+
+
+def test_the_library_imports_no_private_jax_module():
+    """The Pallas kernels use public JAX only (the position-key gradient is
+    a matmul outside them, so no hand-built atomic primitive is needed)."""
+    assert private_jax_modules_used() == set()
+
+
 def test_library_code_logs_instead_of_printing():
     """`print` only in the commands' `main` functions (their output)."""
     offenders = []

@@ -253,7 +253,7 @@ def test_deterministic_mode(monkeypatch):
     """The kernels use no atomics: deterministic mode needs nothing of its
     own (same static config, hence the same kernels, no extra memory); a
     bad mode value is refused."""
-    from keras_allattn.ops import attention
+    from keras_allattn.ops import kernel_settings as attention
     from keras_allattn.ops import pallas_attention
 
     name = "joint_span_persistent"

@@ -12,6 +12,7 @@ from keras_allattn.training import BitsPerByte
 from keras_allattn.training import BitsPerCharacter
 from keras_allattn.training import LinearWarmup
 from keras_allattn.training import Perplexity
+from keras_allattn.training.optimizers import clip_gradients
 
 
 class NumpyLambdaLR:
@@ -261,6 +262,52 @@ def test_adagrad_clip_config_round_trip():
 def test_adagrad_clip_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         AdagradClip(**kwargs)
+
+
+def numpy_clip(gradients, clipnorm=None, global_clipnorm=None, clipvalue=None):
+    """Keras's gradient clipping options, in float64."""
+    if clipnorm:
+        return [g * clipnorm / max(np.linalg.norm(g), clipnorm) for g in gradients]
+    if global_clipnorm:
+        norm = math.sqrt(sum(np.sum(g**2) for g in gradients))
+        return [g * global_clipnorm / max(norm, global_clipnorm) for g in gradients]
+    if clipvalue:
+        return [np.clip(g, -clipvalue, clipvalue) for g in gradients]
+    return gradients
+
+
+@pytest.mark.parametrize(
+    "option", [{}, {"clipnorm": 0.5}, {"global_clipnorm": 0.5},
+               {"clipvalue": 0.05}],
+)
+def test_clip_gradients_is_the_optimizers_clipping(option, rng):
+    """`clip_gradients` equals a float64 transcription of Keras's options
+    and what the optimizer's own `apply` does with them (SGD at rate 1
+    moves each weight by minus its clipped gradient)."""
+    shapes = [(3, 4), (5,), (2, 2)]
+    # One tensor inside the norm, one outside, one zero.
+    gradients = [rng.normal(0, 0.1, shapes[0]), rng.normal(0, 2.0, shapes[1]),
+                 np.zeros(shapes[2])]
+    expected = numpy_clip(gradients, **option)
+    optimizer = keras.optimizers.SGD(1.0, **option)
+    clipped = clip_gradients(
+        optimizer, [keras.ops.convert_to_tensor(g, "float32") for g in gradients]
+    )
+    variables = [keras.Variable(np.zeros(shape), dtype="float32") for shape in shapes]
+    optimizer.apply(
+        [keras.ops.convert_to_tensor(g, "float32") for g in gradients], variables
+    )
+    for actual, applied, reference in zip(clipped, variables, expected):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(actual), reference, rtol=1e-5, atol=1e-7
+        )
+        np.testing.assert_allclose(
+            -keras.ops.convert_to_numpy(applied), reference, rtol=1e-5, atol=1e-7
+        )
+    if option:
+        assert not np.allclose(expected[1], gradients[1])  # it clipped
+    with_none = clip_gradients(optimizer, [None, keras.ops.ones((2,))])
+    assert with_none[0] is None
 
 
 def test_linear_warmup_values_and_config():

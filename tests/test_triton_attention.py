@@ -410,7 +410,7 @@ def test_rejects_bad_arguments():
 def test_deterministic_mode(monkeypatch):
     """One position-gradient buffer per dQ program: the same function (as
     the other tests check the default mode), bitwise repeatable."""
-    from keras_allattn.ops import attention
+    from keras_allattn.ops import kernel_settings as attention
 
     # M = 37 in 16-query tiles: 3 programs per (batch row, head), each with
     # its own buffer; the switch reaches the kernel without an argument.

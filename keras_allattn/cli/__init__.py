@@ -10,9 +10,10 @@ keras_allattn` runs the same command. The backend is Keras's:
 `KERAS_BACKEND=jax|tensorflow|torch` (or `~/.keras/keras.json`).
 """
 
+import argparse
 import sys
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["COMMANDS", "command_parser", "main"]
 
 # Command -> (module, one-line help).
 COMMANDS = {
@@ -33,6 +34,17 @@ COMMANDS = {
         "show the backend, the devices and whether the fused kernels run",
     ),
 }
+
+
+def command_parser(prog, doc):
+    """The `argparse` parser of a command: `doc`'s first line is its
+    description, the rest its epilog (kept as written)."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=doc.splitlines()[0],
+        epilog="\n".join(doc.splitlines()[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def _usage():

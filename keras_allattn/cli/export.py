@@ -11,12 +11,12 @@ TensorFlow subprocess (TensorFlow must be installed:
 Serving" in the README.
 """
 
-import argparse
 import os
 import sys
 
 import keras
 
+from keras_allattn.cli import command_parser
 from keras_allattn.export import export_saved_model
 
 __all__ = ["build_parser", "main"]
@@ -24,13 +24,7 @@ __all__ = ["build_parser", "main"]
 
 def build_parser(prog=None, doc=None):
     """The command line of `keras-allattn export` and `examples/export_serving.py`."""
-    doc = doc or __doc__
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=doc.splitlines()[0],
-        epilog="\n".join(doc.splitlines()[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser(prog, doc or __doc__)
     parser.add_argument("--checkpoint", required=True, help="a .keras file")
     parser.add_argument("--output", default="serving", help="model base folder")
     parser.add_argument("--model-name", default="all_attention_lm")

@@ -13,12 +13,12 @@ space-separated token ids, printed back as ids). Needs keras-hub
 (`pip install keras-allattn[hub]`).
 """
 
-import argparse
 import sys
 
 import keras
 import numpy as np
 
+from keras_allattn.cli import command_parser
 from keras_allattn.data import load_ptb
 from keras_allattn.data import load_wikitext103
 from keras_allattn.data.corpora import TEXT8_ALPHABET
@@ -31,13 +31,7 @@ TOKENIZERS = ("byte", "text8", "ptb", "wikitext103", "ids")
 
 def build_parser(prog=None, doc=None):
     """The command line of `keras-allattn generate` and `examples/generate.py`."""
-    doc = doc or __doc__
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=doc.splitlines()[0],
-        epilog="\n".join(doc.splitlines()[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser(prog, doc or __doc__)
     parser.add_argument("--checkpoint", required=True, help="a .keras file")
     parser.add_argument("--prompt", default="The ")
     parser.add_argument("--max-length", type=int, default=200,

@@ -34,6 +34,7 @@ import keras
 import numpy as np
 
 from keras_allattn import AllAttentionLM
+from keras_allattn.cli import command_parser
 from keras_allattn.data import Corpus
 from keras_allattn.data import ResetMemoryOnRestart
 from keras_allattn.data import StreamBatcher
@@ -121,13 +122,7 @@ def build_parser(corpus=None, prog=None, doc=None):
         doc: the description (first line) and epilog (the rest); default
             this module's docstring.
     """
-    doc = doc or __doc__
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=doc.splitlines()[0],
-        epilog="\n".join(doc.splitlines()[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser(prog, doc or __doc__)
     if corpus is None:
         parser.add_argument(
             "--corpus", choices=sorted(CORPORA), default=DEFAULT_CORPUS,

@@ -15,6 +15,7 @@ import numpy as np
 
 from keras_allattn.utils import check_non_negative
 from keras_allattn.utils import check_positive
+from keras_allattn.utils import sync_jax_state
 
 
 def as_token_array(tokens, name="tokens"):
@@ -424,9 +425,7 @@ class ResetMemoryOnRestart(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.batcher.is_pass_start(self._epoch_start + batch):
-            sync = getattr(self.model, "jax_state_sync", None)
-            if sync is not None:
-                sync()
+            sync_jax_state(self.model)
             self.model.reset_memory()
 
     def on_train_batch_end(self, batch, logs=None):

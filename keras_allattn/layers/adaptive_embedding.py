@@ -1,51 +1,12 @@
 import math
-import numbers
 
 import keras
 from keras import ops
 
+from keras_allattn.layers.adaptive_clusters import add_cluster_weights
+from keras_allattn.layers.adaptive_clusters import check_cutoffs
+from keras_allattn.layers.adaptive_clusters import cluster_widths
 from keras_allattn.utils import check_positive
-
-
-def check_cutoffs(cutoffs, vocabulary_size, name="cutoffs"):
-    """Returns `cutoffs` as a list of ints, or raises ValueError.
-
-    Cutoffs split a frequency-ordered vocabulary into clusters
-    `[0, c_1), [c_1, c_2), ..., [c_k, vocabulary_size)`: they must be
-    integers, strictly increasing, in `[1, vocabulary_size)`. An empty list
-    means a single cluster.
-    """
-    if not isinstance(cutoffs, (list, tuple)) or not all(
-        isinstance(c, numbers.Integral) and not isinstance(c, bool)
-        for c in cutoffs
-    ):
-        raise ValueError(
-            f"`{name}` must be a list of integers. Received: {name}={cutoffs!r}"
-        )
-    cutoffs = [int(c) for c in cutoffs]
-    if any(b <= a for a, b in zip(cutoffs, cutoffs[1:])):
-        raise ValueError(
-            f"`{name}` must be strictly increasing, without duplicates. "
-            f"Received: {name}={cutoffs}"
-        )
-    if cutoffs and (cutoffs[0] <= 0 or cutoffs[-1] >= vocabulary_size):
-        raise ValueError(
-            f"`{name}` must lie in [1, vocabulary_size) = [1, "
-            f"{vocabulary_size}). Received: {name}={cutoffs}"
-        )
-    return cutoffs
-
-
-def cluster_widths(hidden_dim, cutoffs, div_val, name="div_val"):
-    """The width `hidden_dim // div_val**i` of each cluster `i`, all >= 1."""
-    widths = [hidden_dim // div_val**i for i in range(len(cutoffs) + 1)]
-    if widths[-1] < 1:
-        raise ValueError(
-            f"`{name}` is too large for `hidden_dim`: the last cluster would "
-            f"have width hidden_dim // {name}**{len(cutoffs)} = 0. Received: "
-            f"hidden_dim={hidden_dim}, {name}={div_val}"
-        )
-    return widths
 
 
 @keras.saving.register_keras_serializable(package="keras_allattn")
@@ -124,25 +85,11 @@ class AdaptiveEmbedding(keras.layers.Layer):
         self.scale = math.sqrt(self.hidden_dim)
 
     def build(self, inputs_shape=None):
-        self.cluster_embeddings = []
-        self.cluster_projections = []
-        for i, width in enumerate(self.widths):
-            size = self.bounds[i + 1] - self.bounds[i]
-            self.cluster_embeddings.append(
-                self.add_weight(
-                    name=f"embeddings_{i}",
-                    shape=(size, width),
-                    initializer=self.embeddings_initializer,
-                )
-            )
-            if self.div_val > 1:
-                self.cluster_projections.append(
-                    self.add_weight(
-                        name=f"projection_{i}",
-                        shape=(width, self.hidden_dim),
-                        initializer=self.projection_initializer,
-                    )
-                )
+        self.cluster_embeddings, self.cluster_projections = add_cluster_weights(
+            self, self.bounds, self.widths, self.hidden_dim, self.div_val,
+            "embeddings", self.embeddings_initializer,
+            self.projection_initializer,
+        )
         self.built = True
 
     def call(self, inputs):

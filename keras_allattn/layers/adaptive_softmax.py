@@ -2,8 +2,9 @@ import keras
 from keras import ops
 
 from keras_allattn.layers.adaptive_embedding import AdaptiveEmbedding
-from keras_allattn.layers.adaptive_embedding import check_cutoffs
-from keras_allattn.layers.adaptive_embedding import cluster_widths
+from keras_allattn.layers.adaptive_clusters import add_cluster_weights
+from keras_allattn.layers.adaptive_clusters import check_cutoffs
+from keras_allattn.layers.adaptive_clusters import cluster_widths
 from keras_allattn.utils import check_last_axis
 from keras_allattn.utils import check_positive
 
@@ -159,23 +160,10 @@ class AdaptiveSoftmax(keras.layers.Layer):
             if not self.embedding.built:
                 self.embedding.build()
         else:
-            for i, width in enumerate(self.widths):
-                size = self.bounds[i + 1] - self.bounds[i]
-                self.output_kernels.append(
-                    self.add_weight(
-                        name=f"kernel_{i}",
-                        shape=(size, width),
-                        initializer=self.kernel_initializer,
-                    )
-                )
-                if self.div_val > 1:
-                    self.output_projections.append(
-                        self.add_weight(
-                            name=f"projection_{i}",
-                            shape=(width, self.hidden_dim),
-                            initializer=self.projection_initializer,
-                        )
-                    )
+            self.output_kernels, self.output_projections = add_cluster_weights(
+                self, self.bounds, self.widths, self.hidden_dim, self.div_val,
+                "kernel", self.kernel_initializer, self.projection_initializer,
+            )
         self.output_biases = [
             self.add_weight(
                 name=f"bias_{i}",

@@ -5,7 +5,7 @@ from keras import ops
 
 from keras_allattn.layers.adaptive_span import AdaptiveSpan
 from keras_allattn.ops.attention import IMPLEMENTATIONS
-from keras_allattn.ops.attention import INTEGRATIONS
+from keras_allattn.ops.kernel_settings import INTEGRATIONS
 from keras_allattn.ops.attention import all_attention
 from keras_allattn.ops.attention import attention_probabilities
 from keras_allattn.utils import check_choice

@@ -1,32 +1,32 @@
-import contextlib
+"""`AllAttentionLM`: the all-attention network with its language-model head.
+
+The network and its segment memory are `AllAttentionBackbone`
+(`backbone.py`); this module adds the output head (a dense layer to
+logits, or an adaptive softmax), the loss, generation, the stream-order
+`fit`, `evaluate` and `predict`, the presets' constructor and the config.
+"""
+
 import inspect
-import math
 import warnings
 
 import keras
-import numpy as np
 from keras import ops
 
-from keras_allattn.layers.adaptive_embedding import AdaptiveEmbedding
-from keras_allattn.layers.adaptive_embedding import check_cutoffs
-from keras_allattn.layers.adaptive_embedding import cluster_widths
-from keras_allattn.layers.adaptive_softmax import AdaptiveSoftmax
-from keras_allattn.layers.adaptive_span import spans_from_ratios
-from keras_allattn.layers.feed_forward import FeedForward
-from keras_allattn.layers.persistent_memory_attention import (
-    PersistentMemoryAttention,
-)
-from keras_allattn.layers.relative_position import RelativePosition
-from keras_allattn.layers.segment_memory import SegmentMemory
 from keras_allattn import presets as preset_table
+from keras_allattn.layers.adaptive_clusters import check_cutoffs
+from keras_allattn.layers.adaptive_clusters import cluster_widths
+from keras_allattn.layers.adaptive_softmax import AdaptiveSoftmax
+from keras_allattn.models.backbone import AllAttentionBackbone
 from keras_allattn.ops.attention import IMPLEMENTATIONS
-from keras_allattn.ops.attention import INTEGRATIONS
+from keras_allattn.ops.kernel_settings import INTEGRATIONS
+from keras_allattn.training.callbacks import SpanTrimming
 from keras_allattn.utils import check_choice
 from keras_allattn.utils import check_known_arguments
 from keras_allattn.utils import check_non_negative
 from keras_allattn.utils import check_positive
 from keras_allattn.utils import check_rate
 from keras_allattn.utils import check_remat
+from keras_allattn.utils import check_token_ids
 from keras_allattn.utils import check_unit_interval
 from keras_allattn.utils import torch_default_uniform
 
@@ -35,7 +35,7 @@ KERAS_MODEL_ARGUMENTS = ("name", "trainable")
 
 
 @keras.saving.register_keras_serializable(package="keras_allattn")
-class AllAttentionLM(keras.Model):
+class AllAttentionLM(AllAttentionBackbone):
     """The all-attention language model (a functional `keras.Model`).
 
     Token embedding (no absolute positions), `num_layers` all-attention
@@ -251,85 +251,13 @@ class AllAttentionLM(keras.Model):
             )
 
         # === Layers ===
-        if adaptive_cutoffs is None:
-            self.token_embedding = keras.layers.Embedding(
-                vocabulary_size,
-                hidden_dim,
-                embeddings_initializer=keras.initializers.RandomNormal(
-                    stddev=1.0
-                ),
-                dtype=dtype,
-                name="token_embedding",
-            )
-        else:
-            self.token_embedding = AdaptiveEmbedding(
-                vocabulary_size,
-                hidden_dim,
-                adaptive_cutoffs,
-                adaptive_div_val,
-                dtype=dtype,
-                name="token_embedding",
-            )
-        # A seeded dropout draws from a SeedGenerator variable (saved and
-        # restored with the training state) rather than a global generator.
-        self.embedding_dropout_layer = keras.layers.Dropout(
-            embedding_dropout,
-            seed=int(np.random.randint(2**31)),
-            dtype=dtype,
-            name="embedding_dropout",
+        self._build_network(
+            vocabulary_size, num_layers, hidden_dim, num_heads,
+            persistent_memory_size, max_span, batch_size, adaptive_span,
+            span_ramp, span_init, span_loss_coeff, dropout,
+            embedding_dropout, feedforward_dim, integration, implementation,
+            remat, adaptive_cutoffs, adaptive_div_val, dtype,
         )
-        self.relative_position = RelativePosition(
-            head_dim=hidden_dim // num_heads,
-            max_span=max_span,
-            dtype=dtype,
-            name="relative_position",
-        )
-        self.segment_memories = []
-        self.attention_layers = []
-        self.attention_norms = []
-        self.feedforward_layers = []
-        self.feedforward_norms = []
-        for i in range(num_layers):
-            self.segment_memories.append(
-                SegmentMemory(
-                    batch_size, max_span, dtype=dtype, name=f"memory_{i}"
-                )
-            )
-            attention = PersistentMemoryAttention(
-                    num_heads=num_heads,
-                    max_span=max_span,
-                    persistent_memory_size=persistent_memory_size,
-                    adaptive_span=adaptive_span,
-                    span_ramp=span_ramp,
-                    span_init=span_init,
-                    span_loss_coeff=span_loss_coeff,
-                    integration=integration,
-                    dropout=dropout,
-                    implementation=implementation,
-                    remat=False if remat == "auto" else remat,
-                    dtype=dtype,
-                    name=f"attention_{i}",
-                )
-            self.attention_layers.append(attention)
-            self.attention_norms.append(
-                keras.layers.LayerNormalization(
-                    epsilon=1e-5, dtype=dtype, name=f"attention_norm_{i}"
-                )
-            )
-            if feedforward_dim is not None:
-                self.feedforward_layers.append(
-                    FeedForward(
-                        feedforward_dim,
-                        dropout=dropout,
-                        dtype=dtype,
-                        name=f"feedforward_{i}",
-                    )
-                )
-                self.feedforward_norms.append(
-                    keras.layers.LayerNormalization(
-                        epsilon=1e-5, dtype=dtype, name=f"feedforward_norm_{i}"
-                    )
-                )
         self.adaptive_softmax = None
         if adaptive_cutoffs is None:
             self.output_dense = keras.layers.Dense(
@@ -395,41 +323,15 @@ class AllAttentionLM(keras.Model):
         self.adaptive_div_val = adaptive_div_val
         self.adaptive_tie_weights = adaptive_tie_weights
 
-    def __setattr__(self, name, value):
-        # The torch backend's Module refuses layer attributes before
-        # `Model.__init__` has made it a Module; the functional graph tracks
-        # those layers anyway. From then on torch must see every attribute,
-        # or `parameters()` (what DistributedDataParallel reads) is empty.
-        if keras.backend.backend() == "torch" and "_modules" not in vars(self):
-            return object.__setattr__(self, name, value)
-        return super().__setattr__(name, value)
-
     def _forward(self, tokens, memories=None, training=None):
-        """The network; stateful when `memories` is None, else stateless.
+        """The network and its head; stateful when `memories` is None.
 
         Returns:
             `(logits, next_memories)`, with the final hidden states instead
             of logits when there is an adaptive softmax; `next_memories` is
             empty when the memory variables were used (and updated).
         """
-        hidden = self.token_embedding(tokens)  # (B, M, d)
-        hidden = self.embedding_dropout_layer(hidden, training=training)
-        positions = self.relative_position(hidden)  # (D, L)
-        next_memories = []
-        for i, attention in enumerate(self.attention_layers):
-            memory_layer = self.segment_memories[i]
-            if memories is None:
-                memory = memory_layer(hidden)  # (B, L, d), state updated
-            else:
-                memory = memories[i]
-                next_memories.append(memory_layer.next_memory(memory, hidden))
-            attended = attention(
-                hidden, memory=memory, position_keys=positions, training=training
-            )
-            hidden = self.attention_norms[i](hidden + attended)
-            if self.feedforward_layers:
-                fed = self.feedforward_layers[i](hidden, training=training)
-                hidden = self.feedforward_norms[i](hidden + fed)
+        hidden, next_memories = self._network(tokens, memories, training)
         if self.adaptive_softmax is not None:
             return hidden, next_memories  # (B, M, d), see `compute_loss`
         logits = self.logits_cast(self.output_dense(hidden))  # (B, M, V)
@@ -586,26 +488,6 @@ class AllAttentionLM(keras.Model):
             verbose=verbose,
         )
 
-    def initial_memories(self, batch_size):
-        """Zero memories for `batch_size` new streams (a list per layer)."""
-        shape = (batch_size, self.max_span, self.hidden_dim)
-        dtype = self.segment_memories[0].compute_dtype
-        return [ops.zeros(shape, dtype) for _ in range(self.num_layers)]
-
-    def reset_memory(self):
-        """Zeroes the segment memory of every layer and stream."""
-        for memory_layer in self.segment_memories:
-            memory_layer.reset()
-
-    def current_spans(self):
-        """Current span in tokens of every head, `(num_layers, num_heads)`.
-
-        Without adaptive span every head attends `max_span` tokens.
-        """
-        if not self.adaptive_span:
-            return np.full((self.num_layers, self.num_heads), self.max_span)
-        return np.stack([a.span.current_spans() for a in self.attention_layers])
-
     def attention_statistics(self, tokens, warmup_tokens=None):
         """Attention mass per layer and head on `tokens`: persistent vs
         context, by distance, and the learned spans; see
@@ -613,114 +495,6 @@ class AllAttentionLM(keras.Model):
         from keras_allattn.analysis import attention_statistics
 
         return attention_statistics(self, tokens, warmup_tokens)
-
-    def update_span_trimming(self, margin=64, spans=None, headroom=0):
-        """Sets each layer's attended memory length from its learned spans.
-
-        The length is the layer's largest current span plus `margin`,
-        rounded up to a multiple of `span_granularity` and capped at
-        `max_span`. It grows as soon as a span comes within `headroom` of
-        it and shrinks only when the target falls below it, so spans that
-        hover near a boundary do not cause repeated retraces. Compiled
-        functions are rebuilt when a length changes.
-
-        Args:
-            margin: int, tokens added to the largest span.
-            spans: None to read `current_spans()`, or spans read before,
-                `(num_layers, num_heads)`.
-            headroom: int, grow when a span is closer than this to the
-                attended length (for spans read some steps late).
-
-        Returns:
-            bool, whether any length changed.
-        """
-        if not self.adaptive_span:
-            return False
-        if spans is None:
-            spans = self.current_spans()
-        changed = False
-        for attention, largest in zip(
-            self.attention_layers, np.asarray(spans).max(axis=1)
-        ):
-            step = self.span_granularity
-            target = min(self.max_span, math.ceil((largest + margin) / step) * step)
-            attended = attention.attended_span
-            if attended < largest + headroom or target < attended:
-                if target != attended:
-                    attention.set_attended_span(target)
-                    changed = True
-        if changed:
-            self.test_function = None
-            self.predict_function = None
-            if self.train_function is not None:
-                self.make_train_function(force=True)
-        return changed
-
-    def attended_spans(self):
-        """The memory rows each layer currently attends, a list of ints."""
-        return [a.attended_span for a in self.attention_layers]
-
-    def resolve_remat(self):
-        """Applies the remat setting before training; returns the mode.
-
-        With `remat="auto"`, the least recomputation whose estimated
-        training memory fits (see `keras_allattn.models.memory_estimate`);
-        with a fixed setting, checks that it fits. Either way a model that
-        cannot fit raises a ValueError here, before anything is compiled.
-        The choice is made once; `fit` calls this first.
-        """
-        from keras_allattn.models import memory_estimate
-
-        if self._remat_checked:
-            return self.resolved_remat
-        if self.remat == "auto":
-            mode = memory_estimate.choose_remat(self)[0]
-        else:
-            mode = self.remat
-            memory_estimate.check_fits(self, mode)
-        if any(layer.remat != mode for layer in self.attention_layers):
-            for layer in self.attention_layers:
-                layer.remat = mode
-            self.train_function = None
-        self.resolved_remat = mode
-        self._remat_checked = True
-        return mode
-
-    def get_memory(self):
-        """The training segment memory, a NumPy array per layer.
-
-        Returns:
-            A list of `num_layers` arrays `(batch_size, max_span,
-            hidden_dim)`: what the next batch of `fit` (or a direct call
-            `model(tokens)`) will attend to.
-        """
-        _sync_jax_state(self)
-        return [
-            np.asarray(ops.convert_to_numpy(layer.memory))
-            for layer in self.segment_memories
-        ]
-
-    def set_memory(self, memories):
-        """Sets the training segment memory (e.g. from `get_memory()`).
-
-        Args:
-            memories: a list of `num_layers` arrays `(batch_size, max_span,
-                hidden_dim)`.
-        """
-        if len(memories) != self.num_layers:
-            raise ValueError(
-                f"`memories` must hold num_layers={self.num_layers} arrays. "
-                f"Received: {len(memories)} arrays"
-            )
-        _sync_jax_state(self)
-        for i, (layer, memory) in enumerate(zip(self.segment_memories, memories)):
-            if tuple(memory.shape) != tuple(layer.memory.shape):
-                raise ValueError(
-                    f"`memories[{i}]` must have shape "
-                    f"{tuple(layer.memory.shape)}. Received: "
-                    f"shape={tuple(memory.shape)}"
-                )
-            layer.memory.assign(memory)
 
     def fit(
         self, x=None, y=None, batch_size=None, epochs=1, verbose="auto",
@@ -854,18 +628,6 @@ class AllAttentionLM(keras.Model):
             )
         return False
 
-    @contextlib.contextmanager
-    def _separate_memory(self):
-        """Zero memory inside the block; the training memory after it."""
-        _sync_jax_state(self)
-        kept = [layer.snapshot() for layer in self.segment_memories]
-        self.reset_memory()
-        try:
-            yield
-        finally:
-            for layer, memory in zip(self.segment_memories, kept):
-                layer.restore(memory)
-
     @classmethod
     def _argument_names(cls):
         """The keyword arguments the constructor accepts, a list of names."""
@@ -948,111 +710,6 @@ class AllAttentionLM(keras.Model):
         return cls(**config)
 
 
-class SpanTrimming(keras.callbacks.Callback):
-    """Keeps `AllAttentionLM`'s memory trimming in step with learned spans.
-
-    `AllAttentionLM.fit` adds it for models with adaptive span. When
-    training starts it sets the attended lengths from the spans; then,
-    every `update_every` batches, it reads the spans one step late: it
-    keeps a device copy of the span ratios a step is about to use, and
-    reads that copy to the host before the next-but-one batch, when the
-    step after it is already queued. So the device never waits for the
-    host (no host sync on the step in flight), and the lengths are set
-    from spans one step old, with `headroom` tokens to spare (the length
-    grows when a span comes closer than that to it).
-
-    The spans read are exactly those the previous step used, so every
-    step whose spans were read is checked: if a span outgrew the length
-    that step attended (it grew by more than `headroom` in one step),
-    that step's result was not the untrimmed model's; the step is added
-    to `inexact_steps`, a warning says so, and the length grows. With
-    `update_every=1` (the default) every step is checked.
-
-    The work happens in `on_train_batch_begin`: a callback with
-    `on_train_batch_end` would stop Keras from running the other
-    callbacks' batch ends (progress bar, history) off the training thread.
-
-    Args:
-        update_every: int, batches between two span reads.
-        margin: int, tokens added to the largest span (see
-            `AllAttentionLM.update_span_trimming`).
-        headroom: int, tokens a span may grow in one step and still be
-            attended.
-
-    Attributes:
-        inexact_steps: the training steps (counted from the start of
-            `fit`) whose spans reached past their attended length.
-    """
-
-    def __init__(self, update_every=1, margin=64, headroom=32):
-        super().__init__()
-        self.update_every = check_positive("update_every", update_every)
-        self.margin = check_non_negative("margin", margin)
-        self.headroom = check_non_negative("headroom", headroom)
-        if headroom > margin:
-            raise ValueError(
-                "`headroom` must be at most `margin`. Received: "
-                f"headroom={headroom}, margin={margin}"
-            )
-        self.inexact_steps = []
-        self._pending = None
-        self._batches = 0
-
-    def on_train_begin(self, logs=None):
-        self.inexact_steps = []
-        self._pending = None
-        self._batches = 0
-        _sync_jax_state(self.model)
-        self.model.update_span_trimming(self.margin)
-
-    def on_train_batch_begin(self, batch, logs=None):
-        step = self._batches
-        self._batches += 1
-        if self._pending is not None:
-            self._check_and_update()
-        if step % self.update_every == 0:
-            # The ratios step `step` will use, copied on the device.
-            _sync_jax_state(self.model)
-            self._pending = (
-                step,
-                self.model.attended_spans(),
-                [ops.copy(a.span.span_ratio.value)
-                 for a in self.model.attention_layers],
-            )
-
-    def on_train_end(self, logs=None):
-        if self._pending is not None:
-            self._check_and_update(update=False)
-
-    def _check_and_update(self, update=True):
-        step, attended, ratios = self._pending
-        self._pending = None
-        model = self.model
-        spans = np.stack([
-            spans_from_ratios(
-                np.asarray(ops.convert_to_numpy(ratio), "float64"),
-                model.max_span, model.span_ramp,
-            )
-            for ratio in ratios
-        ])
-        largest = spans.max(axis=1)
-        if np.any(largest > np.asarray(attended)):
-            self.inexact_steps.append(step)
-            warnings.warn(
-                f"SpanTrimming: at training step {step} a span reached "
-                f"{largest.tolist()} tokens (per layer) while the layers "
-                f"attended {list(attended)} memory rows: that step's result "
-                "is not the untrimmed model's. Spans grew by more than "
-                f"headroom={self.headroom} tokens in one step; widening. "
-                "Pass a larger `headroom` and `margin` to avoid this.",
-                stacklevel=2,
-            )
-        if update:
-            model.update_span_trimming(
-                self.margin, spans=spans, headroom=self.headroom
-            )
-
-
 def _array_rows(x):
     """Rows of array inputs (arrays or tensors, or a structure of them).
 
@@ -1066,12 +723,6 @@ def _array_rows(x):
     if not leaves or any(shape is None or len(shape) == 0 for shape in shapes):
         return None
     return int(shapes[0][0])
-
-
-def _sync_jax_state(model):
-    """Writes JAX's in-flight training state back to the variables."""
-    if keras.backend.backend() == "jax":
-        model.jax_state_sync()
 
 
 def _leave_usable(model, run):
@@ -1099,40 +750,3 @@ def _leave_usable(model, run):
             except TypeError:  # detached by the failed loop
                 variable.assign(value)
         raise
-
-
-def _is_concrete(x):
-    """Whether `x` holds values that can be read now (not traced)."""
-    if isinstance(x, keras.KerasTensor):
-        return False
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.executing_eagerly()
-    if backend == "jax":
-        import jax
-
-        return not isinstance(x, jax.core.Tracer)
-    if backend == "torch":
-        import torch
-
-        # Fake tensors: traced by `make_fx` (see `generation.torch_compile`).
-        return not (
-            torch.compiler.is_compiling()
-            or isinstance(x, torch._subclasses.FakeTensor)
-        )
-    return True
-
-
-def check_token_ids(tokens, vocabulary_size):
-    """Raises ValueError for ids outside [0, vocabulary_size), when eager."""
-    if not _is_concrete(tokens):
-        return
-    values = ops.convert_to_numpy(tokens)
-    if values.size and (values.min() < 0 or values.max() >= vocabulary_size):
-        bad = values[(values < 0) | (values >= vocabulary_size)][0]
-        raise ValueError(
-            f"Token ids must lie in [0, vocabulary_size={vocabulary_size}). "
-            f"Received: a token id {int(bad)} in `tokens`"
-        )

@@ -35,23 +35,17 @@ shapes per batch size are ever compiled. `TORCH_COMPILE = False` runs
 PyTorch eagerly under `torch.no_grad()` instead.
 """
 
-import contextlib
-import warnings
-
 import keras
 import numpy as np
 from keras import ops
 
-from keras_allattn.compiling import MAX_COMPILED
 from keras_allattn.compiling import cached
 from keras_allattn.compiling import compile_stateless
+from keras_allattn.compiling import torch_compile
 from keras_allattn.utils import check_verbose
 from keras_allattn.utils import progress_bar
 
 SAMPLERS = ("greedy", "top_k", "top_p", "beam", "random")
-
-# On PyTorch the compiled graphs (one per input shape) kept per function.
-_MAX_COMPILED = MAX_COMPILED
 
 # Whether PyTorch compiles generation with `torch.compile` (the default);
 # False runs it eagerly under `torch.no_grad()`.
@@ -285,7 +279,7 @@ def compile_function(model, fn, sampler=None):
     TensorFlow: `tf.function(jit_compile=True)`. JAX: `jax.jit` of a
     stateless version whose weights and sampler seed state are arguments
     (the seed state is written back after each call). PyTorch: see
-    `torch_compile`; `fn` must then be free of data-dependent Python
+    `keras_allattn.compiling.torch_compile`; `fn` must then be free of data-dependent Python
     control flow (no sampler loop), and with `TORCH_COMPILE = False` it
     runs eagerly under `torch.no_grad()`.
     """
@@ -295,76 +289,6 @@ def compile_function(model, fn, sampler=None):
     if not TORCH_COMPILE:
         return _eager(fn)
     return torch_compile(model, fn)
-
-
-def torch_compile(model, fn):
-    """`fn(*tensors)`, which calls `model`, compiled with `torch.compile`.
-
-    Per shape (and dtype and device) of the arguments, `fn` is traced once
-    into a graph by `torch.fx.experimental.proxy_tensor.make_fx` on fake
-    tensors, with the model's weights as graph inputs (read again at every
-    call, as `jax.jit` gets them above), and that graph is compiled by
-    `torch.compile(dynamic=False, fullgraph=True)`. Tracing below Keras'
-    layer machinery gives one graph with no graph breaks (dynamo itself
-    breaks the graph inside Keras' `Layer.__call__`). The attention is
-    traced through its portable path: fused kernels launch outside the
-    trace. Runs under `torch.no_grad()`. Should compiling fail (e.g. no
-    C++ compiler for inductor on CPU), it warns and runs eagerly.
-    """
-    import torch
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    variables = list(model.variables)
-
-    def stateless(values, *args):
-        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-            return fn(*args)
-
-    graphs = {}
-    failed = []
-
-    def run(*args):
-        args = [ops.convert_to_tensor(a) for a in args]
-        key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
-        values = [v.value for v in variables]
-        with torch.no_grad():
-            if failed:
-                return fn(*args)
-            if key in graphs:
-                return graphs[key](values, *args)
-            with _portable_attention(model):
-                graph = make_fx(stateless, tracing_mode="fake")(values, *args)
-            compiled = torch.compile(graph, dynamic=False, fullgraph=True)
-            try:
-                outputs = compiled(values, *args)
-            except Exception as error:  # the trace worked: the compiler failed
-                warnings.warn(
-                    "torch.compile failed, generation runs eagerly: "
-                    f"{type(error).__name__}: {str(error)[:500]}",
-                    stacklevel=2,
-                )
-                failed.append(error)
-                return fn(*args)
-            if len(graphs) >= _MAX_COMPILED:
-                graphs.clear()
-            graphs[key] = compiled
-            return outputs
-
-    return run
-
-
-@contextlib.contextmanager
-def _portable_attention(model):
-    """Sets every attention layer of `model` to the portable path for a while."""
-    layers = model.attention_layers
-    saved = [layer.implementation for layer in layers]
-    try:
-        for layer in layers:
-            layer.implementation = "portable"
-        yield
-    finally:
-        for layer, implementation in zip(layers, saved):
-            layer.implementation = implementation
 
 
 def _compiled(model, key, build):

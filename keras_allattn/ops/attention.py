@@ -10,114 +10,33 @@ Layout conventions (shape comments use these letters):
 Context scores are indexed by column `c = 0 .. A-1` holding distance
 `r = A - c` (the oldest key first), as in the reference implementation.
 
-Deterministic mode. The fused kernels' backward adds the position-key
-gradient with float32 atomics into a few shared buffers, so the order of the
-additions, hence the rounding, varies from run to run.
-`set_deterministic(True)` (or `KERAS_ALLATTN_DETERMINISTIC=1` in the
-environment, the default until `set_deterministic` is called) gives every
-kernel program a buffer of its own, summed in a fixed order afterwards: the
-gradients are then bitwise reproducible, at the cost of more memory (see
-`set_deterministic`, which also lists the backends' own switches). The mode
-is read when a kernel is called: on PyTorch at every forward call, on JAX
-when the function is traced, so functions already traced (a compiled train
-step) keep the mode they were traced with. The portable path has no atomics.
+The settings shared with the fused kernels (integrations, deterministic
+mode, tile sizes) live in `kernel_settings`; `set_deterministic` and
+`is_deterministic` are reachable here too. The portable path has no
+atomics, hence nothing to make deterministic.
 """
 
 import math
-import os
 
 import keras
 import numpy as np
 from keras import ops
 from keras import random
 
+from keras_allattn.ops.kernel_settings import INTEGRATIONS  # noqa: F401
+from keras_allattn.ops.kernel_settings import is_deterministic  # noqa: F401
+from keras_allattn.ops.kernel_settings import resolve_deterministic  # noqa: F401
+from keras_allattn.ops.kernel_settings import set_deterministic  # noqa: F401
+from keras_allattn.ops.kernel_settings import tile_size_reason
 from keras_allattn.ops.random import attention_dropout_keys
 from keras_allattn.ops.random import context_columns
 from keras_allattn.ops.random import dropout_multiplier
 from keras_allattn.ops.random import persistent_columns
 
-INTEGRATIONS = ("joint", "separate")
 IMPLEMENTATIONS = ("auto", "portable", "fused")
 
 # Added to the renormalisation denominators, as the reference does.
 SPAN_EPSILON = 1e-8
-
-DETERMINISTIC_ENV = "KERAS_ALLATTN_DETERMINISTIC"
-_ENV_VALUES = {"1": True, "true": True, "yes": True, "on": True,
-               "0": False, "false": False, "no": False, "off": False, "": False}
-# None: not set in this process, the environment decides.
-_deterministic = None
-
-
-def set_deterministic(enabled):
-    """Switches the fused kernels' deterministic mode on or off.
-
-    In deterministic mode the backward kernels give every program its own
-    float32 copy of the position-key gradient (A x D, with the kernels'
-    padding), summed in a fixed order afterwards, instead of spreading
-    atomics over a few shared copies. This makes the kernels' gradients
-    bitwise reproducible from run to run on the same device and shapes;
-    each attention call's backward then holds, for a while:
-
-    - Triton (PyTorch): `ceil(M / block_q) * B * H` copies: with B = 64,
-      H = 8, block M = 512, span A = 2048, D = 64 and 64-query dQ tiles,
-      4096 x 0.5 MiB = 2 GiB (8 copies, 4 MiB, otherwise).
-    - Pallas (JAX): nothing: its kernels use no atomics (the position-key
-      gradient is a matmul outside them), so their gradients are bitwise
-      reproducible in both modes.
-
-    The rest of the computation must be reproducible too: on PyTorch,
-    `torch.use_deterministic_algorithms(True)` and
-    `CUBLAS_WORKSPACE_CONFIG=:4096:8` (set before CUDA starts); on JAX,
-    `XLA_FLAGS=--xla_gpu_deterministic_ops=true` (set before JAX starts its
-    GPU backend). `benchmarks/loss_match.py --deterministic` sets all three.
-
-    The mode is read when a kernel is called (PyTorch) or traced (JAX): JAX
-    functions already traced keep the mode they were traced with.
-
-    Args:
-        enabled: bool, whether to run deterministically. Overrides the
-            `KERAS_ALLATTN_DETERMINISTIC` environment variable.
-    """
-    global _deterministic
-    if not isinstance(enabled, bool):
-        raise ValueError(
-            "`enabled` must be True or False. "
-            f"Received: enabled={enabled!r} (of type {type(enabled).__name__})"
-        )
-    _deterministic = enabled
-
-
-def is_deterministic():
-    """Whether the fused kernels run in deterministic mode.
-
-    The value of `set_deterministic` if it was called, else that of the
-    environment variable `KERAS_ALLATTN_DETERMINISTIC` (1/true/yes/on or
-    0/false/no/off, default off).
-    """
-    if _deterministic is not None:
-        return _deterministic
-    value = os.environ.get(DETERMINISTIC_ENV, "")
-    try:
-        return _ENV_VALUES[value.strip().lower()]
-    except KeyError:
-        raise ValueError(
-            f"The environment variable {DETERMINISTIC_ENV} must be one of "
-            f"1/true/yes/on or 0/false/no/off. Received: "
-            f"{DETERMINISTIC_ENV}={value!r}"
-        ) from None
-
-
-def resolve_deterministic(deterministic):
-    """A kernel's `deterministic` argument: None means `is_deterministic()`."""
-    if deterministic is None:
-        return is_deterministic()
-    if not isinstance(deterministic, bool):
-        raise ValueError(
-            "`deterministic` must be None, True or False. "
-            f"Received: deterministic={deterministic!r}"
-        )
-    return deterministic
 
 
 def span_mask(span_ratio, max_span, span_ramp, length):
@@ -452,8 +371,9 @@ def fused_kernel_applies(head_dim, dropout_rate=0.0):
 
         if jax.default_backend() != "gpu":
             return False, "JAX runs on no GPU"
-        if head_dim < 16 or head_dim & (head_dim - 1):
-            return False, f"the head width {head_dim} is not a power of 2 >= 16"
+        reason = tile_size_reason(head_dim)
+        if reason:
+            return False, reason
         return True, ""
     return False, f"no fused kernel for the {backend} backend"
 
@@ -480,9 +400,9 @@ def _fused_kernel(query, *args, dropout_rate=0.0, **kwargs):
 
         if jax.default_backend() != "gpu":
             return None, "JAX runs on no GPU"
-        head_dim = query.shape[-1]
-        if head_dim < 16 or head_dim & (head_dim - 1):
-            return None, f"the head width {head_dim} is not a power of 2 >= 16"
+        reason = tile_size_reason(query.shape[-1])
+        if reason:
+            return None, reason
         from keras_allattn.ops.pallas_attention import pallas_all_attention
 
         return batch_sharded(pallas_all_attention), ""

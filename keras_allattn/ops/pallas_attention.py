@@ -94,9 +94,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from keras_allattn.ops import random as dropout_hash
-from keras_allattn.ops.attention import resolve_deterministic
-
-INTEGRATIONS = ("joint", "separate")
+from keras_allattn.ops.kernel_settings import INTEGRATIONS
+from keras_allattn.ops.kernel_settings import is_power_of_two as _is_pow2
+from keras_allattn.ops.kernel_settings import resolve_deterministic
 
 # Initial running maximum: finite, so that a row whose logits in a tile are
 # all -inf gives exp(-inf - _M_INIT) = 0 and never NaN.
@@ -978,10 +978,6 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 # ---------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------
-
-
-def _is_pow2(x):
-    return x >= 1 and (x & (x - 1)) == 0
 
 
 def pallas_all_attention(

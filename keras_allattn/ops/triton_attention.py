@@ -69,9 +69,8 @@ import math
 import threading
 
 from keras_allattn.ops import random as dropout_hash
-from keras_allattn.ops.attention import resolve_deterministic
-
-INTEGRATIONS = ("joint", "separate")
+from keras_allattn.ops.kernel_settings import INTEGRATIONS
+from keras_allattn.ops.kernel_settings import resolve_deterministic
 
 tl = None  # triton.language, bound by `_build`
 _BUILD_LOCK = threading.Lock()

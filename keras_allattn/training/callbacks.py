@@ -1,15 +1,20 @@
-"""Callbacks that watch training: learned spans and exact validation."""
+"""Callbacks of training: the memory trimming that follows the learned
+spans, span logging and exact validation."""
 
 import importlib.util
 import logging
 import os
+import warnings
 
 import keras
 import numpy as np
 from keras import ops
 
 from keras_allattn.data.evaluation import evaluate_stream
+from keras_allattn.layers.adaptive_span import spans_from_ratios
+from keras_allattn.utils import check_non_negative
 from keras_allattn.utils import check_positive
+from keras_allattn.utils import sync_jax_state
 
 logger = logging.getLogger(__name__)
 
@@ -20,13 +25,6 @@ VALIDATION_METRICS = {
     "bits_per_token": "bits_per_token",
     "perplexity": "perplexity",
 }
-
-
-def _sync(model):
-    """Writes JAX's in-flight training state back to the variables."""
-    sync = getattr(model, "jax_state_sync", None)
-    if sync is not None:
-        sync()
 
 
 def _log_line(line, params):
@@ -203,7 +201,7 @@ class SpanLogger(keras.callbacks.Callback):
 
     def log(self):
         """Reads, logs and records the spans of the current step."""
-        _sync(self.model)
+        sync_jax_state(self.model)
         spans = np.asarray(self.model.current_spans())
         self.records.append((self.step, spans))
         means, maxima = spans.mean(axis=1), spans.max(axis=1)
@@ -268,7 +266,7 @@ class StreamValidation(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every_epochs:
             return
-        _sync(self.model)
+        sync_jax_state(self.model)
         result = evaluate_stream(
             self.model, self.tokens, self.batch_size, verbose=0
         )
@@ -279,3 +277,108 @@ class StreamValidation(keras.callbacks.Callback):
             logs[f"{self.prefix}{self.metric}"] = result[
                 VALIDATION_METRICS[self.metric]
             ]
+
+
+class SpanTrimming(keras.callbacks.Callback):
+    """Keeps `AllAttentionLM`'s memory trimming in step with learned spans.
+
+    `AllAttentionLM.fit` adds it for models with adaptive span. When
+    training starts it sets the attended lengths from the spans; then,
+    every `update_every` batches, it reads the spans one step late: it
+    keeps a device copy of the span ratios a step is about to use, and
+    reads that copy to the host before the next-but-one batch, when the
+    step after it is already queued. So the device never waits for the
+    host (no host sync on the step in flight), and the lengths are set
+    from spans one step old, with `headroom` tokens to spare (the length
+    grows when a span comes closer than that to it).
+
+    The spans read are exactly those the previous step used, so every
+    step whose spans were read is checked: if a span outgrew the length
+    that step attended (it grew by more than `headroom` in one step),
+    that step's result was not the untrimmed model's; the step is added
+    to `inexact_steps`, a warning says so, and the length grows. With
+    `update_every=1` (the default) every step is checked.
+
+    The work happens in `on_train_batch_begin`: a callback with
+    `on_train_batch_end` would stop Keras from running the other
+    callbacks' batch ends (progress bar, history) off the training thread.
+
+    Args:
+        update_every: int, batches between two span reads.
+        margin: int, tokens added to the largest span (see
+            `AllAttentionLM.update_span_trimming`).
+        headroom: int, tokens a span may grow in one step and still be
+            attended.
+
+    Attributes:
+        inexact_steps: the training steps (counted from the start of
+            `fit`) whose spans reached past their attended length.
+    """
+
+    def __init__(self, update_every=1, margin=64, headroom=32):
+        super().__init__()
+        self.update_every = check_positive("update_every", update_every)
+        self.margin = check_non_negative("margin", margin)
+        self.headroom = check_non_negative("headroom", headroom)
+        if headroom > margin:
+            raise ValueError(
+                "`headroom` must be at most `margin`. Received: "
+                f"headroom={headroom}, margin={margin}"
+            )
+        self.inexact_steps = []
+        self._pending = None
+        self._batches = 0
+
+    def on_train_begin(self, logs=None):
+        self.inexact_steps = []
+        self._pending = None
+        self._batches = 0
+        sync_jax_state(self.model)
+        self.model.update_span_trimming(self.margin)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        step = self._batches
+        self._batches += 1
+        if self._pending is not None:
+            self._check_and_update()
+        if step % self.update_every == 0:
+            # The ratios step `step` will use, copied on the device.
+            sync_jax_state(self.model)
+            self._pending = (
+                step,
+                self.model.attended_spans(),
+                [ops.copy(a.span.span_ratio.value)
+                 for a in self.model.attention_layers],
+            )
+
+    def on_train_end(self, logs=None):
+        if self._pending is not None:
+            self._check_and_update(update=False)
+
+    def _check_and_update(self, update=True):
+        step, attended, ratios = self._pending
+        self._pending = None
+        model = self.model
+        spans = np.stack([
+            spans_from_ratios(
+                np.asarray(ops.convert_to_numpy(ratio), "float64"),
+                model.max_span, model.span_ramp,
+            )
+            for ratio in ratios
+        ])
+        largest = spans.max(axis=1)
+        if np.any(largest > np.asarray(attended)):
+            self.inexact_steps.append(step)
+            warnings.warn(
+                f"SpanTrimming: at training step {step} a span reached "
+                f"{largest.tolist()} tokens (per layer) while the layers "
+                f"attended {list(attended)} memory rows: that step's result "
+                "is not the untrimmed model's. Spans grew by more than "
+                f"headroom={self.headroom} tokens in one step; widening. "
+                "Pass a larger `headroom` and `margin` to avoid this.",
+                stacklevel=2,
+            )
+        if update:
+            model.update_span_trimming(
+                self.margin, spans=spans, headroom=self.headroom
+            )

@@ -31,19 +31,13 @@ from keras_allattn.data.stream import StreamBatcher
 from keras_allattn.data.stream import StreamDataset
 from keras_allattn.utils import check_non_negative
 from keras_allattn.utils import check_positive
+from keras_allattn.utils import sync_jax_state
 
 WEIGHTS_FILE = "model.weights.h5"
 MEMORY_FILE = "memory.npz"
 STATE_FILE = "training_state.json"
 FORMAT_VERSION = 2
 _CHECKPOINT_NAME = re.compile(r"^step_(\d+)$")
-
-
-def _sync(model):
-    """Writes JAX's in-flight training state back to the variables."""
-    sync = getattr(model, "jax_state_sync", None)
-    if sync is not None:
-        sync()
 
 
 def _seed_states(model):
@@ -123,7 +117,7 @@ def save_training(model, directory, step, batcher=None, keep=2):
             "The model must be compiled (with its optimizer) before saving a "
             "training checkpoint. Received: model.optimizer=None"
         )
-    _sync(model)
+    sync_jax_state(model)
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     final = os.path.join(directory, _checkpoint_name(step))
@@ -223,7 +217,7 @@ def restore_training(model, directory, batcher=None):
         )
     if not optimizer.built:
         optimizer.build(model.trainable_variables)
-    _sync(model)
+    sync_jax_state(model)
     model.load_weights(os.path.join(path, WEIGHTS_FILE))
     if hasattr(model, "set_memory"):
         with np.load(os.path.join(path, MEMORY_FILE)) as saved:

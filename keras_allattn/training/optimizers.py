@@ -1,30 +1,55 @@
 """The reference's optimizer and learning-rate schedule for the char recipes."""
 
-import numbers
-
 import keras
 from keras import ops
 
 from keras_allattn.utils import check_non_negative
+from keras_allattn.utils import check_number
 from keras_allattn.utils import check_positive
 
 # Added to the gradient norm before dividing by it, as in the reference.
 _NORM_EPSILON = 1e-10
 
 
-def _check_number(name, value, minimum, strict=False):
-    """Returns `value` as float if it is a real number above `minimum`."""
-    if (
-        not isinstance(value, numbers.Real)
-        or isinstance(value, bool)
-        or value < minimum
-        or (strict and value == minimum)
-    ):
-        bound = f"> {minimum}" if strict else f">= {minimum}"
-        raise ValueError(
-            f"`{name}` must be a number {bound}. Received: {name}={value!r}"
-        )
-    return float(value)
+def clip_gradients(optimizer, gradients):
+    """`gradients` clipped as `optimizer`'s Keras clipping options say.
+
+    The clipping Keras's optimizers apply at the start of `apply`, for a
+    loop that must clip a gradient it has combined itself (the sum over
+    replicas) before handing it on: `clipnorm` scales each tensor `g` by
+    `clipnorm / max(||g||, clipnorm)`; else `global_clipnorm` scales all of
+    them by `global_clipnorm / max(norm, global_clipnorm)`, `norm` their
+    joint norm (NaN everywhere if it is not finite); else `clipvalue`
+    clips every element to `[-clipvalue, clipvalue]`. `None` gradients
+    stay `None`.
+
+    Args:
+        optimizer: a `keras.optimizers.Optimizer`.
+        gradients: list of tensors (or `None`), one per variable.
+
+    Returns:
+        The list of clipped gradients (`gradients` itself without clipping
+        options).
+    """
+    if optimizer.clipnorm and optimizer.clipnorm > 0:
+        clip = optimizer.clipnorm
+        return [
+            None if g is None
+            else g * clip / ops.maximum(ops.sqrt(ops.sum(ops.square(g))), clip)
+            for g in gradients
+        ]
+    if optimizer.global_clipnorm and optimizer.global_clipnorm > 0:
+        clip = optimizer.global_clipnorm
+        norm = ops.sqrt(ops.sum(ops.stack(
+            [ops.sum(ops.square(g)) for g in gradients if g is not None]
+        )))
+        # `norm - norm` is 0 for a finite norm and NaN otherwise.
+        scale = clip * ops.minimum(1.0 / norm, 1.0 / clip) + (norm - norm)
+        return [None if g is None else g * scale for g in gradients]
+    if optimizer.clipvalue and optimizer.clipvalue > 0:
+        clip = optimizer.clipvalue
+        return [None if g is None else ops.clip(g, -clip, clip) for g in gradients]
+    return gradients
 
 
 @keras.saving.register_keras_serializable(package="keras_allattn")
@@ -78,11 +103,11 @@ class AdagradClip(keras.optimizers.Optimizer):
         **kwargs,
     ):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        self.grad_clip = _check_number("grad_clip", grad_clip, 0.0)
-        self.initial_accumulator_value = _check_number(
+        self.grad_clip = check_number("grad_clip", grad_clip, 0.0)
+        self.initial_accumulator_value = check_number(
             "initial_accumulator_value", initial_accumulator_value, 0.0
         )
-        self.epsilon = _check_number("epsilon", epsilon, 0.0, strict=True)
+        self.epsilon = check_number("epsilon", epsilon, 0.0, strict=True)
 
     def build(self, var_list):
         if self.built:
@@ -188,7 +213,7 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
         name="linear_warmup",
     ):
         super().__init__()
-        self.learning_rate = _check_number(
+        self.learning_rate = check_number(
             "learning_rate", learning_rate, 0.0, strict=True
         )
         self.warmup_steps = check_non_negative("warmup_steps", warmup_steps)
@@ -197,7 +222,7 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
             if drop_step is None
             else check_positive("drop_step", drop_step)
         )
-        self.drop_factor = _check_number(
+        self.drop_factor = check_number(
             "drop_factor", drop_factor, 0.0, strict=True
         )
         self.name = name

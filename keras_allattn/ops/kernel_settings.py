@@ -1,0 +1,115 @@
+"""The settings the dispatcher and both fused kernels share.
+
+`attention.py` (the dispatch point), `pallas_attention.py` and
+`triton_attention.py` import these; this module imports none of them, so
+the kernels and the dispatcher do not import each other back.
+
+- The integration strategies (SPEC §1): `INTEGRATIONS`.
+- Deterministic mode. The Triton (PyTorch) backward adds the position-key
+  gradient with float32 atomics into a few shared buffers, so the order of
+  the additions, hence the rounding, varies from run to run (the Pallas
+  kernels use no atomics and need no mode). `set_deterministic(True)` (or `KERAS_ALLATTN_DETERMINISTIC=1` in the
+  environment, the default until `set_deterministic` is called) gives
+  every kernel program a buffer of its own, summed in a fixed order
+  afterwards. The mode is read when a kernel is called: on PyTorch at
+  every forward call, on JAX when the function is traced.
+- Tile sizes: a tile (and the head width the kernels tile by) is a power
+  of two of at least `MIN_TILE`.
+"""
+
+import os
+
+INTEGRATIONS = ("joint", "separate")
+
+# The smallest tile of a fused kernel's `tl.dot`/`pl.dot` (and head width).
+MIN_TILE = 16
+
+
+def is_power_of_two(x):
+    """Whether the int `x` is 1, 2, 4, 8, ..."""
+    return x >= 1 and (x & (x - 1)) == 0
+
+
+def tile_size_reason(head_dim):
+    """Why no fused kernel tiles this head width, or "" if one does."""
+    if head_dim < MIN_TILE or not is_power_of_two(head_dim):
+        return f"the head width {head_dim} is not a power of 2 >= {MIN_TILE}"
+    return ""
+
+
+DETERMINISTIC_ENV = "KERAS_ALLATTN_DETERMINISTIC"
+_ENV_VALUES = {"1": True, "true": True, "yes": True, "on": True,
+               "0": False, "false": False, "no": False, "off": False, "": False}
+# None: not set in this process, the environment decides.
+_deterministic = None
+
+
+def set_deterministic(enabled):
+    """Switches the fused kernels' deterministic mode on or off.
+
+    In deterministic mode the backward kernels give every program its own
+    float32 copy of the position-key gradient (A x D, with the kernels'
+    padding), summed in a fixed order afterwards, instead of spreading
+    atomics over a few shared copies. This makes the kernels' gradients
+    bitwise reproducible from run to run on the same device and shapes;
+    each attention call's backward then holds, for a while:
+
+    - Triton (PyTorch): `ceil(M / block_q) * B * H` copies: with B = 64,
+      H = 8, block M = 512, span A = 2048, D = 64 and 64-query dQ tiles,
+      4096 x 0.5 MiB = 2 GiB (8 copies, 4 MiB, otherwise).
+    - Pallas (JAX): nothing: its kernels use no atomics (the position-key
+      gradient is a matmul outside them), so their gradients are bitwise
+      reproducible in both modes.
+
+    The rest of the computation must be reproducible too: on PyTorch,
+    `torch.use_deterministic_algorithms(True)` and
+    `CUBLAS_WORKSPACE_CONFIG=:4096:8` (set before CUDA starts); on JAX,
+    `XLA_FLAGS=--xla_gpu_deterministic_ops=true` (set before JAX starts its
+    GPU backend). `benchmarks/loss_match.py --deterministic` sets all three.
+
+    The mode is read when a kernel is called (PyTorch) or traced (JAX): JAX
+    functions already traced keep the mode they were traced with.
+
+    Args:
+        enabled: bool, whether to run deterministically. Overrides the
+            `KERAS_ALLATTN_DETERMINISTIC` environment variable.
+    """
+    global _deterministic
+    if not isinstance(enabled, bool):
+        raise ValueError(
+            "`enabled` must be True or False. "
+            f"Received: enabled={enabled!r} (of type {type(enabled).__name__})"
+        )
+    _deterministic = enabled
+
+
+def is_deterministic():
+    """Whether the fused kernels run in deterministic mode.
+
+    The value of `set_deterministic` if it was called, else that of the
+    environment variable `KERAS_ALLATTN_DETERMINISTIC` (1/true/yes/on or
+    0/false/no/off, default off).
+    """
+    if _deterministic is not None:
+        return _deterministic
+    value = os.environ.get(DETERMINISTIC_ENV, "")
+    try:
+        return _ENV_VALUES[value.strip().lower()]
+    except KeyError:
+        raise ValueError(
+            f"The environment variable {DETERMINISTIC_ENV} must be one of "
+            f"1/true/yes/on or 0/false/no/off. Received: "
+            f"{DETERMINISTIC_ENV}={value!r}"
+        ) from None
+
+
+def resolve_deterministic(deterministic):
+    """A kernel's `deterministic` argument: None means `is_deterministic()`."""
+    if deterministic is None:
+        return is_deterministic()
+    if not isinstance(deterministic, bool):
+        raise ValueError(
+            "`deterministic` must be None, True or False. "
+            f"Received: deterministic={deterministic!r}"
+        )
+    return deterministic
