@@ -6,7 +6,10 @@ trains `tests.distribution_worker.CONFIG` for a few steps with a global
 batch of 4 over 2 replicas; its step losses must match one device with
 batch 4 (relative error < 1e-5, float32), and each replica must hold the
 segment memory of its own rows, equal to those rows of the one-device
-memory.
+memory. On JAX and PyTorch the first step is also compared tensor by
+tensor: from the same weights and the same global batch, every gradient
+the optimizer applied and every updated weight equal one device's
+(relative error at most 1e-5 per tensor).
 """
 
 import json
@@ -59,8 +62,10 @@ def start(argv, **extra_env):
     )
 
 
-def wait(processes, timeout=180):
-    """Waits for all `processes`; fails with the output of a failed one."""
+def wait(processes, timeout=600):
+    """Waits for all `processes` (the timeout only guards against a hang:
+    a loaded machine runs them slowly); fails with the output of a failed
+    one."""
     outputs = []
     try:
         for process in processes:
@@ -85,8 +90,31 @@ def load(out_dir, name):
 
 
 def relative_error(actual, expected):
+    """`max |actual - expected| / max |expected|` (0 when both are zero)."""
     actual, expected = np.asarray(actual), np.asarray(expected)
-    return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+    difference = float(np.max(np.abs(actual - expected)))
+    scale = float(np.max(np.abs(expected)))
+    if scale == 0:
+        return 0.0 if difference == 0 else float("inf")
+    return difference / scale
+
+
+def load_first_step(out_dir, name):
+    """The first update a worker wrote: `{"gradient/PATH", "value/PATH"}`."""
+    with np.load(out_dir / f"{name}-step1.npz") as arrays:
+        return {key: arrays[key] for key in arrays.files}
+
+
+def check_first_step(first, reference):
+    """Every gradient and updated weight of the first step equals one
+    device's, tensor by tensor (relative error at most `TOLERANCE`)."""
+    assert sorted(first) == sorted(reference)
+    assert len(reference) == 2 * len(
+        AllAttentionLM(**worker.CONFIG).trainable_weights
+    )
+    errors = {key: relative_error(first[key], reference[key]) for key in reference}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= TOLERANCE, f"{worst}: relative error {errors[worst]}"
 
 
 def check_rows(memories, reference, start):
@@ -202,6 +230,10 @@ def test_jax_two_devices_match_one_device(jax_runs):
         assert entry["shape"] == [4, 12, 16]
         assert entry["shards"] == [["cpu:0", [0, 2]], ["cpu:1", [2, 4]]]
     check_rows(distributed, reference, 0)
+    check_first_step(
+        load_first_step(out_dir, "jax-devices-0"),
+        load_first_step(out_dir, "jax-devices-reference"),
+    )
     # `check_model` catches a memory left unsharded.
     assert "`memory_0/memory` is not placed as planned" in result["unplaced_error"]
 
@@ -230,6 +262,10 @@ def test_jax_model_parallel_matches_one_device(jax_runs):
     assert sharded["attention_1/output/kernel"] == "('model', None)"
     assert sharded["attention_0/persistent_keys"] == "('model', None, None)"
     check_rows(distributed, memories[: worker.CONFIG["num_layers"]], 0)
+    check_first_step(
+        load_first_step(out_dir, "jax-model-parallel-0"),
+        load_first_step(out_dir, "jax-devices-reference"),
+    )
 
 
 @only("jax")
@@ -237,6 +273,7 @@ def test_jax_two_processes_match_one_device(jax_runs):
     out_dir, _ = jax_runs
     reference, memories = load(out_dir, "jax-devices-0")
     reference_memories = memories[: worker.CONFIG["num_layers"]]
+    reference_step = load_first_step(out_dir, "jax-devices-reference")
     for index in range(2):
         result, memories = load(out_dir, f"jax-process-{index}")
         assert result["process_count"] == 2
@@ -245,6 +282,9 @@ def test_jax_two_processes_match_one_device(jax_runs):
             assert entry["spec"] == "('batch', None, None)"
             assert [rows for _, rows in entry["shards"]] == [[2 * index, 2 * index + 2]]
         check_rows(memories, reference_memories, 2 * index)
+        check_first_step(
+            load_first_step(out_dir, f"jax-process-{index}"), reference_step
+        )
 
 
 @only("jax")
@@ -275,7 +315,7 @@ def tensorflow_runs(tmp_path_factory):
     ]
     # The workers' reference, with gradient clipping on: the loop must
     # clip the global gradient.
-    reference = worker.reference_run(use_fit=False, clip=0.05)
+    reference = worker.reference_run(use_fit=False, clip=0.05)[:2]
     wait(processes)
     return out_dir, reference
 
@@ -327,17 +367,22 @@ def test_torch_model_exposes_its_parameters():
 
 @only("torch")
 def test_torch_ddp_matches_one_process(tmp_path):
+    # Started as on several hosts: a c10d rendezvous (here on loopback).
     ranks = start([
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(free_port()), "-m", "tests.distribution_worker",
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+        "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+        f"localhost:{free_port()}", "-m", "tests.distribution_worker",
         "trainer", str(tmp_path),
     ])
     # The loop computes what `fit` does; with clipping it must see the
     # averaged gradient.
-    fit_losses, _ = worker.reference_run(use_fit=True)
-    loop_losses, _ = worker.reference_run(use_fit=False)
+    fit_losses, _, fit_step = worker.reference_run(use_fit=True)
+    loop_losses, _, loop_step = worker.reference_run(use_fit=False)
     assert relative_error(loop_losses, fit_losses) < TOLERANCE
-    reference, reference_memories = worker.reference_run(use_fit=False, clip=0.05)
+    check_first_step(loop_step, fit_step)
+    reference, reference_memories, reference_step = worker.reference_run(
+        use_fit=False, clip=0.05
+    )
     wait([ranks])
     for index in range(2):
         result, memories = load(tmp_path, f"torch-trainer-{index}")
@@ -347,3 +392,6 @@ def test_torch_ddp_matches_one_process(tmp_path):
             assert entry["shape"] == [2, 12, 16]
             assert entry["spec"] == f"rank {index}"
         check_rows(memories, reference_memories, 2 * index)
+        check_first_step(
+            load_first_step(tmp_path, f"torch-trainer-{index}"), reference_step
+        )
