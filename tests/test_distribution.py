@@ -186,7 +186,9 @@ def test_replica_batch_size_must_divide():
 
 @pytest.fixture(scope="module")
 def jax_runs(tmp_path_factory):
-    """2 devices, 2 processes and the 8-device launch, run side by side."""
+    """2 devices, 2 processes, the 8-device launch and the training command
+    on 2 processes, run side by side (the processes talk through gloo, JAX's
+    default CPU collectives)."""
     if keras.backend.backend() != "jax":
         pytest.skip("jax backend only")
     out_dir = tmp_path_factory.mktemp("jax")
@@ -205,17 +207,30 @@ def jax_runs(tmp_path_factory):
         start(worker_command("jax-process", out_dir), XLA_FLAGS=fast,
               KERAS_DISTRIBUTION_JOB_ADDRESSES=address,
               KERAS_DISTRIBUTION_NUM_PROCESSES="2",
-              KERAS_DISTRIBUTION_PROCESS_ID=str(index),
-              JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+              KERAS_DISTRIBUTION_PROCESS_ID=str(index))
+        for index in range(2)
+    ]
+    # The training command as users start it on two hosts.
+    text = out_dir / "text.txt"
+    text.write_text("the cat sat on the mat and the dog sat on the log. " * 40)
+    address = f"localhost:{free_port()}"
+    processes += [
+        start([sys.executable, "examples/train_enwik8.py", "--data", str(text),
+               "--preset", "char_tiny_cpu", "--batch-size", "4",
+               "--block-size", "8", "--max-span", "16", "--steps", "2",
+               "--eval-every", "2", "--distribute"], XLA_FLAGS=fast,
+              KERAS_DISTRIBUTION_JOB_ADDRESSES=address,
+              KERAS_DISTRIBUTION_NUM_PROCESSES="2",
+              KERAS_DISTRIBUTION_PROCESS_ID=str(index))
         for index in range(2)
     ]
     outputs = wait(processes)
-    return out_dir, outputs[2]
+    return out_dir, outputs[2], outputs[5:]
 
 
 @only("jax")
 def test_jax_two_devices_match_one_device(jax_runs):
-    out_dir, _ = jax_runs
+    out_dir, _, _ = jax_runs
     result, memories = load(out_dir, "jax-devices-0")
     layers = worker.CONFIG["num_layers"]
     reference, distributed = memories[:layers], memories[layers:]
@@ -244,7 +259,7 @@ def test_jax_fused_kernel_runs_per_batch_shard(jax_runs):
     device's rows; its value and all gradients (the replicated position
     keys, persistent vectors and span ratios summed over the devices)
     equal the kernel's on the whole batch."""
-    out_dir, _ = jax_runs
+    out_dir, _, _ = jax_runs
     result, _ = load(out_dir, "jax-sharded-kernel-0")
     assert result["devices"] == 2 and result["wrapped"]
     assert len(result["errors"]) == 8
@@ -253,7 +268,7 @@ def test_jax_fused_kernel_runs_per_batch_shard(jax_runs):
 
 @only("jax")
 def test_jax_model_parallel_matches_one_device(jax_runs):
-    out_dir, _ = jax_runs
+    out_dir, _, _ = jax_runs
     reference, memories = load(out_dir, "jax-devices-0")
     result, distributed = load(out_dir, "jax-model-parallel-0")
     assert relative_error(result["losses"], reference["reference"]) < TOLERANCE
@@ -270,7 +285,7 @@ def test_jax_model_parallel_matches_one_device(jax_runs):
 
 @only("jax")
 def test_jax_two_processes_match_one_device(jax_runs):
-    out_dir, _ = jax_runs
+    out_dir, _, _ = jax_runs
     reference, memories = load(out_dir, "jax-devices-0")
     reference_memories = memories[: worker.CONFIG["num_layers"]]
     reference_step = load_first_step(out_dir, "jax-devices-reference")
@@ -288,9 +303,22 @@ def test_jax_two_processes_match_one_device(jax_runs):
 
 
 @only("jax")
+def test_jax_two_process_command(jax_runs):
+    """`--distribute` under `KERAS_DISTRIBUTION_*`: each process trains its
+    rows of the global batch; the first prints the result."""
+    _, _, outputs = jax_runs
+    first, second = [output.strip().splitlines() for output in outputs]
+    assert any("processes=2" in line for line in first + second)
+    result = json.loads(first[-1])
+    assert (result["devices"], result["global_batch_size"]) == (2, 4)
+    assert result["steps"] == 2
+    assert not second[-1].startswith("{")
+
+
+@only("jax")
 def test_jax_eight_device_launch(jax_runs):
     """What a GPU run starts: the scaling benchmark over 8 devices."""
-    _, output = jax_runs
+    _, output, _ = jax_runs
     result = json.loads(output.strip().splitlines()[-1])
     assert (result["devices"], result["global_batch_size"]) == (8, 8)
     assert result["tokens_per_s"] > 0
