@@ -7,6 +7,12 @@ stream, data parallel, and writes `OUT_DIR/MODE-PROCESS.json` (step losses,
 where the memory lives) and `.npz` (this process's memory rows). The
 single-device reference comes from `reference_run` (in the same process
 where the devices allow it, else in the test's own process).
+
+On JAX and PyTorch the optimizer also keeps the first step
+(`FirstStepRecorder`): the gradient it applied to every trainable variable
+and the variable's value after the update, written to
+`MODE-PROCESS-step1.npz` keyed by variable path, to compare with one
+device tensor by tensor.
 """
 
 import json
@@ -28,19 +34,88 @@ def tokens():
     return np.random.default_rng(0).integers(0, 19, 400)
 
 
+def first_step_recorder():
+    """`keras.optimizers.Adam` that also keeps its first update.
+
+    For every trainable variable it holds two extra optimizer variables:
+    the gradient of the first step as the update saw it (averaged over the
+    replicas, clipped) and the variable's value right after that update.
+    Later steps leave them alone, so they can be read after any number of
+    steps (`first_step`), from `fit` under a distribution as from a loop.
+    """
+    import keras
+    from keras import ops
+
+    class FirstStepRecorder(keras.optimizers.Adam):
+        def build(self, variables):
+            super().build(variables)
+            self.first_gradients, self.first_values = {}, {}
+            for variable in variables:
+                self.first_gradients[variable.path] = (
+                    self.add_variable_from_reference(variable, "first_gradient")
+                )
+                self.first_values[variable.path] = (
+                    self.add_variable_from_reference(variable, "first_value")
+                )
+
+        def update_step(self, gradient, variable, learning_rate):
+            first = ops.equal(self.iterations, 0)
+            slot = self.first_gradients[variable.path]
+            self.assign(slot, ops.where(first, gradient, slot.value))
+            super().update_step(gradient, variable, learning_rate)
+            slot = self.first_values[variable.path]
+            self.assign(slot, ops.where(first, variable.value, slot.value))
+
+    return FirstStepRecorder
+
+
 def make_model(config, clip=None):
-    """A compiled model with the same initial weights in every process."""
+    """A compiled model with the same initial weights in every process.
+
+    On JAX and PyTorch its optimizer keeps the first step (see
+    `first_step_recorder`); TensorFlow's distributed update hands the
+    optimizer per-replica variables, so there it is a plain Adam.
+    """
     import keras
 
     from keras_allattn import AllAttentionLM
 
     keras.utils.set_random_seed(0)
     model = AllAttentionLM(**config)
+    optimizer_class = (
+        keras.optimizers.Adam if keras.backend.backend() == "tensorflow"
+        else first_step_recorder()
+    )
     model.compile(
-        optimizer=keras.optimizers.Adam(1e-2, global_clipnorm=clip),
+        optimizer=optimizer_class(1e-2, global_clipnorm=clip),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     return model
+
+
+def host_value(variable):
+    """A variable's value as NumPy; a JAX array replicated over several
+    processes is read from this process's first copy."""
+    value = variable.value
+    if getattr(value, "is_fully_addressable", True):
+        import keras
+
+        return np.asarray(keras.ops.convert_to_numpy(value))
+    return np.asarray(value.addressable_data(0))
+
+
+def first_step(model):
+    """`{"gradient/PATH": ..., "value/PATH": ...}` of the first update."""
+    optimizer = model.optimizer
+    result = {}
+    for path, slot in optimizer.first_gradients.items():
+        result[f"gradient/{path}"] = host_value(slot)
+        result[f"value/{path}"] = host_value(optimizer.first_values[path])
+    return result
+
+
+def write_first_step(out_dir, name, model):
+    np.savez(pathlib.Path(out_dir) / f"{name}-step1.npz", **first_step(model))
 
 
 def step_losses_callback():
@@ -73,7 +148,10 @@ def fit_run(model, batcher):
 
 
 def reference_run(use_fit, clip=None):
-    """One device, global batch: `(step losses, memories)`."""
+    """One device, global batch: `(step losses, memories, first step)`,
+    the first step (`first_step`) None on TensorFlow."""
+    import keras
+
     from keras_allattn.data import StreamBatcher
     from keras_allattn.distribution import DataParallelTrainer
     from keras_allattn.distribution import local_memories
@@ -84,7 +162,8 @@ def reference_run(use_fit, clip=None):
         losses = fit_run(model, batcher)
     else:
         losses = DataParallelTrainer(model).train(batcher, STEPS)
-    return losses, local_memories(model)
+    first = None if keras.backend.backend() == "tensorflow" else first_step(model)
+    return losses, local_memories(model), first
 
 
 def distributed_run(config=CONFIG, clip=None, **plan_args):
@@ -141,7 +220,9 @@ def jax_devices(out_dir):
         tokens(), CONFIG["batch_size"], CONFIG["block_size"], seed=0
     ))
     reference_memories = local_memories(reference_model)
+    write_first_step(out_dir, "jax-devices-reference", reference_model)
     plan, model, losses = distributed_run()
+    write_first_step(out_dir, "jax-devices-0", model)
     try:  # built before the distribution was set: replicated
         plan.check_model(reference_model)
         unplaced_error = None
@@ -164,6 +245,7 @@ def jax_devices(out_dir):
         "unplaced_error": unplaced_error,
     }, reference_memories + local_memories(model))
     _, model, losses = distributed_run(model_parallel=2)
+    write_first_step(out_dir, "jax-model-parallel-0", model)
     write(out_dir, "jax-model-parallel-0", {
         "losses": losses,
         "sharded_variables": {
@@ -179,6 +261,7 @@ def jax_process(out_dir):
     from keras_allattn.distribution import local_memories
 
     plan, model, losses = distributed_run()
+    write_first_step(out_dir, f"jax-process-{plan.process_index}", model)
     write(out_dir, f"jax-process-{plan.process_index}", {
         "process_count": plan.process_count,
         "losses": losses,
@@ -195,7 +278,7 @@ def tensorflow_devices(out_dir):
     from keras_allattn.distribution import DataParallelTrainer
 
     use_virtual_cpu_devices(2)
-    reference, reference_memories = reference_run(use_fit=True)
+    reference, reference_memories, _ = reference_run(use_fit=True)
     plan, model, losses = distributed_run()
     write(out_dir, "tensorflow-devices-0", {
         "num_replicas": plan.num_replicas,
@@ -220,6 +303,8 @@ def trainer_process(out_dir):
 
     plan, model, losses = distributed_run(clip=0.05)
     name = f"{keras.backend.backend()}-trainer-{plan.process_index}"
+    if keras.backend.backend() != "tensorflow":
+        write_first_step(out_dir, name, model)
     write(out_dir, name, {
         "process_count": plan.process_count,
         "uses_fit": plan.uses_fit,

@@ -6,7 +6,10 @@ trains `tests.distribution_worker.CONFIG` for a few steps with a global
 batch of 4 over 2 replicas; its step losses must match one device with
 batch 4 (relative error < 1e-5, float32), and each replica must hold the
 segment memory of its own rows, equal to those rows of the one-device
-memory.
+memory. On JAX and PyTorch the first step is also compared tensor by
+tensor: from the same weights and the same global batch, every gradient
+the optimizer applied and every updated weight equal one device's
+(relative error at most 1e-5 per tensor).
 """
 
 import json
@@ -59,8 +62,10 @@ def start(argv, **extra_env):
     )
 
 
-def wait(processes, timeout=180):
-    """Waits for all `processes`; fails with the output of a failed one."""
+def wait(processes, timeout=600):
+    """Waits for all `processes` (the timeout only guards against a hang:
+    a loaded machine runs them slowly); fails with the output of a failed
+    one."""
     outputs = []
     try:
         for process in processes:
@@ -85,8 +90,31 @@ def load(out_dir, name):
 
 
 def relative_error(actual, expected):
+    """`max |actual - expected| / max |expected|` (0 when both are zero)."""
     actual, expected = np.asarray(actual), np.asarray(expected)
-    return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+    difference = float(np.max(np.abs(actual - expected)))
+    scale = float(np.max(np.abs(expected)))
+    if scale == 0:
+        return 0.0 if difference == 0 else float("inf")
+    return difference / scale
+
+
+def load_first_step(out_dir, name):
+    """The first update a worker wrote: `{"gradient/PATH", "value/PATH"}`."""
+    with np.load(out_dir / f"{name}-step1.npz") as arrays:
+        return {key: arrays[key] for key in arrays.files}
+
+
+def check_first_step(first, reference):
+    """Every gradient and updated weight of the first step equals one
+    device's, tensor by tensor (relative error at most `TOLERANCE`)."""
+    assert sorted(first) == sorted(reference)
+    assert len(reference) == 2 * len(
+        AllAttentionLM(**worker.CONFIG).trainable_weights
+    )
+    errors = {key: relative_error(first[key], reference[key]) for key in reference}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= TOLERANCE, f"{worst}: relative error {errors[worst]}"
 
 
 def check_rows(memories, reference, start):
@@ -158,7 +186,9 @@ def test_replica_batch_size_must_divide():
 
 @pytest.fixture(scope="module")
 def jax_runs(tmp_path_factory):
-    """2 devices, 2 processes and the 8-device launch, run side by side."""
+    """2 devices, 2 processes, the 8-device launch and the training command
+    on 2 processes, run side by side (the processes talk through gloo, JAX's
+    default CPU collectives)."""
     if keras.backend.backend() != "jax":
         pytest.skip("jax backend only")
     out_dir = tmp_path_factory.mktemp("jax")
@@ -177,17 +207,30 @@ def jax_runs(tmp_path_factory):
         start(worker_command("jax-process", out_dir), XLA_FLAGS=fast,
               KERAS_DISTRIBUTION_JOB_ADDRESSES=address,
               KERAS_DISTRIBUTION_NUM_PROCESSES="2",
-              KERAS_DISTRIBUTION_PROCESS_ID=str(index),
-              JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+              KERAS_DISTRIBUTION_PROCESS_ID=str(index))
+        for index in range(2)
+    ]
+    # The training command as users start it on two hosts.
+    text = out_dir / "text.txt"
+    text.write_text("the cat sat on the mat and the dog sat on the log. " * 40)
+    address = f"localhost:{free_port()}"
+    processes += [
+        start([sys.executable, "examples/train_enwik8.py", "--data", str(text),
+               "--preset", "char_tiny_cpu", "--batch-size", "4",
+               "--block-size", "8", "--max-span", "16", "--steps", "2",
+               "--eval-every", "2", "--distribute"], XLA_FLAGS=fast,
+              KERAS_DISTRIBUTION_JOB_ADDRESSES=address,
+              KERAS_DISTRIBUTION_NUM_PROCESSES="2",
+              KERAS_DISTRIBUTION_PROCESS_ID=str(index))
         for index in range(2)
     ]
     outputs = wait(processes)
-    return out_dir, outputs[2]
+    return out_dir, outputs[2], outputs[5:]
 
 
 @only("jax")
 def test_jax_two_devices_match_one_device(jax_runs):
-    out_dir, _ = jax_runs
+    out_dir, _, _ = jax_runs
     result, memories = load(out_dir, "jax-devices-0")
     layers = worker.CONFIG["num_layers"]
     reference, distributed = memories[:layers], memories[layers:]
@@ -202,6 +245,10 @@ def test_jax_two_devices_match_one_device(jax_runs):
         assert entry["shape"] == [4, 12, 16]
         assert entry["shards"] == [["cpu:0", [0, 2]], ["cpu:1", [2, 4]]]
     check_rows(distributed, reference, 0)
+    check_first_step(
+        load_first_step(out_dir, "jax-devices-0"),
+        load_first_step(out_dir, "jax-devices-reference"),
+    )
     # `check_model` catches a memory left unsharded.
     assert "`memory_0/memory` is not placed as planned" in result["unplaced_error"]
 
@@ -212,7 +259,7 @@ def test_jax_fused_kernel_runs_per_batch_shard(jax_runs):
     device's rows; its value and all gradients (the replicated position
     keys, persistent vectors and span ratios summed over the devices)
     equal the kernel's on the whole batch."""
-    out_dir, _ = jax_runs
+    out_dir, _, _ = jax_runs
     result, _ = load(out_dir, "jax-sharded-kernel-0")
     assert result["devices"] == 2 and result["wrapped"]
     assert len(result["errors"]) == 8
@@ -221,7 +268,7 @@ def test_jax_fused_kernel_runs_per_batch_shard(jax_runs):
 
 @only("jax")
 def test_jax_model_parallel_matches_one_device(jax_runs):
-    out_dir, _ = jax_runs
+    out_dir, _, _ = jax_runs
     reference, memories = load(out_dir, "jax-devices-0")
     result, distributed = load(out_dir, "jax-model-parallel-0")
     assert relative_error(result["losses"], reference["reference"]) < TOLERANCE
@@ -230,13 +277,18 @@ def test_jax_model_parallel_matches_one_device(jax_runs):
     assert sharded["attention_1/output/kernel"] == "('model', None)"
     assert sharded["attention_0/persistent_keys"] == "('model', None, None)"
     check_rows(distributed, memories[: worker.CONFIG["num_layers"]], 0)
+    check_first_step(
+        load_first_step(out_dir, "jax-model-parallel-0"),
+        load_first_step(out_dir, "jax-devices-reference"),
+    )
 
 
 @only("jax")
 def test_jax_two_processes_match_one_device(jax_runs):
-    out_dir, _ = jax_runs
+    out_dir, _, _ = jax_runs
     reference, memories = load(out_dir, "jax-devices-0")
     reference_memories = memories[: worker.CONFIG["num_layers"]]
+    reference_step = load_first_step(out_dir, "jax-devices-reference")
     for index in range(2):
         result, memories = load(out_dir, f"jax-process-{index}")
         assert result["process_count"] == 2
@@ -245,12 +297,28 @@ def test_jax_two_processes_match_one_device(jax_runs):
             assert entry["spec"] == "('batch', None, None)"
             assert [rows for _, rows in entry["shards"]] == [[2 * index, 2 * index + 2]]
         check_rows(memories, reference_memories, 2 * index)
+        check_first_step(
+            load_first_step(out_dir, f"jax-process-{index}"), reference_step
+        )
+
+
+@only("jax")
+def test_jax_two_process_command(jax_runs):
+    """`--distribute` under `KERAS_DISTRIBUTION_*`: each process trains its
+    rows of the global batch; the first prints the result."""
+    _, _, outputs = jax_runs
+    first, second = [output.strip().splitlines() for output in outputs]
+    assert any("processes=2" in line for line in first + second)
+    result = json.loads(first[-1])
+    assert (result["devices"], result["global_batch_size"]) == (2, 4)
+    assert result["steps"] == 2
+    assert not second[-1].startswith("{")
 
 
 @only("jax")
 def test_jax_eight_device_launch(jax_runs):
     """What a GPU run starts: the scaling benchmark over 8 devices."""
-    _, output = jax_runs
+    _, output, _ = jax_runs
     result = json.loads(output.strip().splitlines()[-1])
     assert (result["devices"], result["global_batch_size"]) == (8, 8)
     assert result["tokens_per_s"] > 0
@@ -275,7 +343,7 @@ def tensorflow_runs(tmp_path_factory):
     ]
     # The workers' reference, with gradient clipping on: the loop must
     # clip the global gradient.
-    reference = worker.reference_run(use_fit=False, clip=0.05)
+    reference = worker.reference_run(use_fit=False, clip=0.05)[:2]
     wait(processes)
     return out_dir, reference
 
@@ -327,17 +395,22 @@ def test_torch_model_exposes_its_parameters():
 
 @only("torch")
 def test_torch_ddp_matches_one_process(tmp_path):
+    # Started as on several hosts: a c10d rendezvous (here on loopback).
     ranks = start([
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(free_port()), "-m", "tests.distribution_worker",
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+        "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+        f"localhost:{free_port()}", "-m", "tests.distribution_worker",
         "trainer", str(tmp_path),
     ])
     # The loop computes what `fit` does; with clipping it must see the
     # averaged gradient.
-    fit_losses, _ = worker.reference_run(use_fit=True)
-    loop_losses, _ = worker.reference_run(use_fit=False)
+    fit_losses, _, fit_step = worker.reference_run(use_fit=True)
+    loop_losses, _, loop_step = worker.reference_run(use_fit=False)
     assert relative_error(loop_losses, fit_losses) < TOLERANCE
-    reference, reference_memories = worker.reference_run(use_fit=False, clip=0.05)
+    check_first_step(loop_step, fit_step)
+    reference, reference_memories, reference_step = worker.reference_run(
+        use_fit=False, clip=0.05
+    )
     wait([ranks])
     for index in range(2):
         result, memories = load(tmp_path, f"torch-trainer-{index}")
@@ -347,3 +420,6 @@ def test_torch_ddp_matches_one_process(tmp_path):
             assert entry["shape"] == [2, 12, 16]
             assert entry["spec"] == f"rank {index}"
         check_rows(memories, reference_memories, 2 * index)
+        check_first_step(
+            load_first_step(tmp_path, f"torch-trainer-{index}"), reference_step
+        )
