@@ -404,6 +404,18 @@ class AllAttentionLM(keras.Model):
             return object.__setattr__(self, name, value)
         return super().__setattr__(name, value)
 
+    def make_train_function(self, force=False):
+        """Keras's, except on PyTorch with `jit_compile=True`: there the
+        whole training step is one compiled graph
+        (`keras_allattn.compiling.torch_train_step`)."""
+        if keras.backend.backend() != "torch" or not self.jit_compile:
+            return super().make_train_function(force)
+        if self.train_function is None or force:
+            from keras_allattn.compiling import torch_train_step
+
+            self.train_function = torch_train_step(self)
+        return self.train_function
+
     def _forward(self, tokens, memories=None, training=None):
         """The network; stateful when `memories` is None, else stateless.
 

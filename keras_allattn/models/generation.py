@@ -35,7 +35,6 @@ shapes per batch size are ever compiled. `TORCH_COMPILE = False` runs
 PyTorch eagerly under `torch.no_grad()` instead.
 """
 
-import contextlib
 import warnings
 
 import keras
@@ -45,6 +44,7 @@ from keras import ops
 from keras_allattn.compiling import MAX_COMPILED
 from keras_allattn.compiling import cached
 from keras_allattn.compiling import compile_stateless
+from keras_allattn.compiling import portable_attention
 from keras_allattn.utils import check_verbose
 from keras_allattn.utils import progress_bar
 
@@ -332,7 +332,7 @@ def torch_compile(model, fn):
                 return fn(*args)
             if key in graphs:
                 return graphs[key](values, *args)
-            with _portable_attention(model):
+            with portable_attention(model):
                 graph = make_fx(stateless, tracing_mode="fake")(values, *args)
             compiled = torch.compile(graph, dynamic=False, fullgraph=True)
             try:
@@ -351,20 +351,6 @@ def torch_compile(model, fn):
             return outputs
 
     return run
-
-
-@contextlib.contextmanager
-def _portable_attention(model):
-    """Sets every attention layer of `model` to the portable path for a while."""
-    layers = model.attention_layers
-    saved = [layer.implementation for layer in layers]
-    try:
-        for layer in layers:
-            layer.implementation = "portable"
-        yield
-    finally:
-        for layer, implementation in zip(layers, saved):
-            layer.implementation = implementation
 
 
 def _compiled(model, key, build):
