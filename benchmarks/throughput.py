@@ -70,9 +70,10 @@ def parse_args():
                         "chooses), on (= attention), off, attention, layer")
     parser.add_argument("--jit-compile", choices=["auto", "on", "off"],
                         default="auto",
-                        help="compile's jit_compile; auto: on except on "
-                        "PyTorch, where torch.compile recompiles the "
-                        "functional model's call many times")
+                        help="compile's jit_compile; auto: on (XLA on "
+                        "TensorFlow and JAX; on PyTorch the whole training "
+                        "step as one torch.compile graph, its attention "
+                        "traced through the portable path)")
     parser.add_argument("--span-granularity", type=int, default=None,
                         help="adaptive span: the model's span_granularity "
                              "(memory trimming step; default the model's, 256)")
@@ -193,9 +194,7 @@ def build(args, transformer, optimizer=None):
 
 
 def jit_compile(args):
-    if args.jit_compile == "auto":
-        return keras.backend.backend() != "torch"
-    return args.jit_compile == "on"
+    return args.jit_compile in ("auto", "on")
 
 
 def measure(args, transformer=False):
