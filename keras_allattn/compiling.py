@@ -128,8 +128,11 @@ def torch_train_step(model):
     span of the layers (`compiling.cached`: a span change, rare and
     bounded by `max_span / span_granularity`, compiles once more). The
     attention is traced through its portable path (see
-    `portable_attention`). Should tracing or compiling fail, a warning says
-    why and the step runs eagerly.
+    `portable_attention`). Where the step cannot be traced (Keras's seeded
+    `Dropout`, i.e. `embedding_dropout` or the feed-forward sublayer's
+    dropout, seeds a `torch.Generator` on the host at every call), or
+    should tracing or compiling fail, a warning says why and the step runs
+    eagerly.
 
     Returns:
         A function `train_function(data)` for Keras's PyTorch training loop.
@@ -138,6 +141,13 @@ def torch_train_step(model):
     from torch.fx.experimental.proxy_tensor import make_fx
 
     failed = []
+    reason = _untraceable(model)
+    if reason:
+        warnings.warn(
+            f"The PyTorch training step runs eagerly, not compiled: {reason}.",
+            stacklevel=3,
+        )
+        failed.append(reason)
 
     def build():
         trainable = list(model.trainable_variables)
@@ -245,3 +255,25 @@ def _warn_if_fused(model):
             "jit_compile=False to keep them.",
             stacklevel=3,
         )
+
+
+def _untraceable(model):
+    """Why `torch_train_step` cannot trace `model`'s step, or None.
+
+    Keras's `Dropout` with a seed draws its mask on PyTorch from a
+    `torch.Generator` seeded on the host from the seed generator's state,
+    which a graph traced on fake tensors cannot do (a seed frozen at
+    tracing would repeat one mask at every step). The attention dropout
+    (a counter-based hash of the seed) traces.
+    """
+    rates = {"embedding_dropout": model.embedding_dropout}
+    if model.feedforward_dim is not None:
+        rates["dropout"] = model.dropout
+    active = [f"{name}={rate}" for name, rate in rates.items() if rate > 0]
+    if not active:
+        return None
+    return (
+        f"Keras's seeded Dropout on PyTorch ({', '.join(active)}) seeds a "
+        "torch.Generator on the host at every call, which a traced graph "
+        "cannot do; set it to 0 to compile the step"
+    )

@@ -152,3 +152,16 @@ def test_dropout_seeds_move_on_every_compiled_step(rng):
         frozen_losses.extend(fit_losses(frozen, tokens[step * B:(step + 1) * B]))
     assert frozen_losses[0] == pytest.approx(expected[0], rel=1e-5)
     assert not np.allclose(frozen_losses[1:], expected[1:], rtol=1e-3)
+
+
+def test_seeded_keras_dropout_runs_eagerly_with_a_warning(rng):
+    """Keras's seeded Dropout cannot be traced: the step says so, runs
+    eagerly, and trains as the eager model does."""
+    tokens = rng.integers(0, V, (2 * B, M + 1)).astype("int32")
+    compiled = make_model(4, True, embedding_dropout=0.5)
+    eager = make_model(4, False, embedding_dropout=0.5)
+    before = graphs_compiled()
+    with pytest.warns(UserWarning, match=r"runs eagerly.*embedding_dropout=0.5"):
+        losses = fit_losses(compiled, tokens)
+    assert graphs_compiled() == before
+    np.testing.assert_allclose(losses, fit_losses(eager, tokens), rtol=1e-6)
