@@ -219,9 +219,16 @@ def torch_train_step(model):
             tuple(batch) if isinstance(batch, (list, tuple)) else (batch,),
         )
         if not failed:
-            key = ("train",) + tuple(
-                (tuple(t.shape), str(t.dtype), str(t.device))
-                for t in keras.tree.flatten(batch)
+            # What `build` captures: a new compile (optimizer, metrics) or
+            # a change of trainable flags needs a graph of its own.
+            key = (
+                ("train", id(model.optimizer))
+                + tuple(id(m) for m in model.metrics)
+                + tuple(id(v) for v in model.trainable_variables)
+                + tuple(
+                    (tuple(t.shape), str(t.dtype), str(t.device))
+                    for t in keras.tree.flatten(batch)
+                )
             )
             run = cached(model, "_torch_train_steps", key, build)
             try:

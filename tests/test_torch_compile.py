@@ -165,3 +165,33 @@ def test_seeded_keras_dropout_runs_eagerly_with_a_warning(rng):
         losses = fit_losses(compiled, tokens)
     assert graphs_compiled() == before
     np.testing.assert_allclose(losses, fit_losses(eager, tokens), rtol=1e-6)
+
+
+def test_compiling_again_uses_the_new_optimizer(rng):
+    """A graph built for one `compile` is not reused after another."""
+    tokens = rng.integers(0, V, (2 * B, M + 1)).astype("int32")
+    model, eager = make_model(5, True), make_model(5, False)
+    for twin in (model, eager):
+        twin.compile(
+            optimizer=keras.optimizers.SGD(0.0),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=twin is model,
+        )
+    initial = model.get_weights()
+    fit_losses(model, tokens)
+    for got, kept in zip(model.get_weights(), initial):
+        np.testing.assert_array_equal(got, kept)
+    for twin in (model, eager):
+        twin.compile(
+            optimizer=keras.optimizers.Adam(0.05),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=twin is model,
+        )
+    eager.set_memory(model.get_memory())
+    before = graphs_compiled()
+    np.testing.assert_allclose(
+        fit_losses(model, tokens), fit_losses(eager, tokens), rtol=1e-5
+    )
+    assert graphs_compiled() - before == 1
+    for got, expected in zip(model.get_weights(), eager.get_weights()):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
