@@ -70,9 +70,11 @@ def parse_args():
                         "chooses), on (= attention), off, attention, layer")
     parser.add_argument("--jit-compile", choices=["auto", "on", "off"],
                         default="auto",
-                        help="compile's jit_compile; auto: on except on "
-                        "PyTorch, where torch.compile recompiles the "
-                        "functional model's call many times")
+                        help="compile's jit_compile; auto: on (XLA) on "
+                        "TensorFlow and JAX, off on PyTorch, where the "
+                        "compiled step (on: one torch.compile graph) traces "
+                        "its attention through the portable path and so "
+                        "leaves the fused Triton kernels out")
     parser.add_argument("--span-granularity", type=int, default=None,
                         help="adaptive span: the model's span_granularity "
                              "(memory trimming step; default the model's, 256)")

@@ -1,15 +1,17 @@
-"""Compiling functions that call a model outside `fit`, and keeping them.
+"""Compiling functions that call a model, and keeping them.
 
 Generation (`keras_allattn.models.generation`) and exact evaluation
 (`keras_allattn.data.evaluate_stream`) call the model block by block or
 token by token; both compile those calls the same way and keep the
 compiled functions on the model, keyed by the attended spans that the
 compiled code bakes in: `compile_stateless` (TensorFlow, JAX),
-`torch_compile` (PyTorch) and `cached`. This module imports neither
-keras-hub nor any backend at import time.
+`torch_compile` (PyTorch) and `cached`. `torch_train_step` compiles the
+training step of `fit` on PyTorch. This module imports neither keras-hub
+nor any backend at import time.
 """
 
 import contextlib
+import os
 import warnings
 
 import keras
@@ -17,6 +19,12 @@ from keras import ops
 
 # Compiled functions kept per model and cache, at most this many.
 MAX_COMPILED = 16
+
+# The `torch.compile` backend of the PyTorch training step (`torch_train_step`):
+# inductor, or the value of this environment variable (e.g. "aot_eager" or
+# "eager" to check a traced step without inductor's code generation).
+TORCH_BACKEND_ENV = "KERAS_ALLATTN_TORCH_COMPILE_BACKEND"
+TORCH_TRAIN_BACKEND = os.environ.get(TORCH_BACKEND_ENV) or "inductor"
 
 
 def compile_stateless(model, fn, state_variables=()):
@@ -117,7 +125,7 @@ def torch_compile(model, fn):
                 return fn(*args)
             if key in graphs:
                 return graphs[key](values, *args)
-            with _portable_attention(model):
+            with portable_attention(model):
                 graph = make_fx(stateless, tracing_mode="fake")(values, *args)
             compiled = torch.compile(graph, dynamic=False, fullgraph=True)
             try:
@@ -139,8 +147,12 @@ def torch_compile(model, fn):
 
 
 @contextlib.contextmanager
-def _portable_attention(model):
-    """Sets every attention layer of `model` to the portable path for a while."""
+def portable_attention(model):
+    """Sets every attention layer of `model` to the portable path for a while.
+
+    Graphs traced by `make_fx` run on fake tensors, which the fused
+    kernels (launched outside PyTorch's dispatcher) cannot take.
+    """
     layers = model.attention_layers
     saved = [layer.implementation for layer in layers]
     try:
@@ -150,3 +162,187 @@ def _portable_attention(model):
     finally:
         for layer, implementation in zip(layers, saved):
             layer.implementation = implementation
+
+
+def torch_train_step(model):
+    """`model`'s training step on PyTorch as one compiled graph.
+
+    What `AllAttentionLM.compile(jit_compile=True)` makes the
+    `train_function` of `fit` and `train_on_batch` on PyTorch: Keras's
+    `train_step` (forward pass, loss, gradients, optimizer update, metrics)
+    written statelessly, traced by `torch.fx.experimental.proxy_tensor.make_fx`
+    on fake tensors into one graph whose inputs are the batch and the values
+    of every variable (weights, segment memory, seed generators, optimizer
+    and metric state), which it updates in place as the eager step does,
+    and compiled by `torch.compile(dynamic=False, fullgraph=True)`. So the
+    segment memory and the dropout seeds move on from step to step exactly
+    as in eager training.
+
+    Why not Keras's own `torch.compile` of the step: dynamo traces Keras's
+    layer machinery, breaks the graph inside every `Layer.__call__`, and
+    recompiles its shared functions (`_setattr_hook`, `forward`, the
+    functional `call`) for every layer class and argument signature, and
+    the portable attention at every step (a guard on a global name
+    counter), until it hits its recompile limit. Tracing below the layer
+    machinery gives one graph and no guards at all.
+
+    A graph is compiled per shape and dtype of the batch and per attended
+    span of the layers (`compiling.cached`: a span change, rare and
+    bounded by `max_span / span_granularity`, compiles once more). The
+    attention is traced through its portable path (see
+    `portable_attention`). Where the step cannot be traced (Keras's seeded
+    `Dropout`, i.e. `embedding_dropout` or the feed-forward sublayer's
+    dropout, seeds a `torch.Generator` on the host at every call), or
+    should tracing or compiling fail, a warning says why and the step runs
+    eagerly.
+
+    Returns:
+        A function `train_function(data)` for Keras's PyTorch training loop.
+    """
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    failed = []
+    reason = _untraceable(model)
+    if reason:
+        warnings.warn(
+            f"The PyTorch training step runs eagerly, not compiled: {reason}.",
+            stacklevel=3,
+        )
+        failed.append(reason)
+
+    def build():
+        trainable = list(model.trainable_variables)
+        others = list(model.non_trainable_variables) + list(
+            model.metrics_variables
+        )
+        optimizer = model.optimizer
+        optimizer_variables = list(optimizer.variables)
+        loss_tracker = next(m for m in model.metrics if m.name == "loss")
+
+        def step(trainable_values, other_values, optimizer_values, batch):
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
+            leaves = [value.detach().requires_grad_() for value in trainable_values]
+            mapping = list(zip(trainable, leaves)) + list(zip(others, other_values))
+            with keras.StatelessScope(
+                state_mapping=mapping, collect_losses=True
+            ) as scope:
+                y_pred = model(x, training=True)
+                loss = model.compute_loss(
+                    x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                    training=True,
+                )
+                loss_tracker.update_state(
+                    loss, sample_weight=keras.tree.flatten(x)[0].shape[0]
+                )
+                model.compute_metrics(x, y, y_pred, sample_weight)
+                scaled = optimizer.scale_loss(loss)
+            new_others = [scope.get_current_value(v) for v in others]
+            gradients = torch.autograd.grad(scaled, leaves, allow_unused=True)
+            with torch.no_grad():
+                new_trainable, new_optimizer = optimizer.stateless_apply(
+                    optimizer_values, list(gradients), leaves
+                )
+                # The new values go into the variables' own storage (the
+                # graph's inputs), as `Variable.assign` does eagerly.
+                for olds, news in (
+                    (trainable_values, new_trainable),
+                    (other_values, new_others),
+                    (optimizer_values, new_optimizer),
+                ):
+                    for old, new in zip(olds, news):
+                        if new is not None and new is not old:
+                            old.copy_(new)
+
+        graph = []
+
+        def run(batch):
+            values = (
+                [v.value.detach() for v in trainable],
+                [v.value for v in others],
+                [v.value for v in optimizer_variables],
+            )
+            if not graph:
+                _warn_if_fused(model)
+                with torch.enable_grad(), portable_attention(model):
+                    traced = make_fx(step, tracing_mode="fake")(*values, batch)
+                graph.append(torch.compile(
+                    traced, backend=TORCH_TRAIN_BACKEND, dynamic=False,
+                    fullgraph=True,
+                ))
+            graph[0](*values, batch)
+
+        return run
+
+    def train_function(data):
+        (batch,) = data
+        batch = keras.tree.map_structure(
+            lambda t: None if t is None else keras.ops.convert_to_tensor(t),
+            tuple(batch) if isinstance(batch, (list, tuple)) else (batch,),
+        )
+        if not failed:
+            # What `build` captures: a new compile (optimizer, metrics) or
+            # a change of trainable flags needs a graph of its own.
+            key = (
+                ("train", id(model.optimizer))
+                + tuple(id(m) for m in model.metrics)
+                + tuple(id(v) for v in model.trainable_variables)
+                + tuple(
+                    (tuple(t.shape), str(t.dtype), str(t.device))
+                    for t in keras.tree.flatten(batch)
+                )
+            )
+            run = cached(model, "_torch_train_steps", key, build)
+            try:
+                run(batch)
+                return model.get_metrics_result()
+            except Exception as error:
+                model.__dict__.pop("_torch_train_steps", None)
+                failed.append(error)
+                warnings.warn(
+                    "The PyTorch training step could not be compiled; it "
+                    f"runs eagerly: {type(error).__name__}: "
+                    f"{str(error)[:500]}",
+                    stacklevel=2,
+                )
+        return model.train_step(batch)
+
+    return train_function
+
+
+def _warn_if_fused(model):
+    """Warns that a traced step leaves out the fused kernels that eager
+    training would run here (and that `remat="auto"` planned for)."""
+    from keras_allattn.models.memory_estimate import uses_fused_kernels
+
+    if uses_fused_kernels(model):
+        warnings.warn(
+            "The compiled PyTorch training step runs the attention through "
+            "the portable path: the fused Triton kernels cannot be traced. "
+            "It may be slower and need more memory than the fused kernels "
+            "(which remat='auto' planned for); compile with "
+            "jit_compile=False to keep them.",
+            stacklevel=3,
+        )
+
+
+def _untraceable(model):
+    """Why `torch_train_step` cannot trace `model`'s step, or None.
+
+    Keras's `Dropout` with a seed draws its mask on PyTorch from a
+    `torch.Generator` seeded on the host from the seed generator's state,
+    which a graph traced on fake tensors cannot do (a seed frozen at
+    tracing would repeat one mask at every step). The attention dropout
+    (a counter-based hash of the seed) traces.
+    """
+    rates = {"embedding_dropout": model.embedding_dropout}
+    if model.feedforward_dim is not None:
+        rates["dropout"] = model.dropout
+    active = [f"{name}={rate}" for name, rate in rates.items() if rate > 0]
+    if not active:
+        return None
+    return (
+        f"Keras's seeded Dropout on PyTorch ({', '.join(active)}) seeds a "
+        "torch.Generator on the host at every call, which a traced graph "
+        "cannot do; set it to 0 to compile the step"
+    )

@@ -323,6 +323,18 @@ class AllAttentionLM(AllAttentionBackbone):
         self.adaptive_div_val = adaptive_div_val
         self.adaptive_tie_weights = adaptive_tie_weights
 
+    def make_train_function(self, force=False):
+        """Keras's, except on PyTorch with `jit_compile=True`: there the
+        whole training step is one compiled graph
+        (`keras_allattn.compiling.torch_train_step`)."""
+        if keras.backend.backend() != "torch" or not self.jit_compile:
+            return super().make_train_function(force)
+        if self.train_function is None or force:
+            from keras_allattn.compiling import torch_train_step
+
+            self.train_function = torch_train_step(self)
+        return self.train_function
+
     def _forward(self, tokens, memories=None, training=None):
         """The network and its head; stateful when `memories` is None.
 
