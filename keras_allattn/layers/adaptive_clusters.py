@@ -3,6 +3,8 @@ embedding and the adaptive softmax: their bounds, widths and weights."""
 
 import numbers
 
+from keras_allattn.utils import check_positive
+
 
 def check_cutoffs(cutoffs, vocabulary_size, name="cutoffs"):
     """Returns `cutoffs` as a list of ints, or raises ValueError.
@@ -43,6 +45,22 @@ def cluster_widths(hidden_dim, cutoffs, div_val, name="div_val"):
             f"hidden_dim={hidden_dim}, {name}={div_val}"
         )
     return widths
+
+
+def set_cluster_geometry(layer, vocabulary_size, hidden_dim, cutoffs, div_val):
+    """Checks the clusters' arguments and sets them on `layer`.
+
+    Sets `vocabulary_size`, `hidden_dim`, `cutoffs` (a list of ints),
+    `div_val`, `widths` (`cluster_widths`) and `bounds` (`[0, *cutoffs,
+    vocabulary_size]`: cluster `i` holds the ids `bounds[i]` to
+    `bounds[i + 1] - 1`); raises ValueError naming a bad argument.
+    """
+    layer.vocabulary_size = check_positive("vocabulary_size", vocabulary_size)
+    layer.hidden_dim = check_positive("hidden_dim", hidden_dim)
+    layer.cutoffs = check_cutoffs(cutoffs, layer.vocabulary_size)
+    layer.div_val = check_positive("div_val", div_val)
+    layer.widths = cluster_widths(layer.hidden_dim, layer.cutoffs, layer.div_val)
+    layer.bounds = [0, *layer.cutoffs, layer.vocabulary_size]
 
 
 def add_cluster_weights(layer, bounds, widths, hidden_dim, div_val,

@@ -4,9 +4,10 @@ import keras
 from keras import ops
 
 from keras_allattn.layers.adaptive_clusters import add_cluster_weights
-from keras_allattn.layers.adaptive_clusters import check_cutoffs
-from keras_allattn.layers.adaptive_clusters import cluster_widths
-from keras_allattn.utils import check_positive
+# `check_cutoffs` and `cluster_widths` were defined here: still importable.
+from keras_allattn.layers.adaptive_clusters import check_cutoffs  # noqa: F401
+from keras_allattn.layers.adaptive_clusters import cluster_widths  # noqa: F401
+from keras_allattn.layers.adaptive_clusters import set_cluster_geometry
 
 
 @keras.saving.register_keras_serializable(package="keras_allattn")
@@ -70,12 +71,7 @@ class AdaptiveEmbedding(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.vocabulary_size = check_positive("vocabulary_size", vocabulary_size)
-        self.hidden_dim = check_positive("hidden_dim", hidden_dim)
-        self.cutoffs = check_cutoffs(cutoffs, self.vocabulary_size)
-        self.div_val = check_positive("div_val", div_val)
-        self.widths = cluster_widths(self.hidden_dim, self.cutoffs, self.div_val)
-        self.bounds = [0, *self.cutoffs, self.vocabulary_size]
+        set_cluster_geometry(self, vocabulary_size, hidden_dim, cutoffs, div_val)
         self.embeddings_initializer = keras.initializers.get(
             embeddings_initializer or keras.initializers.RandomNormal(stddev=0.02)
         )

@@ -3,8 +3,7 @@ from keras import ops
 
 from keras_allattn.layers.adaptive_embedding import AdaptiveEmbedding
 from keras_allattn.layers.adaptive_clusters import add_cluster_weights
-from keras_allattn.layers.adaptive_clusters import check_cutoffs
-from keras_allattn.layers.adaptive_clusters import cluster_widths
+from keras_allattn.layers.adaptive_clusters import set_cluster_geometry
 from keras_allattn.utils import check_last_axis
 from keras_allattn.utils import check_positive
 
@@ -116,12 +115,7 @@ class AdaptiveSoftmax(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.vocabulary_size = check_positive("vocabulary_size", vocabulary_size)
-        self.hidden_dim = check_positive("hidden_dim", hidden_dim)
-        self.cutoffs = check_cutoffs(cutoffs, self.vocabulary_size)
-        self.div_val = check_positive("div_val", div_val)
-        self.widths = cluster_widths(self.hidden_dim, self.cutoffs, self.div_val)
-        self.bounds = [0, *self.cutoffs, self.vocabulary_size]
+        set_cluster_geometry(self, vocabulary_size, hidden_dim, cutoffs, div_val)
         self.chunk_size = check_positive("chunk_size", chunk_size)
         if embedding is not None:
             if not isinstance(embedding, AdaptiveEmbedding):
