@@ -7,12 +7,10 @@ at every distance: the questions the paper raises about what persistent
 vectors and spans learn (Sukhbaatar et al., 2019, §5).
 """
 
-import keras
 import numpy as np
 from keras import ops
 
-from keras_allattn.compiling import cached
-from keras_allattn.compiling import compile_stateless
+from keras_allattn.compiling import inference_function
 from keras_allattn.data.stream import check_token_range
 from keras_allattn.utils import check_non_negative
 
@@ -160,18 +158,7 @@ def _segment_statistics(model):
         return (ops.stack(context_sums), ops.stack(persistent_sums),
                 list(next_memories))
 
-    if keras.backend.backend() == "torch":
-        import torch
-
-        def no_grad(*args):
-            with torch.no_grad():
-                return statistics(*args)
-
-        return no_grad
-    return cached(
-        model, "_statistics_functions", (),
-        lambda: compile_stateless(model, statistics),
-    )
+    return inference_function(model, "_statistics_functions", statistics)
 
 
 def _token_rows(tokens, warmup_tokens, vocabulary_size):

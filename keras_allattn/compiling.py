@@ -70,6 +70,26 @@ def compile_stateless(model, fn, state_variables=()):
     return run
 
 
+def inference_function(model, cache_name, fn):
+    """`fn`, which calls `model` without training, ready to run repeatedly.
+
+    TensorFlow and JAX: compiled by `compile_stateless` and kept on the
+    model under `cache_name` (rebuilt when the attended spans change the
+    model's caches). PyTorch: run eagerly under `torch.no_grad()`.
+    """
+    if keras.backend.backend() == "torch":
+        import torch
+
+        def no_grad(*args):
+            with torch.no_grad():
+                return fn(*args)
+
+        return no_grad
+    return cached(
+        model, cache_name, (), lambda: compile_stateless(model, fn)
+    )
+
+
 def cached(model, cache_name, key, build):
     """The function `key` of `model`'s cache `cache_name`, built once.
 

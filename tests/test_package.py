@@ -124,27 +124,26 @@ def test_every_package_declares_all_and_its_names_exist():
         keras_allattn.no_such_name
 
 
-def test_no_private_modules_of_dependencies():
-    pattern = re.compile(r"\b(keras_hub\.src|keras\.src|tf_keras)\b")
-    offenders = [
+def lines_matching(pattern):
+    """`path:line` of every line of the package that matches `pattern`."""
+    pattern = re.compile(pattern)
+    return [
         f"{path.relative_to(ROOT)}:{number}"
         for path in python_files()
         for number, line in enumerate(path.read_text().splitlines(), 1)
         if pattern.search(line)
     ]
+
+
+def test_no_private_modules_of_dependencies():
+    offenders = lines_matching(r"\b(keras_hub\.src|keras\.src|tf_keras)\b")
     assert not offenders, offenders
 
 
 def test_no_private_optimizer_methods():
     """A loop that must clip uses the project's `clip_gradients` or the
     optimizer's public `apply`, never its private methods."""
-    pattern = re.compile(r"\boptimizer\._[a-z]")
-    offenders = [
-        f"{path.relative_to(ROOT)}:{number}"
-        for path in python_files()
-        for number, line in enumerate(path.read_text().splitlines(), 1)
-        if pattern.search(line)
-    ]
+    offenders = lines_matching(r"\boptimizer\._[a-z]")
     assert not offenders, offenders
 
 

@@ -6,8 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_allattn.compiling import cached
-from keras_allattn.compiling import compile_stateless
+from keras_allattn.compiling import inference_function
 from keras_allattn.data.stream import as_token_array
 from keras_allattn.data.stream import check_token_range
 from keras_allattn.utils import check_positive
@@ -188,23 +187,11 @@ def _block_scorer(model, split):
             checked.append(width)
         return _token_nll(logits, targets), list(memories)
 
-    backend = keras.backend.backend()
     if not isinstance(model, keras.Model) or getattr(
         model, "vocabulary_size", None
     ) is None:
         return eager
-    if backend == "torch":
-        import torch
-
-        def no_grad(*args):
-            with torch.no_grad():
-                return score(*args)
-
-        return no_grad
-    return cached(
-        model, "_evaluation_functions", (),
-        lambda: compile_stateless(model, score),
-    )
+    return inference_function(model, "_evaluation_functions", score)
 
 
 def _token_nll(logits, targets):
