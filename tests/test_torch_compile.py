@@ -52,13 +52,23 @@ def make_model(seed, jit_compile, **overrides):
     return model
 
 
-def fit_losses(model, tokens):
-    """The loss of every step of one `fit` over `tokens`, in order."""
+def fit_losses(model, tokens, spans=None):
+    """The loss of every step of one `fit` over `tokens`, in order.
+
+    With a set `spans`, the layers' attended spans at the start of every
+    step (what a step's graph is compiled for) are added to it.
+    """
     losses = []
+
+    def begin(batch, logs):
+        if spans is not None:
+            spans.add(tuple(model.attended_spans()))
+
     logger = keras.callbacks.LambdaCallback(
+        on_train_batch_begin=begin,
         on_train_batch_end=lambda batch, logs: losses.append(
             float(logs["loss"])
-        )
+        ),
     )
     model.fit(tokens[:, :-1], tokens[:, 1:], shuffle=False, verbose=0,
               callbacks=[logger])
@@ -73,17 +83,22 @@ def seed_states(model):
 
 
 def test_one_graph_per_attended_span(rng):
-    """Steps reuse one graph; a new attended span compiles one more, once."""
+    """Steps reuse one graph per attended span, each compiled once.
+
+    The spans are whatever training makes them (a ratio leaving 0 moves a
+    layer from 96 to 128 rows), so the graphs are counted against the
+    distinct spans the steps ran with.
+    """
     model = make_model(1, True, adaptive_span=True, max_span=128,
                        span_granularity=32)
     tokens = rng.integers(0, V, (4 * B, M + 1)).astype("int32")
     before = graphs_compiled()
-    fit_losses(model, tokens)
+    seen = set()
+    fit_losses(model, tokens, seen)
     # Spans of 32 tokens (ratio 0) plus the margin of 64: 96 rows.
-    assert model.attended_spans() == [96, 96]
-    assert graphs_compiled() - before == 1
-    fit_losses(model, tokens)
-    assert graphs_compiled() - before == 1
+    assert (96, 96) in seen
+    fit_losses(model, tokens, seen)
+    assert graphs_compiled() - before == len(seen)
 
     def set_ratios(value):
         for layer in model.attention_layers:
@@ -91,13 +106,18 @@ def test_one_graph_per_attended_span(rng):
             ratio.assign(np.full(ratio.shape, value, "float32"))
 
     set_ratios(1.0)
-    fit_losses(model, tokens)
-    assert model.attended_spans() == [128, 128]
-    assert graphs_compiled() - before == 2
+    fit_losses(model, tokens, seen)
+    assert (128, 128) in seen
+    assert graphs_compiled() - before == len(seen)
     set_ratios(0.0)
-    fit_losses(model, tokens)
-    assert model.attended_spans() == [96, 96]
-    assert graphs_compiled() - before == 2  # 96 rows: compiled before
+    compiled = graphs_compiled()
+    fit_losses(model, tokens, seen)
+    # The first step attends 96 rows again: that graph is reused.
+    assert graphs_compiled() - before == len(seen)
+    # 16 steps, at most the four pairs of {96, 128}: graphs are reused.
+    assert len(seen) <= 4
+    if len(seen) == 2:
+        assert graphs_compiled() == compiled
 
 
 def test_compiled_steps_match_eager_steps(rng):
