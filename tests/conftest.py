@@ -14,12 +14,40 @@ import pytest
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+# Fixes the `rng` fixture's seed (every test draws from it) to rerun a
+# failure with the inputs it had.
+SEED_VARIABLE = "KERAS_ALLATTN_TEST_SEED"
+
+
 @pytest.fixture
 def rng(request):
-    """A fresh NumPy generator per test (seeded from the test's name)."""
-    seed = abs(hash(request.node.nodeid)) % (2**31)
+    """A fresh NumPy generator per test, also seeding Keras.
+
+    The seed follows the test's name and the process's string hashing
+    (`PYTHONHASHSEED`), so runs draw fresh inputs; a failing test's report
+    names its seed, which `KERAS_ALLATTN_TEST_SEED` sets again.
+    """
+    fixed = os.environ.get(SEED_VARIABLE)
+    if fixed:
+        seed = int(fixed)
+    else:
+        seed = abs(hash(request.node.nodeid)) % (2**31)
+    request.node.user_properties.append(("rng seed", seed))
     keras.utils.set_random_seed(seed)
     return np.random.default_rng(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Adds the `rng` seed to a failing test's report."""
+    report = (yield).get_result()
+    if report.failed:
+        for name, value in item.user_properties:
+            if name == "rng seed":
+                report.sections.append((
+                    "rng seed",
+                    f"{value}: rerun with {SEED_VARIABLE}={value}",
+                ))
 
 
 @pytest.fixture
