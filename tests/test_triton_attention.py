@@ -464,7 +464,7 @@ OPERATOR_CASES = {
     "separate_span": (True, True, False, "separate"),
     "span_dropout_no_persistent": (False, True, True, "joint"),
 }
-# B, M, H, D, A, N: one 16-query tile, two key tiles.
+# B, M, H, D, A, N: one 16-query tile; 36 key rows, three 16-key tiles.
 OPERATOR_SHAPE = (1, 16, 2, 16, 20, 8)
 
 
@@ -503,9 +503,10 @@ def operator_args(tensors, drop, integration, deterministic=False):
 
 @pytest.mark.parametrize("case", list(OPERATOR_CASES))
 def test_operators_pass_opcheck(case):
-    """Schema, fake implementations (shapes, dtypes, strides against the
-    kernels' outputs), autograd registration and AOT dispatch of both
-    operators, as `torch.library.opcheck` checks them."""
+    """Schema, fake implementations (against the kernels' outputs),
+    autograd registration and AOT dispatch of both operators, as
+    `torch.library.opcheck` checks them; the backward's placeholders for
+    gradients not asked for."""
     persistent, span, dropout, integration = OPERATOR_CASES[case]
     tensors, drop, grad = operator_inputs(persistent, span, dropout)
     args = operator_args(tensors, drop, integration)
