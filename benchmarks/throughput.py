@@ -32,6 +32,7 @@ from _common import commit
 from _common import device_name
 
 from keras_allattn import AllAttentionLM
+from keras_allattn import compiling
 from keras_allattn.presets import get_preset
 from keras_allattn.training import AdagradClip
 
@@ -70,11 +71,12 @@ def parse_args():
                         "chooses), on (= attention), off, attention, layer")
     parser.add_argument("--jit-compile", choices=["auto", "on", "off"],
                         default="auto",
-                        help="compile's jit_compile; auto: on (XLA) on "
-                        "TensorFlow and JAX, off on PyTorch, where the "
-                        "compiled step (on: one torch.compile graph) traces "
-                        "its attention through the portable path and so "
-                        "leaves the fused Triton kernels out")
+                        help="compile's jit_compile; auto: on (XLA on "
+                        "TensorFlow and JAX; on PyTorch one torch.compile "
+                        "graph of the step, fused Triton kernels included), "
+                        "except on PyTorch where the step cannot be traced "
+                        "(Keras's seeded Dropout: --dropout recipe's "
+                        "embedding dropout), which then runs eagerly")
     parser.add_argument("--span-granularity", type=int, default=None,
                         help="adaptive span: the model's span_granularity "
                              "(memory trimming step; default the model's, 256)")
@@ -189,14 +191,19 @@ def build(args, transformer, optimizer=None):
         # With an adaptive softmax the model computes its own loss.
         loss=None if model.adaptive_softmax is not None else
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=jit_compile(args),
+        jit_compile=jit_compile(args, model),
     )
     return model, config, remat
 
 
-def jit_compile(args):
+def jit_compile(args, model):
+    """`compile`'s jit_compile for `--jit-compile`: auto compiles, except
+    a PyTorch step that would run eagerly anyway (so the row says eager)."""
     if args.jit_compile == "auto":
-        return keras.backend.backend() != "torch"
+        return not (
+            keras.backend.backend() == "torch"
+            and compiling.untraceable_reason(model)
+        )
     return args.jit_compile == "on"
 
 

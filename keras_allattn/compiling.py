@@ -10,12 +10,13 @@ training step of `fit` on PyTorch. This module imports neither keras-hub
 nor any backend at import time.
 """
 
-import contextlib
 import os
 import warnings
 
 import keras
 from keras import ops
+
+from keras_allattn.ops.kernel_settings import is_deterministic
 
 # Compiled functions kept per model and cache, at most this many.
 MAX_COMPILED = 16
@@ -119,10 +120,11 @@ def torch_compile(model, fn):
     call, as `compile_stateless` hands them to `jax.jit`), and that graph
     is compiled by `torch.compile(dynamic=False, fullgraph=True)`. Tracing below Keras'
     layer machinery gives one graph with no graph breaks (dynamo itself
-    breaks the graph inside Keras' `Layer.__call__`). The attention is
-    traced through its portable path: fused kernels launch outside the
-    trace. Runs under `torch.no_grad()`. Should compiling fail (e.g. no
-    C++ compiler for inductor on CPU), it warns and runs eagerly.
+    breaks the graph inside Keras' `Layer.__call__`). The attention runs
+    as eagerly: the fused Triton kernels where they apply (they are
+    PyTorch custom operators, graph nodes of their own), else the portable
+    path. Runs under `torch.no_grad()`. Should compiling fail
+    (e.g. no C++ compiler for inductor on CPU), it warns and runs eagerly.
     """
     import torch
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -145,8 +147,7 @@ def torch_compile(model, fn):
                 return fn(*args)
             if key in graphs:
                 return graphs[key](values, *args)
-            with portable_attention(model):
-                graph = make_fx(stateless, tracing_mode="fake")(values, *args)
+            graph = make_fx(stateless, tracing_mode="fake")(values, *args)
             compiled = torch.compile(graph, dynamic=False, fullgraph=True)
             try:
                 outputs = compiled(values, *args)
@@ -164,24 +165,6 @@ def torch_compile(model, fn):
             return outputs
 
     return run
-
-
-@contextlib.contextmanager
-def portable_attention(model):
-    """Sets every attention layer of `model` to the portable path for a while.
-
-    Graphs traced by `make_fx` run on fake tensors, which the fused
-    kernels (launched outside PyTorch's dispatcher) cannot take.
-    """
-    layers = model.attention_layers
-    saved = [layer.implementation for layer in layers]
-    try:
-        for layer in layers:
-            layer.implementation = "portable"
-        yield
-    finally:
-        for layer, implementation in zip(layers, saved):
-            layer.implementation = implementation
 
 
 def torch_train_step(model):
@@ -206,11 +189,14 @@ def torch_train_step(model):
     counter), until it hits its recompile limit. Tracing below the layer
     machinery gives one graph and no guards at all.
 
-    A graph is compiled per shape and dtype of the batch and per attended
+    A graph is compiled per shape and dtype of the batch, per attended
     span of the layers (`compiling.cached`: a span change, rare and
-    bounded by `max_span / span_granularity`, compiles once more). The
-    attention is traced through its portable path (see
-    `portable_attention`). Where the step cannot be traced (Keras's seeded
+    bounded by `max_span / span_granularity`, compiles once more) and per
+    deterministic mode of the fused kernels (`set_deterministic`, read when
+    tracing). The attention is the one eager training runs: the fused
+    Triton kernels where they apply (CUDA tensors; they are PyTorch custom
+    operators, so the graph holds their forward and backward as nodes),
+    else the portable path. Where the step cannot be traced (Keras's seeded
     `Dropout`, i.e. `embedding_dropout` or the feed-forward sublayer's
     dropout, seeds a `torch.Generator` on the host at every call), or
     should tracing or compiling fail, a warning says why and the step runs
@@ -223,7 +209,7 @@ def torch_train_step(model):
     from torch.fx.experimental.proxy_tensor import make_fx
 
     failed = []
-    reason = _untraceable(model)
+    reason = untraceable_reason(model)
     if reason:
         warnings.warn(
             f"The PyTorch training step runs eagerly, not compiled: {reason}.",
@@ -283,8 +269,7 @@ def torch_train_step(model):
                 [v.value for v in optimizer_variables],
             )
             if not graph:
-                _warn_if_fused(model)
-                with torch.enable_grad(), portable_attention(model):
+                with torch.enable_grad():
                     traced = make_fx(step, tracing_mode="fake")(*values, batch)
                 graph.append(torch.compile(
                     traced, backend=TORCH_TRAIN_BACKEND, dynamic=False,
@@ -311,6 +296,7 @@ def torch_train_step(model):
                     (tuple(t.shape), str(t.dtype), str(t.device))
                     for t in keras.tree.flatten(batch)
                 )
+                + (is_deterministic(),)
             )
             run = cached(model, "_torch_train_steps", key, build)
             try:
@@ -330,23 +316,7 @@ def torch_train_step(model):
     return train_function
 
 
-def _warn_if_fused(model):
-    """Warns that a traced step leaves out the fused kernels that eager
-    training would run here (and that `remat="auto"` planned for)."""
-    from keras_allattn.models.memory_estimate import uses_fused_kernels
-
-    if uses_fused_kernels(model):
-        warnings.warn(
-            "The compiled PyTorch training step runs the attention through "
-            "the portable path: the fused Triton kernels cannot be traced. "
-            "It may be slower and need more memory than the fused kernels "
-            "(which remat='auto' planned for); compile with "
-            "jit_compile=False to keep them.",
-            stacklevel=3,
-        )
-
-
-def _untraceable(model):
+def untraceable_reason(model):
     """Why `torch_train_step` cannot trace `model`'s step, or None.
 
     Keras's `Dropout` with a seed draws its mask on PyTorch from a

@@ -9,12 +9,16 @@ state written back and the graph count are the library's, and inductor's
 C++ build of a graph takes minutes on a 2-core CPU.
 """
 
+import os
+import warnings
+
 import keras
 import numpy as np
 import pytest
 
 from keras_allattn import AllAttentionLM
 from keras_allattn import compiling
+from keras_allattn.ops import kernel_settings
 from tests.conftest import backend
 
 pytestmark = pytest.mark.skipif(
@@ -91,6 +95,10 @@ def test_one_graph_per_attended_span(rng):
     """
     model = make_model(1, True, adaptive_span=True, max_span=128,
                        span_granularity=32)
+    for layer in model.attention_layers:
+        # Held, so that only `set_ratios` below moves the spans: trained,
+        # they may grow past the attended length on some random tokens.
+        layer.span.span_ratio.trainable = False
     tokens = rng.integers(0, V, (4 * B, M + 1)).astype("int32")
     before = graphs_compiled()
     seen = set()
@@ -219,12 +227,168 @@ def test_compiling_again_uses_the_new_optimizer(rng):
 
 def test_memory_plan_follows_the_compiled_step(monkeypatch, rng):
     """`remat="auto"` plans for the attention that will run: where the fused
-    kernels apply eagerly, the compiled step still traces the portable path."""
+    kernels apply, the compiled step keeps them, as the eager one does."""
     from keras_allattn.models import memory_estimate
 
     monkeypatch.setattr(memory_estimate, "fused_kernel_applies",
                         lambda head_dim, dropout: (True, ""))
     model = make_model(3, True)
-    assert not memory_estimate.uses_fused_kernels(model)
+    assert memory_estimate.uses_fused_kernels(model)
     model.compile(optimizer="sgd", jit_compile=False)
     assert memory_estimate.uses_fused_kernels(model)
+    monkeypatch.setattr(memory_estimate, "fused_kernel_applies",
+                        lambda head_dim, dropout: (False, "no CUDA device"))
+    for jit_compile in (True, False):
+        model.compile(optimizer="sgd", jit_compile=jit_compile)
+        assert not memory_estimate.uses_fused_kernels(model)
+
+
+def fused_kernels_on_cpu(monkeypatch):
+    """Makes `implementation="auto"` pick the Triton kernels for CPU tensors,
+    run by Triton's interpreter (on a CUDA machine it picks them anyway)."""
+    torch = pytest.importorskip("torch")
+    from keras_allattn.ops import attention
+    from keras_allattn.ops import triton_attention
+
+    if not triton_attention.triton_available():
+        pytest.skip("triton cannot be imported")
+    if torch.cuda.is_available():
+        return
+    if os.environ.get("TRITON_INTERPRET") == "0" or (
+        triton_attention._BUILT is not None
+        and type(triton_attention._fwd_kernel).__name__ != "InterpretedFunction"
+    ):
+        pytest.skip("the kernels are built for a GPU, not the interpreter")
+    # Read when the kernels are built (on first use).
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dispatcher = attention._fused_kernel
+
+    class CudaTensor:  # the dispatcher reads only the query's device
+        is_cuda = True
+
+    def on_cpu(query, *args, **kwargs):
+        return dispatcher(CudaTensor(), *args, **kwargs)
+
+    monkeypatch.setattr(attention, "_fused_kernel", on_cpu)
+
+
+def test_compiled_step_keeps_the_fused_kernels(monkeypatch, rng):
+    """Where the Triton kernels run eagerly, the compiled step's graph holds
+    their operators (forward and backward), not the portable attention, and
+    trains as the eager step on the same kernels does: losses, weights,
+    segment memory and dropout seeds, attention dropout active."""
+    fused_kernels_on_cpu(monkeypatch)
+    import torch
+
+    graphs = []
+
+    def recording_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    monkeypatch.setattr(compiling, "TORCH_TRAIN_BACKEND", recording_backend)
+    monkeypatch.setattr(kernel_settings, "_deterministic", False)
+    settings = dict(hidden_dim=32, adaptive_span=True, dropout=0.3)
+    compiled = make_model(6, True, **settings)
+    eager = make_model(6, False, **settings)
+    memory = [rng.normal(size=m.shape).astype("float32")
+              for m in eager.get_memory()]
+    for model in (compiled, eager):
+        model.set_memory(memory)
+    tokens = rng.integers(0, V, (3 * B, M + 1)).astype("int32")
+    losses = fit_losses(compiled, tokens)
+    assert len(graphs) == 1
+    targets = {node.target for node in graphs[0].graph.nodes}
+    assert torch.ops.aten._softmax.default not in targets  # the portable path's
+    kernels = torch.ops.keras_allattn
+    assert kernels.triton_all_attention.default in targets
+    assert kernels.triton_all_attention_backward.default in targets
+    np.testing.assert_allclose(losses, fit_losses(eager, tokens), rtol=1e-5)
+    for got, expected in zip(compiled.get_memory(), eager.get_memory()):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    for got, expected in zip(compiled.get_weights(), eager.get_weights()):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    for got, expected in zip(seed_states(compiled), seed_states(eager)):
+        np.testing.assert_array_equal(got, expected)
+
+    def deterministic_arguments(graph):
+        return [node.args[-1] for node in graph.graph.nodes
+                if node.target == kernels.triton_all_attention.default]
+
+    # The kernels' deterministic mode is an argument of the operators, read
+    # when tracing: switching it traces the step again.
+    assert deterministic_arguments(graphs[0]) == [False, False]
+    monkeypatch.setattr(kernel_settings, "_deterministic", True)
+    fit_losses(compiled, tokens[:B])
+    assert len(graphs) == 2
+    assert deterministic_arguments(graphs[1]) == [True, True]
+
+
+def test_compiled_generation_call_keeps_the_fused_kernels(monkeypatch, rng):
+    """`compiling.torch_compile` (generation's compiled calls) traces the
+    Triton forward operator where the kernels run eagerly, not the
+    portable attention, and computes what the eager call does."""
+    fused_kernels_on_cpu(monkeypatch)
+    import torch
+
+    graphs = []
+
+    def recording_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    compile_with = torch.compile
+    # torch_compile uses inductor, whose C++ build takes minutes on a CPU.
+    monkeypatch.setattr(
+        torch, "compile",
+        lambda fn, **options: compile_with(fn, backend=recording_backend, **options),
+    )
+    model = make_model(8, False, hidden_dim=32, adaptive_span=True)
+    tokens = rng.integers(0, V, (B, M)).astype("int32")
+    memories = [rng.normal(size=m.shape).astype("float32")
+                for m in model.get_memory()]
+
+    def call(tokens, *memories):
+        return model.call_with_memory(tokens, list(memories))
+
+    compiled = compiling.torch_compile(model, call)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to eager
+        logits, next_memories = compiled(tokens, *memories)
+    assert len(graphs) == 1
+    targets = {node.target for node in graphs[0].graph.nodes}
+    assert torch.ops.aten._softmax.default not in targets  # the portable path's
+    assert torch.ops.keras_allattn.triton_all_attention.default in targets
+    with torch.no_grad():
+        want_logits, want_memories = call(
+            *(keras.ops.convert_to_tensor(x) for x in (tokens, *memories))
+        )
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(logits),
+        keras.ops.convert_to_numpy(want_logits), rtol=1e-5, atol=1e-5,
+    )
+    for got, expected in zip(next_memories, want_memories):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(got),
+                                   keras.ops.convert_to_numpy(expected))
+
+
+def test_throughput_auto_compiles_the_step_where_it_traces(monkeypatch):
+    """`benchmarks/throughput.py --jit-compile auto` compiles the PyTorch
+    step (fused kernels included) unless it would run eagerly anyway."""
+    import argparse
+    import pathlib
+
+    monkeypatch.syspath_prepend(
+        str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks")
+    )
+    import throughput
+
+    def choice(flag, **overrides):
+        model = make_model(7, False, **overrides)
+        return throughput.jit_compile(argparse.Namespace(jit_compile=flag), model)
+
+    assert choice("auto") is True
+    assert choice("auto", dropout=0.3) is True  # the attention dropout traces
+    assert choice("auto", embedding_dropout=0.1) is False
+    assert choice("on", embedding_dropout=0.1) is True
+    assert choice("off") is False

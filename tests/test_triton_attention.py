@@ -42,6 +42,7 @@ if keras.backend.backend() != "torch":  # pragma: no cover
 from keras_allattn.ops.attention import all_attention  # noqa: E402
 from keras_allattn.ops.attention import portable_all_attention  # noqa: E402
 from keras_allattn.ops.random import attention_dropout_keys  # noqa: E402
+from keras_allattn.ops.triton_attention import register_operators  # noqa: E402
 from keras_allattn.ops.triton_attention import triton_all_attention  # noqa: E402
 from keras_allattn.ops.triton_attention import triton_available  # noqa: E402
 from tests import reference  # noqa: E402
@@ -450,3 +451,143 @@ def test_deterministic_mode(monkeypatch):
             *(inputs[n].float() for n in ("query", "key", "value", "position_keys")),
             deterministic="yes",
         )
+
+
+# The kernels as PyTorch custom operators: traced by make_fx and
+# torch.compile (the compiled training step keeps them).
+
+OPERATOR_CASES = {
+    # id: (persistent, span, dropout, integration)
+    "context_only": (False, False, False, "joint"),
+    "joint_span_dropout": (True, True, True, "joint"),
+    "separate_dropout": (True, False, True, "separate"),
+    "separate_span": (True, True, False, "separate"),
+    "span_dropout_no_persistent": (False, True, True, "joint"),
+}
+# B, M, H, D, A, N: one 16-query tile; 36 key rows, three 16-key tiles.
+OPERATOR_SHAPE = (1, 16, 2, 16, 20, 8)
+
+
+def operator_inputs(persistent, span, dropout):
+    """The tensors of `triton_all_attention` (float32, requiring gradients
+    where differentiable) and its dropout arguments."""
+    b, m, h, d, a, n = OPERATOR_SHAPE
+    inputs, grad = make_inputs(b, m, h, d, a, n, seed=7, with_span=span)
+    if not persistent:
+        inputs.pop("persistent_keys")
+        inputs.pop("persistent_values")
+    tensors = {
+        name: t.to(device=DEVICE, dtype=torch.float32).requires_grad_()
+        for name, t in inputs.items()
+    }
+    drop = {}
+    if dropout:
+        keys = attention_dropout_keys(dropout_seed(), b, h, m).to(DEVICE)
+        drop = dict(dropout_rate=DROPOUT_RATE, dropout_keys=keys)
+    return tensors, drop, grad.to(device=DEVICE, dtype=torch.float32)
+
+
+def operator_args(tensors, drop, integration, deterministic=False):
+    """The forward operator's arguments, as `triton_all_attention` passes
+    them for tiles of 16 (the schema is the operator's public contract)."""
+    tiles = [16, 16, 8, 2]
+    return (
+        tensors["query"], tensors["key"], tensors["value"],
+        tensors["position_keys"], tensors.get("persistent_keys"),
+        tensors.get("persistent_values"), tensors.get("span_ratio"),
+        drop.get("dropout_keys"), integration, float(MAX_SPAN), float(RAMP),
+        drop.get("dropout_rate", 0.0), tiles, tiles, tiles, tiles, None, None,
+        "ieee", deterministic,
+    )
+
+
+@pytest.mark.parametrize("case", list(OPERATOR_CASES))
+def test_operators_pass_opcheck(case):
+    """Schema, fake implementations (against the kernels' outputs),
+    autograd registration and AOT dispatch of both operators, as
+    `torch.library.opcheck` checks them; the backward's placeholders for
+    gradients not asked for."""
+    persistent, span, dropout, integration = OPERATOR_CASES[case]
+    tensors, drop, grad = operator_inputs(persistent, span, dropout)
+    args = operator_args(tensors, drop, integration)
+    forward, backward = register_operators()
+    torch.library.opcheck(forward, args)
+
+    output, lse, parts = forward(*args)
+    b, m, h, d, _, _ = OPERATOR_SHAPE
+    separate = persistent and integration == "separate"
+    assert lse.shape == ((2 if separate else 1), b * h, m)
+    assert parts.shape == ((2, b, m, h, d) if separate else (0,))
+    # The gradients of all seven inputs, then with the optional ones left out.
+    saved = [t.detach() for t in (output, lse, parts)]
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    for position, persistent_grads, span_grad in ((True, True, True),
+                                                  (False, False, False)):
+        backward_args = (grad, *detached[:8], *saved, *detached[8:],
+                         position, persistent_grads, span_grad)
+        torch.library.opcheck(backward, backward_args)
+        grads = backward(*backward_args)
+        needed = (True, True, True, position, persistent_grads,
+                  persistent_grads, span_grad)
+        assert len(grads) == 7
+        for tensor, gradient, needed in zip(detached[:7], grads, needed):
+            if tensor is None or not needed:
+                assert gradient.shape == (0,)
+            else:
+                assert gradient.shape == tensor.shape
+                assert gradient.dtype == tensor.dtype
+
+
+def _portable_targets():
+    """Aten operators the portable path's graph holds and the kernels' not."""
+    aten = torch.ops.aten
+    return {aten._softmax.default, aten.bmm.default, aten.mm.default}
+
+
+@pytest.mark.parametrize(
+    "case", ["joint_span_dropout", "separate_dropout", "context_only"]
+)
+def test_traced_and_compiled_step_equals_eager(case):
+    """A function computing the attention and every gradient, traced by
+    `make_fx` on fake tensors and compiled by `torch.compile`, holds the
+    two operators (not the portable path's softmax and matmuls) and gives
+    eager's output and gradients bitwise, dropout mask included (drawn in
+    the graph from the same seed)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    persistent, span, dropout, integration = OPERATOR_CASES[case]
+    tensors, drop, grad = operator_inputs(persistent, span, dropout)
+    names = list(tensors)
+    b, m, h, _, _, _ = OPERATOR_SHAPE
+    options = dict(max_span=MAX_SPAN, span_ramp=RAMP, integration=integration,
+                   block_q=16, block_k=16)
+
+    def step(seed, cotangent, *values):
+        leaves = [v.detach().requires_grad_() for v in values]
+        extra = {}
+        if dropout:
+            keys = attention_dropout_keys(seed, b, h, m)
+            extra = dict(dropout_rate=DROPOUT_RATE, dropout_keys=keys)
+        out = triton_all_attention(**dict(zip(names, leaves)), **options, **extra)
+        gradients = torch.autograd.grad((out * cotangent).sum(), leaves)
+        return (out.detach(), *gradients)
+
+    values = [tensors[name].detach() for name in names]
+    seed = dropout_seed()
+    with torch.enable_grad():
+        graph = make_fx(step, tracing_mode="fake")(seed, grad, *values)
+    targets = {node.target for node in graph.graph.nodes}
+    assert set(register_operators()) <= targets
+    assert not targets & _portable_targets()
+
+    compiled = torch.compile(graph, backend="eager", dynamic=False, fullgraph=True)
+    got = compiled(seed, grad, *values)
+    with torch.enable_grad():
+        want = step(seed, grad, *values)
+    assert len(got) == len(want) == 1 + len(names)
+    for label, x, y in zip(["output", *names], got, want):
+        assert torch.equal(x, y), label
+    # The dropout mask is the seed's: another seed gives another output.
+    if dropout:
+        other = compiled(seed + 1, grad, *values)
+        assert not torch.equal(other[0], want[0])

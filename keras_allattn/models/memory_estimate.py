@@ -121,10 +121,8 @@ def uses_fused_kernels(model):
     """Whether training `model` here will run the fused attention kernels."""
     if model.implementation == "portable":
         return False
-    if keras.backend.backend() == "torch" and getattr(model, "jit_compile", False) is True:
-        # The compiled PyTorch step traces the portable path
-        # (`keras_allattn.compiling.torch_train_step`).
-        return False
+    # Compiled or not: the compiled PyTorch step keeps the fused kernels
+    # (`keras_allattn.compiling.torch_train_step`).
     head_dim = model.hidden_dim // model.num_heads
     return fused_kernel_applies(head_dim, model.dropout)[0]
 

@@ -390,11 +390,9 @@ def _fused_kernel(query, *args, dropout_rate=0.0, **kwargs):
             return None, "triton is not installed"
         if dropout_rate > 0.0 and not triton_attention.HAS_DROPOUT:
             return None, "attention dropout is active"
-        import torch
-
-        # Launching Triton kernels from an autograd.Function is opaque to
-        # torch.compile: let it compile the graph around the call.
-        return torch.compiler.disable(triton_attention.triton_all_attention), ""
+        # The kernels run inside PyTorch custom operators: `make_fx` and
+        # `torch.compile` trace them into their graphs.
+        return triton_attention.triton_all_attention, ""
     if backend == "jax":
         import jax
 

@@ -56,6 +56,16 @@ materialising any (B, H, M, A) tensor in device memory:
   and `dS = P (dP - Delta)` with `Delta = rowsum(dO O)` of the dropped
   output (the span-ratio term uses the same `dP - Delta`). Without dropout
   the `HAS_DROPOUT` constexpr removes all of it from the compiled kernels.
+* PyTorch operators: the kernels are launched from two custom operators,
+  `torch.ops.keras_allattn.triton_all_attention` (output, log-sum-exp rows
+  and, with "separate", the two float32 partial outputs) and
+  `triton_all_attention_backward` (every gradient), each with a fake
+  implementation (shapes only) and the forward's autograd formula calling
+  the backward. `make_fx` and `torch.compile` therefore trace the kernels
+  as graph nodes, forward and backward (the compiled PyTorch training step
+  of `keras_allattn.compiling` keeps them); the settings (tiles,
+  integration, span, dropout rate, deterministic mode...) are arguments of
+  the operators, fixed in a traced graph.
 
 Triton is imported lazily: importing this module never needs triton (nor
 torch); the kernels are built on first use. Set `TRITON_INTERPRET=1`
@@ -599,12 +609,50 @@ def _bwd_persistent_kernel(
 
 
 # ---------------------------------------------------------------------------
-# Building the kernels and the autograd function.
+# Building the kernels and the PyTorch operators.
 # ---------------------------------------------------------------------------
+
+# The kernels run inside two PyTorch custom operators (`torch.library`), so
+# that `make_fx` and `torch.compile` record them as graph nodes (with the
+# shapes of `register_fake`) instead of leaving the attention out of the
+# graph. Their arguments: the tensors of `triton_all_attention`, then its
+# settings as checked and normalised there (tiles as
+# [block_q, block_k, num_warps, num_stages]).
+FORWARD_OP = "keras_allattn::triton_all_attention"
+BACKWARD_OP = "keras_allattn::triton_all_attention_backward"
+_TENSORS_SCHEMA = (
+    "Tensor query, Tensor key, Tensor value, Tensor position_keys, "
+    "Tensor? persistent_keys, Tensor? persistent_values, Tensor? span_ratio, "
+    "Tensor? dropout_keys"
+)
+_SETTINGS_SCHEMA = (
+    "str integration, float max_span, float span_ramp, float dropout_rate, "
+    "int[] forward_tiles, int[] dq_tiles, int[] dkdv_tiles, "
+    "int[] persistent_tiles, int? persistent_split, "
+    "int? position_grad_replicas, str fp32_precision, bool deterministic"
+)
+_NUM_TENSORS = 8
+# Output, log-sum-exp rows (S, B * H, M) and the float32 context and
+# persistent outputs (2, B, M, H, D) of "separate" (S = 2; else S = 1 and
+# no parts: an empty tensor).
+FORWARD_SCHEMA = (
+    f"({_TENSORS_SCHEMA}, {_SETTINGS_SCHEMA}) -> (Tensor, Tensor, Tensor)"
+)
+# The gradients of the seven differentiable inputs; those not asked for (and
+# those of absent inputs) are empty tensors.
+BACKWARD_SCHEMA = (
+    f"(Tensor grad_output, {_TENSORS_SCHEMA}, Tensor output, Tensor lse, "
+    f"Tensor parts, {_SETTINGS_SCHEMA}, bool need_position_grad, "
+    "bool need_persistent_grad, bool need_span_grad) -> "
+    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
 
 
 def _build():
-    """Import triton, jit the kernels and define the autograd Function."""
+    """Import triton, jit the kernels and register the PyTorch operators.
+
+    Returns the forward operator.
+    """
     global _BUILT, tl
     with _BUILD_LOCK:
         if _BUILT is not None:
@@ -627,213 +675,298 @@ def _build():
         ):
             if standard is not None and hasattr(standard, std_name):
                 module_globals[name] = getattr(standard, std_name)
-        _BUILT = _make_function(torch, triton)
+        _BUILT = _register_operators(torch, triton)
         return _BUILT
+
+
+def register_operators():
+    """Registers the kernels' PyTorch operators (once) and returns them.
+
+    `triton_all_attention` registers them on first use; code that reaches
+    `torch.ops.keras_allattn` first (e.g. a graph holding them loaded in a
+    new process) calls this before.
+
+    Returns:
+        `(forward, backward)`: the operators `FORWARD_OP` and `BACKWARD_OP`
+        (`torch.ops.keras_allattn.triton_all_attention.default` and
+        `torch.ops.keras_allattn.triton_all_attention_backward.default`).
+    """
+    import torch
+
+    _build()
+    kernels = torch.ops.keras_allattn
+    return (
+        kernels.triton_all_attention.default,
+        kernels.triton_all_attention_backward.default,
+    )
 
 
 def _next_pow2(x):
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def _make_function(torch, triton):
+def _config(integration, max_span, span_ramp, dropout_rate, forward_tiles,
+            dq_tiles, dkdv_tiles, persistent_tiles, persistent_split,
+            position_grad_replicas, fp32_precision, deterministic):
+    """The kernels' settings from the operators' setting arguments."""
+    return {
+        "integration": integration,
+        "max_span": max_span,
+        "span_ramp": span_ramp,
+        "forward": forward_tiles,
+        "dq": dq_tiles,
+        "dkdv": dkdv_tiles,
+        "persistent": persistent_tiles,
+        "persistent_split": persistent_split,
+        "replicas": position_grad_replicas,
+        "prec": _precision(fp32_precision),
+        "deterministic": deterministic,
+        "dropout": dropout_rate,
+        # `(x >> 8) < keep_threshold` keeps a weight (keras_allattn.ops.random).
+        "keep_threshold": dropout_hash.keep_threshold(dropout_rate),
+        "drop_scale": 1.0 / (1.0 - dropout_rate),
+    }
+
+
+def _forward_shapes(query, persistent_keys, integration):
+    """Shapes of the forward operator's outputs: output, lse, parts."""
+    B, M, H, D = query.shape
+    separate = persistent_keys is not None and integration == "separate"
+    lse = (2 if separate else 1, B * H, M)
+    parts = (2, B, M, H, D) if separate else (0,)
+    return (B, M, H, D), lse, parts
+
+
+def _register_operators(torch, triton):
+    """Define `FORWARD_OP` and `BACKWARD_OP`; returns the forward operator.
+
+    Each has a fake implementation (shapes and dtypes only) for tracing on
+    fake tensors; the forward's autograd formula calls the backward
+    operator, so a traced backward holds the kernels too.
+    """
+
     def launch_options(tiles):
         return {"num_warps": tiles[2], "num_stages": tiles[3]}
 
-    class AllAttentionFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, query, key, value, position_keys, pkeys, pvalues, span_ratio,
-                    dropout_keys, cfg):
-            q = query.contiguous()
-            k = key.contiguous()
-            v = value.contiguous()
-            # (A, D) rows: column c of the table is row c here, so that
-            # position tiles load like key tiles (contiguous along D).
-            pos = position_keys.t().contiguous()
-            B, M, H, D = q.shape
-            A = pos.shape[0]
-            has_pers = pkeys is not None
-            has_span = span_ratio is not None
-            separate = has_pers and cfg["integration"] == "separate"
-            mk = pkeys.contiguous() if has_pers else q
-            mv = pvalues.contiguous() if has_pers else q
-            N = mk.shape[1] if has_pers else 0
-            z = span_ratio.contiguous() if has_span else q
-            has_dropout = cfg["dropout"] > 0.0
-            rk = dropout_keys.contiguous() if has_dropout else q
-            tiles = cfg["forward"]
-            bd = max(16, _next_pow2(D))
-            scale = 1.0 / math.sqrt(D)
-            dev = q.device
+    @torch.library.custom_op(FORWARD_OP, mutates_args=(), schema=FORWARD_SCHEMA)
+    def forward(query, key, value, position_keys, pkeys, pvalues, span_ratio,
+                dropout_keys, *settings):
+        cfg = _config(*settings)
+        q = query.contiguous()
+        k = key.contiguous()
+        v = value.contiguous()
+        # (A, D) rows: column c of the table is row c here, so that
+        # position tiles load like key tiles (contiguous along D).
+        pos = position_keys.t().contiguous()
+        B, M, H, D = q.shape
+        A = pos.shape[0]
+        has_pers = pkeys is not None
+        has_span = span_ratio is not None
+        separate = has_pers and cfg["integration"] == "separate"
+        mk = pkeys.contiguous() if has_pers else q
+        mv = pvalues.contiguous() if has_pers else q
+        N = mk.shape[1] if has_pers else 0
+        z = span_ratio.contiguous() if has_span else q
+        has_dropout = cfg["dropout"] > 0.0
+        rk = dropout_keys.contiguous() if has_dropout else q
+        tiles = cfg["forward"]
+        bd = max(16, _next_pow2(D))
+        scale = 1.0 / math.sqrt(D)
+        dev = q.device
 
-            out = torch.empty_like(q)
-            lse_c = torch.empty((B * H, M), device=dev, dtype=torch.float32)
-            lse_p = torch.empty_like(lse_c) if separate else lse_c
-            if separate:
-                oc = torch.empty((B, M, H, D), device=dev, dtype=torch.float32)
-                op = torch.empty_like(oc)
-            else:
-                oc = op = out
-            grid = (triton.cdiv(M, tiles[0]), B * H)
-            _fwd_kernel[grid](
-                q, k, v, pos, mk, mv, z, rk, out, oc, op, lse_c, lse_p,
+        _, lse_shape, parts_shape = _forward_shapes(q, pkeys, cfg["integration"])
+        out = torch.empty_like(q)
+        lse = torch.empty(lse_shape, device=dev, dtype=torch.float32)
+        parts = torch.empty(parts_shape, device=dev, dtype=torch.float32)
+        lse_c = lse[0]
+        lse_p = lse[1] if separate else lse_c
+        oc, op = (parts[0], parts[1]) if separate else (out, out)
+        grid = (triton.cdiv(M, tiles[0]), B * H)
+        _fwd_kernel[grid](
+            q, k, v, pos, mk, mv, z, rk, out, oc, op, lse_c, lse_p,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            mk.stride(0), mk.stride(1), mv.stride(0), mv.stride(1),
+            H, M, A, N, cfg["max_span"], cfg["span_ramp"],
+            scale * math.log2(math.e), cfg["keep_threshold"], cfg["drop_scale"],
+            HAS_SPAN=has_span, HAS_PERS=has_pers, SEPARATE=separate,
+            HAS_DROPOUT=has_dropout,
+            D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=cfg["prec"](q.dtype),
+            **launch_options(tiles),
+        )
+        return out, lse, parts
+
+    @forward.register_fake
+    def _(query, key, value, position_keys, pkeys, pvalues, span_ratio,
+          dropout_keys, integration, *settings):
+        out, lse, parts = _forward_shapes(query, pkeys, integration)
+        return (
+            query.new_empty(out),
+            query.new_empty(lse, dtype=torch.float32),
+            query.new_empty(parts, dtype=torch.float32),
+        )
+
+    @torch.library.custom_op(BACKWARD_OP, mutates_args=(), schema=BACKWARD_SCHEMA)
+    def backward(grad_output, query, key, value, position_keys, pkeys, pvalues,
+                 span_ratio, dropout_keys, out, lse, parts, *rest):
+        *settings, need_dpos, need_pers, need_dz = rest
+        cfg = _config(*settings)
+        q = query.contiguous()
+        k = key.contiguous()
+        v = value.contiguous()
+        pos = position_keys.t().contiguous()
+        has_pers = pkeys is not None
+        has_span = span_ratio is not None
+        has_dropout = cfg["dropout"] > 0.0
+        separate = has_pers and cfg["integration"] == "separate"
+        mk = pkeys.contiguous() if has_pers else None
+        mv = pvalues.contiguous() if has_pers else None
+        z = span_ratio.contiguous() if has_span else None
+        rk = dropout_keys.contiguous() if has_dropout else None
+        B, M, H, D = q.shape
+        A = pos.shape[0]
+        N = mk.shape[1] if has_pers else 0
+        bd = max(16, _next_pow2(D))
+        scale = 1.0 / math.sqrt(D)
+        scale_log2 = scale * math.log2(math.e)
+        prec = cfg["prec"](q.dtype)
+        dev = q.device
+        do = grad_output.contiguous()
+        if do.dtype != out.dtype:
+            do = do.to(out.dtype)
+        do32 = do.float()
+
+        def delta(o):  # (B, M, H, D) -> (B*H, M) float32
+            d = (do32 * o.float()).sum(-1)
+            return d.permute(0, 2, 1).contiguous().view(B * H, M)
+
+        lse_c = lse[0]
+        if separate:
+            lse_p = lse[1]
+            del_c, del_p = delta(parts[0]), delta(parts[1])
+        else:
+            del_c = delta(out)
+            del_p, lse_p = del_c, lse_c
+        need_dz = has_span and need_dz
+        mk_arg = mk if has_pers else q
+        mv_arg = mv if has_pers else q
+        z_arg = z if has_span else q
+        rk_arg = rk if has_dropout else q
+        max_span, ramp = cfg["max_span"], cfg["span_ramp"]
+        drop = (cfg["keep_threshold"], cfg["drop_scale"])
+
+        tiles = cfg["dq"]
+        nq = triton.cdiv(M, tiles[0])
+        if cfg["deterministic"]:
+            replicas = nq * B * H
+        else:
+            replicas = cfg["replicas"]
+            if replicas is None:
+                replicas = 8 if dev.type == "cuda" else 1
+            replicas = max(1, min(int(replicas), B * H))
+        dq = torch.empty_like(q)
+        dpos = torch.zeros((replicas if need_dpos else 1, A, D), device=dev,
+                           dtype=torch.float32)
+        dzp = torch.zeros((B * H * nq,), device=dev, dtype=torch.float32)
+        _bwd_dq_kernel[(nq, B * H)](
+            q, k, v, pos, mk_arg, mv_arg, z_arg, rk_arg, do, lse_c, lse_p, del_c, del_p,
+            dq, dpos, dzp,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            mk_arg.stride(0), mk_arg.stride(1), mv_arg.stride(0), mv_arg.stride(1),
+            H, M, A, N, max_span, ramp, scale_log2, scale,
+            (max_span / ramp) if has_span else 0.0, replicas, *drop,
+            HAS_SPAN=has_span, HAS_PERS=has_pers,
+            NEED_DPOS=need_dpos, NEED_DZ=need_dz, HAS_DROPOUT=has_dropout,
+            D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
+            **launch_options(tiles),
+        )
+
+        tiles = cfg["dkdv"]
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        _bwd_dkdv_kernel[(triton.cdiv(A + M, tiles[1]), B * H)](
+            q, k, v, pos, z_arg, rk_arg, do, lse_c, del_c, dk, dv,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            H, M, A, max_span, ramp, scale_log2, scale, *drop,
+            HAS_SPAN=has_span, HAS_DROPOUT=has_dropout,
+            D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
+            **launch_options(tiles),
+        )
+
+        # Outputs must not alias each other: one empty tensor each.
+        dmk, dmv, dz, dpos_out = (q.new_empty((0,)) for _ in range(4))
+        if has_pers and need_pers:
+            tiles = cfg["persistent"]
+            n_tiles = triton.cdiv(N, tiles[1])
+            split = cfg["persistent_split"]
+            if split is None:
+                split = triton.cdiv(4 * _sm_count(dev), n_tiles * H)
+            split = max(1, min(int(split), B))
+            part_k = torch.empty((split, H, N, D), device=dev, dtype=torch.float32)
+            part_v = torch.empty_like(part_k)
+            _bwd_persistent_kernel[(n_tiles, H, split)](
+                q, mk, mv, rk_arg, do, lse_p, del_p, part_k, part_v,
                 q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2),
-                out.stride(0), out.stride(1), out.stride(2),
+                do.stride(0), do.stride(1), do.stride(2),
                 mk.stride(0), mk.stride(1), mv.stride(0), mv.stride(1),
-                H, M, A, N, cfg["max_span"], cfg["span_ramp"],
-                scale * math.log2(math.e), cfg["keep_threshold"], cfg["drop_scale"],
-                HAS_SPAN=has_span, HAS_PERS=has_pers, SEPARATE=separate,
+                B, H, M, N, scale_log2, scale, split, *drop,
+                v,
                 HAS_DROPOUT=has_dropout,
-                D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=cfg["prec"](q.dtype),
+                D=D, BQ=tiles[0], BN=tiles[1], BD=bd, PREC=prec,
                 **launch_options(tiles),
             )
-            ctx.cfg = cfg
-            ctx.has_pers = has_pers
-            ctx.has_span = has_span
-            ctx.has_dropout = has_dropout
-            ctx.separate = separate
-            ctx.pos_dtype = position_keys.dtype
-            saved = [q, k, v, pos, out, lse_c]
-            if has_pers:
-                saved += [mk, mv]
-            if separate:
-                saved += [lse_p, oc, op]
-            if has_span:
-                saved += [z]
-            if has_dropout:
-                saved += [rk]
-            ctx.save_for_backward(*saved)
-            return out
+            dmk = part_k.sum(0).to(mk.dtype)
+            dmv = part_v.sum(0).to(mv.dtype)
+        if need_dz:
+            dz = dzp.view(B, H, nq).sum((0, 2)).to(z.dtype)
+        if need_dpos:
+            dpos_out = dpos.sum(0).t().to(position_keys.dtype).contiguous()
+        return dq, dk, dv, dpos_out, dmk, dmv, dz
 
-        @staticmethod
-        def backward(ctx, grad_out):
-            cfg = ctx.cfg
-            saved = list(ctx.saved_tensors)
-            q, k, v, pos, out, lse_c = saved[:6]
-            rest = saved[6:]
-            mk = mv = z = rk = None
-            if ctx.has_pers:
-                mk, mv = rest[:2]
-                rest = rest[2:]
-            if ctx.separate:
-                lse_p, oc, op = rest[:3]
-                rest = rest[3:]
-            if ctx.has_span:
-                z = rest[0]
-                rest = rest[1:]
-            if ctx.has_dropout:
-                rk = rest[0]
-            B, M, H, D = q.shape
-            A = pos.shape[0]
-            N = mk.shape[1] if ctx.has_pers else 0
-            bd = max(16, _next_pow2(D))
-            scale = 1.0 / math.sqrt(D)
-            scale_log2 = scale * math.log2(math.e)
-            prec = cfg["prec"](q.dtype)
-            dev = q.device
-            do = grad_out.contiguous()
-            if do.dtype != out.dtype:
-                do = do.to(out.dtype)
-            do32 = do.float()
+    @backward.register_fake
+    def _(grad_output, query, key, value, position_keys, pkeys, pvalues,
+          span_ratio, dropout_keys, out, lse, parts, *rest):
+        *_, need_dpos, need_pers, need_dz = rest
 
-            def delta(o):  # (B, M, H, D) -> (B*H, M) float32
-                d = (do32 * o.float()).sum(-1)
-                return d.permute(0, 2, 1).contiguous().view(B * H, M)
+        def like(tensor, needed):
+            if tensor is None or not needed:
+                return query.new_empty((0,))
+            return tensor.new_empty(tensor.shape)
 
-            if ctx.separate:
-                del_c, del_p = delta(oc), delta(op)
-            else:
-                del_c = delta(out)
-                del_p, lse_p = del_c, lse_c
-            needs = ctx.needs_input_grad
-            need_dpos = bool(needs[3])
-            need_dz = ctx.has_span and bool(needs[6])
-            mk_arg = mk if ctx.has_pers else q
-            mv_arg = mv if ctx.has_pers else q
-            z_arg = z if ctx.has_span else q
-            rk_arg = rk if ctx.has_dropout else q
-            max_span, ramp = cfg["max_span"], cfg["span_ramp"]
-            drop = (cfg["keep_threshold"], cfg["drop_scale"])
+        return (
+            like(query, True), like(key, True), like(value, True),
+            like(position_keys, need_dpos), like(pkeys, need_pers),
+            like(pvalues, need_pers), like(span_ratio, need_dz),
+        )
 
-            tiles = cfg["dq"]
-            nq = triton.cdiv(M, tiles[0])
-            if cfg["deterministic"]:
-                replicas = nq * B * H
-            else:
-                replicas = cfg["replicas"]
-                if replicas is None:
-                    replicas = 8 if dev.type == "cuda" else 1
-                replicas = max(1, min(int(replicas), B * H))
-            dq = torch.empty_like(q)
-            dpos = torch.zeros((replicas if need_dpos else 1, A, D), device=dev,
-                               dtype=torch.float32)
-            dzp = torch.zeros((B * H * nq,), device=dev, dtype=torch.float32)
-            _bwd_dq_kernel[(nq, B * H)](
-                q, k, v, pos, mk_arg, mv_arg, z_arg, rk_arg, do, lse_c, lse_p, del_c, del_p,
-                dq, dpos, dzp,
-                q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2),
-                do.stride(0), do.stride(1), do.stride(2),
-                mk_arg.stride(0), mk_arg.stride(1), mv_arg.stride(0), mv_arg.stride(1),
-                H, M, A, N, max_span, ramp, scale_log2, scale,
-                (max_span / ramp) if ctx.has_span else 0.0, replicas, *drop,
-                HAS_SPAN=ctx.has_span, HAS_PERS=ctx.has_pers,
-                NEED_DPOS=need_dpos, NEED_DZ=need_dz, HAS_DROPOUT=ctx.has_dropout,
-                D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
-                **launch_options(tiles),
-            )
+    def setup_context(ctx, inputs, output):
+        out, lse, parts = output
+        ctx.mark_non_differentiable(lse, parts)
+        ctx.settings = inputs[_NUM_TENSORS:]
+        ctx.save_for_backward(*inputs[:_NUM_TENSORS], out, lse, parts)
 
-            tiles = cfg["dkdv"]
-            dk = torch.empty_like(k)
-            dv = torch.empty_like(v)
-            _bwd_dkdv_kernel[(triton.cdiv(A + M, tiles[1]), B * H)](
-                q, k, v, pos, z_arg, rk_arg, do, lse_c, del_c, dk, dv,
-                q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2),
-                do.stride(0), do.stride(1), do.stride(2),
-                H, M, A, max_span, ramp, scale_log2, scale, *drop,
-                HAS_SPAN=ctx.has_span, HAS_DROPOUT=ctx.has_dropout,
-                D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
-                **launch_options(tiles),
-            )
+    def differentiate(ctx, grad_output, grad_lse, grad_parts):
+        needs = ctx.needs_input_grad
+        grads = backward(
+            grad_output, *ctx.saved_tensors, *ctx.settings,
+            needs[3], needs[4] or needs[5], needs[6],
+        )
+        # The dropout row keys are integers and the settings no tensors:
+        # no gradient.
+        return tuple(
+            grad if need else None for grad, need in zip(grads, needs)
+        ) + (None,) * (len(needs) - len(grads))
 
-            dmk = dmv = None
-            if ctx.has_pers and (needs[4] or needs[5]):
-                tiles = cfg["persistent"]
-                n_tiles = triton.cdiv(N, tiles[1])
-                split = cfg["persistent_split"]
-                if split is None:
-                    split = triton.cdiv(4 * _sm_count(dev), n_tiles * H)
-                split = max(1, min(int(split), B))
-                part_k = torch.empty((split, H, N, D), device=dev, dtype=torch.float32)
-                part_v = torch.empty_like(part_k)
-                _bwd_persistent_kernel[(n_tiles, H, split)](
-                    q, mk, mv, rk_arg, do, lse_p, del_p, part_k, part_v,
-                    q.stride(0), q.stride(1), q.stride(2),
-                    do.stride(0), do.stride(1), do.stride(2),
-                    mk.stride(0), mk.stride(1), mv.stride(0), mv.stride(1),
-                    B, H, M, N, scale_log2, scale, split, *drop,
-                    v,
-                    HAS_DROPOUT=ctx.has_dropout,
-                    D=D, BQ=tiles[0], BN=tiles[1], BD=bd, PREC=prec,
-                    **launch_options(tiles),
-                )
-                dmk = part_k.sum(0).to(mk.dtype)
-                dmv = part_v.sum(0).to(mv.dtype)
-
-            dz = None
-            if need_dz:
-                dz = dzp.view(B, H, nq).sum((0, 2)).to(z.dtype)
-            dpos_out = None
-            if need_dpos:
-                dpos_out = dpos.sum(0).t().to(ctx.pos_dtype)
-            # The dropout row keys are integers: no gradient.
-            return dq, dk, dv, dpos_out, dmk, dmv, dz, None, None
-
-    return AllAttentionFunction
+    forward.register_autograd(differentiate, setup_context=setup_context)
+    return forward
 
 
 def _sm_count(device):
@@ -981,32 +1114,29 @@ def triton_all_attention(
     unknown = set(backward) - {"dq", "dkdv", "persistent"}
     if unknown:
         raise ValueError(f"Unknown `backward` keys: {sorted(unknown)}.")
-    cfg = {
-        "integration": integration,
-        "max_span": float(max_span) if max_span is not None else 0.0,
-        "span_ramp": float(span_ramp),
-        "forward": forward,
-        "persistent_split": persistent_split,
-        "replicas": position_grad_replicas,
-        "prec": _precision(fp32_precision),
-        "deterministic": deterministic,
-        "dropout": dropout_rate,
-        # `(x >> 8) < keep_threshold` keeps a weight (keras_allattn.ops.random).
-        "keep_threshold": dropout_hash.keep_threshold(dropout_rate),
-        "drop_scale": 1.0 / (1.0 - dropout_rate),
-    }
+    tiles = {"forward": forward}
     for name in ("dq", "dkdv", "persistent"):
-        cfg[name] = _tiles(name, backward.get(name, forward), forward)
+        tiles[name] = _tiles(name, backward.get(name, forward), forward)
     for name in ("forward", "dq"):
-        if cfg[name][0] > cfg[name][1]:
+        if tiles[name][0] > tiles[name][1]:
             raise ValueError(
-                f"The {name} kernel needs block_q <= block_k; got {cfg[name][:2]}."
+                f"The {name} kernel needs block_q <= block_k; got {tiles[name][:2]}."
             )
-    function = _build()
-    return function.apply(
+    operator = _build()
+    output, _, _ = operator(
         query, key, value, position_keys,
-        persistent_keys, persistent_values, span_ratio, dropout_keys, cfg,
+        persistent_keys, persistent_values, span_ratio, dropout_keys,
+        integration,
+        float(max_span) if max_span is not None else 0.0,
+        float(span_ramp),
+        dropout_rate,
+        *(list(tiles[name]) for name in ("forward", "dq", "dkdv", "persistent")),
+        None if persistent_split is None else int(persistent_split),
+        None if position_grad_replicas is None else int(position_grad_replicas),
+        fp32_precision,
+        deterministic,
     )
+    return output
 
 
 def _check_dropout_keys(keys, shape):
