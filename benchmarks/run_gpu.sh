@@ -29,6 +29,10 @@
 #          PyTorch recipe throughput (issue 13)
 #   position the position term through XLA matmuls (no in-kernel ring):
 #          compiled checks, per-kernel times, recipe throughput (issue 13)
+#   compiled the compiled PyTorch step (Triton kernels as custom operators,
+#          inductor) against eager: recipe throughput at fixed 2048,
+#          adaptive ~1024, fixed 1024 and the small geometry; the
+#          operators' tests on CUDA (issue 13)
 #   multi8 on a 4- or 8-GPU machine: scaling over 1, 2, 4, 8 GPUs (batch 64
 #          per GPU) and the first 200 step losses of 8 GPUs against one
 #          GPU at global batch 64 (deterministic kernels; next to the one-ulp
@@ -286,7 +290,26 @@ position)
     step jax_fixed1k_dropout 150 env KERAS_BACKEND=jax $tp --span fixed:1024 --dropout 0.3
   }
   lanes ;;
-*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe, presets, adaptive, adaptive2 or position"; exit 2 ;;
+compiled)
+  # The compiled PyTorch step with the Triton kernels as custom operators
+  # (inductor) against eager, at the recipe and the small geometry; the
+  # operators' tests on CUDA; JAX's small geometry beside them.
+  small="--layers 6 --hidden-dim 256 --num-heads 4 --persistent 256 --block-size 256 --batch-size 32 --span fixed:2048 --dropout 0.3"
+  lane0() {
+    step triton_cuda_tests 240 env KERAS_BACKEND=torch TRITON_INTERPRET=0 \
+      python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py tests/test_torch_compile.py
+    step torch_small_eager 120 env KERAS_BACKEND=torch $tp $small --jit-compile off
+    step torch_small_compiled 240 env KERAS_BACKEND=torch $tp $small --jit-compile on
+    step jax_small 120 env KERAS_BACKEND=jax $tp $small
+  }
+  lane1() {
+    for s in fixed:2048 adaptive:1024 fixed:1024; do
+      step "torch_${s/:/_}_eager" 150 env KERAS_BACKEND=torch $tp --span $s --dropout 0.3 --jit-compile off
+      step "torch_${s/:/_}_compiled" 300 env KERAS_BACKEND=torch $tp --span $s --dropout 0.3 --jit-compile on
+    done
+  }
+  lanes ;;
+*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe, presets, adaptive, adaptive2, position or compiled"; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
 # The device tool returns a limited number of files: RESULTS.md and the
