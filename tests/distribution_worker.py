@@ -8,7 +8,7 @@ where the memory lives) and `.npz` (this process's memory rows). The
 single-device reference comes from `reference_run` (in the same process
 where the devices allow it, else in the test's own process).
 
-On JAX and PyTorch the optimizer also keeps the first step
+The optimizer also keeps the first step
 (`FirstStepRecorder`): the gradient it applied to every trainable variable
 and the variable's value after the update, written to
 `MODE-PROCESS-step1.npz` keyed by variable path, to compare with one
@@ -42,14 +42,36 @@ def first_step_recorder():
     replicas, clipped) and the variable's value right after that update.
     Later steps leave them alone, so they can be read after any number of
     steps (`first_step`), from `fit` under a distribution as from a loop.
+
+    `update_step` receives the Keras variable on JAX and PyTorch, but on
+    TensorFlow the `tf.Variable` it holds: under a `tf.distribute` strategy
+    one replica's copy at a time (the optimizer updates each copy in
+    `strategy.extended.update`), so the slots are found through every
+    local copy (`strategy.experimental_local_results`), and the slots'
+    own copies are written by the same per-replica update.
     """
     import keras
     from keras import ops
+
+    def local_copies(variable):
+        """The objects `update_step` may receive for `variable`."""
+        if keras.backend.backend() != "tensorflow":
+            return [variable]
+        import tensorflow as tf
+
+        strategy = tf.distribute.get_strategy()
+        return list(strategy.experimental_local_results(variable.value))
+
+    def key(variable):
+        if isinstance(variable, keras.Variable):
+            return id(variable)
+        return variable.ref()  # a `tf.Variable`: hashable by its reference
 
     class FirstStepRecorder(keras.optimizers.Adam):
         def build(self, variables):
             super().build(variables)
             self.first_gradients, self.first_values = {}, {}
+            self.recorded_paths = {}
             for variable in variables:
                 self.first_gradients[variable.path] = (
                     self.add_variable_from_reference(variable, "first_gradient")
@@ -57,14 +79,18 @@ def first_step_recorder():
                 self.first_values[variable.path] = (
                     self.add_variable_from_reference(variable, "first_value")
                 )
+                for copy in local_copies(variable):
+                    self.recorded_paths[key(copy)] = variable.path
 
         def update_step(self, gradient, variable, learning_rate):
+            path = self.recorded_paths[key(variable)]
             first = ops.equal(self.iterations, 0)
-            slot = self.first_gradients[variable.path]
+            slot = self.first_gradients[path]
             self.assign(slot, ops.where(first, gradient, slot.value))
             super().update_step(gradient, variable, learning_rate)
-            slot = self.first_values[variable.path]
-            self.assign(slot, ops.where(first, variable.value, slot.value))
+            slot = self.first_values[path]
+            value = variable.value if isinstance(variable, keras.Variable) else variable
+            self.assign(slot, ops.where(first, value, slot.value))
 
     return FirstStepRecorder
 
@@ -72,9 +98,7 @@ def first_step_recorder():
 def make_model(config, clip=None):
     """A compiled model with the same initial weights in every process.
 
-    On JAX and PyTorch its optimizer keeps the first step (see
-    `first_step_recorder`); TensorFlow's distributed update hands the
-    optimizer per-replica variables, so there it is a plain Adam.
+    Its optimizer keeps the first step (see `first_step_recorder`).
     """
     import keras
 
@@ -82,12 +106,8 @@ def make_model(config, clip=None):
 
     keras.utils.set_random_seed(0)
     model = AllAttentionLM(**config)
-    optimizer_class = (
-        keras.optimizers.Adam if keras.backend.backend() == "tensorflow"
-        else first_step_recorder()
-    )
     model.compile(
-        optimizer=optimizer_class(1e-2, global_clipnorm=clip),
+        optimizer=first_step_recorder()(1e-2, global_clipnorm=clip),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     return model
@@ -148,8 +168,7 @@ def fit_run(model, batcher):
 
 
 def reference_run(use_fit, clip=None):
-    """One device, global batch: `(step losses, memories, first step)`,
-    the first step (`first_step`) None on TensorFlow."""
+    """One device, global batch: `(step losses, memories, first step)`."""
     import keras
 
     from keras_allattn.data import StreamBatcher
@@ -162,8 +181,7 @@ def reference_run(use_fit, clip=None):
         losses = fit_run(model, batcher)
     else:
         losses = DataParallelTrainer(model).train(batcher, STEPS)
-    first = None if keras.backend.backend() == "tensorflow" else first_step(model)
-    return losses, local_memories(model), first
+    return losses, local_memories(model), first_step(model)
 
 
 def distributed_run(config=CONFIG, clip=None, **plan_args):
@@ -278,8 +296,11 @@ def tensorflow_devices(out_dir):
     from keras_allattn.distribution import DataParallelTrainer
 
     use_virtual_cpu_devices(2)
-    reference, reference_memories, _ = reference_run(use_fit=True)
+    reference, reference_memories, reference_step = reference_run(use_fit=True)
+    np.savez(pathlib.Path(out_dir) / "tensorflow-devices-reference-step1.npz",
+             **reference_step)
     plan, model, losses = distributed_run()
+    write_first_step(out_dir, "tensorflow-devices-0", model)
     write(out_dir, "tensorflow-devices-0", {
         "num_replicas": plan.num_replicas,
         "uses_fit": plan.uses_fit,
@@ -291,6 +312,7 @@ def tensorflow_devices(out_dir):
     model = make_model(plan.model_config(CONFIG), clip=0.05)
     batcher = StreamBatcher(tokens(), CONFIG["batch_size"], CONFIG["block_size"], seed=0)
     losses = DataParallelTrainer(model, plan).train(plan.shard(batcher), STEPS)
+    write_first_step(out_dir, "tensorflow-devices-loop-0", model)
     write(out_dir, "tensorflow-devices-loop-0", {"losses": losses},
           local_memories(model))
 
@@ -303,8 +325,7 @@ def trainer_process(out_dir):
 
     plan, model, losses = distributed_run(clip=0.05)
     name = f"{keras.backend.backend()}-trainer-{plan.process_index}"
-    if keras.backend.backend() != "tensorflow":
-        write_first_step(out_dir, name, model)
+    write_first_step(out_dir, name, model)
     write(out_dir, name, {
         "process_count": plan.process_count,
         "uses_fit": plan.uses_fit,

@@ -6,8 +6,8 @@ trains `tests.distribution_worker.CONFIG` for a few steps with a global
 batch of 4 over 2 replicas; its step losses must match one device with
 batch 4 (relative error < 1e-5, float32), and each replica must hold the
 segment memory of its own rows, equal to those rows of the one-device
-memory. On JAX and PyTorch the first step is also compared tensor by
-tensor: from the same weights and the same global batch, every gradient
+memory. The first step is also compared tensor by tensor, on every
+backend: from the same weights and the same global batch, every gradient
 the optimizer applied and every updated weight equal one device's
 (relative error at most 1e-5 per tensor).
 """
@@ -343,7 +343,7 @@ def tensorflow_runs(tmp_path_factory):
     ]
     # The workers' reference, with gradient clipping on: the loop must
     # clip the global gradient.
-    reference = worker.reference_run(use_fit=False, clip=0.05)[:2]
+    reference = worker.reference_run(use_fit=False, clip=0.05)
     wait(processes)
     return out_dir, reference
 
@@ -362,24 +362,35 @@ def test_tensorflow_mirrored_fit_matches_one_device(tensorflow_runs):
         assert entry["shape"] == [2, 12, 16]
         assert [device[-5:] for device, _ in entry["shards"]] == ["CPU:0", "CPU:1"]
     check_rows(distributed, reference, 0)
+    check_first_step(
+        load_first_step(out_dir, "tensorflow-devices-0"),
+        load_first_step(out_dir, "tensorflow-devices-reference"),
+    )
 
 
 @only("tensorflow")
 def test_tensorflow_mirrored_loop_matches_one_device(tensorflow_runs):
-    out_dir, (reference, reference_memories) = tensorflow_runs
+    out_dir, (reference, reference_memories, reference_step) = tensorflow_runs
     result, memories = load(out_dir, "tensorflow-devices-loop-0")
     assert relative_error(result["losses"], reference) < TOLERANCE
     check_rows(memories, reference_memories, 0)
+    check_first_step(
+        load_first_step(out_dir, "tensorflow-devices-loop-0"), reference_step
+    )
 
 
 @only("tensorflow")
 def test_tensorflow_multi_worker_loop_matches_one_device(tensorflow_runs):
-    out_dir, (reference, reference_memories) = tensorflow_runs
+    out_dir, (reference, reference_memories, reference_step) = tensorflow_runs
     for index in range(2):
         result, memories = load(out_dir, f"tensorflow-trainer-{index}")
         assert result["process_count"] == 2 and not result["uses_fit"]
         assert relative_error(result["losses"], reference) < TOLERANCE
         check_rows(memories, reference_memories, 2 * index)
+        check_first_step(
+            load_first_step(out_dir, f"tensorflow-trainer-{index}"),
+            reference_step,
+        )
 
 
 # === PyTorch: DDP under torchrun ===
