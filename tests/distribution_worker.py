@@ -315,6 +315,8 @@ def tensorflow_devices(out_dir):
     write_first_step(out_dir, "tensorflow-devices-loop-0", model)
     write(out_dir, "tensorflow-devices-loop-0", {"losses": losses},
           local_memories(model))
+    # A checkpoint of the 2 replicas, for one device to resume.
+    checkpoint_run(pathlib.Path(out_dir) / "saved-mirrored", False, plan)
 
 
 def trainer_process(out_dir):
@@ -326,12 +328,86 @@ def trainer_process(out_dir):
     plan, model, losses = distributed_run(clip=0.05)
     name = f"{keras.backend.backend()}-trainer-{plan.process_index}"
     write_first_step(out_dir, name, model)
+    refusal = None
+    if keras.backend.backend() == "tensorflow":
+        from keras_allattn.training import save_training
+
+        try:
+            save_training(model, pathlib.Path(out_dir) / "refused", STEPS, plan=plan)
+        except ValueError as error:
+            refusal = str(error)
     write(out_dir, name, {
         "process_count": plan.process_count,
         "uses_fit": plan.uses_fit,
         "losses": losses,
         "sharding": sharding_summary(model),
+        "checkpoint_refusal": refusal,
     }, local_memories(model))
+
+
+SAVED_STEPS = 2  # checkpoints: steps before the save, as many after it
+
+
+def train_steps(model, plan, batcher, steps, start_step=0):
+    """Step losses of `steps` steps from `start_step`: `fit` where the plan
+    (or, without one, the backend's one-device run) uses it, else the
+    loop."""
+    import keras
+
+    from keras_allattn.data import ResetMemoryOnRestart
+    from keras_allattn.distribution import DataParallelTrainer
+
+    uses_fit = plan.uses_fit if plan else keras.backend.backend() != "torch"
+    if not uses_fit:
+        return DataParallelTrainer(model, plan).train(batcher, steps, start_step)
+    losses = step_losses_callback()
+    dataset = batcher.as_dataset(start_step)
+    model.fit(
+        dataset, steps_per_epoch=steps, shuffle=False, verbose=0,
+        callbacks=[losses, ResetMemoryOnRestart(dataset)],
+    )
+    return losses.losses
+
+
+def checkpoint_run(directory, resume, plan=None):
+    """Saves after `SAVED_STEPS` steps (`resume` False), or resumes the
+    checkpoint in `directory` and trains `SAVED_STEPS` more: `(step losses,
+    this process's memory rows)`; one process without a plan."""
+    from keras_allattn.data import StreamBatcher
+    from keras_allattn.distribution import local_memories
+    from keras_allattn.training import restore_training
+    from keras_allattn.training import save_training
+
+    model = make_model(plan.model_config(CONFIG) if plan else CONFIG)
+    batcher = StreamBatcher(tokens(), CONFIG["batch_size"], CONFIG["block_size"], seed=0)
+    if plan:
+        plan.check_model(model)
+        batcher = plan.shard(batcher)
+    if resume:
+        start = restore_training(model, directory, batcher, plan=plan)
+        losses = train_steps(model, plan, batcher, SAVED_STEPS, start)
+    else:
+        losses = train_steps(model, plan, batcher, SAVED_STEPS)
+        save_training(model, directory, SAVED_STEPS, batcher, plan=plan)
+    return losses, local_memories(model)
+
+
+def checkpoint_process(out_dir, action):
+    """One of 2 processes: saves into `OUT_DIR/saved-2` (`save`) or
+    resumes `OUT_DIR/saved-1` (`resume`)."""
+    import keras
+
+    from keras_allattn.distribution import plan_data_parallel
+
+    plan = plan_data_parallel(CONFIG)
+    plan.activate()
+    resume = action == "resume"
+    directory = pathlib.Path(out_dir) / ("saved-1" if resume else "saved-2")
+    losses, memories = checkpoint_run(directory, resume, plan)
+    write(out_dir, f"{keras.backend.backend()}-{action}-{plan.process_index}", {
+        "process_count": plan.process_count,
+        "losses": losses,
+    }, memories)
 
 
 def jax_sharded_kernel(out_dir):
@@ -387,8 +463,9 @@ MODES = {
     "jax-process": jax_process,
     "tensorflow-devices": tensorflow_devices,
     "trainer": trainer_process,
+    "checkpoint": checkpoint_process,
 }
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    MODES[sys.argv[1]](sys.argv[2])
+    MODES[sys.argv[1]](*sys.argv[2:])

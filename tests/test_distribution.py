@@ -391,6 +391,26 @@ def test_tensorflow_multi_worker_loop_matches_one_device(tensorflow_runs):
             load_first_step(out_dir, f"tensorflow-trainer-{index}"),
             reference_step,
         )
+        # Its checkpoint would miss the other worker's memory: refused.
+        assert "multi-worker run are not supported" in result["checkpoint_refusal"]
+        assert "process_count=2" in result["checkpoint_refusal"]
+    assert not (out_dir / "refused").exists()
+
+
+@only("tensorflow")
+def test_tensorflow_mirrored_checkpoint_resumes_on_one_device(tensorflow_runs):
+    """Saved by 2 replicas (one copy of 2 rows each), resumed by one device
+    with all 4 rows: it continues as one uninterrupted device."""
+    out_dir, _ = tensorflow_runs
+    steps = worker.SAVED_STEPS
+    model = worker.make_model(worker.CONFIG)
+    batcher = StreamBatcher(worker.tokens(), 4, worker.CONFIG["block_size"], seed=0)
+    reference = worker.train_steps(model, None, batcher, 2 * steps)
+    losses, memories = worker.checkpoint_run(
+        out_dir / "saved-mirrored", resume=True
+    )
+    assert relative_error(losses, reference[steps:]) < TOLERANCE
+    check_rows(memories, model.get_memory(), 0)
 
 
 # === PyTorch: DDP under torchrun ===
@@ -433,4 +453,75 @@ def test_torch_ddp_matches_one_process(tmp_path):
         check_rows(memories, reference_memories, 2 * index)
         check_first_step(
             load_first_step(tmp_path, f"torch-trainer-{index}"), reference_step
+        )
+
+
+# === Checkpoints across process counts: JAX, PyTorch ===
+
+
+def start_pair(action, out_dir):
+    """The 2 processes of `checkpoint ACTION`, started as users start them."""
+    command = ["-m", "tests.distribution_worker", "checkpoint", str(out_dir), action]
+    if keras.backend.backend() == "torch":
+        return [start([
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+            "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"localhost:{free_port()}", *command,
+        ])]
+    address = f"localhost:{free_port()}"
+    return [
+        start([sys.executable, *command],
+              XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + CPU_COMPILE_FLAGS,
+              KERAS_DISTRIBUTION_JOB_ADDRESSES=address,
+              KERAS_DISTRIBUTION_NUM_PROCESSES="2",
+              KERAS_DISTRIBUTION_PROCESS_ID=str(index))
+        for index in range(2)
+    ]
+
+
+def saved_memories(directory):
+    (path,) = [p for p in directory.iterdir() if p.name.startswith("step_")]
+    with np.load(path / "memory.npz") as arrays:
+        return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "tensorflow",
+    reason="JAX and PyTorch (a TensorFlow multi-worker run refuses to save)",
+)
+def test_checkpoint_resumes_on_another_process_count(tmp_path):
+    """2 processes save, 1 resumes; 1 saves, 2 resume: every stream row
+    continues from its own memory, as in one uninterrupted process."""
+    from keras_allattn.training import restore_training
+
+    steps = worker.SAVED_STEPS
+    saving = start_pair("save", tmp_path)
+    model = worker.make_model(worker.CONFIG)
+    batcher = StreamBatcher(worker.tokens(), 4, worker.CONFIG["block_size"], seed=0)
+    reference = worker.train_steps(model, None, batcher, 2 * steps)
+    reference_memories = [np.asarray(m) for m in model.get_memory()]
+    worker.checkpoint_run(tmp_path / "saved-1", resume=False)
+    wait(saving)
+    # The 2 processes' checkpoint holds the rows of both, in global order.
+    for memory, expected in zip(saved_memories(tmp_path / "saved-2"),
+                                saved_memories(tmp_path / "saved-1")):
+        assert memory.shape == (4, 12, 16)
+        assert relative_error(memory, expected) < TOLERANCE
+    resuming = start_pair("resume", tmp_path)
+    losses, memories = worker.checkpoint_run(tmp_path / "saved-2", resume=True)
+    wait(resuming)
+    assert relative_error(losses, reference[steps:]) < TOLERANCE
+    check_rows(memories, reference_memories, 0)
+    for index in range(2):
+        result, memories = load(tmp_path, f"{keras.backend.backend()}-resume-{index}")
+        assert result["process_count"] == 2
+        assert relative_error(result["losses"], reference[steps:]) < TOLERANCE
+        check_rows(memories, reference_memories, 2 * index)
+    # Another global batch cannot continue the streams: refused, naming both.
+    with pytest.raises(ValueError, match=(
+        r"memory of 4 streams \(a global batch of 4, written by 2 process\(es\)\); "
+        r"this run's global batch is 2, on 1 process\(es\)"
+    )):
+        restore_training(
+            worker.make_model(dict(worker.CONFIG, batch_size=2)), tmp_path / "saved-2"
         )
