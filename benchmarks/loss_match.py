@@ -373,8 +373,8 @@ def main():
         losses, _, n, config = run(args, tokens, args.implementation,
                                    weights=initial)
         if process_index() == 0:
-            report(args, ["1 device", f"{n} devices"], [reference, losses],
-                   config, nudged)
+            report(args, ["1 device", f"{n} devices ({process_count()} processes)"],
+                   [reference, losses], config, nudged)
     elif backend == "jax":
         pool = keras.distribution.list_devices()
         if len(pool) < args.devices:
@@ -399,6 +399,15 @@ def process_index():
 
         return jax.process_index()
     return int(os.environ.get("RANK", "0"))
+
+
+def process_count():
+    """The processes of a multi-process run (1 otherwise)."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.process_count()
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def load_reference(args):
