@@ -181,6 +181,24 @@ def test_replica_batch_size_must_divide():
         replica_batch_size(6, 4)
 
 
+def test_loss_match_verdict_is_twice_the_nudge_spread():
+    """`loss_match`'s equivalence verdict: the N-device curve's largest
+    relative difference from one device at most twice the one-ulp nudged
+    run's."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import loss_match
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    reference = [4.0, 3.0, 2.0]
+    nudged = [4.0, 3.0 * (1 + 1e-3), 2.0]
+    within = loss_match.verdict(reference, [4.0, 3.0, 2.0 * (1 - 1.9e-3)], nudged)
+    assert within["within_twice_nudge"]
+    assert within["nudge_max_rel_diff"] == pytest.approx(1e-3)
+    beyond = loss_match.verdict(reference, [4.0 * (1 + 2.1e-3), 3.0, 2.0], nudged)
+    assert not beyond["within_twice_nudge"]
+
+
 # === JAX: keras.distribution, memory sharded on "batch" ===
 
 
@@ -218,19 +236,31 @@ def jax_runs(tmp_path_factory):
         start([sys.executable, "examples/train_enwik8.py", "--data", str(text),
                "--preset", "char_tiny_cpu", "--batch-size", "4",
                "--block-size", "8", "--max-span", "16", "--steps", "2",
-               "--eval-every", "2", "--distribute"], XLA_FLAGS=fast,
+               "--eval-every", "2", "--distribute",
+               "--output", str(out_dir / "command")], XLA_FLAGS=fast,
+              KERAS_DISTRIBUTION_JOB_ADDRESSES=address,
+              KERAS_DISTRIBUTION_NUM_PROCESSES="2",
+              KERAS_DISTRIBUTION_PROCESS_ID=str(index))
+        for index in range(2)
+    ]
+    # The scaling benchmark's multi-process row: one process per device.
+    address = f"localhost:{free_port()}"
+    processes += [
+        start([sys.executable, "benchmarks/scaling.py", "--preset",
+               "char_tiny_cpu", "--span", "fixed:64", "--dtype", "float32",
+               "--steps", "2", "--warmup-steps", "1"], XLA_FLAGS=fast,
               KERAS_DISTRIBUTION_JOB_ADDRESSES=address,
               KERAS_DISTRIBUTION_NUM_PROCESSES="2",
               KERAS_DISTRIBUTION_PROCESS_ID=str(index))
         for index in range(2)
     ]
     outputs = wait(processes)
-    return out_dir, outputs[2], outputs[5:]
+    return out_dir, outputs[2], outputs[5:7], outputs[7:]
 
 
 @only("jax")
 def test_jax_two_devices_match_one_device(jax_runs):
-    out_dir, _, _ = jax_runs
+    out_dir, _, _, _ = jax_runs
     result, memories = load(out_dir, "jax-devices-0")
     layers = worker.CONFIG["num_layers"]
     reference, distributed = memories[:layers], memories[layers:]
@@ -259,7 +289,7 @@ def test_jax_fused_kernel_runs_per_batch_shard(jax_runs):
     device's rows; its value and all gradients (the replicated position
     keys, persistent vectors and span ratios summed over the devices)
     equal the kernel's on the whole batch."""
-    out_dir, _, _ = jax_runs
+    out_dir, _, _, _ = jax_runs
     result, _ = load(out_dir, "jax-sharded-kernel-0")
     assert result["devices"] == 2 and result["wrapped"]
     assert len(result["errors"]) == 8
@@ -268,7 +298,7 @@ def test_jax_fused_kernel_runs_per_batch_shard(jax_runs):
 
 @only("jax")
 def test_jax_model_parallel_matches_one_device(jax_runs):
-    out_dir, _, _ = jax_runs
+    out_dir, _, _, _ = jax_runs
     reference, memories = load(out_dir, "jax-devices-0")
     result, distributed = load(out_dir, "jax-model-parallel-0")
     assert relative_error(result["losses"], reference["reference"]) < TOLERANCE
@@ -285,7 +315,7 @@ def test_jax_model_parallel_matches_one_device(jax_runs):
 
 @only("jax")
 def test_jax_two_processes_match_one_device(jax_runs):
-    out_dir, _, _ = jax_runs
+    out_dir, _, _, _ = jax_runs
     reference, memories = load(out_dir, "jax-devices-0")
     reference_memories = memories[: worker.CONFIG["num_layers"]]
     reference_step = load_first_step(out_dir, "jax-devices-reference")
@@ -306,19 +336,42 @@ def test_jax_two_processes_match_one_device(jax_runs):
 def test_jax_two_process_command(jax_runs):
     """`--distribute` under `KERAS_DISTRIBUTION_*`: each process trains its
     rows of the global batch; the first prints the result."""
-    _, _, outputs = jax_runs
+    out_dir, _, outputs, _ = jax_runs
     first, second = [output.strip().splitlines() for output in outputs]
     assert any("processes=2" in line for line in first + second)
     result = json.loads(first[-1])
     assert (result["devices"], result["global_batch_size"]) == (2, 4)
     assert result["steps"] == 2
     assert not second[-1].startswith("{")
+    # --output: the first process writes the model and a checkpoint of the
+    # memory of all 4 rows.
+    output = out_dir / "command"
+    assert (output / "model.keras").is_file()
+    (checkpoint,) = (output / "checkpoints").iterdir()
+    assert checkpoint.name == "step_000000002"
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    assert (state["process_count"], state["batcher"]["batch_size"]) == (2, 4)
+    with np.load(checkpoint / "memory.npz") as memories:
+        assert memories["arr_0"].shape == (4, 16, 64)
+
+
+@only("jax")
+def test_jax_scaling_two_processes(jax_runs):
+    """The scaling benchmark with one process per device (the first
+    prints): 2 devices of 2 processes."""
+    _, _, _, outputs = jax_runs
+    first, second = [output.strip().splitlines() for output in outputs]
+    result = json.loads(first[-1])
+    assert (result["devices"], result["processes"]) == (2, 2)
+    assert result["tokens_per_s"] > 0
+    assert "vs_one_process" in result
+    assert not second[-1].startswith("{")
 
 
 @only("jax")
 def test_jax_eight_device_launch(jax_runs):
     """What a GPU run starts: the scaling benchmark over 8 devices."""
-    _, output, _ = jax_runs
+    _, output, _, _ = jax_runs
     result = json.loads(output.strip().splitlines()[-1])
     assert (result["devices"], result["global_batch_size"]) == (8, 8)
     assert result["tokens_per_s"] > 0
