@@ -578,3 +578,33 @@ def test_checkpoint_resumes_on_another_process_count(tmp_path):
         restore_training(
             worker.make_model(dict(worker.CONFIG, batch_size=2)), tmp_path / "saved-2"
         )
+
+
+@only("torch")
+def test_torch_two_rank_command_checkpoints(tmp_path):
+    """`--distribute --output` under torchrun: the loop checkpoints the
+    memory of both ranks' rows; rank 0 writes it and the model."""
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat and the dog sat on the log. " * 40)
+    output = tmp_path / "run"
+    (ranks,) = [start([
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+        "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+        f"localhost:{free_port()}", "examples/train_enwik8.py", "--data",
+        str(text), "--preset", "char_tiny_cpu", "--batch-size", "4",
+        "--block-size", "8", "--max-span", "16", "--steps", "3",
+        "--eval-every", "2", "--distribute", "--output", str(output),
+    ])]
+    (log,) = wait([ranks])
+    assert (output / "model.keras").is_file()
+    checkpoints = sorted(p.name for p in (output / "checkpoints").iterdir())
+    assert checkpoints == ["step_000000002", "step_000000003"]
+    state = json.loads(
+        (output / "checkpoints" / checkpoints[-1] / "training_state.json").read_text()
+    )
+    assert (state["process_count"], state["batcher"]["batch_size"]) == (2, 4)
+    assert state["optimizer_iterations"] == 3
+    with np.load(output / "checkpoints" / checkpoints[-1] / "memory.npz") as memories:
+        assert memories["arr_0"].shape == (4, 16, 64)
+        # Both ranks' rows: no row is left at zero.
+        assert np.all(np.abs(memories["arr_0"]).sum(axis=(1, 2)) > 0)
