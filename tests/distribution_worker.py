@@ -316,7 +316,10 @@ def tensorflow_devices(out_dir):
     write(out_dir, "tensorflow-devices-loop-0", {"losses": losses},
           local_memories(model))
     # A checkpoint of the 2 replicas, for one device to resume.
-    checkpoint_run(pathlib.Path(out_dir) / "saved-mirrored", False, plan)
+    directory = pathlib.Path(out_dir) / "saved-mirrored"
+    checkpoint_run(directory, False, plan)
+    write(out_dir, "tensorflow-checkpoint-0",
+          {"without_plan": refusal_without_plan(directory)}, [])
 
 
 def trainer_process(out_dir):
@@ -407,7 +410,20 @@ def checkpoint_process(out_dir, action):
     write(out_dir, f"{keras.backend.backend()}-{action}-{plan.process_index}", {
         "process_count": plan.process_count,
         "losses": losses,
+        "without_plan": refusal_without_plan(directory),
     }, memories)
+
+
+def refusal_without_plan(directory):
+    """The error of `restore_training` without the plan in a data-parallel
+    run (None if it does not refuse)."""
+    from keras_allattn.training import restore_training
+
+    try:
+        restore_training(make_model(CONFIG), directory)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def jax_sharded_kernel(out_dir):

@@ -464,6 +464,9 @@ def test_tensorflow_mirrored_checkpoint_resumes_on_one_device(tensorflow_runs):
     )
     assert relative_error(losses, reference[steps:]) < TOLERANCE
     check_rows(memories, model.get_memory(), 0)
+    # Without the plan, under the strategy, it would read one replica's copy.
+    result, _ = load(out_dir, "tensorflow-checkpoint-0")
+    assert "plan=None with 1 process(es), 2 replica(s)" in result["without_plan"]
 
 
 # === PyTorch: DDP under torchrun ===
@@ -570,6 +573,11 @@ def test_checkpoint_resumes_on_another_process_count(tmp_path):
         assert result["process_count"] == 2
         assert relative_error(result["losses"], reference[steps:]) < TOLERANCE
         check_rows(memories, reference_memories, 2 * index)
+        # Without the plan a process would take rows that are not its own.
+        assert "`restore_training` in a data-parallel run needs `plan=`" in (
+            result["without_plan"]
+        )
+        assert "plan=None with 2 process(es)" in result["without_plan"]
     # Another global batch cannot continue the streams: refused, naming both.
     with pytest.raises(ValueError, match=(
         r"memory of 4 streams \(a global batch of 4, written by 2 process\(es\)\); "

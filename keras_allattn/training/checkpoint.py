@@ -83,6 +83,44 @@ def _checkpoint_name(step):
     return f"step_{step:09d}"
 
 
+def _data_parallel_replicas():
+    """`(processes, replicas of this process)` of a running data-parallel
+    set-up: torch ranks, JAX processes, a `tf.distribute` strategy's
+    replicas ((1, 1) without one)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.process_count(), 1
+    if backend == "torch":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), 1
+        return 1, 1
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        strategy = tf.distribute.get_strategy()
+        return 1, strategy.num_replicas_in_sync
+    return 1, 1
+
+
+def _check_plan_given(plan, function):
+    """Raises ValueError for a data-parallel run without its plan: each
+    process (or replica copy) would read or write only its own rows."""
+    if plan is not None:
+        return
+    processes, replicas = _data_parallel_replicas()
+    if processes > 1 or replicas > 1:
+        raise ValueError(
+            f"`{function}` in a data-parallel run needs `plan=` (the "
+            "DataParallelPlan), or the segment memory would hold the rows "
+            f"of one replica only. Received: plan=None with {processes} "
+            f"process(es), {replicas} replica(s) in this process"
+        )
+
+
 def save_on_first_process(plan, save, path):
     """`save(path)` on the first process of `plan` (or without one); the
     other processes save to a scratch file that is then deleted.
@@ -165,6 +203,7 @@ def save_training(model, directory, step, batcher=None, keep=2, plan=None):
             "The model must be compiled (with its optimizer) before saving a "
             "training checkpoint. Received: model.optimizer=None"
         )
+    _check_plan_given(plan, "save_training")
     sync_jax_state(model)
     batcher_state = None if batcher is None else _batcher_state(batcher, plan)
     memories = None
@@ -257,6 +296,7 @@ def restore_training(model, directory, batcher=None, plan=None):
             f"No training checkpoint in {directory} (expected folders named "
             f"step_NNNNNNNNN holding {STATE_FILE})."
         )
+    _check_plan_given(plan, "restore_training")
     with open(os.path.join(path, STATE_FILE)) as f:
         state = json.load(f)
     if state.get("format") != FORMAT_VERSION:
