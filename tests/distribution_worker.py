@@ -8,11 +8,14 @@ where the memory lives) and `.npz` (this process's memory rows). The
 single-device reference comes from `reference_run` (in the same process
 where the devices allow it, else in the test's own process).
 
-The optimizer also keeps the first step
-(`FirstStepRecorder`): the gradient it applied to every trainable variable
-and the variable's value after the update, written to
-`MODE-PROCESS-step1.npz` keyed by variable path, to compare with one
-device tensor by tensor.
+The optimizer also keeps the first step (`FirstStepRecorder`): the
+gradient it applied to every trainable variable and the variable's value
+after the update, written to `MODE-PROCESS-step1.npz` keyed by variable
+path, to compare with one device tensor by tensor.
+
+`checkpoint save|resume` is one of 2 processes that save a checkpoint
+after `SAVED_STEPS` steps, or resume one saved by a single process and
+train as many more (`checkpoint_run`).
 """
 
 import json
