@@ -616,3 +616,26 @@ def test_torch_two_rank_command_checkpoints(tmp_path):
         assert memories["arr_0"].shape == (4, 16, 64)
         # Both ranks' rows: no row is left at zero.
         assert np.all(np.abs(memories["arr_0"]).sum(axis=(1, 2)) > 0)
+
+
+@only("tensorflow")
+def test_tensorflow_multi_worker_restore_refuses_before_restoring(tmp_path):
+    """A checkpoint cannot give each TensorFlow worker its rows: refused
+    before any weight is loaded."""
+    from keras_allattn.distribution import DataParallelPlan
+    from keras_allattn.training import restore_training
+    from keras_allattn.training import save_training
+
+    saved = worker.make_model(worker.CONFIG)
+    batcher = StreamBatcher(worker.tokens(), 4, worker.CONFIG["block_size"], seed=0)
+    worker.train_steps(saved, None, batcher, 1)
+    save_training(saved, tmp_path, 1)
+    plan = DataParallelPlan("tensorflow", global_batch_size=4, num_replicas=2,
+                            process_index=0, process_count=2,
+                            model_batch_size=2, uses_fit=False)
+    model = worker.make_model(dict(worker.CONFIG, batch_size=2))
+    before = [np.array(w) for w in model.get_weights()]
+    with pytest.raises(ValueError, match="multi-worker run are not supported"):
+        restore_training(model, tmp_path, plan=plan)
+    for weight, kept in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(weight, kept)

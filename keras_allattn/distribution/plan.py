@@ -21,8 +21,8 @@ from keras_allattn.distribution.common import model_geometry
 from keras_allattn.utils import check_positive
 
 # Each engine module has `plan_fields`, `activate`, `memory_placement`,
-# `local_rows`, `global_memories`, `set_global_memories` and
-# `use_virtual_cpu_devices`; TensorFlow and PyTorch also a
+# `local_rows`, `check_checkpoints`, `global_memories`,
+# `set_global_memories` and `use_virtual_cpu_devices`; TensorFlow and PyTorch also a
 # `TrainStep` for `DataParallelTrainer`.
 ENGINES = {
     "jax": jax_engine,
@@ -198,6 +198,12 @@ class DataParallelPlan:
         if self.backend == "tensorflow":
             return self.global_batch_size
         return self.global_batch_size // self.process_count
+
+    def check_checkpoints(self):
+        """Raises ValueError where checkpoints cannot hold every row (a
+        TensorFlow multi-worker run: each worker holds its replicas'
+        memory only)."""
+        ENGINES[self.backend].check_checkpoints(self)
 
     def global_memories(self, model):
         """Every layer's segment memory with the rows of all replicas.

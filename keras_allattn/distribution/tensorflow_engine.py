@@ -86,7 +86,8 @@ def local_rows(variable):
     return np.concatenate([component.numpy() for component in value.values])
 
 
-def _one_worker(plan):
+def check_checkpoints(plan):
+    """Refuses checkpoints of a multi-worker run."""
     if plan.process_count > 1:
         raise ValueError(
             "Checkpoints of a TensorFlow multi-worker run are not supported: "
@@ -100,13 +101,13 @@ def _one_worker(plan):
 def global_memories(model, plan):
     """Every layer's memory: the copies of all replicas stacked in replica
     order (one worker only)."""
-    _one_worker(plan)
+    check_checkpoints(plan)
     return [local_rows(layer.memory) for layer in model.segment_memories]
 
 
 def set_global_memories(model, plan, memories):
     """Gives each replica's copy its rows (one worker only)."""
-    _one_worker(plan)
+    check_checkpoints(plan)
     for layer, memory in zip(model.segment_memories, memories):
         value = layer.memory.value
         copies = getattr(value, "values", None)

@@ -204,6 +204,8 @@ def save_training(model, directory, step, batcher=None, keep=2, plan=None):
             "training checkpoint. Received: model.optimizer=None"
         )
     _check_plan_given(plan, "save_training")
+    if plan is not None:
+        plan.check_checkpoints()
     sync_jax_state(model)
     batcher_state = None if batcher is None else _batcher_state(batcher, plan)
     memories = None
@@ -286,6 +288,9 @@ def restore_training(model, directory, batcher=None, plan=None):
     >>> step = restore_training(model, "run/checkpoints", batcher)  # doctest: +SKIP
     >>> dataset = batcher.as_dataset(start_step=step)  # doctest: +SKIP
     """
+    _check_plan_given(plan, "restore_training")
+    if plan is not None:
+        plan.check_checkpoints()  # before anything is restored
     directory = os.fspath(directory)
     if os.path.isfile(os.path.join(directory, STATE_FILE)):
         path = directory
@@ -296,7 +301,6 @@ def restore_training(model, directory, batcher=None, plan=None):
             f"No training checkpoint in {directory} (expected folders named "
             f"step_NNNNNNNNN holding {STATE_FILE})."
         )
-    _check_plan_given(plan, "restore_training")
     with open(os.path.join(path, STATE_FILE)) as f:
         state = json.load(f)
     if state.get("format") != FORMAT_VERSION:
