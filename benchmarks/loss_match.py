@@ -16,18 +16,35 @@ difference of the step losses, the first and last losses of each run.
 
 - `--compare devices`: one device with the global batch against N devices
   data parallel with the same global batch (the segment memory sharded with
-  the rows). JAX: both in one process (`--devices N`). PyTorch: first the
-  one-device run, which saves its initial weights and losses, then the
-  torchrun launch, which loads them and compares:
+  the rows), with the verdict of the equivalence criterion (below). JAX,
+  N devices of one process: all runs in one process (`--devices N`). N
+  processes (PyTorch DDP ranks, or JAX processes, one per device or host):
+  first the one-device runs, which save the initial weights and the losses,
+  then the N-process launch, which loads them and compares:
 
       KERAS_BACKEND=jax python benchmarks/loss_match.py --compare devices --devices 2
       KERAS_BACKEND=torch python benchmarks/loss_match.py --compare devices \\
           --save /tmp/one_gpu
       KERAS_BACKEND=torch torchrun --nproc_per_node 2 benchmarks/loss_match.py \\
           --compare devices --reference /tmp/one_gpu
+      # JAX, 2 processes (on one machine here; on two hosts, host0's address)
+      KERAS_BACKEND=jax python benchmarks/loss_match.py --compare devices \\
+          --save /tmp/one_gpu
+      for i in 0 1; do KERAS_BACKEND=jax KERAS_DISTRIBUTION_JOB_ADDRESSES=localhost:1234 \\
+          KERAS_DISTRIBUTION_NUM_PROCESSES=2 KERAS_DISTRIBUTION_PROCESS_ID=$i \\
+          CUDA_VISIBLE_DEVICES=$i python benchmarks/loss_match.py --compare devices \\
+          --reference /tmp/one_gpu & done; wait
 
-  (`--deterministic` goes on both PyTorch commands: the saved run records
-  its mode and the torchrun launch refuses a reference of the other mode.)
+  (`--deterministic` goes on both commands: the saved run records its mode
+  and the N-process launch refuses a reference of the other mode.)
+
+  The criterion: the same split of the arithmetic cannot be expected to
+  give the same loss curve, since training carries last-bit differences
+  forward and they grow. So the one-device run is also repeated from its
+  initial weights moved by one ulp (`--compare perturbed`, below), and the
+  N-device curve must stay within twice that spread: its largest relative
+  difference from the one-device losses over all steps at most twice the
+  nudged run's (JSON: `nudge_max_rel_diff`, `within_twice_nudge`).
 
 - `--compare repeat`: the same one-device run twice (`--implementation`
   as given): the floor below which the other comparisons cannot go where
@@ -174,14 +191,18 @@ def run(args, tokens, implementation, devices=None, weights=None):
     """(losses, initial weights, settings) of one training run."""
     config = dict(get_preset(args.preset)["model"], batch_size=args.batch_size)
     plan = None
-    if devices is not None or keras.backend.backend() == "torch":
+    if devices is not None or args.reference or keras.backend.backend() == "torch":
         plan = plan_data_parallel(config, devices=devices)
         plan.activate()
     batch = plan.model_batch_size if plan else args.batch_size
     model, config = build(args, implementation, batch, weights)
     if plan:
         plan.check_model(model)
-    initial = [keras.ops.convert_to_numpy(v) for v in model.trainable_weights]
+    # (Several JAX processes: every weight spans them; the N-process runs
+    # start from saved weights anyway.)
+    initial = None if plan and plan.process_count > 1 else [
+        keras.ops.convert_to_numpy(v) for v in model.trainable_weights
+    ]
     batcher = StreamBatcher(tokens, args.batch_size, config["block_size"], seed=args.seed)
     if plan:
         batcher = plan.shard(batcher)
@@ -211,7 +232,24 @@ def compare(a, b):
     return float(rel.max()), float(rel.mean()), leading
 
 
-def report(args, names, runs, config):
+def verdict(reference, losses, nudged):
+    """The equivalence criterion: the largest relative difference of
+    `losses` from `reference` over all steps is at most twice that of the
+    one-ulp nudged run, `nudged`."""
+    nudge_worst, nudge_mean, _ = compare(reference, nudged)
+    worst = compare(reference, losses)[0]
+    return {
+        "nudge_max_rel_diff": nudge_worst,
+        "nudge_mean_rel_diff": nudge_mean,
+        "criterion": "max rel. diff <= 2 x the one-ulp nudge's",
+        "within_twice_nudge": worst <= 2 * nudge_worst,
+    }
+
+
+def report(args, names, runs, config, nudged=None):
+    """Prints the JSON line (and plots, records); `nudged`: the losses of
+    the first run repeated from weights moved by one ulp, for the
+    verdict."""
     (name_a, losses_a), (name_b, losses_b) = zip(names, runs)
     worst, mean, leading = compare(losses_a, losses_b)
     result = {
@@ -226,6 +264,7 @@ def report(args, names, runs, config):
         "first_losses": [round(losses_a[0], 4), round(losses_b[0], 4)],
         "last_losses": [round(losses_a[-1], 4), round(losses_b[-1], 4)],
         "deterministic": args.deterministic,
+        **({} if nudged is None else verdict(losses_a, losses_b, nudged)),
         "settings": (
             f"preset {args.preset}, layers {config['num_layers']}, span "
             f"{args.span}, global batch {args.batch_size}, block "
@@ -243,7 +282,10 @@ def report(args, names, runs, config):
 
         fig, (ax, ax_rel) = plt.subplots(1, 2, figsize=(11, 4))
         steps = np.arange(1, len(losses_a) + 1)
-        for name, losses in ((name_a, losses_a), (name_b, losses_b)):
+        curves = [(name_a, losses_a), (name_b, losses_b)]
+        if nudged is not None:
+            curves.append((f"{name_a}, weights +-1 ulp", nudged))
+        for name, losses in curves:
             ax.plot(steps, losses, label=name)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (nats)")
@@ -251,7 +293,12 @@ def report(args, names, runs, config):
         ax.legend()
         a, b = np.asarray(losses_a, np.float64), np.asarray(losses_b, np.float64)
         # Steps with equal losses sit at the bottom of the log axis.
-        ax_rel.semilogy(steps, np.maximum(np.abs(a - b) / np.abs(a), 1e-9), ".-")
+        ax_rel.semilogy(steps, np.maximum(np.abs(a - b) / np.abs(a), 1e-9), ".-",
+                        label=f"{name_b} vs {name_a}")
+        if nudged is not None:
+            c = np.asarray(nudged, np.float64)
+            ax_rel.semilogy(steps, np.maximum(np.abs(c - a) / np.abs(a), 1e-9),
+                            ".-", label="+-1 ulp vs " + name_a)
         ax_rel.axhline(1e-3, color="gray", linestyle="--", label="1e-3")
         ax_rel.set_xlabel("step")
         ax_rel.set_ylabel("relative difference of the step losses")
@@ -260,6 +307,13 @@ def report(args, names, runs, config):
         fig.tight_layout()
         fig.savefig(args.plot, dpi=110)
     if args.record:
+        criterion = ""
+        if nudged is not None:
+            criterion = (
+                f"; one-ulp nudge max rel. diff {result['nudge_max_rel_diff']:.2e}: "
+                + ("within" if result["within_twice_nudge"] else "NOT within")
+                + " twice the nudge's spread"
+            )
         with open(RESULTS, "a") as f:
             f.write(
                 f"| {datetime.date.today()} | loss_match {result['compare']} | "
@@ -267,7 +321,7 @@ def report(args, names, runs, config):
                 f"losses over {args.steps} steps: max rel. diff {worst:.2e}, mean "
                 f"{mean:.2e}, first {leading} steps within 1e-3; last "
                 f"{result['last_losses'][0]} / "
-                f"{result['last_losses'][1]} | {result['settings']} |\n"
+                f"{result['last_losses'][1]}{criterion} | {result['settings']} |\n"
             )
 
 
@@ -297,48 +351,94 @@ def main():
         first, initial, _, config = run(args, tokens, "portable")
         second, _, _, _ = run(args, tokens, "fused", weights=initial)
         report(args, ["portable", "fused"], [first, second], config)
+    elif args.save is not None:
+        # One device: the reference and its one-ulp nudged repeat.
+        losses, initial, _, _ = run(args, tokens, args.implementation)
+        nudged, _, _, _ = run(args, tokens, args.implementation,
+                              weights=nudge(initial, args.seed))
+        os.makedirs(args.save, exist_ok=True)
+        np.savez(os.path.join(args.save, "weights.npz"), *initial)
+        with open(os.path.join(args.save, "losses.json"), "w") as f:
+            json.dump(losses, f)
+        with open(os.path.join(args.save, "nudged_losses.json"), "w") as f:
+            json.dump(nudged, f)
+        with open(os.path.join(args.save, "settings.json"), "w") as f:
+            json.dump({"deterministic": args.deterministic}, f)
+        print(json.dumps({"saved": args.save, "losses": losses[:3] + losses[-3:],
+                          "deterministic": args.deterministic}))
+    elif args.reference is not None:
+        initial, reference, nudged = load_reference(args)
+        # JAX: every device of every process (KERAS_DISTRIBUTION_* set, the
+        # plan initialises them); torch: the torchrun ranks.
+        losses, _, n, config = run(args, tokens, args.implementation,
+                                   weights=initial)
+        if process_index() == 0:
+            report(args, ["1 device", f"{n} devices ({process_count()} processes)"],
+                   [reference, losses], config, nudged)
     elif backend == "jax":
         pool = keras.distribution.list_devices()
         if len(pool) < args.devices:
             raise SystemExit(f"--devices {args.devices}: only {len(pool)} devices")
         first, initial, _, config = run(args, tokens, args.implementation, pool[:1])
+        nudged, _, _, _ = run(args, tokens, args.implementation, pool[:1],
+                              weights=nudge(initial, args.seed))
         second, _, n, _ = run(args, tokens, args.implementation,
                               pool[: args.devices], weights=initial)
-        report(args, ["1 device", f"{n} devices"], [first, second], config)
-    elif backend == "torch" and args.reference is None:
-        if args.save is None:
-            raise SystemExit("torch --compare devices: pass --save (one process) "
-                             "or --reference (under torchrun)")
-        losses, initial, _, _ = run(args, tokens, args.implementation)
-        os.makedirs(args.save, exist_ok=True)
-        np.savez(os.path.join(args.save, "weights.npz"), *initial)
-        with open(os.path.join(args.save, "losses.json"), "w") as f:
-            json.dump(losses, f)
-        with open(os.path.join(args.save, "settings.json"), "w") as f:
-            json.dump({"deterministic": args.deterministic}, f)
-        print(json.dumps({"saved": args.save, "losses": losses[:3] + losses[-3:],
-                          "deterministic": args.deterministic}))
-    elif backend == "torch":
-        with np.load(os.path.join(args.reference, "weights.npz")) as f:
-            initial = [f[f"arr_{i}"] for i in range(len(f.files))]
-        with open(os.path.join(args.reference, "losses.json")) as f:
-            reference = json.load(f)
-        saved = os.path.join(args.reference, "settings.json")
-        saved_mode = False  # folders saved before the flag existed
-        if os.path.exists(saved):
-            with open(saved) as f:
-                saved_mode = json.load(f)["deterministic"]
-        if saved_mode != args.deterministic:
-            raise SystemExit(
-                f"--reference {args.reference} was saved with deterministic="
-                f"{saved_mode}; this run has deterministic={args.deterministic}: "
-                "pass --deterministic to both runs or to neither"
-            )
-        losses, _, n, config = run(args, tokens, args.implementation, weights=initial)
-        if int(os.environ.get("RANK", "0")) == 0:
-            report(args, ["1 device", f"{n} devices"], [reference, losses], config)
+        report(args, ["1 device", f"{n} devices"], [first, second], config, nudged)
     else:
-        raise SystemExit("--compare devices runs on JAX or PyTorch")
+        raise SystemExit(
+            "--compare devices on PyTorch: pass --save (one process) or "
+            "--reference (under torchrun); TensorFlow is not compared here"
+        )
+
+
+def process_index():
+    """This process's index in a multi-process run (0 otherwise)."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.process_index()
+    return int(os.environ.get("RANK", "0"))
+
+
+def process_count():
+    """The processes of a multi-process run (1 otherwise)."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.process_count()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def load_reference(args):
+    """`(initial weights, losses, nudged losses)` of a `--save` folder,
+    checked for the same deterministic mode."""
+    with np.load(os.path.join(args.reference, "weights.npz")) as f:
+        initial = [f[f"arr_{i}"] for i in range(len(f.files))]
+    with open(os.path.join(args.reference, "losses.json")) as f:
+        reference = json.load(f)
+    nudged = None  # folders saved before the nudged run was added
+    path = os.path.join(args.reference, "nudged_losses.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            nudged = json.load(f)
+    saved = os.path.join(args.reference, "settings.json")
+    saved_mode = False  # folders saved before the flag existed
+    if os.path.exists(saved):
+        with open(saved) as f:
+            saved_mode = json.load(f)["deterministic"]
+    if saved_mode != args.deterministic:
+        raise SystemExit(
+            f"--reference {args.reference} was saved with deterministic="
+            f"{saved_mode}; this run has deterministic={args.deterministic}: "
+            "pass --deterministic to both runs or to neither"
+        )
+    if len(reference) != args.steps:
+        raise SystemExit(
+            f"--reference {args.reference} holds {len(reference)} steps; this "
+            f"run has --steps {args.steps}: pass the same --steps to both"
+        )
+    return initial, reference, nudged
 
 
 if __name__ == "__main__":

@@ -19,6 +19,23 @@ count to the scaling table of `benchmarks/RESULTS.md`.
     KERAS_BACKEND=jax python benchmarks/scaling.py --preset char_tiny_cpu \\
         --cpu-devices 8 --devices 1,8 --steps 2 --warmup-steps 1
 
+Multi-process rows: one process per GPU, as on several hosts, against one
+process driving the same GPUs (the row of `--devices 2` above). JAX: every
+process runs the same command with `KERAS_DISTRIBUTION_*` set
+(`jax.distributed.initialize` through `keras.distribution.initialize()`)
+and sees its own GPU; the run uses every device of every process. PyTorch
+DDP is one process per GPU anyway (`torchrun`), so its rows are the
+multi-process ones:
+
+    for i in 0 1; do KERAS_BACKEND=jax KERAS_DISTRIBUTION_JOB_ADDRESSES=localhost:1234 \\
+        KERAS_DISTRIBUTION_NUM_PROCESSES=2 KERAS_DISTRIBUTION_PROCESS_ID=$i \\
+        CUDA_VISIBLE_DEVICES=$i python benchmarks/scaling.py --record & done; wait
+
+The devices cell of such a row says how many processes ran ("2 (2
+processes)"); the JSON line adds `vs_one_process`, its tokens/s over the
+last recorded one-process row of as many devices, backend, card and
+settings.
+
 The model and optimizer are `benchmarks/throughput.py`'s (`--span`,
 `--dtype`, `--implementation`, `--remat` as there). JAX and TensorFlow
 train with `fit` (XLA on JAX; TensorFlow's `fit` runs without XLA under a
@@ -111,7 +128,12 @@ def measure(args, devices=None):
     for key, value in (("block_size", args.block_size), ("num_layers", args.layers)):
         if value is not None:
             config[key] = value
-    replicas = len(devices) if devices else int(os.environ.get("WORLD_SIZE", "1"))
+    if devices:
+        replicas = len(devices)
+    elif keras.backend.backend() == "jax":  # several processes, initialised
+        replicas = len(keras.distribution.list_devices())
+    else:
+        replicas = int(os.environ.get("WORLD_SIZE", "1"))
     config["batch_size"] = args.batch_per_device * replicas
     plan = plan_data_parallel(config, devices=devices)
     plan.activate()
@@ -162,16 +184,24 @@ def measure(args, devices=None):
     return result
 
 
-def recorded_baseline(result):
-    """tokens/s of the last recorded 1-device row with the same settings."""
+def recorded_baseline(result, devices=1):
+    """tokens/s of the last recorded one-process row of `devices` devices
+    with the same backend, card and settings (None without one)."""
     baseline = None
     for line in RESULTS.read_text().splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if len(cells) == 8 and cells[1] == "1" and cells[2:4] == [
+        if len(cells) == 8 and cells[1] == str(devices) and cells[2:4] == [
             result["backend"], result["device"]
         ] and cells[7] == result["settings"]:
             baseline = float(cells[4].replace(",", ""))
     return baseline
+
+
+def devices_cell(result):
+    """The devices cell: the count, and the processes where several ran."""
+    if result["processes"] == 1:
+        return str(result["devices"])
+    return f"{result['devices']} ({result['processes']} processes)"
 
 
 def record(result):
@@ -184,7 +214,7 @@ def record(result):
         at += 1
     efficiency = result["efficiency"]
     lines.insert(at, (
-        f"| {datetime.date.today()} | {result['devices']} | {result['backend']} "
+        f"| {datetime.date.today()} | {devices_cell(result)} | {result['backend']} "
         f"| {result['device']} | {result['tokens_per_s']:,} | "
         f"{'n/a' if efficiency is None else f'{efficiency:.1%}'} | "
         f"{throughput.commit()} | {result['settings']} |"
@@ -200,6 +230,10 @@ def main():
         args.batch_per_device = max(1, get_preset(args.preset)["model"]["batch_size"] // 8)
     if keras.backend.backend() == "torch":
         results = [measure(args)]
+    elif os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES"):
+        # JAX, several processes: all their devices, once.
+        keras.distribution.initialize()
+        results = [measure(args)]
     else:
         pool = device_pool()
         results = [measure(args, pool[:n]) for n in device_counts(args, len(pool))]
@@ -212,6 +246,12 @@ def main():
             None if baseline is None
             else round(result["tokens_per_s"] / (result["devices"] * baseline), 4)
         )
+        if result["processes"] > 1:
+            one_process = recorded_baseline(result, result["devices"])
+            result["vs_one_process"] = (
+                None if one_process is None
+                else round(result["tokens_per_s"] / one_process, 4)
+            )
         print(json.dumps(result), flush=True)
         if args.record:
             if result["device"] == "CPU":

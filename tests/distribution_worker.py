@@ -8,11 +8,14 @@ where the memory lives) and `.npz` (this process's memory rows). The
 single-device reference comes from `reference_run` (in the same process
 where the devices allow it, else in the test's own process).
 
-On JAX and PyTorch the optimizer also keeps the first step
-(`FirstStepRecorder`): the gradient it applied to every trainable variable
-and the variable's value after the update, written to
-`MODE-PROCESS-step1.npz` keyed by variable path, to compare with one
-device tensor by tensor.
+The optimizer also keeps the first step (`FirstStepRecorder`): the
+gradient it applied to every trainable variable and the variable's value
+after the update, written to `MODE-PROCESS-step1.npz` keyed by variable
+path, to compare with one device tensor by tensor.
+
+`checkpoint save|resume` is one of 2 processes that save a checkpoint
+after `SAVED_STEPS` steps, or resume one saved by a single process and
+train as many more (`checkpoint_run`).
 """
 
 import json
@@ -42,14 +45,36 @@ def first_step_recorder():
     replicas, clipped) and the variable's value right after that update.
     Later steps leave them alone, so they can be read after any number of
     steps (`first_step`), from `fit` under a distribution as from a loop.
+
+    `update_step` receives the Keras variable on JAX and PyTorch, but on
+    TensorFlow the `tf.Variable` it holds: under a `tf.distribute` strategy
+    one replica's copy at a time (the optimizer updates each copy in
+    `strategy.extended.update`), so the slots are found through every
+    local copy (`strategy.experimental_local_results`), and the slots'
+    own copies are written by the same per-replica update.
     """
     import keras
     from keras import ops
+
+    def local_copies(variable):
+        """The objects `update_step` may receive for `variable`."""
+        if keras.backend.backend() != "tensorflow":
+            return [variable]
+        import tensorflow as tf
+
+        strategy = tf.distribute.get_strategy()
+        return list(strategy.experimental_local_results(variable.value))
+
+    def key(variable):
+        if isinstance(variable, keras.Variable):
+            return id(variable)
+        return variable.ref()  # a `tf.Variable`: hashable by its reference
 
     class FirstStepRecorder(keras.optimizers.Adam):
         def build(self, variables):
             super().build(variables)
             self.first_gradients, self.first_values = {}, {}
+            self.recorded_paths = {}
             for variable in variables:
                 self.first_gradients[variable.path] = (
                     self.add_variable_from_reference(variable, "first_gradient")
@@ -57,14 +82,18 @@ def first_step_recorder():
                 self.first_values[variable.path] = (
                     self.add_variable_from_reference(variable, "first_value")
                 )
+                for copy in local_copies(variable):
+                    self.recorded_paths[key(copy)] = variable.path
 
         def update_step(self, gradient, variable, learning_rate):
+            path = self.recorded_paths[key(variable)]
             first = ops.equal(self.iterations, 0)
-            slot = self.first_gradients[variable.path]
+            slot = self.first_gradients[path]
             self.assign(slot, ops.where(first, gradient, slot.value))
             super().update_step(gradient, variable, learning_rate)
-            slot = self.first_values[variable.path]
-            self.assign(slot, ops.where(first, variable.value, slot.value))
+            slot = self.first_values[path]
+            value = variable.value if isinstance(variable, keras.Variable) else variable
+            self.assign(slot, ops.where(first, value, slot.value))
 
     return FirstStepRecorder
 
@@ -72,9 +101,7 @@ def first_step_recorder():
 def make_model(config, clip=None):
     """A compiled model with the same initial weights in every process.
 
-    On JAX and PyTorch its optimizer keeps the first step (see
-    `first_step_recorder`); TensorFlow's distributed update hands the
-    optimizer per-replica variables, so there it is a plain Adam.
+    Its optimizer keeps the first step (see `first_step_recorder`).
     """
     import keras
 
@@ -82,12 +109,8 @@ def make_model(config, clip=None):
 
     keras.utils.set_random_seed(0)
     model = AllAttentionLM(**config)
-    optimizer_class = (
-        keras.optimizers.Adam if keras.backend.backend() == "tensorflow"
-        else first_step_recorder()
-    )
     model.compile(
-        optimizer=optimizer_class(1e-2, global_clipnorm=clip),
+        optimizer=first_step_recorder()(1e-2, global_clipnorm=clip),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     return model
@@ -148,8 +171,7 @@ def fit_run(model, batcher):
 
 
 def reference_run(use_fit, clip=None):
-    """One device, global batch: `(step losses, memories, first step)`,
-    the first step (`first_step`) None on TensorFlow."""
+    """One device, global batch: `(step losses, memories, first step)`."""
     import keras
 
     from keras_allattn.data import StreamBatcher
@@ -162,8 +184,7 @@ def reference_run(use_fit, clip=None):
         losses = fit_run(model, batcher)
     else:
         losses = DataParallelTrainer(model).train(batcher, STEPS)
-    first = None if keras.backend.backend() == "tensorflow" else first_step(model)
-    return losses, local_memories(model), first
+    return losses, local_memories(model), first_step(model)
 
 
 def distributed_run(config=CONFIG, clip=None, **plan_args):
@@ -278,8 +299,11 @@ def tensorflow_devices(out_dir):
     from keras_allattn.distribution import DataParallelTrainer
 
     use_virtual_cpu_devices(2)
-    reference, reference_memories, _ = reference_run(use_fit=True)
+    reference, reference_memories, reference_step = reference_run(use_fit=True)
+    np.savez(pathlib.Path(out_dir) / "tensorflow-devices-reference-step1.npz",
+             **reference_step)
     plan, model, losses = distributed_run()
+    write_first_step(out_dir, "tensorflow-devices-0", model)
     write(out_dir, "tensorflow-devices-0", {
         "num_replicas": plan.num_replicas,
         "uses_fit": plan.uses_fit,
@@ -291,8 +315,14 @@ def tensorflow_devices(out_dir):
     model = make_model(plan.model_config(CONFIG), clip=0.05)
     batcher = StreamBatcher(tokens(), CONFIG["batch_size"], CONFIG["block_size"], seed=0)
     losses = DataParallelTrainer(model, plan).train(plan.shard(batcher), STEPS)
+    write_first_step(out_dir, "tensorflow-devices-loop-0", model)
     write(out_dir, "tensorflow-devices-loop-0", {"losses": losses},
           local_memories(model))
+    # A checkpoint of the 2 replicas, for one device to resume.
+    directory = pathlib.Path(out_dir) / "saved-mirrored"
+    checkpoint_run(directory, False, plan)
+    write(out_dir, "tensorflow-checkpoint-0",
+          {"without_plan": refusal_without_plan(directory)}, [])
 
 
 def trainer_process(out_dir):
@@ -303,14 +333,100 @@ def trainer_process(out_dir):
 
     plan, model, losses = distributed_run(clip=0.05)
     name = f"{keras.backend.backend()}-trainer-{plan.process_index}"
-    if keras.backend.backend() != "tensorflow":
-        write_first_step(out_dir, name, model)
+    write_first_step(out_dir, name, model)
+    refusal = None
+    if keras.backend.backend() == "tensorflow":
+        from keras_allattn.training import save_training
+
+        try:
+            save_training(model, pathlib.Path(out_dir) / "refused", STEPS, plan=plan)
+        except ValueError as error:
+            refusal = str(error)
     write(out_dir, name, {
         "process_count": plan.process_count,
         "uses_fit": plan.uses_fit,
         "losses": losses,
         "sharding": sharding_summary(model),
+        "checkpoint_refusal": refusal,
     }, local_memories(model))
+
+
+SAVED_STEPS = 2  # checkpoints: steps before the save, as many after it
+
+
+def train_steps(model, plan, batcher, steps, start_step=0):
+    """Step losses of `steps` steps from `start_step`: `fit` where the plan
+    (or, without one, the backend's one-device run) uses it, else the
+    loop."""
+    import keras
+
+    from keras_allattn.data import ResetMemoryOnRestart
+    from keras_allattn.distribution import DataParallelTrainer
+
+    uses_fit = plan.uses_fit if plan else keras.backend.backend() != "torch"
+    if not uses_fit:
+        return DataParallelTrainer(model, plan).train(batcher, steps, start_step)
+    losses = step_losses_callback()
+    dataset = batcher.as_dataset(start_step)
+    model.fit(
+        dataset, steps_per_epoch=steps, shuffle=False, verbose=0,
+        callbacks=[losses, ResetMemoryOnRestart(dataset)],
+    )
+    return losses.losses
+
+
+def checkpoint_run(directory, resume, plan=None):
+    """Saves after `SAVED_STEPS` steps (`resume` False), or resumes the
+    checkpoint in `directory` and trains `SAVED_STEPS` more: `(step losses,
+    this process's memory rows)`; one process without a plan."""
+    from keras_allattn.data import StreamBatcher
+    from keras_allattn.distribution import local_memories
+    from keras_allattn.training import restore_training
+    from keras_allattn.training import save_training
+
+    model = make_model(plan.model_config(CONFIG) if plan else CONFIG)
+    batcher = StreamBatcher(tokens(), CONFIG["batch_size"], CONFIG["block_size"], seed=0)
+    if plan:
+        plan.check_model(model)
+        batcher = plan.shard(batcher)
+    if resume:
+        start = restore_training(model, directory, batcher, plan=plan)
+        losses = train_steps(model, plan, batcher, SAVED_STEPS, start)
+    else:
+        losses = train_steps(model, plan, batcher, SAVED_STEPS)
+        save_training(model, directory, SAVED_STEPS, batcher, plan=plan)
+    return losses, local_memories(model)
+
+
+def checkpoint_process(out_dir, action):
+    """One of 2 processes: saves into `OUT_DIR/saved-2` (`save`) or
+    resumes `OUT_DIR/saved-1` (`resume`)."""
+    import keras
+
+    from keras_allattn.distribution import plan_data_parallel
+
+    plan = plan_data_parallel(CONFIG)
+    plan.activate()
+    resume = action == "resume"
+    directory = pathlib.Path(out_dir) / ("saved-1" if resume else "saved-2")
+    losses, memories = checkpoint_run(directory, resume, plan)
+    write(out_dir, f"{keras.backend.backend()}-{action}-{plan.process_index}", {
+        "process_count": plan.process_count,
+        "losses": losses,
+        "without_plan": refusal_without_plan(directory),
+    }, memories)
+
+
+def refusal_without_plan(directory):
+    """The error of `restore_training` without the plan in a data-parallel
+    run (None if it does not refuse)."""
+    from keras_allattn.training import restore_training
+
+    try:
+        restore_training(make_model(CONFIG), directory)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def jax_sharded_kernel(out_dir):
@@ -366,8 +482,9 @@ MODES = {
     "jax-process": jax_process,
     "tensorflow-devices": tensorflow_devices,
     "trainer": trainer_process,
+    "checkpoint": checkpoint_process,
 }
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    MODES[sys.argv[1]](sys.argv[2])
+    MODES[sys.argv[1]](*sys.argv[2:])

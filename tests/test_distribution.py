@@ -6,8 +6,8 @@ trains `tests.distribution_worker.CONFIG` for a few steps with a global
 batch of 4 over 2 replicas; its step losses must match one device with
 batch 4 (relative error < 1e-5, float32), and each replica must hold the
 segment memory of its own rows, equal to those rows of the one-device
-memory. On JAX and PyTorch the first step is also compared tensor by
-tensor: from the same weights and the same global batch, every gradient
+memory. The first step is also compared tensor by tensor, on every
+backend: from the same weights and the same global batch, every gradient
 the optimizer applied and every updated weight equal one device's
 (relative error at most 1e-5 per tensor).
 """
@@ -181,6 +181,24 @@ def test_replica_batch_size_must_divide():
         replica_batch_size(6, 4)
 
 
+def test_loss_match_verdict_is_twice_the_nudge_spread():
+    """`loss_match`'s equivalence verdict: the N-device curve's largest
+    relative difference from one device at most twice the one-ulp nudged
+    run's."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import loss_match
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    reference = [4.0, 3.0, 2.0]
+    nudged = [4.0, 3.0 * (1 + 1e-3), 2.0]
+    within = loss_match.verdict(reference, [4.0, 3.0, 2.0 * (1 - 1.9e-3)], nudged)
+    assert within["within_twice_nudge"]
+    assert within["nudge_max_rel_diff"] == pytest.approx(1e-3)
+    beyond = loss_match.verdict(reference, [4.0 * (1 + 2.1e-3), 3.0, 2.0], nudged)
+    assert not beyond["within_twice_nudge"]
+
+
 # === JAX: keras.distribution, memory sharded on "batch" ===
 
 
@@ -218,19 +236,31 @@ def jax_runs(tmp_path_factory):
         start([sys.executable, "examples/train_enwik8.py", "--data", str(text),
                "--preset", "char_tiny_cpu", "--batch-size", "4",
                "--block-size", "8", "--max-span", "16", "--steps", "2",
-               "--eval-every", "2", "--distribute"], XLA_FLAGS=fast,
+               "--eval-every", "2", "--distribute",
+               "--output", str(out_dir / "command")], XLA_FLAGS=fast,
+              KERAS_DISTRIBUTION_JOB_ADDRESSES=address,
+              KERAS_DISTRIBUTION_NUM_PROCESSES="2",
+              KERAS_DISTRIBUTION_PROCESS_ID=str(index))
+        for index in range(2)
+    ]
+    # The scaling benchmark's multi-process row: one process per device.
+    address = f"localhost:{free_port()}"
+    processes += [
+        start([sys.executable, "benchmarks/scaling.py", "--preset",
+               "char_tiny_cpu", "--span", "fixed:64", "--dtype", "float32",
+               "--steps", "2", "--warmup-steps", "1"], XLA_FLAGS=fast,
               KERAS_DISTRIBUTION_JOB_ADDRESSES=address,
               KERAS_DISTRIBUTION_NUM_PROCESSES="2",
               KERAS_DISTRIBUTION_PROCESS_ID=str(index))
         for index in range(2)
     ]
     outputs = wait(processes)
-    return out_dir, outputs[2], outputs[5:]
+    return out_dir, outputs[2], outputs[5:7], outputs[7:]
 
 
 @only("jax")
 def test_jax_two_devices_match_one_device(jax_runs):
-    out_dir, _, _ = jax_runs
+    out_dir, _, _, _ = jax_runs
     result, memories = load(out_dir, "jax-devices-0")
     layers = worker.CONFIG["num_layers"]
     reference, distributed = memories[:layers], memories[layers:]
@@ -259,7 +289,7 @@ def test_jax_fused_kernel_runs_per_batch_shard(jax_runs):
     device's rows; its value and all gradients (the replicated position
     keys, persistent vectors and span ratios summed over the devices)
     equal the kernel's on the whole batch."""
-    out_dir, _, _ = jax_runs
+    out_dir, _, _, _ = jax_runs
     result, _ = load(out_dir, "jax-sharded-kernel-0")
     assert result["devices"] == 2 and result["wrapped"]
     assert len(result["errors"]) == 8
@@ -268,7 +298,7 @@ def test_jax_fused_kernel_runs_per_batch_shard(jax_runs):
 
 @only("jax")
 def test_jax_model_parallel_matches_one_device(jax_runs):
-    out_dir, _, _ = jax_runs
+    out_dir, _, _, _ = jax_runs
     reference, memories = load(out_dir, "jax-devices-0")
     result, distributed = load(out_dir, "jax-model-parallel-0")
     assert relative_error(result["losses"], reference["reference"]) < TOLERANCE
@@ -285,7 +315,7 @@ def test_jax_model_parallel_matches_one_device(jax_runs):
 
 @only("jax")
 def test_jax_two_processes_match_one_device(jax_runs):
-    out_dir, _, _ = jax_runs
+    out_dir, _, _, _ = jax_runs
     reference, memories = load(out_dir, "jax-devices-0")
     reference_memories = memories[: worker.CONFIG["num_layers"]]
     reference_step = load_first_step(out_dir, "jax-devices-reference")
@@ -306,19 +336,42 @@ def test_jax_two_processes_match_one_device(jax_runs):
 def test_jax_two_process_command(jax_runs):
     """`--distribute` under `KERAS_DISTRIBUTION_*`: each process trains its
     rows of the global batch; the first prints the result."""
-    _, _, outputs = jax_runs
+    out_dir, _, outputs, _ = jax_runs
     first, second = [output.strip().splitlines() for output in outputs]
     assert any("processes=2" in line for line in first + second)
     result = json.loads(first[-1])
     assert (result["devices"], result["global_batch_size"]) == (2, 4)
     assert result["steps"] == 2
     assert not second[-1].startswith("{")
+    # --output: the first process writes the model and a checkpoint of the
+    # memory of all 4 rows.
+    output = out_dir / "command"
+    assert (output / "model.keras").is_file()
+    (checkpoint,) = (output / "checkpoints").iterdir()
+    assert checkpoint.name == "step_000000002"
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    assert (state["process_count"], state["batcher"]["batch_size"]) == (2, 4)
+    with np.load(checkpoint / "memory.npz") as memories:
+        assert memories["arr_0"].shape == (4, 16, 64)
+
+
+@only("jax")
+def test_jax_scaling_two_processes(jax_runs):
+    """The scaling benchmark with one process per device (the first
+    prints): 2 devices of 2 processes."""
+    _, _, _, outputs = jax_runs
+    first, second = [output.strip().splitlines() for output in outputs]
+    result = json.loads(first[-1])
+    assert (result["devices"], result["processes"]) == (2, 2)
+    assert result["tokens_per_s"] > 0
+    assert "vs_one_process" in result
+    assert not second[-1].startswith("{")
 
 
 @only("jax")
 def test_jax_eight_device_launch(jax_runs):
     """What a GPU run starts: the scaling benchmark over 8 devices."""
-    _, output, _ = jax_runs
+    _, output, _, _ = jax_runs
     result = json.loads(output.strip().splitlines()[-1])
     assert (result["devices"], result["global_batch_size"]) == (8, 8)
     assert result["tokens_per_s"] > 0
@@ -343,7 +396,7 @@ def tensorflow_runs(tmp_path_factory):
     ]
     # The workers' reference, with gradient clipping on: the loop must
     # clip the global gradient.
-    reference = worker.reference_run(use_fit=False, clip=0.05)[:2]
+    reference = worker.reference_run(use_fit=False, clip=0.05)
     wait(processes)
     return out_dir, reference
 
@@ -362,24 +415,58 @@ def test_tensorflow_mirrored_fit_matches_one_device(tensorflow_runs):
         assert entry["shape"] == [2, 12, 16]
         assert [device[-5:] for device, _ in entry["shards"]] == ["CPU:0", "CPU:1"]
     check_rows(distributed, reference, 0)
+    check_first_step(
+        load_first_step(out_dir, "tensorflow-devices-0"),
+        load_first_step(out_dir, "tensorflow-devices-reference"),
+    )
 
 
 @only("tensorflow")
 def test_tensorflow_mirrored_loop_matches_one_device(tensorflow_runs):
-    out_dir, (reference, reference_memories) = tensorflow_runs
+    out_dir, (reference, reference_memories, reference_step) = tensorflow_runs
     result, memories = load(out_dir, "tensorflow-devices-loop-0")
     assert relative_error(result["losses"], reference) < TOLERANCE
     check_rows(memories, reference_memories, 0)
+    check_first_step(
+        load_first_step(out_dir, "tensorflow-devices-loop-0"), reference_step
+    )
 
 
 @only("tensorflow")
 def test_tensorflow_multi_worker_loop_matches_one_device(tensorflow_runs):
-    out_dir, (reference, reference_memories) = tensorflow_runs
+    out_dir, (reference, reference_memories, reference_step) = tensorflow_runs
     for index in range(2):
         result, memories = load(out_dir, f"tensorflow-trainer-{index}")
         assert result["process_count"] == 2 and not result["uses_fit"]
         assert relative_error(result["losses"], reference) < TOLERANCE
         check_rows(memories, reference_memories, 2 * index)
+        check_first_step(
+            load_first_step(out_dir, f"tensorflow-trainer-{index}"),
+            reference_step,
+        )
+        # Its checkpoint would miss the other worker's memory: refused.
+        assert "multi-worker run are not supported" in result["checkpoint_refusal"]
+        assert "process_count=2" in result["checkpoint_refusal"]
+    assert not (out_dir / "refused").exists()
+
+
+@only("tensorflow")
+def test_tensorflow_mirrored_checkpoint_resumes_on_one_device(tensorflow_runs):
+    """Saved by 2 replicas (one copy of 2 rows each), resumed by one device
+    with all 4 rows: it continues as one uninterrupted device."""
+    out_dir, _ = tensorflow_runs
+    steps = worker.SAVED_STEPS
+    model = worker.make_model(worker.CONFIG)
+    batcher = StreamBatcher(worker.tokens(), 4, worker.CONFIG["block_size"], seed=0)
+    reference = worker.train_steps(model, None, batcher, 2 * steps)
+    losses, memories = worker.checkpoint_run(
+        out_dir / "saved-mirrored", resume=True
+    )
+    assert relative_error(losses, reference[steps:]) < TOLERANCE
+    check_rows(memories, model.get_memory(), 0)
+    # Without the plan, under the strategy, it would read one replica's copy.
+    result, _ = load(out_dir, "tensorflow-checkpoint-0")
+    assert "plan=None with 1 process(es), 2 replica(s)" in result["without_plan"]
 
 
 # === PyTorch: DDP under torchrun ===
@@ -423,3 +510,132 @@ def test_torch_ddp_matches_one_process(tmp_path):
         check_first_step(
             load_first_step(tmp_path, f"torch-trainer-{index}"), reference_step
         )
+
+
+# === Checkpoints across process counts: JAX, PyTorch ===
+
+
+def start_pair(action, out_dir):
+    """The 2 processes of `checkpoint ACTION`, started as users start them."""
+    command = ["-m", "tests.distribution_worker", "checkpoint", str(out_dir), action]
+    if keras.backend.backend() == "torch":
+        return [start([
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+            "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"localhost:{free_port()}", *command,
+        ])]
+    address = f"localhost:{free_port()}"
+    return [
+        start([sys.executable, *command],
+              XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + CPU_COMPILE_FLAGS,
+              KERAS_DISTRIBUTION_JOB_ADDRESSES=address,
+              KERAS_DISTRIBUTION_NUM_PROCESSES="2",
+              KERAS_DISTRIBUTION_PROCESS_ID=str(index))
+        for index in range(2)
+    ]
+
+
+def saved_memories(directory):
+    (path,) = [p for p in directory.iterdir() if p.name.startswith("step_")]
+    with np.load(path / "memory.npz") as arrays:
+        return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "tensorflow",
+    reason="JAX and PyTorch (a TensorFlow multi-worker run refuses to save)",
+)
+def test_checkpoint_resumes_on_another_process_count(tmp_path):
+    """2 processes save, 1 resumes; 1 saves, 2 resume: every stream row
+    continues from its own memory, as in one uninterrupted process."""
+    from keras_allattn.training import restore_training
+
+    steps = worker.SAVED_STEPS
+    saving = start_pair("save", tmp_path)
+    model = worker.make_model(worker.CONFIG)
+    batcher = StreamBatcher(worker.tokens(), 4, worker.CONFIG["block_size"], seed=0)
+    reference = worker.train_steps(model, None, batcher, 2 * steps)
+    reference_memories = [np.asarray(m) for m in model.get_memory()]
+    worker.checkpoint_run(tmp_path / "saved-1", resume=False)
+    wait(saving)
+    # The 2 processes' checkpoint holds the rows of both, in global order.
+    for memory, expected in zip(saved_memories(tmp_path / "saved-2"),
+                                saved_memories(tmp_path / "saved-1")):
+        assert memory.shape == (4, 12, 16)
+        assert relative_error(memory, expected) < TOLERANCE
+    resuming = start_pair("resume", tmp_path)
+    losses, memories = worker.checkpoint_run(tmp_path / "saved-2", resume=True)
+    wait(resuming)
+    assert relative_error(losses, reference[steps:]) < TOLERANCE
+    check_rows(memories, reference_memories, 0)
+    for index in range(2):
+        result, memories = load(tmp_path, f"{keras.backend.backend()}-resume-{index}")
+        assert result["process_count"] == 2
+        assert relative_error(result["losses"], reference[steps:]) < TOLERANCE
+        check_rows(memories, reference_memories, 2 * index)
+        # Without the plan a process would take rows that are not its own.
+        assert "`restore_training` in a data-parallel run needs `plan=`" in (
+            result["without_plan"]
+        )
+        assert "plan=None with 2 process(es)" in result["without_plan"]
+    # Another global batch cannot continue the streams: refused, naming both.
+    with pytest.raises(ValueError, match=(
+        r"memory of 4 streams \(a global batch of 4, written by 2 process\(es\)\); "
+        r"this run's global batch is 2, on 1 process\(es\)"
+    )):
+        restore_training(
+            worker.make_model(dict(worker.CONFIG, batch_size=2)), tmp_path / "saved-2"
+        )
+
+
+@only("torch")
+def test_torch_two_rank_command_checkpoints(tmp_path):
+    """`--distribute --output` under torchrun: the loop checkpoints the
+    memory of both ranks' rows; rank 0 writes it and the model."""
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat and the dog sat on the log. " * 40)
+    output = tmp_path / "run"
+    (ranks,) = [start([
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+        "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+        f"localhost:{free_port()}", "examples/train_enwik8.py", "--data",
+        str(text), "--preset", "char_tiny_cpu", "--batch-size", "4",
+        "--block-size", "8", "--max-span", "16", "--steps", "3",
+        "--eval-every", "2", "--distribute", "--output", str(output),
+    ])]
+    (log,) = wait([ranks])
+    assert (output / "model.keras").is_file()
+    checkpoints = sorted(p.name for p in (output / "checkpoints").iterdir())
+    assert checkpoints == ["step_000000002", "step_000000003"]
+    state = json.loads(
+        (output / "checkpoints" / checkpoints[-1] / "training_state.json").read_text()
+    )
+    assert (state["process_count"], state["batcher"]["batch_size"]) == (2, 4)
+    assert state["optimizer_iterations"] == 3
+    with np.load(output / "checkpoints" / checkpoints[-1] / "memory.npz") as memories:
+        assert memories["arr_0"].shape == (4, 16, 64)
+        # Both ranks' rows: no row is left at zero.
+        assert np.all(np.abs(memories["arr_0"]).sum(axis=(1, 2)) > 0)
+
+
+@only("tensorflow")
+def test_tensorflow_multi_worker_restore_refuses_before_restoring(tmp_path):
+    """A checkpoint cannot give each TensorFlow worker its rows: refused
+    before any weight is loaded."""
+    from keras_allattn.distribution import DataParallelPlan
+    from keras_allattn.training import restore_training
+    from keras_allattn.training import save_training
+
+    saved = worker.make_model(worker.CONFIG)
+    batcher = StreamBatcher(worker.tokens(), 4, worker.CONFIG["block_size"], seed=0)
+    worker.train_steps(saved, None, batcher, 1)
+    save_training(saved, tmp_path, 1)
+    plan = DataParallelPlan("tensorflow", global_batch_size=4, num_replicas=2,
+                            process_index=0, process_count=2,
+                            model_batch_size=2, uses_fit=False)
+    model = worker.make_model(dict(worker.CONFIG, batch_size=2))
+    before = [np.array(w) for w in model.get_weights()]
+    with pytest.raises(ValueError, match="multi-worker run are not supported"):
+        restore_training(model, tmp_path, plan=plan)
+    for weight, kept in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(weight, kept)

@@ -59,6 +59,8 @@ from keras_allattn.training import TrainingCheckpoint
 from keras_allattn.training import latest_checkpoint
 from keras_allattn.training import optimizer_from_recipe
 from keras_allattn.training import restore_training
+from keras_allattn.training import save_training
+from keras_allattn.training.checkpoint import save_on_first_process
 from keras_allattn.training import scale_recipe
 from keras_allattn.utils import device_name
 
@@ -452,10 +454,11 @@ def train(corpus, args):
         plan.activate()
         overrides["batch_size"] = plan.model_batch_size
         logger.info("%s", plan)
-        if args.output and (plan.backend != "jax" or plan.process_count > 1):
+        if args.output and plan.backend == "tensorflow" and plan.process_count > 1:
             raise ValueError(
-                "--output with --distribute needs JAX on one host: elsewhere "
-                "a checkpoint would hold the segment memory of one replica. "
+                "--output with --distribute needs JAX, PyTorch or one "
+                "TensorFlow worker: a checkpoint of a TensorFlow multi-worker "
+                "run would miss the segment memory of the other workers. "
                 f"Received: output={args.output!r} on {plan.backend} with "
                 f"{plan.process_count} process(es)"
             )
@@ -516,7 +519,7 @@ def train(corpus, args):
     checkpoints = args.output and os.path.join(args.output, "checkpoints")
     start_step = 0
     if checkpoints and latest_checkpoint(checkpoints):
-        start_step = restore_training(model, checkpoints, batcher)
+        start_step = restore_training(model, checkpoints, batcher, plan=plan)
         logger.info(
             "resumed from %s: step %s", latest_checkpoint(checkpoints), start_step
         )
@@ -530,10 +533,20 @@ def train(corpus, args):
     throughput = Throughput(global_batch_size * model.block_size)
     clock = TrainingClock(args.time_budget, f"val_{metric}")
     trainer = None
+    writes = not (plan and plan.process_index)  # the first process writes
     if plan and not plan.uses_fit:
-        # torch DDP, TF multi-worker: `fit` cannot run there.
+        # torch DDP, TF multi-worker: `fit` cannot run there. With --output,
+        # a checkpoint every `epoch_steps` (tokens/s: of the last of them).
         trainer = DataParallelTrainer(model, plan)
-        trainer.train(batcher, steps)
+        step = start_step
+        while step < steps:
+            count = steps - step
+            if checkpoints:
+                count = min(count, epoch_steps - step % epoch_steps)
+            trainer.train(batcher, count, step)
+            step += count
+            if checkpoints:
+                save_training(model, checkpoints, step, batcher, plan=plan)
     elif start_step < steps:
         dataset = batcher.as_dataset(start_step=start_step)
         callbacks = [
@@ -544,8 +557,11 @@ def train(corpus, args):
         ]
         callbacks.append(clock)
         if args.output:
+            callbacks.append(
+                TrainingCheckpoint(checkpoints, epoch_steps, dataset, plan=plan)
+            )
+        if args.output and writes:
             callbacks += [
-                TrainingCheckpoint(checkpoints, epoch_steps, dataset),
                 SpanLogger(
                     epoch_steps,
                     log_dir=os.path.join(args.output, "tensorboard", "spans"),
@@ -589,6 +605,8 @@ def train(corpus, args):
         trainer.tokens_per_second if trainer else throughput.tokens_per_second()
     )
     if plan and plan.process_index:
+        if args.output:  # every JAX process takes part in saving
+            save_on_first_process(plan, model.save, "model.keras")
         return None
     result = {
         "corpus": corpus.name,

@@ -19,6 +19,7 @@ from keras_allattn.distribution.common import MODEL_AXIS
 from keras_allattn.distribution.common import model_geometry
 from keras_allattn.distribution.common import row_range
 from keras_allattn.utils import check_positive
+from keras_allattn.utils import sync_jax_state
 
 
 def memory_variable_paths(model_or_config):
@@ -220,6 +221,35 @@ def local_rows(variable):
         start = row_range(shard.index[0], variable.shape[0])[0]
         shards.setdefault(start, np.asarray(shard.data))
     return np.concatenate([shards[k] for k in sorted(shards)])
+
+
+def check_checkpoints(plan):
+    """Nothing to refuse: every process takes part in gathering the rows."""
+
+
+def global_memories(model, plan):
+    """Every layer's memory, all rows of all processes, in every process.
+
+    With several processes each holds only its rows: they are gathered
+    (`multihost_utils.process_allgather`, a collective: every process
+    calls it)."""
+    if plan.process_count == 1:
+        return model.get_memory()
+    from jax.experimental import multihost_utils
+
+    sync_jax_state(model)
+    return [
+        np.asarray(
+            multihost_utils.process_allgather(layer.memory.value, tiled=True)
+        )
+        for layer in model.segment_memories
+    ]
+
+
+def set_global_memories(model, plan, memories):
+    """Sets the memory from all rows: the model holds the global batch,
+    and each process keeps the rows its layout gives it."""
+    model.set_memory(memories)
 
 
 def use_virtual_cpu_devices(count):

@@ -21,7 +21,8 @@ from keras_allattn.distribution.common import model_geometry
 from keras_allattn.utils import check_positive
 
 # Each engine module has `plan_fields`, `activate`, `memory_placement`,
-# `local_rows` and `use_virtual_cpu_devices`; TensorFlow and PyTorch also a
+# `local_rows`, `check_checkpoints`, `global_memories`,
+# `set_global_memories` and `use_virtual_cpu_devices`; TensorFlow and PyTorch also a
 # `TrainStep` for `DataParallelTrainer`.
 ENGINES = {
     "jax": jax_engine,
@@ -189,6 +190,63 @@ class DataParallelPlan:
                     "after `plan.activate()`, at top level (the layout keys "
                     "are full variable paths), from `plan.model_config(...)`."
                 )
+
+    @property
+    def shard_batch_size(self):
+        """The rows of the `StreamBatcher` `shard` gives this process: the
+        global batch on TensorFlow, this process's rows elsewhere."""
+        if self.backend == "tensorflow":
+            return self.global_batch_size
+        return self.global_batch_size // self.process_count
+
+    def check_checkpoints(self):
+        """Raises ValueError where checkpoints cannot hold every row (a
+        TensorFlow multi-worker run: each worker holds its replicas'
+        memory only)."""
+        ENGINES[self.backend].check_checkpoints(self)
+
+    def global_memories(self, model):
+        """Every layer's segment memory with the rows of all replicas.
+
+        A collective with several processes: every process calls it, and
+        every process gets the same arrays. TensorFlow: one worker only.
+
+        Args:
+            model: the `AllAttentionLM` built as the plan says.
+
+        Returns:
+            A list of `num_layers` NumPy arrays `(global_batch_size,
+            max_span, hidden_dim)`, rows in global order (row `r` of
+            every batch).
+        """
+        memories = ENGINES[self.backend].global_memories(model, self)
+        for memory in memories:
+            if len(memory) != self.global_batch_size:
+                raise ValueError(
+                    f"The gathered segment memory holds {len(memory)} rows, "
+                    f"the plan {self.global_batch_size}: build the model "
+                    f"from `plan.model_config(...)`. Received: {self!r}"
+                )
+        return memories
+
+    def set_global_memories(self, model, memories):
+        """Sets the segment memory from the rows of all replicas.
+
+        Each replica takes its own rows, as `global_memories` returns
+        them: the inverse of that, for any process count.
+
+        Args:
+            model: the `AllAttentionLM` built as the plan says.
+            memories: a list of `num_layers` arrays `(global_batch_size,
+                max_span, hidden_dim)`.
+        """
+        for memory in memories:
+            if len(memory) != self.global_batch_size:
+                raise ValueError(
+                    "`memories` must hold the rows of the global batch, "
+                    f"{self.global_batch_size}. Received: {len(memory)} rows"
+                )
+        ENGINES[self.backend].set_global_memories(model, self, memories)
 
     def shard(self, batcher):
         """The `StreamBatcher` this process reads.

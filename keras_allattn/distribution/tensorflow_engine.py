@@ -86,6 +86,45 @@ def local_rows(variable):
     return np.concatenate([component.numpy() for component in value.values])
 
 
+def check_checkpoints(plan):
+    """Refuses checkpoints of a multi-worker run."""
+    if plan.process_count > 1:
+        raise ValueError(
+            "Checkpoints of a TensorFlow multi-worker run are not supported: "
+            "each worker holds the segment memory of its replicas only. Use "
+            "one worker (MirroredStrategy), JAX or PyTorch to save and "
+            f"resume across process counts. Received: process_count="
+            f"{plan.process_count}"
+        )
+
+
+def global_memories(model, plan):
+    """Every layer's memory: the copies of all replicas stacked in replica
+    order (one worker only)."""
+    check_checkpoints(plan)
+    return [local_rows(layer.memory) for layer in model.segment_memories]
+
+
+def set_global_memories(model, plan, memories):
+    """Gives each replica's copy its rows (one worker only)."""
+    check_checkpoints(plan)
+    for layer, memory in zip(model.segment_memories, memories):
+        value = layer.memory.value
+        copies = getattr(value, "values", None)
+        if copies is None:
+            layer.memory.assign(memory)
+            continue
+        rows = plan.model_batch_size
+        if len(memory) != rows * len(copies):
+            raise ValueError(
+                f"The memory `{layer.memory.path}` must hold "
+                f"{rows * len(copies)} rows ({len(copies)} replicas of "
+                f"{rows}). Received: {len(memory)} rows"
+            )
+        for index, copy in enumerate(copies):
+            copy.assign(memory[index * rows : (index + 1) * rows])
+
+
 def use_virtual_cpu_devices(count):
     """`count` logical CPU devices."""
     import tensorflow as tf

@@ -60,6 +60,34 @@ def local_rows(variable):
     return keras.ops.convert_to_numpy(variable)
 
 
+def check_checkpoints(plan):
+    """Nothing to refuse: the ranks gather their rows."""
+
+
+def global_memories(model, plan):
+    """Every layer's memory, the rows of all ranks in rank order, in every
+    rank (`all_gather`, a collective: every rank calls it)."""
+    if plan.process_count == 1:
+        return model.get_memory()
+    import torch
+    import torch.distributed as dist
+
+    result = []
+    for layer in model.segment_memories:
+        rows = layer.memory.value.detach()
+        gathered = [torch.empty_like(rows) for _ in range(plan.process_count)]
+        dist.all_gather(gathered, rows)
+        result.append(torch.cat(gathered).cpu().numpy())
+    return result
+
+
+def set_global_memories(model, plan, memories):
+    """Sets this rank's rows of the global memories."""
+    rows = plan.model_batch_size
+    start = plan.process_index * rows
+    model.set_memory([memory[start : start + rows] for memory in memories])
+
+
 def use_virtual_cpu_devices(count):
     """Refused: PyTorch replicas are processes."""
     raise ValueError(
@@ -73,7 +101,8 @@ class TrainStep:
     """One optimizer step of `model`, through DDP with several ranks.
 
     The model is wrapped in `DistributedDataParallel` when the plan has
-    several processes (its construction broadcasts rank 0's weights), and
+    several processes (its construction broadcasts rank 0's weights; each
+    rank keeps its own segment memory), and
     the step's loss is averaged over the ranks.
 
     Args:
@@ -97,9 +126,19 @@ class TrainStep:
             device_ids = (
                 [torch.cuda.current_device()] if torch.cuda.is_available() else None
             )
+            # The construction broadcasts every parameter of rank 0, and
+            # Keras exposes the segment memory as a (frozen) parameter:
+            # each rank keeps its own rows (restored from a checkpoint,
+            # say).
+            own_rows = [
+                layer.memory.value.detach().clone()
+                for layer in model.segment_memories
+            ]
             self.module = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=device_ids
             )
+            for layer, rows in zip(model.segment_memories, own_rows):
+                layer.memory.assign(rows)
 
     def retrace(self):
         """Nothing to do: the step runs eagerly."""

@@ -16,12 +16,21 @@ A checkpoint is a folder `step_000001000/` inside a checkpoint directory:
 With all of it restored, the next batch is the one that would have come,
 seen by the same weights, optimizer state, segment memory and dropout
 masks: the losses continue as if training had never stopped.
+
+Data parallel (`plan=` a `keras_allattn.distribution.DataParallelPlan`),
+the checkpoint is the same: the memory of all rows of the global batch,
+gathered from every process, and the geometry of the global stream. The
+first process writes it. Any process count resumes it (2 processes -> 1,
+1 -> 2, ...): every process takes the memory of the rows it reads, so
+every stream row continues from its own memory, as in a run on one
+process.
 """
 
 import json
 import os
 import re
 import shutil
+import tempfile
 
 import keras
 import numpy as np
@@ -53,10 +62,18 @@ def _seed_states(model):
     return [v for v in model.variables if id(v) not in weights]
 
 
-def _batcher_state(batcher):
+def _batcher_state(batcher, plan=None):
+    """The batcher's geometry; with a plan, that of the global stream (of
+    which `batcher` is this process's shard)."""
+    if plan is not None and batcher.batch_size != plan.shard_batch_size:
+        raise ValueError(
+            "`batcher` must be the one `plan.shard(...)` gives this process, "
+            f"with {plan.shard_batch_size} rows. Received: batch_size="
+            f"{batcher.batch_size} with {plan!r}"
+        )
     return {
         "seed": batcher.seed,
-        "batch_size": batcher.batch_size,
+        "batch_size": plan.global_batch_size if plan else batcher.batch_size,
         "block_size": batcher.block_size,
         "stream_length": batcher.stream_length,
     }
@@ -64,6 +81,69 @@ def _batcher_state(batcher):
 
 def _checkpoint_name(step):
     return f"step_{step:09d}"
+
+
+def _data_parallel_replicas():
+    """`(processes, replicas of this process)` of a running data-parallel
+    set-up: torch ranks, JAX processes, a `tf.distribute` strategy's
+    replicas ((1, 1) without one)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.process_count(), 1
+    if backend == "torch":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), 1
+        return 1, 1
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        strategy = tf.distribute.get_strategy()
+        return 1, strategy.num_replicas_in_sync
+    return 1, 1
+
+
+def _check_plan_given(plan, function):
+    """Raises ValueError for a data-parallel run without its plan: each
+    process (or replica copy) would read or write only its own rows."""
+    if plan is not None:
+        return
+    processes, replicas = _data_parallel_replicas()
+    if processes > 1 or replicas > 1:
+        raise ValueError(
+            f"`{function}` in a data-parallel run needs `plan=` (the "
+            "DataParallelPlan), or the segment memory would hold the rows "
+            f"of one replica only. Received: plan=None with {processes} "
+            f"process(es), {replicas} replica(s) in this process"
+        )
+
+
+def save_on_first_process(plan, save, path):
+    """`save(path)` on the first process of `plan` (or without one); the
+    other processes save to a scratch file that is then deleted.
+
+    On JAX with several processes saving takes collective steps (Keras
+    creates a variable while it saves, which every process must do
+    together), so every process saves; PyTorch ranks need not.
+
+    Args:
+        plan: a `DataParallelPlan`, or None.
+        save: a function of a path, e.g. `model.save_weights`.
+        path: the file the first process writes.
+
+    Returns:
+        True on the process that wrote `path`.
+    """
+    if plan is None or not plan.process_index:
+        save(path)
+        return True
+    if plan.backend == "jax":
+        with tempfile.TemporaryDirectory() as scratch:
+            save(os.path.join(scratch, os.path.basename(path)))
+    return False
 
 
 def list_checkpoints(directory):
@@ -93,22 +173,28 @@ def latest_checkpoint(directory):
     return checkpoints[-1][1] if checkpoints else None
 
 
-def save_training(model, directory, step, batcher=None, keep=2):
+def save_training(model, directory, step, batcher=None, keep=2, plan=None):
     """Saves a checkpoint of step `step` into `directory`.
 
     The checkpoint is written to a temporary folder and renamed into place,
     so an interrupted save leaves the previous checkpoints intact. Older
     checkpoints beyond the `keep` newest are deleted.
 
+    Data parallel, pass the `plan` and call it in every process (the
+    memory rows are gathered from all of them): the first process writes
+    the checkpoint, with the memory of every row of the global batch.
+
     Args:
         model: a compiled `keras.Model` (normally an `AllAttentionLM`).
         directory: the checkpoint directory (created if needed).
         step: int >= 0, the global step of the next batch to train on.
-        batcher: the `StreamBatcher` that feeds training, or None.
+        batcher: the `StreamBatcher` that feeds training (this process's
+            `plan.shard(...)` with a plan), or None.
         keep: int > 0, how many checkpoints to keep.
+        plan: the `DataParallelPlan` of a data-parallel run, or None.
 
     Returns:
-        The path of the new checkpoint.
+        The path of the new checkpoint (None on the other processes).
     """
     step = check_non_negative("step", step)
     keep = check_positive("keep", keep)
@@ -117,7 +203,19 @@ def save_training(model, directory, step, batcher=None, keep=2):
             "The model must be compiled (with its optimizer) before saving a "
             "training checkpoint. Received: model.optimizer=None"
         )
+    _check_plan_given(plan, "save_training")
+    if plan is not None:
+        plan.check_checkpoints()
     sync_jax_state(model)
+    batcher_state = None if batcher is None else _batcher_state(batcher, plan)
+    memories = None
+    if plan is not None:
+        memories = plan.global_memories(model)  # every process takes part
+        if plan.process_index:
+            save_on_first_process(plan, model.save_weights, WEIGHTS_FILE)
+            return None
+    elif hasattr(model, "get_memory"):
+        memories = model.get_memory()
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     final = os.path.join(directory, _checkpoint_name(step))
@@ -125,8 +223,8 @@ def save_training(model, directory, step, batcher=None, keep=2):
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     model.save_weights(os.path.join(partial, WEIGHTS_FILE))
-    if hasattr(model, "get_memory"):
-        np.savez(os.path.join(partial, MEMORY_FILE), *model.get_memory())
+    if memories is not None:
+        np.savez(os.path.join(partial, MEMORY_FILE), *memories)
     attended = getattr(model, "attended_spans", None)
     state = {
         "format": FORMAT_VERSION,
@@ -134,7 +232,8 @@ def save_training(model, directory, step, batcher=None, keep=2):
         "optimizer_iterations": int(
             ops.convert_to_numpy(model.optimizer.iterations)
         ),
-        "batcher": None if batcher is None else _batcher_state(batcher),
+        "batcher": batcher_state,
+        "process_count": plan.process_count if plan else 1,
         "seed_states": [
             np.asarray(ops.convert_to_numpy(v)).tolist()
             for v in _seed_states(model)
@@ -151,7 +250,7 @@ def save_training(model, directory, step, batcher=None, keep=2):
     return final
 
 
-def restore_training(model, directory, batcher=None):
+def restore_training(model, directory, batcher=None, plan=None):
     """Restores the newest checkpoint of `directory` into `model`.
 
     Restores the weights, the segment memory, the optimizer state, the
@@ -161,11 +260,18 @@ def restore_training(model, directory, batcher=None):
     from a `StreamBatcher` with the saved seed (pass it as `batcher` to
     have that checked).
 
+    The process count may differ from the saving run's (the global batch
+    may not): data parallel, pass the `plan` in every process, and each
+    takes the memory of the rows it reads.
+
     Args:
         model: the compiled model (same architecture and optimizer).
         directory: a checkpoint directory, or one checkpoint folder.
-        batcher: optional `StreamBatcher` of the resumed run; a seed or
-            geometry other than the saved one raises ValueError.
+        batcher: optional `StreamBatcher` of the resumed run (this
+            process's `plan.shard(...)` with a plan); a seed or geometry
+            of the global stream other than the saved one raises
+            ValueError.
+        plan: the `DataParallelPlan` of a data-parallel run, or None.
 
     Returns:
         int, the global step to resume from (the next batch to train on).
@@ -182,6 +288,9 @@ def restore_training(model, directory, batcher=None):
     >>> step = restore_training(model, "run/checkpoints", batcher)  # doctest: +SKIP
     >>> dataset = batcher.as_dataset(start_step=step)  # doctest: +SKIP
     """
+    _check_plan_given(plan, "restore_training")
+    if plan is not None:
+        plan.check_checkpoints()  # before anything is restored
     directory = os.fspath(directory)
     if os.path.isfile(os.path.join(directory, STATE_FILE)):
         path = directory
@@ -202,13 +311,19 @@ def restore_training(model, directory, batcher=None):
         )
     if batcher is not None and state["batcher"] is not None:
         expected = state["batcher"]
-        received = _batcher_state(batcher)
+        received = _batcher_state(batcher, plan)
         if received != expected:
             raise ValueError(
                 f"The StreamBatcher does not match the one of checkpoint "
                 f"{path}: saved {expected}. Received: {received}. Build it "
-                f"with the saved seed and the same corpus and geometry."
+                f"with the saved seed and the same corpus and geometry (the "
+                f"global batch, whatever the process count)."
             )
+    memories = None
+    if hasattr(model, "set_memory"):
+        with np.load(os.path.join(path, MEMORY_FILE)) as saved:
+            memories = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        _check_memory_rows(memories, model, plan, path, state)
     optimizer = model.optimizer
     if optimizer is None:
         raise ValueError(
@@ -219,9 +334,11 @@ def restore_training(model, directory, batcher=None):
         optimizer.build(model.trainable_variables)
     sync_jax_state(model)
     model.load_weights(os.path.join(path, WEIGHTS_FILE))
-    if hasattr(model, "set_memory"):
-        with np.load(os.path.join(path, MEMORY_FILE)) as saved:
-            model.set_memory([saved[f"arr_{i}"] for i in range(len(saved.files))])
+    if memories is not None:
+        if plan is None:
+            model.set_memory(memories)
+        else:
+            plan.set_global_memories(model, memories)
     iterations = int(ops.convert_to_numpy(optimizer.iterations))
     if iterations != state["optimizer_iterations"]:
         raise ValueError(
@@ -246,6 +363,28 @@ def restore_training(model, directory, batcher=None):
     return state["step"]
 
 
+def _check_memory_rows(memories, model, plan, path, state):
+    """Raises ValueError unless the saved memory has a row per stream of
+    this run's global batch (before anything is restored)."""
+    saved_processes = state.get("process_count", 1)
+    saved_rows = len(memories[0]) if memories else 0
+    rows = plan.global_batch_size if plan else model.batch_size
+    if saved_rows != rows:
+        processes = plan.process_count if plan else 1
+        hint = (
+            "" if plan else " In a data-parallel run pass `plan=` (each "
+            "process then takes its own rows of the saved memory)."
+        )
+        raise ValueError(
+            f"{path} holds the segment memory of {saved_rows} streams (a "
+            f"global batch of {saved_rows}, written by {saved_processes} "
+            f"process(es)); this run's global batch is {rows}, on "
+            f"{processes} process(es). A run resumes with the global batch "
+            f"it was saved with, on any number of processes.{hint} "
+            f"Received: batch_size={rows}"
+        )
+
+
 class TrainingCheckpoint(keras.callbacks.Callback):
     """Saves a resumable checkpoint every `every_steps` training steps.
 
@@ -261,6 +400,8 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         dataset: the `StreamDataset` passed to `fit` (or its
             `StreamBatcher`, then steps count from 0).
         keep: int > 0, how many of the newest checkpoints to keep.
+        plan: the `DataParallelPlan` of a data-parallel run (the callback
+            then runs in every process, and the first writes), or None.
 
     Example:
 
@@ -270,8 +411,9 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     ...     TrainingCheckpoint("run/checkpoints", 1000, dataset)])  # doctest: +SKIP
     """
 
-    def __init__(self, directory, every_steps, dataset, keep=2):
+    def __init__(self, directory, every_steps, dataset, keep=2, plan=None):
         super().__init__()
+        self.plan = plan
         self.directory = os.fspath(directory)
         self.every_steps = check_positive("every_steps", every_steps)
         self.keep = check_positive("keep", keep)
@@ -302,7 +444,8 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     def save(self):
         """Saves the checkpoint of the current step; returns its path."""
         path = save_training(
-            self.model, self.directory, self.step, self.batcher, self.keep
+            self.model, self.directory, self.step, self.batcher, self.keep,
+            plan=self.plan,
         )
         self.last_saved = self.step
         return path
