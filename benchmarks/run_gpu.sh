@@ -33,6 +33,9 @@
 #          inductor) against eager: recipe throughput at fixed 2048,
 #          adaptive ~1024, fixed 1024 and the small geometry; the
 #          operators' tests on CUDA (issue 13)
+#   hosts  on two GPUs: the 200-step equivalence verdict of 2 devices and
+#          2 processes against one (JAX, PyTorch) and scaling's
+#          2-processes x 1-GPU rows (issue 17)
 #   multi8 on a 4- or 8-GPU machine: scaling over 1, 2, 4, 8 GPUs (batch 64
 #          per GPU) and the first 200 step losses of 8 GPUs against one
 #          GPU at global batch 64 (deterministic kernels; next to the one-ulp
@@ -309,7 +312,32 @@ compiled)
     done
   }
   lanes ;;
-*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe, presets, adaptive, adaptive2, position or compiled"; exit 2 ;;
+hosts)
+  # Issue 17 on two GPUs of one host: the 200-step equivalence verdict of
+  # 2 devices and of 2 processes against one device (next to the one-ulp
+  # nudge), JAX and PyTorch; scaling's one-process rows, then the
+  # 2-processes x 1-GPU rows against them.
+  lm="python3 benchmarks/loss_match.py --compare devices --steps 200 --record"
+  jd() {  # process id, port, command...: one JAX process of two
+    local i=$1 port=$2; shift 2
+    env KERAS_BACKEND=jax KERAS_DISTRIBUTION_JOB_ADDRESSES=localhost:$port \
+      KERAS_DISTRIBUTION_NUM_PROCESSES=2 KERAS_DISTRIBUTION_PROCESS_ID=$i \
+      CUDA_VISIBLE_DEVICES=$i "$@"
+  }
+  step jax_match_devices 200 env KERAS_BACKEND=jax $lm --devices 2
+  step jax_match_one 150 env KERAS_BACKEND=jax CUDA_VISIBLE_DEVICES=0 $lm --save /tmp/one_gpu_jax
+  ( step jax_match_proc1 200 jd 1 12355 $lm --reference /tmp/one_gpu_jax ) &
+  step jax_match_proc0 200 jd 0 12355 $lm --reference /tmp/one_gpu_jax; wait
+  step torch_match_one 150 env KERAS_BACKEND=torch CUDA_VISIBLE_DEVICES=0 $lm --save /tmp/one_gpu_torch
+  step torch_match_2proc 200 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 \
+    ${lm#python3 } --reference /tmp/one_gpu_torch
+  sc="python3 benchmarks/scaling.py --record"
+  step jax_scaling 200 env KERAS_BACKEND=jax $sc --devices 1,2
+  ( step jax_scaling_proc1 200 jd 1 12356 $sc ) &
+  step jax_scaling_proc0 200 jd 0 12356 $sc; wait
+  step torch_scaling_1 120 env KERAS_BACKEND=torch $sc
+  step torch_scaling_2proc 150 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 ${sc#python3 } ;;
+*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe, presets, adaptive, adaptive2, position, compiled or hosts"; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
 # The device tool returns a limited number of files: RESULTS.md and the
