@@ -22,6 +22,7 @@ import json
 import os
 import pathlib
 import sys
+import time
 
 import numpy as np
 
@@ -375,10 +376,14 @@ def train_steps(model, plan, batcher, steps, start_step=0):
     return losses.losses
 
 
-def checkpoint_run(directory, resume, plan=None):
+def checkpoint_run(directory, resume, plan=None, slow_writer=False):
     """Saves after `SAVED_STEPS` steps (`resume` False), or resumes the
     checkpoint in `directory` and trains `SAVED_STEPS` more: `(step losses,
-    this process's memory rows)`; one process without a plan."""
+    this process's memory rows)`; one process without a plan.
+
+    `slow_writer`: the weights file takes a second longer to write, so a
+    process that returned from `save_training` before the writer finished
+    would find no checkpoint yet."""
     from keras_allattn.data import StreamBatcher
     from keras_allattn.distribution import local_memories
     from keras_allattn.training import restore_training
@@ -389,6 +394,14 @@ def checkpoint_run(directory, resume, plan=None):
     if plan:
         plan.check_model(model)
         batcher = plan.shard(batcher)
+    if slow_writer:
+        save_weights = model.save_weights
+
+        def slow_save_weights(*args, **kwargs):
+            save_weights(*args, **kwargs)
+            time.sleep(1.0)
+
+        model.save_weights = slow_save_weights
     if resume:
         start = restore_training(model, directory, batcher, plan=plan)
         losses = train_steps(model, plan, batcher, SAVED_STEPS, start)
@@ -404,14 +417,19 @@ def checkpoint_process(out_dir, action):
     import keras
 
     from keras_allattn.distribution import plan_data_parallel
+    from keras_allattn.training import latest_checkpoint
 
     plan = plan_data_parallel(CONFIG)
     plan.activate()
     resume = action == "resume"
     directory = pathlib.Path(out_dir) / ("saved-1" if resume else "saved-2")
-    losses, memories = checkpoint_run(directory, resume, plan)
+    losses, memories = checkpoint_run(
+        directory, resume, plan, slow_writer=plan.process_index == 0
+    )
     write(out_dir, f"{keras.backend.backend()}-{action}-{plan.process_index}", {
         "process_count": plan.process_count,
+        # Whether the checkpoint was complete when `save_training` returned.
+        "checkpoint_found": latest_checkpoint(directory) is not None,
         "losses": losses,
         "without_plan": refusal_without_plan(directory),
     }, memories)

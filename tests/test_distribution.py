@@ -558,6 +558,11 @@ def test_checkpoint_resumes_on_another_process_count(tmp_path):
     reference_memories = [np.asarray(m) for m in model.get_memory()]
     worker.checkpoint_run(tmp_path / "saved-1", resume=False)
     wait(saving)
+    for index in range(2):
+        # Each process returned from `save_training` with the checkpoint
+        # complete (the first one writes it, a second late).
+        result, _ = load(tmp_path, f"{keras.backend.backend()}-save-{index}")
+        assert result["checkpoint_found"]
     # The 2 processes' checkpoint holds the rows of both, in global order.
     for memory, expected in zip(saved_memories(tmp_path / "saved-2"),
                                 saved_memories(tmp_path / "saved-1")):

@@ -227,6 +227,15 @@ def check_checkpoints(plan):
     """Nothing to refuse: every process takes part in gathering the rows."""
 
 
+def barrier(plan, name):
+    """Returns in every process once all have reached it (several
+    processes: `multihost_utils.sync_global_devices`)."""
+    if plan.process_count > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def global_memories(model, plan):
     """Every layer's memory, all rows of all processes, in every process.
 

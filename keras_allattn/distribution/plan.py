@@ -21,7 +21,7 @@ from keras_allattn.distribution.common import model_geometry
 from keras_allattn.utils import check_positive
 
 # Each engine module has `plan_fields`, `activate`, `memory_placement`,
-# `local_rows`, `check_checkpoints`, `global_memories`,
+# `local_rows`, `check_checkpoints`, `barrier`, `global_memories`,
 # `set_global_memories` and `use_virtual_cpu_devices`; TensorFlow and PyTorch also a
 # `TrainStep` for `DataParallelTrainer`.
 ENGINES = {
@@ -204,6 +204,14 @@ class DataParallelPlan:
         TensorFlow multi-worker run: each worker holds its replicas'
         memory only)."""
         ENGINES[self.backend].check_checkpoints(self)
+
+    def barrier(self, name):
+        """Returns in every process once all of them have called it.
+
+        A collective with several processes (every process calls it with
+        the same `name`); a no-op with one.
+        """
+        ENGINES[self.backend].barrier(self, name)
 
     def global_memories(self, model):
         """Every layer's segment memory with the rows of all replicas.

@@ -98,6 +98,12 @@ def check_checkpoints(plan):
         )
 
 
+def barrier(plan, name):
+    """Nothing to wait for: the checkpoints of one worker (several are
+    refused by `check_checkpoints`)."""
+    check_checkpoints(plan)
+
+
 def global_memories(model, plan):
     """Every layer's memory: the copies of all replicas stacked in replica
     order (one worker only)."""

@@ -64,6 +64,15 @@ def check_checkpoints(plan):
     """Nothing to refuse: the ranks gather their rows."""
 
 
+def barrier(plan, name):
+    """Returns in every rank once all have reached it (several ranks:
+    `torch.distributed.barrier`)."""
+    if plan.process_count > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def global_memories(model, plan):
     """Every layer's memory, the rows of all ranks in rank order, in every
     rank (`all_gather`, a collective: every rank calls it)."""

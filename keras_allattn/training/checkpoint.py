@@ -79,6 +79,10 @@ def _batcher_state(batcher, plan=None):
     }
 
 
+# What the processes of a data-parallel save wait for together.
+_SAVED = "keras_allattn.training.save_training"
+
+
 def _checkpoint_name(step):
     return f"step_{step:09d}"
 
@@ -182,7 +186,9 @@ def save_training(model, directory, step, batcher=None, keep=2, plan=None):
 
     Data parallel, pass the `plan` and call it in every process (the
     memory rows are gathered from all of them): the first process writes
-    the checkpoint, with the memory of every row of the global batch.
+    the checkpoint, with the memory of every row of the global batch, and
+    every process returns once it is complete (so any of them may restore
+    it or read it right away).
 
     Args:
         model: a compiled `keras.Model` (normally an `AllAttentionLM`).
@@ -213,6 +219,7 @@ def save_training(model, directory, step, batcher=None, keep=2, plan=None):
         memories = plan.global_memories(model)  # every process takes part
         if plan.process_index:
             save_on_first_process(plan, model.save_weights, WEIGHTS_FILE)
+            plan.barrier(_SAVED)  # the first process has written it
             return None
     elif hasattr(model, "get_memory"):
         memories = model.get_memory()
@@ -247,6 +254,8 @@ def save_training(model, directory, step, batcher=None, keep=2, plan=None):
     os.replace(partial, final)
     for _, old in list_checkpoints(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    if plan is not None:
+        plan.barrier(_SAVED)
     return final
 
 
