@@ -18,7 +18,7 @@ reset) and prints one JSON line: the peak device memory during the step
 and the part of it above what was allocated before (weights and inputs),
 the step time, and on JAX the temporary buffer size XLA plans for the
 compiled step (also meaningful on a CPU). Peak memory is read from
-`jax.devices()[0].memory_stats()` (JAX), `torch.cuda.max_memory_allocated`
+`jax.local_devices()[0].memory_stats()` (JAX), `torch.cuda.max_memory_allocated`
 (PyTorch) or `tf.config.experimental.get_memory_info` (TensorFlow); on a
 CPU these are not available and the fields are null.
 
@@ -139,7 +139,7 @@ def device_memory():
     if backend == "jax":
         import jax
 
-        stats = jax.devices()[0].memory_stats() or {}
+        stats = jax.local_devices()[0].memory_stats() or {}
         return stats.get("bytes_in_use"), stats.get("peak_bytes_in_use")
     if backend == "torch":
         import torch

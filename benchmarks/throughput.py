@@ -110,7 +110,7 @@ def peak_memory_gib():
     if backend == "jax":
         import jax
 
-        stats = jax.devices()[0].memory_stats() or {}
+        stats = jax.local_devices()[0].memory_stats() or {}
         peak = stats.get("peak_bytes_in_use")
     elif backend == "torch":
         import torch

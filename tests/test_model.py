@@ -392,3 +392,32 @@ def test_dropout_trains_with_remat(rng):
     model.reset_memory()
     eval_b = model.predict(x[:B], batch_size=B, verbose=0)
     np.testing.assert_allclose(eval_a, eval_b, rtol=1e-6)  # no dropout in predict
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX devices")
+def test_memory_budget_reads_this_process_device(monkeypatch):
+    # In a multi-process JAX run, `jax.devices()` lists every process's
+    # devices, the first process's first; only this process's own devices
+    # report their memory (others raise "MemoryStats is only supported for
+    # addressable PjRt devices").
+    import jax
+
+    from keras_allattn.models import memory_estimate
+
+    class Device:
+        platform = "gpu"
+
+        def __init__(self, limit, addressable):
+            self.limit, self.addressable = limit, addressable
+
+        def memory_stats(self):
+            if not self.addressable:
+                raise RuntimeError("MemoryStats is only supported for "
+                                   "addressable PjRt devices.")
+            return {"bytes_limit": self.limit}
+
+    monkeypatch.delenv("KERAS_ALLATTN_MEMORY_GIB", raising=False)
+    other, mine = Device(11 * 2**30, False), Device(7 * 2**30, True)
+    monkeypatch.setattr(jax, "devices", lambda *a, **k: [other, mine])
+    monkeypatch.setattr(jax, "local_devices", lambda *a, **k: [mine])
+    assert memory_estimate.memory_budget_bytes() == 7 * 2**30

@@ -84,7 +84,9 @@ def memory_budget_bytes():
     if backend == "jax":
         import jax
 
-        device = jax.devices()[0]
+        # This process's device: in a multi-process run `jax.devices()`
+        # starts with the first process's, whose memory cannot be read here.
+        device = jax.local_devices()[0]
         if device.platform != "cpu":
             limit = (device.memory_stats() or {}).get("bytes_limit")
             if limit:
