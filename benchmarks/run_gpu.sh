@@ -63,7 +63,7 @@ T=${TRAIN_SECONDS:-110} P=${PTB_SECONDS:-45}
 step() {  # name, timeout, command...: output in $out/name.txt, summary here
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
-  timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+  timeout -k 10 "$limit" "$@" > "$out/$name.txt" 2>&1
   echo "== $name rc=$? $((SECONDS - t0)) s"
   grep '^{' "$out/$name.txt" | tail -3 | cut -c1-900
   grep -m3 -E 'Error|error:|Traceback' "$out/$name.txt" | cut -c1-300
@@ -316,25 +316,26 @@ hosts)
   # Issue 17 on two GPUs of one host: the 200-step equivalence verdict of
   # 2 devices and of 2 processes against one device (next to the one-ulp
   # nudge), JAX and PyTorch; scaling's one-process rows, then the
-  # 2-processes x 1-GPU rows against them.
-  lm="python3 benchmarks/loss_match.py --compare devices --steps 200 --record"
-  jd() {  # process id, port, command...: one JAX process of two
-    local i=$1 port=$2; shift 2
-    env KERAS_BACKEND=jax KERAS_DISTRIBUTION_JOB_ADDRESSES=localhost:$port \
-      KERAS_DISTRIBUTION_NUM_PROCESSES=2 KERAS_DISTRIBUTION_PROCESS_ID=$i \
-      CUDA_VISIBLE_DEVICES=$i "$@"
-  }
+  # 2-processes x 1-GPU rows against them. The loss matches train 6 of the
+  # preset's 18 layers so that their eight 200-step runs fit one call.
+  lm="python3 benchmarks/loss_match.py --compare devices --steps 200 --layers 6 --record --data .data/enwik8-head/enwik8-head.txt.xz"
+  # One JAX process of two (`timeout` runs programs, not shell functions).
+  jd="env KERAS_BACKEND=jax KERAS_DISTRIBUTION_JOB_ADDRESSES=localhost:12355 KERAS_DISTRIBUTION_NUM_PROCESSES=2"
   step jax_match_devices 200 env KERAS_BACKEND=jax $lm --devices 2
   step jax_match_one 150 env KERAS_BACKEND=jax CUDA_VISIBLE_DEVICES=0 $lm --save /tmp/one_gpu_jax
-  ( step jax_match_proc1 200 jd 1 12355 $lm --reference /tmp/one_gpu_jax ) &
-  step jax_match_proc0 200 jd 0 12355 $lm --reference /tmp/one_gpu_jax; wait
+  ( step jax_match_proc1 150 $jd KERAS_DISTRIBUTION_PROCESS_ID=1 CUDA_VISIBLE_DEVICES=1 \
+      $lm --reference /tmp/one_gpu_jax ) &
+  step jax_match_proc0 150 $jd KERAS_DISTRIBUTION_PROCESS_ID=0 CUDA_VISIBLE_DEVICES=0 \
+    $lm --reference /tmp/one_gpu_jax; wait
   step torch_match_one 150 env KERAS_BACKEND=torch CUDA_VISIBLE_DEVICES=0 $lm --save /tmp/one_gpu_torch
-  step torch_match_2proc 200 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 \
+  step torch_match_2proc 150 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 \
     ${lm#python3 } --reference /tmp/one_gpu_torch
   sc="python3 benchmarks/scaling.py --record"
   step jax_scaling 200 env KERAS_BACKEND=jax $sc --devices 1,2
-  ( step jax_scaling_proc1 200 jd 1 12356 $sc ) &
-  step jax_scaling_proc0 200 jd 0 12356 $sc; wait
+  ( step jax_scaling_proc1 200 env KERAS_BACKEND=jax KERAS_DISTRIBUTION_JOB_ADDRESSES=localhost:12356 \
+      KERAS_DISTRIBUTION_NUM_PROCESSES=2 KERAS_DISTRIBUTION_PROCESS_ID=1 CUDA_VISIBLE_DEVICES=1 $sc ) &
+  step jax_scaling_proc0 200 env KERAS_BACKEND=jax KERAS_DISTRIBUTION_JOB_ADDRESSES=localhost:12356 \
+    KERAS_DISTRIBUTION_NUM_PROCESSES=2 KERAS_DISTRIBUTION_PROCESS_ID=0 CUDA_VISIBLE_DEVICES=0 $sc; wait
   step torch_scaling_1 120 env KERAS_BACKEND=torch $sc
   step torch_scaling_2proc 150 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 ${sc#python3 } ;;
 *) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe, presets, adaptive, adaptive2, position, compiled or hosts"; exit 2 ;;
