@@ -33,6 +33,11 @@
 #          inductor) against eager: recipe throughput at fixed 2048,
 #          adaptive ~1024, fixed 1024 and the small geometry; the
 #          operators' tests on CUDA (issue 13)
+#   profile where the recipe's step time goes (`throughput.py --profile`:
+#          device time by category and the top kernels, per step), JAX and
+#          compiled PyTorch at fixed 2048, adaptive ~1024 and fixed 1024
+#          (issue 13; the traces stay on the machine, the summaries come
+#          back in the JSON lines)
 #   hosts  on two GPUs: the 200-step equivalence verdict of 2 devices and
 #          2 processes against one (JAX, PyTorch) and scaling's
 #          2-processes x 1-GPU rows (issue 17)
@@ -312,6 +317,19 @@ compiled)
     done
   }
   lanes ;;
+profile)
+  pf="--dropout 0.3 --profile /tmp/traces --profile-steps 3"
+  lane0() {
+    for s in fixed:2048 adaptive:1024 fixed:1024; do
+      step "jax_${s/:/_}_profile" 150 env KERAS_BACKEND=jax $tp --span $s $pf
+    done
+  }
+  lane1() {
+    for s in fixed:2048 adaptive:1024 fixed:1024; do
+      step "torch_${s/:/_}_profile" 200 env KERAS_BACKEND=torch $tp --span $s $pf --jit-compile on
+    done
+  }
+  lanes ;;
 hosts)
   # Issue 17 on two GPUs of one host: the 200-step equivalence verdict of
   # 2 devices and of 2 processes against one device (next to the one-ulp
@@ -338,7 +356,7 @@ hosts)
     KERAS_DISTRIBUTION_NUM_PROCESSES=2 KERAS_DISTRIBUTION_PROCESS_ID=0 CUDA_VISIBLE_DEVICES=0 $sc; wait
   step torch_scaling_1 120 env KERAS_BACKEND=torch $sc
   step torch_scaling_2proc 150 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 ${sc#python3 } ;;
-*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe, presets, adaptive, adaptive2, position, compiled or hosts"; exit 2 ;;
+*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe, presets, adaptive, adaptive2, position, compiled, profile or hosts"; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
 # The device tool returns a limited number of files: RESULTS.md and the

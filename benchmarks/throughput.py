@@ -17,7 +17,9 @@ scores and value sums (4 A d + 4 N d, A the span: the learned one with
 adaptive span) and the position scores (2 A d) per layer, plus the output
 layer, and the backward pass as twice the forward; MFU divides by the
 card's dense bf16 peak. `--record` appends a dated row (card, backend,
-commit) to benchmarks/RESULTS.md.
+commit) to benchmarks/RESULTS.md. `--profile DIR` adds where the step's
+device time goes (the attention kernels, matmuls, copies, the rest; the
+top kernels), from a profiler trace of `--profile-steps` more steps.
 """
 
 import argparse
@@ -27,6 +29,7 @@ import pathlib
 import time
 
 import keras
+import _profile
 import numpy as np
 from _common import commit
 from _common import device_name
@@ -83,8 +86,19 @@ def parse_args():
     parser.add_argument("--compare-transformer", action="store_true",
                         help="also time the Transformer baseline (12 layers, "
                         "feed-forward 2048, no persistent vectors)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="after the timed steps, train --profile-steps "
+                        "more under the backend's profiler, write the trace "
+                        "under DIR and add where the step's device time goes "
+                        "to the JSON line (`profile`: by category and the "
+                        "top kernels, per step; see benchmarks/_profile.py)")
+    parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--record", action="store_true")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.profile_steps < 1:
+        parser.error("--profile-steps must be positive. Received: "
+                     f"--profile-steps={args.profile_steps}")
+    return args
 
 
 def parse_span(text):
@@ -211,7 +225,8 @@ def measure(args, transformer=False):
     model, config, _ = build(args, transformer)
     batch, block = config["batch_size"], config["block_size"]
     rng = np.random.default_rng(0)
-    total = args.warmup_steps + args.steps
+    profiled = args.profile_steps if getattr(args, "profile", None) else 0
+    total = args.warmup_steps + args.steps + profiled
     x = rng.integers(0, config["vocabulary_size"], (total * batch, block), "int32")
     y = np.roll(x, -1, axis=1)
     warm = args.warmup_steps * batch
@@ -220,11 +235,24 @@ def measure(args, transformer=False):
     synchronize(model)
     reset_peak_memory()
     start = time.perf_counter()
-    model.fit(x[warm:], y[warm:], batch_size=batch, shuffle=False, verbose=0)
+    timed = slice(warm, warm + args.steps * batch)
+    model.fit(x[timed], y[timed], batch_size=batch, shuffle=False, verbose=0)
     synchronize(model)
     elapsed = time.perf_counter() - start
-    tokens_per_s = args.steps * batch * block / elapsed
+    peak_gib = peak_memory_gib()
     spans = model.current_spans()
+    attended = sorted(set(model.attended_spans()))
+    profile = None
+    if profiled:
+        rest = slice(timed.stop, None)
+
+        def run():
+            model.fit(x[rest], y[rest], batch_size=batch, shuffle=False, verbose=0)
+            synchronize(model)
+
+        profile = _profile.profile(run, args.profile, profiled,
+                                   keras.backend.backend())
+    tokens_per_s = args.steps * batch * block / elapsed
     flops = flops_per_token(model, float(spans.mean()))
     device = device_name()
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in device), None)
@@ -246,17 +274,18 @@ def measure(args, transformer=False):
         "num_heads": model.num_heads,
         "persistent": model.persistent_memory_size,
         "mean_span": round(float(spans.mean()), 1),
-        "attended_spans": sorted(set(model.attended_spans())),
+        "attended_spans": attended,
         "span_granularity": model.span_granularity,
         "dropout": config["dropout"],
         "memory_budget_gib": args.memory_gib,
         "steps": args.steps,
         "tokens_per_s": round(tokens_per_s),
         "step_ms": round(1000 * elapsed / args.steps, 1),
-        "peak_memory_gib": peak_memory_gib(),
+        "peak_memory_gib": peak_gib,
         "model_flops_per_token": flops,
         "mfu": None if peak is None else round(tokens_per_s * flops / (peak * 1e12), 4),
         "bf16_peak_tflops": peak,
+        **({"profile": profile} if profile else {}),
     }
 
 
