@@ -131,7 +131,8 @@ QUESTIONS = (
     ("joint vs separate integration", "allattn", "separate"),
     ("N = default vs N = 0 persistent vectors", "allattn", "n0"),
     ("adaptive vs fixed span", "allattn", "fixed-span"),
-    ("feed-forward plus persistent vs all-attention", "both", "allattn"),
+    ("feed-forward plus persistent (more parameters) vs all-attention",
+     "both", "allattn"),
 )
 STATS_ROWS = 8
 
@@ -845,7 +846,7 @@ def report(args):
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sections = []
-    for corpus in sorted({r["corpus"] for r in runs}):
+    for corpus in dict.fromkeys(r["corpus"] for r in runs):  # as given
         chosen = [r for r in runs if r["corpus"] == corpus]
         sections.append(corpus_section(corpus, chosen, stats, out))
     text = "\n\n".join(sections) + "\n"
@@ -885,6 +886,16 @@ def corpus_section(corpus, runs, stats, out):
                   f"{' / '.join(map(str, caps))} tokens of the "
                   "validation and test splits were scored; these figures "
                   "are not full-split results.**"]
+    rebuilt = [r for r in runs if r.get("rebuilt_from_log")]
+    if rebuilt:
+        lines += ["", "Rebuilt from their logs (`ablations.py from-log`; "
+                  "the records did not come back): "
+                  + ", ".join(f"{r['variant']} seed {r['seed']} "
+                              f"(`{r.get('log_file')}`)" for r in rebuilt)
+                  + ". Their final figures are the logs' summary lines; "
+                  "their learning curves have the 4 decimals of Keras's "
+                  "epoch lines and whole epoch seconds (the curve scoring "
+                  "included); their learned spans are not known."]
     if len({(json.dumps(r["geometry"], sort_keys=True), r["steps"])
             for r in runs}) > 1:
         lines += ["", "**The runs differ in geometry or steps: compare "
@@ -911,7 +922,7 @@ def corpus_section(corpus, runs, stats, out):
             f"{paper_column(name, corpus)} |"
         )
     question_rows = []
-    for question, a, b in QUESTIONS:
+    for question, a, b in QUESTIONS + sweep_questions(by_variant):
         if a in by_variant and b in by_variant:
             cells = []
             for key in ("valid_bits", "test_bits"):
@@ -964,6 +975,24 @@ def corpus_section(corpus, runs, stats, out):
     lines.append("")
     lines += [f"![{alt}]({path})" for path, alt, written in plots if written]
     return "\n".join(lines)
+
+
+def sweep_questions(by_variant):
+    """The N sweep's comparisons among the variants present: the default
+    N against every other N, and every N > 0 against N = 0."""
+    sweep = sorted(
+        (int(name[1:]), name) for name in by_variant
+        if re.fullmatch(r"n\d+", name)
+    )
+    questions = []
+    if "allattn" in by_variant:
+        n = by_variant["allattn"][0]["persistent_memory_size"]
+        questions += [(f"N = {n} vs N = {k}", "allattn", name)
+                      for k, name in sweep if k != 0]
+    if "n0" in by_variant:
+        questions += [(f"N = {k} vs N = 0", name, "n0")
+                      for k, name in sweep if k != 0]
+    return tuple(questions)
 
 
 def pick_statistics(stats, corpus):

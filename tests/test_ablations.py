@@ -198,6 +198,56 @@ def test_from_log_reads_a_gpu_log():
         ablations.parse_log(cut, log.name)
 
 
+def sweep_record(variant, n, seed, valid, **extra):
+    """A record as `run` writes it, reduced to what `report` reads."""
+    return {
+        "variant": variant, "description": f"all-attention, N = {n}",
+        "seed": seed, "corpus": "wiki-text8", "unit": "bpc",
+        "preset_recipe": "text8_small", "persistent_memory_size": n,
+        "feedforward_dim": None, "parameters": 1000 + n, "steps": 10,
+        "train_tokens_per_s": 100, "valid_bits": valid,
+        "test_bits": valid + 0.03, "eval_token_cap": None,
+        "geometry": {"num_layers": 1, "hidden_dim": 8, "num_heads": 2,
+                     "max_span": 8, "block_size": 4, "batch_size": 2,
+                     "dropout": 0.0, "dtype": "float32"},
+        "backend": "jax", "device": "cpu", "commit": "abc",
+        "curve": [{"step": 10, "valid_bits": valid}], "curve_tokens": 9,
+        **extra,
+    }
+
+
+def test_report_shows_the_n_sweep_and_rebuilt_runs(tmp_path, capsys):
+    """Every N of the sweep is compared with the default N and with
+    N = 0 (judged against the two-seed spreads), and runs rebuilt from
+    their logs are named as such."""
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    records = [
+        sweep_record("allattn", 16, 0, 1.500), sweep_record("allattn", 16, 1,
+                                                            1.510),
+        sweep_record("n0", 0, 0, 1.600), sweep_record("n0", 0, 1, 1.610),
+        sweep_record("n4", 4, 0, 1.502, rebuilt_from_log=True,
+                     log_file="w_n4.log"),
+    ]
+    (folder / "runs.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "report"
+    script(capsys, "report", "--runs", str(folder), "--out", str(out))
+    table = (out / "ablations.md").read_text()
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")
+            for line in table.splitlines() if line.startswith("| N = ")}
+    # allattn 1.505 against n4 1.502: within twice the spread (0.0071).
+    assert rows["N = 16 vs N = 4"][3:6] == ["+0.003", "0.007",
+                                            "no difference"]
+    # n4 1.502 against n0 1.605: beyond it.
+    assert rows["N = 4 vs N = 0"][3:6] == [
+        "-0.103", "0.007", "n4 better (beyond twice the spread)"]
+    assert "N = 16 vs N = 0" not in rows  # the fixed question covers it
+    assert "Rebuilt from their logs" in table
+    assert "n4 seed 0 (`w_n4.log`)" in table
+    assert "validation and test against N" in table  # the sweep's plot
+
+
 def test_report_verdicts():
     ablations = load_script()
 
