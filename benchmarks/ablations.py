@@ -803,12 +803,15 @@ def figure(mean, spread, digits=3):
     return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
-def verdict(name_a, a, name_b, b, key):
+def verdict(name_a, a, name_b, b, key, others=()):
     """The difference of `key` between two variants' runs (A minus B),
-    the spread it is judged against, and the verdict."""
+    the spread it is judged against (the larger of the two variants' and
+    of the variants in `others`, lists of runs), and the verdict."""
     mean_a, spread_a, _ = summarise([r[key] for r in a])
     mean_b, spread_b, _ = summarise([r[key] for r in b])
     spreads = [s for s in (spread_a, spread_b) if s is not None]
+    spreads += [s for s in (summarise([r[key] for r in group])[1]
+                            for group in others) if s is not None]
     difference = mean_a - mean_b
     if not spreads:
         return difference, None, "undecided: one seed on each side, no spread"
@@ -922,12 +925,18 @@ def corpus_section(corpus, runs, stats, out):
             f"{paper_column(name, corpus)} |"
         )
     question_rows = []
+    sweep = [name for name in by_variant
+             if name == "allattn" or re.fullmatch(r"n\d+", name)]
     for question, a, b in QUESTIONS + sweep_questions(by_variant):
         if a in by_variant and b in by_variant:
+            # Within the N sweep, where some N have one seed, a difference
+            # is judged against the largest spread of any N.
+            others = ([by_variant[name] for name in sweep]
+                      if a in sweep and b in sweep else [])
             cells = []
             for key in ("valid_bits", "test_bits"):
                 difference, spread, word = verdict(
-                    a, by_variant[a], b, by_variant[b], key
+                    a, by_variant[a], b, by_variant[b], key, others
                 )
                 spread_text = "—" if spread is None else f"{spread:.3f}"
                 cells.append(f"{difference:+.3f} | {spread_text} | {word}")
@@ -937,8 +946,8 @@ def corpus_section(corpus, runs, stats, out):
         lines += [
             "",
             f"Questions: A minus B in {unit} (negative: A is better); a "
-            "difference smaller than twice the larger spread of the two is "
-            "no difference.",
+            "difference smaller than twice the larger spread of the two (in "
+            "the N sweep: the largest spread of any N) is no difference.",
             "",
             f"| question | A | B | valid A − B | spread | verdict (valid) | "
             f"test A − B | spread | verdict (test) |",

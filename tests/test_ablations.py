@@ -225,7 +225,7 @@ def test_report_shows_the_n_sweep_and_rebuilt_runs(tmp_path, capsys):
     records = [
         sweep_record("allattn", 16, 0, 1.500), sweep_record("allattn", 16, 1,
                                                             1.510),
-        sweep_record("n0", 0, 0, 1.600), sweep_record("n0", 0, 1, 1.610),
+        sweep_record("n0", 0, 0, 1.600), sweep_record("n0", 0, 1, 1.602),
         sweep_record("n4", 4, 0, 1.502, rebuilt_from_log=True,
                      log_file="w_n4.log"),
     ]
@@ -239,9 +239,10 @@ def test_report_shows_the_n_sweep_and_rebuilt_runs(tmp_path, capsys):
     # allattn 1.505 against n4 1.502: within twice the spread (0.0071).
     assert rows["N = 16 vs N = 4"][3:6] == ["+0.003", "0.007",
                                             "no difference"]
-    # n4 1.502 against n0 1.605: beyond it.
+    # n4 1.502 against n0 1.601: beyond it. The spread is allattn's, the
+    # largest of the sweep, not n0's 0.0014.
     assert rows["N = 4 vs N = 0"][3:6] == [
-        "-0.103", "0.007", "n4 better (beyond twice the spread)"]
+        "-0.099", "0.007", "n4 better (beyond twice the spread)"]
     assert "N = 16 vs N = 0" not in rows  # the fixed question covers it
     assert "Rebuilt from their logs" in table
     assert "n4 seed 0 (`w_n4.log`)" in table
