@@ -181,7 +181,8 @@ def add_run_options(parser):
                         help="override the recipe's peak learning rate")
     parser.add_argument("--warmup-steps", type=int,
                         help="override the warm-up fitted to --steps")
-    parser.add_argument("--stats-variants", type=parse_list, default=["allattn"],
+    parser.add_argument("--stats-variants", type=parse_list,
+                        default=["allattn"],
                         help="variants whose attention statistics are saved "
                         "(default allattn)")
     parser.add_argument("--stats-rows", type=int, default=STATS_ROWS,
@@ -574,7 +575,7 @@ EPOCH_HEADER = re.compile(r"Epoch (?P<epoch>\d+)/(?P<epochs>\d+)")
 # Keras's line at the end of an epoch (fit's verbose=2).
 EPOCH_LINE = re.compile(
     r"\s*(?P<done>\d+)/(?P<target>\d+) - (?P<seconds>\d+)s - .*"
-    r"val_bits_per_token: (?P<bits>[-+0-9.eE]+)"
+    r"val_bits_per_token: (?P<bits>[-+0-9.eE]+)(?: - .*)?"
 )
 CURVE_PRECISION = (
     "rebuilt from the log: curve valid_bits to the 4 decimals Keras prints; "
@@ -898,7 +899,8 @@ def corpus_section(corpus, runs, stats, out):
                   + ". Their final figures are the logs' summary lines; "
                   "their learning curves have the 4 decimals of Keras's "
                   "epoch lines and whole epoch seconds (the curve scoring "
-                  "included); their learned spans are not known."]
+                  "included); the spans they learned (adaptive span) are "
+                  "not known."]
     if len({(json.dumps(r["geometry"], sort_keys=True), r["steps"])
             for r in runs}) > 1:
         lines += ["", "**The runs differ in geometry or steps: compare "
