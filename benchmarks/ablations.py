@@ -13,6 +13,25 @@ several processes, e.g. one per GPU, can share OUT). For the variants of
 the layers learned, `keras_allattn.analysis.attention_statistics` on the
 validation text, as `OUT/stats_<variant>_seed<seed>.json`.
 
+`from-log` rebuilds those JSON lines from the output `run` printed, for
+runs whose runs.jsonl was lost (given the same options as the runs, and
+the backend, device, commit and date they ran with):
+
+    python benchmarks/ablations.py from-log w_n64.log w_n256.log \\
+        --out runs/ablations --backend jax --device "NVIDIA H200" \\
+        --commit 1c7fa2b --date 2026-11-30
+
+It takes from the log the summary line (parameters, steps, tokens/s,
+seconds, the final valid and test figures) and the learning curve (the
+epochs' `val_bits_per_token`, 4 decimals; their seconds are Keras's
+whole epoch seconds, the curve scoring included, summed), computes what
+follows from the options with `run`'s own functions (description,
+settings, geometry, recipe, the splits' sizes from `--data`), checks the
+log's description and parameter count against them, and leaves the
+learned spans (null; `--max-span` for fixed-span) and the statistics
+file out. Each record says `"rebuilt_from_log": true`, its log and the
+curve's precision.
+
 `report` reads those files from one or more folders and writes a markdown
 section (the table, the questions with their verdicts, the plots' links)
 and the PNG plots into `--out`: the learning curves of all variants, the
@@ -112,7 +131,8 @@ QUESTIONS = (
     ("joint vs separate integration", "allattn", "separate"),
     ("N = default vs N = 0 persistent vectors", "allattn", "n0"),
     ("adaptive vs fixed span", "allattn", "fixed-span"),
-    ("feed-forward plus persistent vs all-attention", "both", "allattn"),
+    ("feed-forward plus persistent (more parameters) vs all-attention",
+     "both", "allattn"),
 )
 STATS_ROWS = 8
 
@@ -131,6 +151,49 @@ def parse_list(text, kind=str):
         ) from None
 
 
+def add_run_options(parser):
+    """The options of `run` that fix the data, geometry and recipe (shared
+    by `from-log`, which must be given the same ones as the runs it
+    rebuilds)."""
+    parser.add_argument("--corpus", choices=sorted(CORPORA),
+                        default="wiki-text8")
+    parser.add_argument("--data", help="the corpus's folder or file (default: "
+                        "../shared/data/<corpus> beside the project)")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--eval-every", type=int, default=250,
+                        help="steps between two learning-curve points; must "
+                        "divide --steps")
+    parser.add_argument("--curve-tokens", type=int, default=262_144,
+                        help="validation tokens scored at each curve point "
+                        "(the first ones of the split)")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden-dim", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--persistent", type=int, default=1024,
+                        help="N, persistent vectors per head of allattn")
+    parser.add_argument("--max-span", type=int, default=1024)
+    parser.add_argument("--block-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--dtype", default="mixed_bfloat16",
+                        help='the dtype policy (default "mixed_bfloat16"; '
+                        '"float32" on a CPU)')
+    parser.add_argument("--learning-rate", type=float,
+                        help="override the recipe's peak learning rate")
+    parser.add_argument("--warmup-steps", type=int,
+                        help="override the warm-up fitted to --steps")
+    parser.add_argument("--stats-variants", type=parse_list,
+                        default=["allattn"],
+                        help="variants whose attention statistics are saved "
+                        "(default allattn)")
+    parser.add_argument("--stats-rows", type=int, default=STATS_ROWS,
+                        help="validation streams read for the statistics")
+    parser.add_argument("--cap-eval-tokens-for-testing", type=int,
+                        help="FOR THE CPU TEST ONLY: score only the first N "
+                        "tokens of the validation and test splits at the end. "
+                        "Default: the whole splits, as every reported figure "
+                        "must be")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -147,41 +210,23 @@ def build_parser():
                      default=[0], help="comma-separated seeds (default 0)")
     run.add_argument("--out", required=True,
                      help="folder for runs.jsonl and the statistics")
-    run.add_argument("--corpus", choices=sorted(CORPORA), default="wiki-text8")
-    run.add_argument("--data", help="the corpus's folder or file (default: "
-                     "../shared/data/<corpus> beside the project)")
-    run.add_argument("--steps", type=int, default=2000)
-    run.add_argument("--eval-every", type=int, default=250,
-                     help="steps between two learning-curve points; must "
-                     "divide --steps")
-    run.add_argument("--curve-tokens", type=int, default=262_144,
-                     help="validation tokens scored at each curve point "
-                     "(the first ones of the split)")
-    run.add_argument("--layers", type=int, default=8)
-    run.add_argument("--hidden-dim", type=int, default=512)
-    run.add_argument("--heads", type=int, default=8)
-    run.add_argument("--persistent", type=int, default=1024,
-                     help="N, persistent vectors per head of allattn")
-    run.add_argument("--max-span", type=int, default=1024)
-    run.add_argument("--block-size", type=int, default=512)
-    run.add_argument("--batch-size", type=int, default=32)
-    run.add_argument("--dtype", default="mixed_bfloat16",
-                     help='the dtype policy (default "mixed_bfloat16"; '
-                     '"float32" on a CPU)')
-    run.add_argument("--learning-rate", type=float,
-                     help="override the recipe's peak learning rate")
-    run.add_argument("--warmup-steps", type=int,
-                     help="override the warm-up fitted to --steps")
-    run.add_argument("--stats-variants", type=parse_list, default=["allattn"],
-                     help="variants whose attention statistics are saved "
-                     "(default allattn)")
-    run.add_argument("--stats-rows", type=int, default=STATS_ROWS,
-                     help="validation streams read for the statistics")
-    run.add_argument("--cap-eval-tokens-for-testing", type=int,
-                     help="FOR THE CPU TEST ONLY: score only the first N "
-                     "tokens of the validation and test splits at the end. "
-                     "Default: the whole splits, as every reported figure "
-                     "must be")
+    add_run_options(run)
+
+    from_log = commands.add_parser(
+        "from-log", help="rebuild the JSON lines of runs from their logs")
+    from_log.add_argument("logs", nargs="+", metavar="LOG",
+                          help="the output `run` printed (one or more runs)")
+    from_log.add_argument("--out", required=True,
+                          help="folder whose runs.jsonl the records join")
+    from_log.add_argument("--backend", required=True,
+                          help="the backend the runs used (e.g. jax)")
+    from_log.add_argument("--device", required=True,
+                          help='the device they ran on (e.g. "NVIDIA H200")')
+    from_log.add_argument("--commit", required=True,
+                          help="the commit they ran at")
+    from_log.add_argument("--date", required=True,
+                          help="the date they ran (ISO 8601)")
+    add_run_options(from_log)
 
     report = commands.add_parser("report", help="table and plots")
     report.add_argument("--runs", nargs="+", required=True,
@@ -318,6 +363,54 @@ def make_clock():
     return StepClock()
 
 
+def variant_plan(name, args, vocabulary_size):
+    """What a run of the variant `name` is, fixed by the options alone:
+    its description, its AllAttentionLM settings, the model's arguments
+    and the recipe fitted to `--steps` (shared by `run` and `from-log`)."""
+    from keras_allattn.presets import get_preset
+    from keras_allattn.training import scale_recipe
+
+    preset = get_preset(CORPORA[args.corpus]["preset"])
+    description, settings = variant_settings(name, args)
+    model_args = dict(
+        preset["model"],
+        vocabulary_size=vocabulary_size, num_layers=args.layers,
+        hidden_dim=args.hidden_dim, num_heads=args.heads,
+        max_span=args.max_span, block_size=args.block_size,
+        batch_size=args.batch_size, dtype=args.dtype, **settings,
+    )
+    recipe = scale_recipe(preset["recipe"], args.steps)
+    if args.learning_rate is not None:
+        recipe["learning_rate"] = args.learning_rate
+    if args.warmup_steps is not None:
+        recipe["warmup_steps"] = args.warmup_steps
+    return {"description": description, "settings": settings,
+            "model_args": model_args, "recipe": recipe}
+
+
+def record_head(name, seed, plan, args):
+    """The first fields of a run's record: what was trained, and how."""
+    spec = CORPORA[args.corpus]
+    settings, model_args = plan["settings"], plan["model_args"]
+    return {
+        "variant": name,
+        "description": plan["description"],
+        "seed": seed,
+        "corpus": args.corpus,
+        "unit": spec["unit"],
+        "preset_recipe": spec["preset"],
+        "persistent_memory_size": settings["persistent_memory_size"],
+        "feedforward_dim": settings["feedforward_dim"],
+        "integration": settings["integration"],
+        "adaptive_span": settings["adaptive_span"],
+        "geometry": {key: model_args[key] for key in (
+            "num_layers", "hidden_dim", "num_heads", "max_span",
+            "block_size", "batch_size", "dropout", "span_loss_coeff",
+            "dtype")},
+        "recipe": plan["recipe"],
+    }
+
+
 def train_variant(name, seed, corpus, args, out):
     """Trains one variant with one seed; returns its JSON record."""
     import keras
@@ -327,32 +420,18 @@ def train_variant(name, seed, corpus, args, out):
     from keras_allattn.data import ResetMemoryOnRestart
     from keras_allattn.data import StreamBatcher
     from keras_allattn.data import evaluate_stream
-    from keras_allattn.presets import get_preset
     from keras_allattn.training import BitsPerCharacter
     from keras_allattn.training import StreamValidation
     from keras_allattn.training import optimizer_from_recipe
-    from keras_allattn.training import scale_recipe
     from keras_allattn.utils import device_name
     from _common import commit
 
-    spec = CORPORA[args.corpus]
-    preset = get_preset(spec["preset"])
-    description, settings = variant_settings(name, args)
+    plan = variant_plan(name, args, corpus.vocabulary_size)
+    description, settings = plan["description"], plan["settings"]
+    model_args, recipe = plan["model_args"], plan["recipe"]
     started = time.perf_counter()
     keras.utils.set_random_seed(seed)
-    model_args = dict(
-        preset["model"],
-        vocabulary_size=corpus.vocabulary_size, num_layers=args.layers,
-        hidden_dim=args.hidden_dim, num_heads=args.heads,
-        max_span=args.max_span, block_size=args.block_size,
-        batch_size=args.batch_size, dtype=args.dtype, **settings,
-    )
     model = AllAttentionLM(**model_args)
-    recipe = scale_recipe(preset["recipe"], args.steps)
-    if args.learning_rate is not None:
-        recipe["learning_rate"] = args.learning_rate
-    if args.warmup_steps is not None:
-        recipe["warmup_steps"] = args.warmup_steps
     model.compile(
         optimizer=optimizer_from_recipe(recipe),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -390,21 +469,7 @@ def train_variant(name, seed, corpus, args, out):
     steady = statistics.median(clock.seconds[1:] or clock.seconds)
     tokens_per_step = args.batch_size * args.block_size
     record = {
-        "variant": name,
-        "description": description,
-        "seed": seed,
-        "corpus": args.corpus,
-        "unit": spec["unit"],
-        "preset_recipe": spec["preset"],
-        "persistent_memory_size": settings["persistent_memory_size"],
-        "feedforward_dim": settings["feedforward_dim"],
-        "integration": settings["integration"],
-        "adaptive_span": settings["adaptive_span"],
-        "geometry": {key: model_args[key] for key in (
-            "num_layers", "hidden_dim", "num_heads", "max_span",
-            "block_size", "batch_size", "dropout", "span_loss_coeff",
-            "dtype")},
-        "recipe": recipe,
+        **record_head(name, seed, plan, args),
         "parameters": parameters,
         "steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         "tokens_per_step": tokens_per_step,
@@ -500,6 +565,205 @@ def run(args):
                 flush=True)
 
 
+# === from-log ===
+
+RUN_HEADER = re.compile(
+    r"\[(?P<variant>\S+) seed (?P<seed>-?\d+)\] (?P<description>.*): "
+    r"(?P<parameters>[\d,]+) parameters"
+)
+EPOCH_HEADER = re.compile(r"Epoch (?P<epoch>\d+)/(?P<epochs>\d+)")
+# Keras's line at the end of an epoch (fit's verbose=2).
+EPOCH_LINE = re.compile(
+    r"\s*(?P<done>\d+)/(?P<target>\d+) - (?P<seconds>\d+)s - .*"
+    r"val_bits_per_token: (?P<bits>[-+0-9.eE]+)(?: - .*)?"
+)
+CURVE_PRECISION = (
+    "rebuilt from the log: curve valid_bits to the 4 decimals Keras prints; "
+    "curve train_seconds the cumulative epoch seconds Keras prints (whole "
+    "seconds, each epoch's learning-curve scoring included), not the "
+    "summed step times of a record written by `run`"
+)
+
+
+def parse_log(text, source="log"):
+    """The runs in the output of `run`: for each, the header line's
+    variant, seed, description and parameters, the epochs' (epoch,
+    seconds, val_bits_per_token) and the summary JSON line."""
+    runs, current, epoch = [], None, None
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.rstrip()
+        where = f"{source}:{number}"
+        header = RUN_HEADER.fullmatch(line)
+        if header:
+            if current is not None:
+                raise SystemExit(f"{where}: a run starts before the run of "
+                                 f"line {current['line']} printed its summary")
+            current = {**header.groupdict(), "line": number, "epochs": []}
+            current["seed"] = int(current["seed"])
+            current["parameters"] = int(current["parameters"].replace(",", ""))
+            epoch = None
+            continue
+        if current is None:
+            continue
+        match = EPOCH_HEADER.fullmatch(line)
+        if match:
+            epoch = int(match.group("epoch"))
+            continue
+        match = EPOCH_LINE.fullmatch(line)
+        if match:
+            if match.group("done") != match.group("target"):
+                continue  # not an epoch's final line
+            if epoch is None or epoch != len(current["epochs"]) + 1:
+                raise SystemExit(f"{where}: an epoch's line out of order "
+                                 f"(epoch {epoch} after "
+                                 f"{len(current['epochs'])} epochs)")
+            current["epochs"].append((epoch, int(match.group("seconds")),
+                                      float(match.group("bits"))))
+            epoch = None
+            continue
+        if line.startswith("{"):
+            try:
+                summary = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise SystemExit(f"{where}: {error}") from None
+            if (summary.get("variant"), summary.get("seed")) != (
+                    current["variant"], current["seed"]):
+                raise SystemExit(
+                    f"{where}: the summary of {summary.get('variant')!r} "
+                    f"seed {summary.get('seed')} ends the run of "
+                    f"{current['variant']!r} seed {current['seed']}")
+            current["summary"] = summary
+            runs.append(current)
+            current = None
+    if current is not None:
+        raise SystemExit(f"{source}: the run of {current['variant']!r} seed "
+                         f"{current['seed']} (line {current['line']}) has no "
+                         f"summary line: it did not finish")
+    if not runs:
+        raise SystemExit(f"{source}: no run of `run` in it")
+    return runs
+
+
+def record_from_log(run, args, corpus, log_name, out):
+    """The record `run` would have written for one parsed run: every
+    field the log carries taken from it, the ones that follow from the
+    options computed by the same functions as `run`, the rest null."""
+    name, seed, summary = run["variant"], run["seed"], run["summary"]
+    try:
+        plan = variant_plan(name, args, corpus.vocabulary_size)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    settings = plan["settings"]
+    label = f"{log_name}: {name} seed {seed}"
+    if plan["description"] != run["description"]:
+        raise SystemExit(
+            f"{label} is described in the log as {run['description']!r}, "
+            f"with these options as {plan['description']!r}: pass the "
+            f"options the run was given (e.g. --persistent, --hidden-dim)")
+    counted = count_parameters(args, settings, corpus.vocabulary_size)
+    if not run["parameters"] == summary["parameters"] == counted:
+        raise SystemExit(
+            f"{label} has {run['parameters']:,} parameters in the log, "
+            f"{counted:,} with these options and this corpus: pass the "
+            f"options and --corpus/--data the run was given")
+    if summary["steps"] != args.steps:
+        raise SystemExit(f"{label} trained {summary['steps']} steps. "
+                         f"Received: steps={args.steps}")
+    epochs = args.steps // args.eval_every
+    if len(run["epochs"]) != epochs:
+        raise SystemExit(
+            f"{label}: {len(run['epochs'])} epoch lines in the log, "
+            f"{epochs} expected (steps={args.steps}, "
+            f"eval_every={args.eval_every})")
+    elapsed = 0
+    curve = []
+    for epoch, seconds, bits in run["epochs"]:
+        elapsed += seconds
+        curve.append({"step": epoch * args.eval_every,
+                      "train_seconds": elapsed, "valid_bits": bits})
+    cap = args.cap_eval_tokens_for_testing
+    record = {
+        **record_head(name, seed, plan, args),
+        "parameters": summary["parameters"],
+        "steps": summary["steps"],
+        "tokens_per_step": args.batch_size * args.block_size,
+        "train_tokens_per_s": summary["train_tokens_per_s"],
+        "first_step_seconds": summary["first_step_seconds"],
+        "train_seconds": summary["train_seconds"],
+        "curve": curve,
+        "curve_tokens": len(corpus.valid[: args.curve_tokens]),
+        "final_scoring_seconds": summary["final_scoring_seconds"],
+        "valid_bits": summary["valid_bits"],
+        "test_bits": summary["test_bits"],
+        # evaluate_stream predicts every token of a split but the first.
+        "valid_tokens_scored": len(corpus.valid[:cap]) - 1,
+        "test_tokens_scored": len(corpus.test[:cap]) - 1,
+        "eval_token_cap": cap,
+        # The learned spans are not in the log; without adaptive span
+        # every head attends --max-span tokens.
+        "spans": None if settings["adaptive_span"] else
+        [[args.max_span] * args.heads for _ in range(args.layers)],
+        "backend": args.backend,
+        "device": args.device,
+        "commit": args.commit,
+        "date": args.date,
+    }
+    if summary.get("stats_seconds") is not None:
+        stats_name = f"stats_{name}_seed{seed}.json"
+        if (out / stats_name).is_file():
+            record["stats_file"] = stats_name
+        else:
+            print(f"{label}: its statistics were saved as {stats_name}, "
+                  f"not in {out}: the record names no statistics file",
+                  flush=True)
+        record["stats_seconds"] = summary["stats_seconds"]
+    record["wall_seconds"] = summary["wall_seconds"]
+    record["rebuilt_from_log"] = True
+    record["log_file"] = log_name
+    record["curve_precision"] = CURVE_PRECISION
+    return record
+
+
+def from_log(args):
+    """Rebuilds the records of the runs in the logs (their runs.jsonl
+    lost) and appends them to OUT/runs.jsonl, refusing a run already
+    there (same corpus, variant, seed and commit)."""
+    if args.steps % args.eval_every:
+        raise SystemExit(
+            f"--steps must be a multiple of --eval-every. Received: "
+            f"steps={args.steps}, eval_every={args.eval_every}"
+        )
+    parsed = []
+    for path in map(pathlib.Path, args.logs):
+        if not path.is_file():
+            raise SystemExit(f"no log at {path}")
+        parsed += [(path.name, run)
+                   for run in parse_log(path.read_text(), str(path))]
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = set()
+    if (out / "runs.jsonl").is_file():
+        for line in (out / "runs.jsonl").read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                existing.add((r["corpus"], r["variant"], r["seed"],
+                              r["commit"]))
+    corpus = load_corpus(args)
+    records = [record_from_log(run, args, corpus, name, out)
+               for name, run in parsed]
+    for record in records:
+        key = (record["corpus"], record["variant"], record["seed"],
+               record["commit"])
+        if key in existing:
+            raise SystemExit(f"{out / 'runs.jsonl'} already holds {key}: "
+                             f"nothing appended")
+        existing.add(key)
+    for record in records:
+        append_line(out / "runs.jsonl", record)
+        print(f"rebuilt {record['corpus']} {record['variant']} seed "
+              f"{record['seed']} from {record['log_file']}", flush=True)
+
+
 # === report ===
 
 
@@ -540,12 +804,15 @@ def figure(mean, spread, digits=3):
     return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
-def verdict(name_a, a, name_b, b, key):
+def verdict(name_a, a, name_b, b, key, others=()):
     """The difference of `key` between two variants' runs (A minus B),
-    the spread it is judged against, and the verdict."""
+    the spread it is judged against (the larger of the two variants' and
+    of the variants in `others`, lists of runs), and the verdict."""
     mean_a, spread_a, _ = summarise([r[key] for r in a])
     mean_b, spread_b, _ = summarise([r[key] for r in b])
     spreads = [s for s in (spread_a, spread_b) if s is not None]
+    spreads += [s for s in (summarise([r[key] for r in group])[1]
+                            for group in others) if s is not None]
     difference = mean_a - mean_b
     if not spreads:
         return difference, None, "undecided: one seed on each side, no spread"
@@ -583,7 +850,7 @@ def report(args):
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sections = []
-    for corpus in sorted({r["corpus"] for r in runs}):
+    for corpus in dict.fromkeys(r["corpus"] for r in runs):  # as given
         chosen = [r for r in runs if r["corpus"] == corpus]
         sections.append(corpus_section(corpus, chosen, stats, out))
     text = "\n\n".join(sections) + "\n"
@@ -623,6 +890,17 @@ def corpus_section(corpus, runs, stats, out):
                   f"{' / '.join(map(str, caps))} tokens of the "
                   "validation and test splits were scored; these figures "
                   "are not full-split results.**"]
+    rebuilt = [r for r in runs if r.get("rebuilt_from_log")]
+    if rebuilt:
+        lines += ["", "Rebuilt from their logs (`ablations.py from-log`; "
+                  "the records did not come back): "
+                  + ", ".join(f"{r['variant']} seed {r['seed']} "
+                              f"(`{r.get('log_file')}`)" for r in rebuilt)
+                  + ". Their final figures are the logs' summary lines; "
+                  "their learning curves have the 4 decimals of Keras's "
+                  "epoch lines and whole epoch seconds (the curve scoring "
+                  "included); the spans they learned (adaptive span) are "
+                  "not known."]
     if len({(json.dumps(r["geometry"], sort_keys=True), r["steps"])
             for r in runs}) > 1:
         lines += ["", "**The runs differ in geometry or steps: compare "
@@ -649,12 +927,18 @@ def corpus_section(corpus, runs, stats, out):
             f"{paper_column(name, corpus)} |"
         )
     question_rows = []
-    for question, a, b in QUESTIONS:
+    sweep = [name for name in by_variant
+             if name == "allattn" or re.fullmatch(r"n\d+", name)]
+    for question, a, b in QUESTIONS + sweep_questions(by_variant):
         if a in by_variant and b in by_variant:
+            # Within the N sweep, where some N have one seed, a difference
+            # is judged against the largest spread of any N.
+            others = ([by_variant[name] for name in sweep]
+                      if a in sweep and b in sweep else [])
             cells = []
             for key in ("valid_bits", "test_bits"):
                 difference, spread, word = verdict(
-                    a, by_variant[a], b, by_variant[b], key
+                    a, by_variant[a], b, by_variant[b], key, others
                 )
                 spread_text = "—" if spread is None else f"{spread:.3f}"
                 cells.append(f"{difference:+.3f} | {spread_text} | {word}")
@@ -664,8 +948,8 @@ def corpus_section(corpus, runs, stats, out):
         lines += [
             "",
             f"Questions: A minus B in {unit} (negative: A is better); a "
-            "difference smaller than twice the larger spread of the two is "
-            "no difference.",
+            "difference smaller than twice the larger spread of the two (in "
+            "the N sweep: the largest spread of any N) is no difference.",
             "",
             f"| question | A | B | valid A − B | spread | verdict (valid) | "
             f"test A − B | spread | verdict (test) |",
@@ -702,6 +986,24 @@ def corpus_section(corpus, runs, stats, out):
     lines.append("")
     lines += [f"![{alt}]({path})" for path, alt, written in plots if written]
     return "\n".join(lines)
+
+
+def sweep_questions(by_variant):
+    """The N sweep's comparisons among the variants present: the default
+    N against every other N, and every N > 0 against N = 0."""
+    sweep = sorted(
+        (int(name[1:]), name) for name in by_variant
+        if re.fullmatch(r"n\d+", name)
+    )
+    questions = []
+    if "allattn" in by_variant:
+        n = by_variant["allattn"][0]["persistent_memory_size"]
+        questions += [(f"N = {n} vs N = {k}", "allattn", name)
+                      for k, name in sweep if k != 0]
+    if "n0" in by_variant:
+        questions += [(f"N = {k} vs N = 0", name, "n0")
+                      for k, name in sweep if k != 0]
+    return tuple(questions)
 
 
 def pick_statistics(stats, corpus):
@@ -843,6 +1145,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "run":
         run(args)
+    elif args.command == "from-log":
+        from_log(args)
     else:
         report(args)
     return 0
