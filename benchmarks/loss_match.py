@@ -478,7 +478,9 @@ def main():
         losses, _, n, config = run(args, tokens, args.implementation,
                                    weights=initial)
         if process_index() == 0:
-            report(args, ["1 device", f"{n} devices ({process_count()} processes)"],
+            processes = process_count()
+            where = f" ({processes} processes)" if processes > 1 else " of 1 process"
+            report(args, ["1 device", f"{n} devices{where}"],
                    [reference, losses], config, nudged)
     elif backend == "jax":
         pool = keras.distribution.list_devices()
