@@ -39,8 +39,10 @@
 #          (issue 13; the traces stay on the machine, the summaries come
 #          back in the JSON lines)
 #   hosts  on two GPUs: the 200-step equivalence verdict of 2 devices and
-#          2 processes against one (JAX, PyTorch) and scaling's
-#          2-processes x 1-GPU rows (issue 17)
+#          2 processes against one (JAX, PyTorch), against the spread of
+#          three one-ulp nudged one-device runs, deterministic (issue 17)
+#   hosts-scaling on two GPUs: scaling's 2-processes x 1-GPU rows against
+#          1 process x 2 GPUs (issue 17)
 #   multi8 on a 4- or 8-GPU machine: scaling over 1, 2, 4, 8 GPUs (batch 64
 #          per GPU) and the first 200 step losses of 8 GPUs against one
 #          GPU at global batch 64 (deterministic kernels; next to the one-ulp
@@ -332,23 +334,43 @@ profile)
   lanes ;;
 hosts)
   # Issue 17 on two GPUs of one host: the 200-step equivalence verdict of
-  # 2 devices and of 2 processes against one device (next to the one-ulp
-  # nudge), JAX and PyTorch; scaling's one-process rows, then the
-  # 2-processes x 1-GPU rows against them. The loss matches train 6 of the
-  # preset's 18 layers so that their eight 200-step runs fit one call.
-  lm="python3 benchmarks/loss_match.py --compare devices --steps 200 --layers 6 --record --data .data/enwik8-head/enwik8-head.txt.xz"
+  # 2 devices of one process and of 2 processes against one device, each
+  # against the spread of three one-ulp nudged repeats of the one-device
+  # run (`--nudges 3`), JAX and PyTorch, every run bitwise reproducible
+  # (`--deterministic`, on the saving and the loading side alike). The
+  # one-device runs (the reference and its three nudged repeats, four
+  # 200-step runs) run once per backend, JAX on the first GPU beside
+  # PyTorch on the second, and are saved; the 2-device and 2-process runs
+  # load them (one 200-step run each). The loss matches train 6 of the
+  # preset's 18 layers so that the phase fits one call: in the default
+  # mode a JAX run took 25-30 s after a ~30 s compile, the saving runs
+  # (then two) 86-89 s (JAX) and 76 s (PyTorch), the 2-process launches
+  # 41 s and 44 s, so about 300 s here. The deterministic mode's cost on
+  # these runs is not measured yet: the step limits (570 s in all) allow
+  # runs about 1.7 times as slow.
+  # Scaling's rows: `hosts-scaling`.
+  lm="python3 benchmarks/loss_match.py --compare devices --steps 200 --layers 6 --deterministic --nudges 3 --record --data .data/enwik8-head/enwik8-head.txt.xz"
   # One JAX process of two (`timeout` runs programs, not shell functions).
   jd="env KERAS_BACKEND=jax KERAS_DISTRIBUTION_JOB_ADDRESSES=localhost:12355 KERAS_DISTRIBUTION_NUM_PROCESSES=2"
-  step jax_match_devices 200 env KERAS_BACKEND=jax $lm --devices 2
-  step jax_match_one 150 env KERAS_BACKEND=jax CUDA_VISIBLE_DEVICES=0 $lm --save /tmp/one_gpu_jax
-  ( step jax_match_proc1 150 $jd KERAS_DISTRIBUTION_PROCESS_ID=1 CUDA_VISIBLE_DEVICES=1 \
+  lane0() { step jax_match_one 270 env KERAS_BACKEND=jax $lm --save /tmp/one_gpu_jax; }
+  lane1() { step torch_match_one 270 env KERAS_BACKEND=torch $lm --save /tmp/one_gpu_torch; }
+  lanes
+  # Both GPUs in one JAX process (what `--devices 2` compares, without
+  # repeating the saved one-device runs).
+  step jax_match_devices 100 env KERAS_BACKEND=jax $lm --reference /tmp/one_gpu_jax \
+    --plot "$out/jax_match_devices.png"
+  ( step jax_match_proc1 100 $jd KERAS_DISTRIBUTION_PROCESS_ID=1 CUDA_VISIBLE_DEVICES=1 \
       $lm --reference /tmp/one_gpu_jax ) &
-  step jax_match_proc0 150 $jd KERAS_DISTRIBUTION_PROCESS_ID=0 CUDA_VISIBLE_DEVICES=0 \
-    $lm --reference /tmp/one_gpu_jax; wait
-  step torch_match_one 150 env KERAS_BACKEND=torch CUDA_VISIBLE_DEVICES=0 $lm --save /tmp/one_gpu_torch
-  step torch_match_2proc 150 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 \
-    ${lm#python3 } --reference /tmp/one_gpu_torch
-  sc="python3 benchmarks/scaling.py --record"
+  step jax_match_proc0 100 $jd KERAS_DISTRIBUTION_PROCESS_ID=0 CUDA_VISIBLE_DEVICES=0 \
+    $lm --reference /tmp/one_gpu_jax --plot "$out/jax_match_2proc.png"; wait
+  step torch_match_2proc 100 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 \
+    ${lm#python3 } --reference /tmp/one_gpu_torch --plot "$out/torch_match_2proc.png" ;;
+hosts-scaling)
+  # Issue 17 on two GPUs of one host: scaling's one-process rows, then the
+  # 2-processes x 1-GPU rows against them.
+  # 64 rows per GPU as the earlier scaling rows (the default, 8, leaves
+  # eager PyTorch launch-bound).
+  sc="python3 benchmarks/scaling.py --record --batch-per-device 64"
   step jax_scaling 200 env KERAS_BACKEND=jax $sc --devices 1,2
   ( step jax_scaling_proc1 200 env KERAS_BACKEND=jax KERAS_DISTRIBUTION_JOB_ADDRESSES=localhost:12356 \
       KERAS_DISTRIBUTION_NUM_PROCESSES=2 KERAS_DISTRIBUTION_PROCESS_ID=1 CUDA_VISIBLE_DEVICES=1 $sc ) &
@@ -356,7 +378,7 @@ hosts)
     KERAS_DISTRIBUTION_NUM_PROCESSES=2 KERAS_DISTRIBUTION_PROCESS_ID=0 CUDA_VISIBLE_DEVICES=0 $sc; wait
   step torch_scaling_1 120 env KERAS_BACKEND=torch $sc
   step torch_scaling_2proc 150 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 ${sc#python3 } ;;
-*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe, presets, adaptive, adaptive2, position, compiled, profile or hosts"; exit 2 ;;
+*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe, presets, adaptive, adaptive2, position, compiled, profile, hosts or hosts-scaling"; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
 # The device tool returns a limited number of files: RESULTS.md and the

@@ -181,22 +181,146 @@ def test_replica_batch_size_must_divide():
         replica_batch_size(6, 4)
 
 
-def test_loss_match_verdict_is_twice_the_nudge_spread():
-    """`loss_match`'s equivalence verdict: the N-device curve's largest
-    relative difference from one device at most twice the one-ulp nudged
-    run's."""
+def import_loss_match():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import loss_match
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    return loss_match
+
+
+def test_loss_match_verdict_is_twice_the_nudge_spread():
+    """`loss_match`'s equivalence verdict: the N-device curve's largest
+    relative difference from one device at most twice the spread of the K
+    one-ulp nudged runs, the largest of theirs (not the first draw's)."""
+    loss_match = import_loss_match()
     reference = [4.0, 3.0, 2.0]
-    nudged = [4.0, 3.0 * (1 + 1e-3), 2.0]
+    nudged = [
+        [4.0, 3.0 * (1 + 1e-3), 2.0],
+        [4.0 * (1 - 4e-3), 3.0, 2.0],
+        [4.0, 3.0, 2.0 * (1 + 2e-3)],
+    ]
+    # 1.9 times the first draw's difference, 0.475 times the spread.
     within = loss_match.verdict(reference, [4.0, 3.0, 2.0 * (1 - 1.9e-3)], nudged)
-    assert within["within_twice_nudge"]
-    assert within["nudge_max_rel_diff"] == pytest.approx(1e-3)
-    beyond = loss_match.verdict(reference, [4.0 * (1 + 2.1e-3), 3.0, 2.0], nudged)
+    assert within["nudges"] == 3
+    assert within["nudge_max_rel_diffs"] == pytest.approx([1e-3, 4e-3, 2e-3])
+    assert within["nudge_max_rel_diff"] == pytest.approx(4e-3)
+    assert within["first_nudge_max_rel_diff"] == pytest.approx(1e-3)
+    assert within["ratio_to_nudge_spread"] == pytest.approx(0.475)
+    assert within["within_twice_nudge"] and within["within_twice_first_nudge"]
+    # 5 times the first draw's, within twice the spread: the spread decides.
+    wider = loss_match.verdict(reference, [4.0, 3.0 * (1 + 5e-3), 2.0], nudged)
+    assert wider["within_twice_nudge"]
+    assert not wider["within_twice_first_nudge"]
+    beyond = loss_match.verdict(reference, [4.0 * (1 + 8.1e-3), 3.0, 2.0], nudged)
     assert not beyond["within_twice_nudge"]
+    with pytest.raises(ValueError, match="Received: 2 steps, reference of 3"):
+        loss_match.verdict(reference, reference, [[4.0, 3.0]])
+
+
+def test_loss_match_nudges_are_independent_one_ulp_draws():
+    """`nudges(weights, seed, K)`: K copies, each element one float32 ulp
+    from the original, each copy a draw of its own (the first as
+    `nudge(weights, seed)`)."""
+    loss_match = import_loss_match()
+    weights = [np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32),
+               np.linspace(-1.0, 1.0, 64, dtype=np.float32)]
+    copies = loss_match.nudges(weights, 5, 3)
+    assert len(copies) == 3
+    for copy in copies:
+        for moved, original in zip(copy, weights):
+            assert moved.dtype == np.float32
+            assert np.all(moved != original)
+            ulp = np.spacing(np.abs(original))
+            # One ulp up, or down (a smaller ulp below a power of two).
+            assert np.all(np.abs(moved - original) <= ulp)
+            assert np.all(np.abs(moved - original) >= ulp / 2)
+    for i in range(3):
+        for j in range(i):
+            assert any(np.any(a != b) for a, b in zip(copies[i], copies[j]))
+    for a, b in zip(copies[0], loss_match.nudge(weights, 5)):
+        np.testing.assert_array_equal(a, b)
+
+
+def save_folder(loss_match, folder, nudged, single_curve=False, deterministic=False):
+    """A `--save` folder (weights, 3 steps of losses); `single_curve`: as
+    saved with one nudged run, a flat curve and no count."""
+    loss_match.save_reference(
+        str(folder), [np.ones((2, 3), np.float32)], [4.0, 3.0, 2.0],
+        nudged, deterministic,
+    )
+    if single_curve:
+        (folder / "nudged_losses.json").write_text(json.dumps(nudged[0]))
+        (folder / "settings.json").write_text(
+            json.dumps({"deterministic": deterministic})
+        )
+
+
+def test_loss_match_reference_reads_k_nudged_curves_and_the_old_single_one(tmp_path):
+    """`--reference` loads the K nudged curves of a folder, and a folder
+    saved with a single nudged curve as K = 1; a different `--nudges`, or
+    deterministic mode, than the folder's is refused."""
+    import argparse
+
+    loss_match = import_loss_match()
+    curves = [[4.0, 3.1, 2.0], [4.0, 3.0, 2.2]]
+    save_folder(loss_match, tmp_path / "new", curves)
+    save_folder(loss_match, tmp_path / "old", curves[:1], single_curve=True)
+
+    def load(folder, nudges=None, deterministic=False):
+        args = argparse.Namespace(reference=str(tmp_path / folder), steps=3,
+                                  nudges=nudges, deterministic=deterministic)
+        return loss_match.load_reference(args)
+
+    initial, reference, nudged = load("new")
+    assert nudged == curves and reference == [4.0, 3.0, 2.0]
+    np.testing.assert_array_equal(initial[0], np.ones((2, 3), np.float32))
+    assert load("new", nudges=2)[2] == curves
+    assert load("old")[2] == curves[:1]
+    assert load("old", nudges=1)[2] == curves[:1]
+    with pytest.raises(SystemExit, match="holds 1 nudged runs; this run has --nudges 3"):
+        load("old", nudges=3)
+    with pytest.raises(SystemExit, match="saved with deterministic=False; this run "
+                       "has deterministic=True"):
+        load("new", deterministic=True)
+
+
+@only("torch")
+def test_loss_match_saves_k_distinct_nudged_runs(tmp_path, monkeypatch, capsys):
+    """`--compare devices --save`: the one-device run and K = 2 nudged
+    repeats, really trained (a tiny model, 8 steps): the two nudged curves
+    differ from each other and from the unnudged one, and the printed
+    spread is the larger of their differences. On PyTorch, whose eager
+    one-process runs take seconds on a CPU (JAX's `fit` of one step per
+    epoch takes a minute here); the nudged runs are the same code on
+    every backend."""
+    loss_match = import_loss_match()
+    rng = np.random.default_rng(0)
+    words = "the cat sat on a mat and a dog ran over the hill".split()
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(rng.choice(words, 2000)))
+    folder = tmp_path / "saved"
+    monkeypatch.setattr(sys, "argv", [
+        "loss_match.py", "--compare", "devices", "--data", str(text),
+        "--preset", "char_tiny_cpu", "--span", "fixed:16", "--batch-size", "2",
+        "--block-size", "8", "--layers", "1", "--dtype", "float32",
+        "--jit-compile", "off", "--steps", "8", "--nudges", "2",
+        "--save", str(folder),
+    ])
+    loss_match.main()
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    losses = json.loads((folder / "losses.json").read_text())
+    nudged = json.loads((folder / "nudged_losses.json").read_text())
+    assert json.loads((folder / "settings.json").read_text()) == {
+        "deterministic": False, "nudges": 2,
+    }
+    assert len(losses) == 8 and [len(c) for c in nudged] == [8, 8]
+    assert nudged[0] != losses and nudged[1] != losses
+    assert nudged[0] != nudged[1]
+    differences = [loss_match.compare(losses, curve)[0] for curve in nudged]
+    assert printed["nudge_max_rel_diffs"] == pytest.approx(differences)
+    assert printed["nudge_max_rel_diff"] == max(differences) > 0
 
 
 # === JAX: keras.distribution, memory sharded on "batch" ===
