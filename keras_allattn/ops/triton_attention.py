@@ -13,28 +13,48 @@ materialising any (B, H, M, A) tensor in device memory:
   span ratio `z` is read inside the kernel, so the cost follows the learned
   span.
 * relative positions: for a query tile `[i0, i0+BQ)` and key tile
-  `[j0, j0+BK)` the distances form a band (`c = A - r = j - i`). The kernel
-  keeps `Q @ P[:, chunk]` for two consecutive chunks of `BK` position
-  columns; the tile's position scores are read out of them with `tl.gather`
-  (the skew), so walking the key tiles costs one `Q @ P` product of the size
-  of `Q @ K^T` per tile.
+  `[j0, j0+BK)` the distances form a band (`c = A - r = j - i`). Two
+  designs, chosen by the `position` argument (the same function):
+  - "in_kernel" (the default): the kernel keeps `Q @ P[:, chunk]` for two
+    consecutive chunks of `BK` position columns; the tile's position scores
+    are read out of them with `tl.gather` (the skew), so walking the key
+    tiles costs one `Q @ P` product of the size of `Q @ K^T` per tile.
+  - "matmul": outside the kernels one PyTorch matmul per pass computes the
+    position scores `QP = Q P` (B, M, H, A) in the inputs' dtype (float32
+    accumulation); the forward and dK/dV kernels read a tile's band with
+    one masked load `QP[b, i, h, j - i]` (contiguous along the keys), no
+    position matmul or skew in the kernels. The backward recomputes QP
+    rather than keeping it. QP and dS are transients of `B M H A` elements
+    each (1 GiB each in bfloat16 at B = 64, M = 512, H = 8, A = 2048) while
+    a layer's pass runs.
 * backward: the flash-attention backward, recomputing the probabilities
   from the saved log-sum-exp. Three kernels: dQ (with the position-key
   gradient and the span-ratio gradient), dK/dV, and the persistent
   keys/values (split over the batch, partial sums added outside). The
-  position-key gradient `sum_{b,h,i} dS(i, r) q_i` is accumulated with
-  float32 `tl.atomic_add` into a few replicated buffers (summed outside;
-  not bitwise deterministic: concurrent programs add in varying order);
-  the span-ratio gradient is written as per-program partials and summed
-  outside.
+  span-ratio gradient is written as per-program partials and summed
+  outside. The position-key gradient `sum_{b,h,i} dS(i, r) q_i`:
+  - "in_kernel": accumulated by the dQ kernel with float32
+    `tl.atomic_add` into a few replicated buffers (summed outside; not
+    bitwise deterministic: concurrent programs add in varying order).
+  - "matmul": the dQ kernel writes `dS` times the logits' scale (the
+    gradient of QP) into a (B, M, H, A) buffer in QP's skewed layout with
+    one masked store per tile, zeros at the distances the span skips (every
+    entry written once: the buffer is not cleared); two PyTorch matmuls
+    then give the position share of dQ, `dS P^T` (added to the kernel's
+    float32 dQ), and the gradient of position_keys, `Q^T dS` summed over
+    batch rows, heads and queries. No atomics.
 * deterministic mode (`keras_allattn.ops.attention.set_deterministic`,
-  read at each forward call): every dQ program gets a buffer of its own.
-  A program adds each distance column at most once (each chunk is
-  completed once), so every element receives one addition onto zero, and
-  the fixed-order sum outside makes the gradient bitwise reproducible. The
-  cost is `ceil(M / block_q) * B * H` float32 (A, D) buffers: 2 GiB for
-  B = 64, H = 8, M = 512, A = 2048, D = 64 and 64-query dQ tiles (4 MiB
-  otherwise). The other backward outputs are written once per program.
+  read at each forward call), "in_kernel" design: every dQ program gets a
+  buffer of its own. A program adds each distance column at most once
+  (each chunk is completed once), so every element receives one addition
+  onto zero, and the fixed-order sum outside makes the gradient bitwise
+  reproducible. The cost is `ceil(M / block_q) * B * H` float32 (A, D)
+  buffers: 2 GiB for B = 64, H = 8, M = 512, A = 2048, D = 64 and 64-query
+  dQ tiles (4 MiB otherwise). The other backward outputs are written once
+  per program. The "matmul" design uses no atomics: every output is
+  written by one program or one matmul, so its gradients are bitwise
+  reproducible (same device, shapes and libraries) in every mode, and the
+  switch changes nothing there.
 * span-ratio gradient: `dz = (L/R) sum_r exp(s(r) - lse) (dP(r) - Delta)`
   over the distances whose unclipped mask `(R + z L - r + 1) / R` lies in
   [0, 1], boundaries included. Inside the ramp this is the log-space
@@ -64,8 +84,8 @@ materialising any (B, H, M, A) tensor in device memory:
   the backward. `make_fx` and `torch.compile` therefore trace the kernels
   as graph nodes, forward and backward (the compiled PyTorch training step
   of `keras_allattn.compiling` keeps them); the settings (tiles,
-  integration, span, dropout rate, deterministic mode...) are arguments of
-  the operators, fixed in a traced graph.
+  integration, span, dropout rate, position design, deterministic mode...)
+  are arguments of the operators, fixed in a traced graph.
 
 Triton is imported lazily: importing this module never needs triton (nor
 torch); the kernels are built on first use. Set `TRITON_INTERPRET=1`
