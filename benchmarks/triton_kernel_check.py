@@ -316,7 +316,7 @@ def profile_kernels(inputs, grad, kwargs, steps):
         name = event.key
         if name.startswith("_fwd_kernel") or name.startswith("_bwd_"):
             group = name.split(" ")[0]
-        elif any(word in name.lower() for word in ("gemm", "matmul", "sm90_xmma", "cutlass")):
+        elif any(word in name.lower() for word in ("gemm", "matmul", "xmma", "cutlass", "nvjet")):
             group = "matmul"
         else:
             group = "other"
