@@ -227,8 +227,7 @@ REFERENCE_MATRIX = [
     pytest.param(*case, position, id=f"{name}-{position}")
     for name, case in REFERENCE_CASES.items()
     for position in POSITIONS
-    if position == "in_kernel" or name in ("context_only-no_span", "joint-span",
-                                           "separate-span")
+    if position == "in_kernel" or name in ("joint-span", "separate-span")
 ]
 
 
@@ -555,6 +554,30 @@ def test_matmul_position_design_is_reproducible_in_every_mode(
         assert torch.equal(out, again_out)
         for name, value in grads.items():
             assert torch.equal(value, again_grads[name]), name
+
+
+@pytest.mark.parametrize("case", ["span_joint", "span_separate"])
+def test_matmul_position_design_in_batch_chunks(case, monkeypatch, nan_filled_ds):
+    """Where QP of the whole batch would pass `_POSITION_BYTES`, the matmul
+    design runs the batch in chunks (here one row each): the same function
+    and gradients, dropout mask included."""
+    persistent, span, integration = PORTABLE_CASES[case]
+    inputs, grad = portable_case_inputs(span)
+    b, m, h, _ = inputs["query"].shape
+    a = inputs["position_keys"].shape[1]
+    args, _ = reference_run(inputs, grad, persistent, bool(span), integration)
+    seed = dropout_seed()
+    keys = attention_dropout_keys(seed, b, h, m).to(DEVICE)
+    options = dict(max_span=MAX_SPAN, span_ramp=RAMP, integration=integration,
+                   dropout_rate=DROPOUT_RATE)
+    want = run(portable_all_attention, args, grad, torch.float32,
+               dropout_seed=seed, **options)
+    # float32 scores of one batch row: m * h * a * 4 bytes.
+    monkeypatch.setattr(triton_attention, "_POSITION_BYTES", m * h * a * 4)
+    got = run(triton_all_attention, args, grad, torch.float32, dropout_keys=keys,
+              block_q=16, block_k=16, position="matmul", **options)
+    check(*got, *want, TOL)
+    assert nan_filled_ds == [(1, m, h, a)] * b  # one dS buffer per chunk
 
 
 # The kernels as PyTorch custom operators: traced by make_fx and

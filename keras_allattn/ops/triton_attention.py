@@ -26,7 +26,9 @@ materialising any (B, H, M, A) tensor in device memory:
     position matmul or skew in the kernels. The backward recomputes QP
     rather than keeping it. QP and dS are transients of `B M H A` elements
     each (1 GiB each in bfloat16 at B = 64, M = 512, H = 8, A = 2048) while
-    a layer's pass runs.
+    a layer's pass runs; where they would exceed `_POSITION_BYTES`
+    (512 MiB) each pass runs its kernels and matmuls over batch chunks, one
+    after the other, so the transients do not grow with the span.
 * backward: the flash-attention backward, recomputing the probabilities
   from the saved log-sum-exp. Three kernels: dQ (with the position-key
   gradient and the span-ratio gradient), dK/dV, and the persistent
@@ -136,6 +138,11 @@ HAS_DROPOUT = True
 # The designs of the relative-position term (`position` argument of
 # `triton_all_attention`; the module docstring describes both).
 POSITION_DESIGNS = ("in_kernel", "matmul")
+# Cap on the position scores QP (and dS) of one pass of the matmul design:
+# a larger batch runs in chunks, one after the other, so the transients stay
+# near this size whatever the span (at A = 8192, B = 64, H = 8, M = 512 in
+# bfloat16 the whole batch's scores would take 4 GiB each).
+_POSITION_BYTES = 512 * 2**20
 
 
 def triton_available():
@@ -834,6 +841,18 @@ def _position_inputs(q, position_keys, pos_matmul):
     return position_keys.t().contiguous(), q
 
 
+def _batch_chunks(q, length, pos_matmul):
+    """Batch-row slices of the passes: one slice in the in-kernel design;
+    in the matmul design as few as keep QP (and dS) of one slice within
+    `_POSITION_BYTES`, at least one row each."""
+    batch, queries, heads, _ = q.shape
+    rows = batch
+    if pos_matmul:
+        per_row = queries * heads * length * q.element_size()
+        rows = max(1, min(batch, _POSITION_BYTES // per_row))
+    return [slice(b0, min(batch, b0 + rows)) for b0 in range(0, batch, rows)]
+
+
 def _new_ds_buffer(qp):
     """The dS buffer of the matmul design: uninitialised (the dQ kernel
     writes every entry; tests swap in a NaN-filled one to check that)."""
@@ -865,7 +884,6 @@ def _register_operators(torch, triton):
         v = value.contiguous()
         B, M, H, D = q.shape
         A = position_keys.shape[1]
-        pos, qp = _position_inputs(q, position_keys, cfg["pos_matmul"])
         has_pers = pkeys is not None
         has_span = span_ratio is not None
         separate = has_pers and cfg["integration"] == "separate"
@@ -887,22 +905,29 @@ def _register_operators(torch, triton):
         lse_c = lse[0]
         lse_p = lse[1] if separate else lse_c
         oc, op = (parts[0], parts[1]) if separate else (out, out)
-        grid = (triton.cdiv(M, tiles[0]), B * H)
-        _fwd_kernel[grid](
-            q, k, v, pos, qp, mk, mv, z, rk, out, oc, op, lse_c, lse_p,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            mk.stride(0), mk.stride(1), mv.stride(0), mv.stride(1),
-            qp.stride(0), qp.stride(1), qp.stride(2),
-            H, M, A, N, cfg["max_span"], cfg["span_ramp"],
-            scale * math.log2(math.e), cfg["keep_threshold"], cfg["drop_scale"],
-            HAS_SPAN=has_span, HAS_PERS=has_pers, SEPARATE=separate,
-            HAS_DROPOUT=has_dropout, POS_MATMUL=cfg["pos_matmul"],
-            D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=cfg["prec"](q.dtype),
-            **launch_options(tiles),
-        )
+        # The matmul design runs over batch chunks (one after the other) so
+        # that QP stays near `_POSITION_BYTES`; one chunk otherwise.
+        for rows in _batch_chunks(q, A, cfg["pos_matmul"]):
+            bh = slice(rows.start * H, rows.stop * H)  # rows of lse
+            pos, qp = _position_inputs(q[rows], position_keys, cfg["pos_matmul"])
+            grid = (triton.cdiv(M, tiles[0]), (rows.stop - rows.start) * H)
+            _fwd_kernel[grid](
+                q[rows], k[rows], v[rows], pos, qp, mk, mv, z, rk[rows],
+                out[rows], oc[rows], op[rows], lse_c[bh], lse_p[bh],
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                out.stride(0), out.stride(1), out.stride(2),
+                mk.stride(0), mk.stride(1), mv.stride(0), mv.stride(1),
+                qp.stride(0), qp.stride(1), qp.stride(2),
+                H, M, A, N, cfg["max_span"], cfg["span_ramp"],
+                scale * math.log2(math.e), cfg["keep_threshold"], cfg["drop_scale"],
+                HAS_SPAN=has_span, HAS_PERS=has_pers, SEPARATE=separate,
+                HAS_DROPOUT=has_dropout, POS_MATMUL=cfg["pos_matmul"],
+                D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=cfg["prec"](q.dtype),
+                **launch_options(tiles),
+            )
+            del qp
         return out, lse, parts
 
     @forward.register_fake
@@ -924,7 +949,6 @@ def _register_operators(torch, triton):
         k = key.contiguous()
         v = value.contiguous()
         pos_matmul = cfg["pos_matmul"]
-        pos, qp = _position_inputs(q, position_keys, pos_matmul)
         has_pers = pkeys is not None
         has_span = span_ratio is not None
         has_dropout = cfg["dropout"] > 0.0
@@ -976,55 +1000,80 @@ def _register_operators(torch, triton):
             if replicas is None:
                 replicas = 8 if dev.type == "cuda" else 1
             replicas = max(1, min(int(replicas), B * H))
-        if pos_matmul:
-            # The kernel's share of dQ in float32 (the position share is
-            # added outside), and dS = d loss / d QP in QP's layout, every
-            # entry written by the kernel.
-            dq = torch.empty(q.shape, device=dev, dtype=torch.float32)
-            ds = _DS_BUFFER(qp)
-            dpos = q.new_empty((0,))
-        else:
-            dq = torch.empty_like(q)
-            ds = q.new_empty((0,))
-            dpos = torch.zeros((replicas if need_dpos else 1, A, D), device=dev,
-                               dtype=torch.float32)
         dzp = torch.zeros((B * H * nq,), device=dev, dtype=torch.float32)
-        _bwd_dq_kernel[(nq, B * H)](
-            q, k, v, pos, qp, mk_arg, mv_arg, z_arg, rk_arg, do, lse_c, lse_p,
-            del_c, del_p, dq, dpos, ds, dzp,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            mk_arg.stride(0), mk_arg.stride(1), mv_arg.stride(0), mv_arg.stride(1),
-            qp.stride(0), qp.stride(1), qp.stride(2),
-            H, M, A, N, max_span, ramp, scale_log2, scale,
-            (max_span / ramp) if has_span else 0.0, replicas, *drop,
-            HAS_SPAN=has_span, HAS_PERS=has_pers,
-            NEED_DPOS=need_dpos, NEED_DZ=need_dz, HAS_DROPOUT=has_dropout,
-            POS_MATMUL=pos_matmul,
-            D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
-            **launch_options(tiles),
-        )
-
-        tiles = cfg["dkdv"]
+        dkdv_tiles = cfg["dkdv"]
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
-        _bwd_dkdv_kernel[(triton.cdiv(A + M, tiles[1]), B * H)](
-            q, k, v, pos, qp, z_arg, rk_arg, do, lse_c, del_c, dk, dv,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            qp.stride(0), qp.stride(1), qp.stride(2),
-            H, M, A, max_span, ramp, scale_log2, scale, *drop,
-            HAS_SPAN=has_span, HAS_DROPOUT=has_dropout, POS_MATMUL=pos_matmul,
-            D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
-            **launch_options(tiles),
-        )
+        dpos_out = q.new_empty((0,))
+        if pos_matmul:
+            # The kernel's share of dQ in float32 (the position share is
+            # added outside).
+            dq = torch.empty(q.shape, device=dev, dtype=torch.float32)
+            dpos = q.new_empty((0,))
+            p = position_keys.to(q.dtype)
+            dpos_acc = None
+        else:
+            dq = torch.empty_like(q)
+            dpos = torch.zeros((replicas if need_dpos else 1, A, D), device=dev,
+                               dtype=torch.float32)
+        # Batch chunks as in the forward (one chunk in the in-kernel design).
+        for rows in _batch_chunks(q, A, pos_matmul):
+            bh = slice(rows.start * H, rows.stop * H)  # rows of lse, delta
+            nbh = (rows.stop - rows.start) * H
+            pos, qp = _position_inputs(q[rows], position_keys, pos_matmul)
+            # dS = d loss / d QP in QP's layout, every entry written by the
+            # kernel (matmul design; a placeholder otherwise).
+            ds = _DS_BUFFER(qp) if pos_matmul else q.new_empty((0,))
+            _bwd_dq_kernel[(nq, nbh)](
+                q[rows], k[rows], v[rows], pos, qp, mk_arg, mv_arg, z_arg, rk_arg[rows],
+                do[rows], lse_c[bh], lse_p[bh], del_c[bh], del_p[bh], dq[rows], dpos, ds,
+                dzp[rows.start * H * nq:rows.stop * H * nq],
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                do.stride(0), do.stride(1), do.stride(2),
+                mk_arg.stride(0), mk_arg.stride(1), mv_arg.stride(0), mv_arg.stride(1),
+                qp.stride(0), qp.stride(1), qp.stride(2),
+                H, M, A, N, max_span, ramp, scale_log2, scale,
+                (max_span / ramp) if has_span else 0.0, replicas, *drop,
+                HAS_SPAN=has_span, HAS_PERS=has_pers,
+                NEED_DPOS=need_dpos, NEED_DZ=need_dz, HAS_DROPOUT=has_dropout,
+                POS_MATMUL=pos_matmul,
+                D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
+                **launch_options(tiles),
+            )
+            _bwd_dkdv_kernel[(triton.cdiv(A + M, dkdv_tiles[1]), nbh)](
+                q[rows], k[rows], v[rows], pos, qp, z_arg, rk_arg[rows], do[rows],
+                lse_c[bh], del_c[bh], dk[rows], dv[rows],
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                do.stride(0), do.stride(1), do.stride(2),
+                qp.stride(0), qp.stride(1), qp.stride(2),
+                H, M, A, max_span, ramp, scale_log2, scale, *drop,
+                HAS_SPAN=has_span, HAS_DROPOUT=has_dropout, POS_MATMUL=pos_matmul,
+                D=D, BQ=dkdv_tiles[0], BK=dkdv_tiles[1], BD=bd, PREC=prec,
+                **launch_options(dkdv_tiles),
+            )
+            del qp
+            if pos_matmul:
+                # The position term's share of dQ, `dS P^T`, and d
+                # position_keys `Q^T dS` summed over batch rows, queries and
+                # heads: two matmuls per chunk.
+                dq[rows] += torch.matmul(ds, p.t()).float()
+                if need_dpos:
+                    part = torch.matmul(q[rows].reshape(-1, D).t(), ds.reshape(-1, A))
+                    dpos_acc = part.float() if dpos_acc is None else dpos_acc + part.float()
+            del ds
+        if pos_matmul:
+            dq = dq.to(q.dtype)
+            if need_dpos:
+                dpos_out = dpos_acc.to(position_keys.dtype)
+        elif need_dpos:
+            dpos_out = dpos.sum(0).t().to(position_keys.dtype).contiguous()
 
         # Outputs must not alias each other: one empty tensor each.
-        dmk, dmv, dz, dpos_out = (q.new_empty((0,)) for _ in range(4))
+        dmk, dmv, dz = (q.new_empty((0,)) for _ in range(3))
         if has_pers and need_pers:
             tiles = cfg["persistent"]
             n_tiles = triton.cdiv(N, tiles[1])
@@ -1049,18 +1098,6 @@ def _register_operators(torch, triton):
             dmv = part_v.sum(0).to(mv.dtype)
         if need_dz:
             dz = dzp.view(B, H, nq).sum((0, 2)).to(z.dtype)
-        if pos_matmul:
-            del qp
-            # The position term's share of dQ, `dS P^T`, and d position_keys
-            # `Q^T dS` summed over batch rows, queries and heads: two matmuls.
-            p = position_keys.to(ds.dtype)
-            dq = (dq + torch.matmul(ds, p.t()).float()).to(q.dtype)
-            if need_dpos:
-                dpos_out = torch.matmul(
-                    q.reshape(-1, D).t(), ds.reshape(-1, A)
-                ).to(position_keys.dtype)
-        elif need_dpos:
-            dpos_out = dpos.sum(0).t().to(position_keys.dtype).contiguous()
         return dq, dk, dv, dpos_out, dmk, dmv, dz
 
     @backward.register_fake
