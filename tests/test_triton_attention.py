@@ -221,13 +221,13 @@ REFERENCE_CASES = {
         ("separate", True, "separate"),
     )
 }
-# The matmul design on the cases that exercise most of it (both
-# integrations, the span); test_matches_portable covers the rest.
+# The matmul design on the case that exercises most of it (persistent
+# vectors, "separate", the span); test_matches_portable covers the rest.
 REFERENCE_MATRIX = [
     pytest.param(*case, position, id=f"{name}-{position}")
     for name, case in REFERENCE_CASES.items()
     for position in POSITIONS
-    if position == "in_kernel" or name in ("joint-span", "separate-span")
+    if position == "in_kernel" or name == "separate-span"
 ]
 
 
@@ -326,8 +326,17 @@ def dropout_seed():
     return torch.tensor(DROPOUT_SEED, dtype=torch.int32, device=DEVICE)
 
 
-@pytest.mark.parametrize("position", POSITIONS)
-@pytest.mark.parametrize("case", [*PORTABLE_CASES, "uneven_tiles"])
+DROPOUT_CASES = [
+    pytest.param(case, position, id=f"{case}-{position}")
+    for case in [*PORTABLE_CASES, "uneven_tiles"]
+    for position in POSITIONS
+    # The matmul design where it differs most: persistent vectors, both
+    # integrations, the span's boundaries, uneven tiles.
+    if position == "in_kernel" or case not in ("context_only", "span_context_only")
+]
+
+
+@pytest.mark.parametrize("case,position", DROPOUT_CASES)
 def test_dropout_matches_portable_path_and_reference(case, position, nan_filled_ds):
     """With attention dropout the kernels draw the portable path's mask
     (same seed, same counter-based function): outputs and every gradient
@@ -556,12 +565,12 @@ def test_matmul_position_design_is_reproducible_in_every_mode(
             assert torch.equal(value, again_grads[name]), name
 
 
-@pytest.mark.parametrize("case", ["span_joint", "span_separate"])
-def test_matmul_position_design_in_batch_chunks(case, monkeypatch, nan_filled_ds):
+def test_matmul_position_design_in_batch_chunks(monkeypatch, nan_filled_ds):
     """Where QP of the whole batch would pass `_POSITION_BYTES`, the matmul
     design runs the batch in chunks (here one row each): the same function
-    and gradients, dropout mask included."""
-    persistent, span, integration = PORTABLE_CASES[case]
+    and gradients, dropout mask included ("separate": every per-row input
+    and output of the kernels is sliced)."""
+    persistent, span, integration = PORTABLE_CASES["span_separate"]
     inputs, grad = portable_case_inputs(span)
     b, m, h, _ = inputs["query"].shape
     a = inputs["position_keys"].shape[1]
@@ -632,7 +641,7 @@ def operator_args(tensors, drop, integration, deterministic=False,
 @pytest.mark.parametrize(
     "case,position",
     [(case, "in_kernel") for case in OPERATOR_CASES]
-    + [("joint_span_dropout", "matmul"), ("separate_span", "matmul")],
+    + [("joint_span_dropout", "matmul")],
 )
 def test_operators_pass_opcheck(case, position):
     """Schema, fake implementations (against the kernels' outputs),
