@@ -18,6 +18,14 @@ With `--dropout RATE` every check and timing runs with attention dropout at
 that rate (the kernel with the row keys of a fixed seed, the portable path
 with the seed itself: the same mask).
 
+`--position in_kernel,matmul` checks and times each design of the position
+term (`position` argument of `triton_all_attention`) in turn, one record
+each (field "position"), so one call compares them. `--profile` adds, per
+design, the device time of each kernel in one forward+backward step (a
+`torch.profiler` trace of `--profile-steps` steps, ms per step): the Triton
+kernels by name, the matmuls (the position scores and gradients of the
+matmul design) and the rest.
+
 Configurations: "fixed" (A = 2048 attended distances, no adaptive span) and
 "adaptive" (L = A = 8192, span ratios chosen so that the heads' spans are
 about 768..1280, ~1024 on average: the kernel skips the key tiles beyond
@@ -28,6 +36,8 @@ Usage (on the GPU machine, Keras carried as wheels, see GPU.md):
     KERAS_BACKEND=torch python3 benchmarks/triton_kernel_check.py
     ... --configs fixed --check-batch 4 --no-sweep --no-portable-timing
     ... --dropout 0.3
+    ... --configs fixed --no-check --no-sweep --no-portable-timing \
+        --dropout 0.3 --position in_kernel,matmul --profile
 CPU self-test of the script (Triton interpreter, tiny shapes, checks only):
     KERAS_BACKEND=torch python3 benchmarks/triton_kernel_check.py --smoke [--dropout 0.3]
 """
@@ -160,6 +170,11 @@ def portable(**kwargs):
     return portable_all_attention(**kwargs)
 
 
+def design(args):
+    """Keyword arguments of the kernel for the design being measured."""
+    return {"position": args.position_design}
+
+
 def check(shape, args):
     from keras_allattn.ops.triton_attention import triton_all_attention
 
@@ -170,7 +185,9 @@ def check(shape, args):
     inputs, grad, kwargs = make_inputs(shape, args.check_batch, torch.float32, args.device)
     drop_kernel, drop_portable = dropout_kwargs(inputs, args.dropout)
     ref = forward_backward(portable, inputs, grad, **kwargs, **drop_portable)
-    got = forward_backward(triton_all_attention, inputs, grad, **kwargs, **drop_kernel)
+    got = forward_backward(
+        triton_all_attention, inputs, grad, **kwargs, **drop_kernel, **design(args)
+    )
     record["fp32_rel_err"] = rel_errors(got, ref)
     del got
     # bfloat16: kernel on bf16 inputs against the fp32 reference on the
@@ -185,7 +202,8 @@ def check(shape, args):
         k: (v.to(torch.bfloat16) if k != "span_ratio" else v) for k, v in inputs.items()
     }
     got = forward_backward(
-        triton_all_attention, bf16_inputs, grad_r.bfloat16(), **kwargs, **drop_kernel
+        triton_all_attention, bf16_inputs, grad_r.bfloat16(), **kwargs,
+        **drop_kernel, **design(args),
     )
     record["bf16_rel_err"] = rel_errors(got, ref)
     del got
@@ -231,7 +249,7 @@ def timings(shape, args, tiles=None):
 
     inputs, grad, kwargs = make_inputs(shape, shape["B"], torch.bfloat16, args.device)
     drop_kernel, drop_portable = dropout_kwargs(inputs, args.dropout)
-    kw = dict(kwargs, **drop_kernel, **(tiles or {}))
+    kw = dict(kwargs, **drop_kernel, **design(args), **(tiles or {}))
     record = {}
     t0 = time.time()
     fwd, _ = time_fn(triton_all_attention, inputs, grad, kw, backward=False)
@@ -247,6 +265,8 @@ def timings(shape, args, tiles=None):
     span = shape["A"] if shape["span"] is None else min(shape["A"], shape["span"] + SPAN_RAMP)
     flops = 2 * shape["B"] * shape["H"] * shape["M"] * shape["D"] * (3 * span + 2 * shape["N"])
     record["fwd_tflops_useful"] = round(flops / (fwd / 1e3) / 1e12, 1)
+    if tiles is None and args.profile:
+        record["kernel_ms"] = profile_kernels(inputs, grad, kw, args.profile_steps)
     if tiles is None and args.portable_timing:
         try:
             pkw = dict(kwargs, **drop_portable)
@@ -261,6 +281,49 @@ def timings(shape, args, tiles=None):
     del inputs, grad
     empty_cache()
     return record
+
+
+def profile_kernels(inputs, grad, kwargs, steps):
+    """Device time per forward+backward step of each kernel, in ms: the
+    Triton kernels by name, matmuls ("matmul"), everything else ("other"),
+    and their total, from a torch.profiler trace of `steps` steps."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile
+
+    from keras_allattn.ops.triton_attention import triton_all_attention
+
+    args = leaves(inputs)
+
+    def step():
+        out = triton_all_attention(**args, **kwargs)
+        out.backward(grad)
+        for t in args.values():
+            t.grad = None
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None)
+        if us is None:
+            us = getattr(event, "cuda_time_total", 0.0)
+        if not us:
+            continue
+        name = event.key
+        if name.startswith("_fwd_kernel") or name.startswith("_bwd_"):
+            group = name.split(" ")[0]
+        elif any(word in name.lower() for word in ("gemm", "matmul", "xmma", "cutlass", "nvjet")):
+            group = "matmul"
+        else:
+            group = "other"
+        times[group] = times.get(group, 0.0) + us
+    result = {name: round(us / steps / 1e3, 3) for name, us in sorted(times.items())}
+    result["total"] = round(sum(times.values()) / steps / 1e3, 3)
+    return result
 
 
 def empty_cache():
@@ -288,12 +351,31 @@ def main():
         help="attention dropout rate of every check and timing (default 0: none)",
     )
     parser.add_argument(
+        "--position", default="in_kernel", metavar="DESIGNS",
+        help="comma-separated designs of the position term to check and time "
+        "(in_kernel, matmul; default in_kernel)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true",
+        help="per-kernel device time of one forward+backward step (torch.profiler)",
+    )
+    parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument(
         "--smoke", action="store_true",
         help="CPU self-test of this script: tiny shapes, Triton interpreter, checks only",
     )
     args = parser.parse_args()
     if not 0.0 <= args.dropout < 1.0:
         parser.error(f"--dropout must be in [0, 1). Received: --dropout {args.dropout}")
+    from keras_allattn.ops.triton_attention import POSITION_DESIGNS
+
+    designs = args.position.split(",")
+    for name in designs:
+        if name not in POSITION_DESIGNS:
+            parser.error(
+                f"--position takes designs among {POSITION_DESIGNS}. "
+                f"Received: --position {args.position}"
+            )
     args.device = "cuda"
     if args.smoke:
         args.device = "cpu"
@@ -308,10 +390,11 @@ def main():
         "triton": triton.__version__,
         "keras_backend": os.environ.get("KERAS_BACKEND"),
     })
-    for name in args.configs.split(","):
+    for name, position in [(c, p) for c in args.configs.split(",") for p in designs]:
+        args.position_design = position
         shape = CONFIGS[name]
-        record = {"config": name, "shape": shape, "dtype_timed": "bfloat16",
-                  "dropout": args.dropout}
+        record = {"config": name, "position": position, "shape": shape,
+                  "dtype_timed": "bfloat16", "dropout": args.dropout}
         try:
             if args.check:
                 t0 = time.time()
@@ -332,7 +415,8 @@ def main():
         emit(record)
         if args.sweep:
             for tiles in SWEEP:
-                variant = {"config": name, "tiles": tiles, "dropout": args.dropout}
+                variant = {"config": name, "position": position, "tiles": tiles,
+                           "dropout": args.dropout}
                 try:
                     variant.update(timings(shape, args, tiles))
                 except Exception as error:

@@ -39,6 +39,7 @@ import keras  # noqa: E402
 if keras.backend.backend() != "torch":  # pragma: no cover
     pytest.skip("Keras is not on the torch backend", allow_module_level=True)
 
+from keras_allattn.ops import triton_attention  # noqa: E402
 from keras_allattn.ops.attention import all_attention  # noqa: E402
 from keras_allattn.ops.attention import portable_all_attention  # noqa: E402
 from keras_allattn.ops.random import attention_dropout_keys  # noqa: E402
@@ -180,17 +181,59 @@ def reference_run(inputs, grad, persistent, span, integration, dropout=None):
     return args, run(fn, args, grad, torch.float64)
 
 
+# The two designs of the position term (module docstring of
+# triton_attention): every exactness test runs on both.
+POSITIONS = ["in_kernel", "matmul"]
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_ds(monkeypatch):
+    """The matmul design's dS buffer starts as NaN (not uninitialised
+    memory, which is often zero on CPU): an entry the dQ kernel fails to
+    write spoils the gradients. Returns the list of buffers made."""
+    made = []
+
+    def nan_buffer(qp):
+        made.append(qp.shape)
+        return torch.full_like(qp, float("nan"))
+
+    monkeypatch.setattr(triton_attention, "_DS_BUFFER", nan_buffer)
+    return made
+
+
+def expect_design(position, ds_buffers, calls=1):
+    """The backward ran the design asked for (the matmul design makes one
+    dS buffer per backward call, the in-kernel design none)."""
+    assert len(ds_buffers) == (calls if position == "matmul" else 0)
+
+
 def test_triton_available():
     assert triton_available()
 
 
-@pytest.mark.parametrize("span", [False, True], ids=["no_span", "span"])
-@pytest.mark.parametrize(
-    "persistent,integration",
-    [(False, "joint"), (True, "joint"), (True, "separate")],
-    ids=["context_only", "joint", "separate"],
-)
-def test_matches_float64_reference(span, persistent, integration):
+REFERENCE_CASES = {
+    # id: (span, persistent, integration)
+    f"{name}-{span_id}": (span, persistent, integration)
+    for span, span_id in ((False, "no_span"), (True, "span"))
+    for name, persistent, integration in (
+        ("context_only", False, "joint"),
+        ("joint", True, "joint"),
+        ("separate", True, "separate"),
+    )
+}
+# The matmul design on the case that exercises most of it (persistent
+# vectors, "separate", the span); test_matches_portable covers the rest.
+REFERENCE_MATRIX = [
+    pytest.param(*case, position, id=f"{name}-{position}")
+    for name, case in REFERENCE_CASES.items()
+    for position in POSITIONS
+    if position == "in_kernel" or name == "separate-span"
+]
+
+
+@pytest.mark.parametrize("span,persistent,integration,position", REFERENCE_MATRIX)
+def test_matches_float64_reference(span, persistent, integration, position,
+                                   nan_filled_ds):
     # A = 100 and M = 37 are not multiples of the tile (16).
     inputs, grad = make_inputs(2, 37, 3, 16, 100, 20, seed=1)
     args, (ref_out, ref_grads) = reference_run(
@@ -199,10 +242,11 @@ def test_matches_float64_reference(span, persistent, integration):
     out, grads = run(
         triton_all_attention, args, grad, torch.float32,
         max_span=MAX_SPAN, span_ramp=RAMP, integration=integration,
-        block_q=16, block_k=16,
+        block_q=16, block_k=16, position=position,
     )
     assert out.shape == (2, 37, 3, 16) and out.dtype == torch.float32
     check(out, grads, ref_out, ref_grads, TOL)
+    expect_design(position, nan_filled_ds)
 
 
 # block_q < block_k, other tiles for each backward kernel, D = 20 (padded
@@ -216,14 +260,17 @@ UNEVEN_TILES = dict(
 )
 
 
-def test_uneven_tiles_and_head_dim():
+@pytest.mark.parametrize("position", POSITIONS)
+def test_uneven_tiles_and_head_dim(position, nan_filled_ds):
     inputs, grad = make_inputs(*UNEVEN_SHAPE, seed=2)
     args, (ref_out, ref_grads) = reference_run(inputs, grad, True, True, "joint")
     out, grads = run(
         triton_all_attention, args, grad, torch.float32,
         max_span=MAX_SPAN, span_ramp=RAMP, integration="joint", **UNEVEN_TILES,
+        position=position,
     )
     check(out, grads, ref_out, ref_grads, TOL)
+    expect_design(position, nan_filled_ds)
 
 
 PORTABLE_CASES = {
@@ -250,12 +297,13 @@ def portable_case_inputs(span):
     return inputs, grad
 
 
+@pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize(
     "persistent,span,integration",
     list(PORTABLE_CASES.values()),
     ids=list(PORTABLE_CASES),
 )
-def test_matches_portable(persistent, span, integration):
+def test_matches_portable(persistent, span, integration, position, nan_filled_ds):
     inputs, grad = portable_case_inputs(span)
     args, _ = reference_run(inputs, grad, persistent, bool(span), integration)
     options = dict(max_span=MAX_SPAN, span_ramp=RAMP, integration=integration)
@@ -264,9 +312,10 @@ def test_matches_portable(persistent, span, integration):
     )
     out, grads = run(
         triton_all_attention, args, grad, torch.float32,
-        block_q=16, block_k=16, **options,
+        block_q=16, block_k=16, position=position, **options,
     )
     check(out, grads, ref_out, ref_grads, TOL)
+    expect_design(position, nan_filled_ds)
 
 
 DROPOUT_RATE = 0.3
@@ -277,8 +326,18 @@ def dropout_seed():
     return torch.tensor(DROPOUT_SEED, dtype=torch.int32, device=DEVICE)
 
 
-@pytest.mark.parametrize("case", [*PORTABLE_CASES, "uneven_tiles"])
-def test_dropout_matches_portable_path_and_reference(case):
+DROPOUT_CASES = [
+    pytest.param(case, position, id=f"{case}-{position}")
+    for case in [*PORTABLE_CASES, "uneven_tiles"]
+    for position in POSITIONS
+    # The matmul design where it differs most: persistent vectors, both
+    # integrations, the span's boundaries, uneven tiles.
+    if position == "in_kernel" or case not in ("context_only", "span_context_only")
+]
+
+
+@pytest.mark.parametrize("case,position", DROPOUT_CASES)
+def test_dropout_matches_portable_path_and_reference(case, position, nan_filled_ds):
     """With attention dropout the kernels draw the portable path's mask
     (same seed, same counter-based function): outputs and every gradient
     agree with it and with the float64 reference under the NumPy mask, so
@@ -305,9 +364,11 @@ def test_dropout_matches_portable_path_and_reference(case):
     )
     out, grads = run(
         triton_all_attention, args, grad, torch.float32,
-        dropout_rate=DROPOUT_RATE, dropout_keys=keys, **tiles, **options,
+        dropout_rate=DROPOUT_RATE, dropout_keys=keys, position=position,
+        **tiles, **options,
     )
     check(out, grads, *want, TOL)
+    expect_design(position, nan_filled_ds)
     if span == "boundaries":
         # The log-space reference has no gradient at m = 0 and the one-sided
         # one at m = 1 (the module docstring of triton_attention says why):
@@ -346,8 +407,9 @@ def test_fused_dispatch_with_dropout_matches_portable():
     check(*got, *want, TOL)
 
 
+@pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_half_precision_inputs(dtype):
+def test_half_precision_inputs(dtype, position):
     if dtype == "bfloat16" and INTERPRET:
         pytest.skip(
             "Triton's CPU interpreter multiplies the raw bit patterns of "
@@ -361,7 +423,7 @@ def test_half_precision_inputs(dtype):
     out, grads = run(
         triton_all_attention, args, grad, dtype,
         max_span=MAX_SPAN, span_ramp=RAMP, integration="joint",
-        block_q=16, block_k=16,
+        block_q=16, block_k=16, position=position,
     )
     assert out.dtype == dtype
     assert grads["query"].dtype == dtype
@@ -399,6 +461,14 @@ def test_rejects_bad_arguments():
         triton_all_attention(
             t["query"], t["key"], t["value"], t["position_keys"], dropout_rate=0.3,
             dropout_keys=torch.zeros((1, 1, 7), dtype=torch.int32),
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"`position` must be one of \('in_kernel', 'matmul'\). "
+        r"Received: position='xla'",
+    ):
+        triton_all_attention(
+            t["query"], t["key"], t["value"], t["position_keys"], position="xla",
         )
     with pytest.raises(ValueError, match="dtype torch.int64"):
         triton_all_attention(
@@ -453,6 +523,72 @@ def test_deterministic_mode(monkeypatch):
         )
 
 
+def test_matmul_position_design_is_reproducible_in_every_mode(
+    monkeypatch, nan_filled_ds
+):
+    """The matmul design has no atomics: no position-gradient buffers in
+    either mode, the portable path's function, bitwise the same gradients
+    run after run and with the deterministic switch on or off."""
+    from keras_allattn.ops import kernel_settings
+
+    b, m, h, a = 2, 37, 2, 50
+    inputs, grad = make_inputs(b, m, h, 16, a, 8, seed=6)
+    options = dict(max_span=MAX_SPAN, span_ramp=RAMP, integration="joint",
+                   block_q=16, block_k=16, position="matmul")
+    buffers = []
+    zeros = torch.zeros
+
+    def recording_zeros(*shape, **kwargs):  # the in-kernel design's (copies, A, D)
+        tensor = zeros(*shape, **kwargs)
+        if tensor.ndim == 3 and tuple(tensor.shape[1:]) == (a, 16):
+            buffers.append(tensor)
+        return tensor
+
+    monkeypatch.setattr(kernel_settings, "_deterministic", None)
+    monkeypatch.setattr(torch, "zeros", recording_zeros)
+    runs = []
+    for deterministic in (False, False, True):
+        kernel_settings.set_deterministic(deterministic)
+        runs.append(run(triton_all_attention, inputs, grad, torch.float32, **options))
+    assert buffers == []
+    expect_design("matmul", nan_filled_ds, calls=3)
+    monkeypatch.setattr(torch, "zeros", zeros)
+    options.pop("block_q"), options.pop("block_k"), options.pop("position")
+    ref_out, ref_grads = run(
+        portable_all_attention, inputs, grad, torch.float32, **options
+    )
+    check(*runs[0], ref_out, ref_grads, TOL)
+    out, grads = runs[0]
+    for again_out, again_grads in runs[1:]:
+        assert torch.equal(out, again_out)
+        for name, value in grads.items():
+            assert torch.equal(value, again_grads[name]), name
+
+
+def test_matmul_position_design_in_batch_chunks(monkeypatch, nan_filled_ds):
+    """Where QP of the whole batch would pass `_POSITION_BYTES`, the matmul
+    design runs the batch in chunks (here one row each): the same function
+    and gradients, dropout mask included ("separate": every per-row input
+    and output of the kernels is sliced)."""
+    persistent, span, integration = PORTABLE_CASES["span_separate"]
+    inputs, grad = portable_case_inputs(span)
+    b, m, h, _ = inputs["query"].shape
+    a = inputs["position_keys"].shape[1]
+    args, _ = reference_run(inputs, grad, persistent, bool(span), integration)
+    seed = dropout_seed()
+    keys = attention_dropout_keys(seed, b, h, m).to(DEVICE)
+    options = dict(max_span=MAX_SPAN, span_ramp=RAMP, integration=integration,
+                   dropout_rate=DROPOUT_RATE)
+    want = run(portable_all_attention, args, grad, torch.float32,
+               dropout_seed=seed, **options)
+    # float32 scores of one batch row: m * h * a * 4 bytes.
+    monkeypatch.setattr(triton_attention, "_POSITION_BYTES", m * h * a * 4)
+    got = run(triton_all_attention, args, grad, torch.float32, dropout_keys=keys,
+              block_q=16, block_k=16, position="matmul", **options)
+    check(*got, *want, TOL)
+    assert nan_filled_ds == [(1, m, h, a)] * b  # one dS buffer per chunk
+
+
 # The kernels as PyTorch custom operators: traced by make_fx and
 # torch.compile (the compiled training step keeps them).
 
@@ -487,7 +623,8 @@ def operator_inputs(persistent, span, dropout):
     return tensors, drop, grad.to(device=DEVICE, dtype=torch.float32)
 
 
-def operator_args(tensors, drop, integration, deterministic=False):
+def operator_args(tensors, drop, integration, deterministic=False,
+                  position="in_kernel"):
     """The forward operator's arguments, as `triton_all_attention` passes
     them for tiles of 16 (the schema is the operator's public contract)."""
     tiles = [16, 16, 8, 2]
@@ -497,19 +634,23 @@ def operator_args(tensors, drop, integration, deterministic=False):
         tensors.get("persistent_values"), tensors.get("span_ratio"),
         drop.get("dropout_keys"), integration, float(MAX_SPAN), float(RAMP),
         drop.get("dropout_rate", 0.0), tiles, tiles, tiles, tiles, None, None,
-        "ieee", deterministic,
+        "ieee", position, deterministic,
     )
 
 
-@pytest.mark.parametrize("case", list(OPERATOR_CASES))
-def test_operators_pass_opcheck(case):
+@pytest.mark.parametrize(
+    "case,position",
+    [(case, "in_kernel") for case in OPERATOR_CASES]
+    + [("joint_span_dropout", "matmul")],
+)
+def test_operators_pass_opcheck(case, position):
     """Schema, fake implementations (against the kernels' outputs),
     autograd registration and AOT dispatch of both operators, as
     `torch.library.opcheck` checks them; the backward's placeholders for
     gradients not asked for."""
     persistent, span, dropout, integration = OPERATOR_CASES[case]
     tensors, drop, grad = operator_inputs(persistent, span, dropout)
-    args = operator_args(tensors, drop, integration)
+    args = operator_args(tensors, drop, integration, position=position)
     forward, backward = register_operators()
     torch.library.opcheck(forward, args)
 
@@ -545,9 +686,11 @@ def _portable_targets():
 
 
 @pytest.mark.parametrize(
-    "case", ["joint_span_dropout", "separate_dropout", "context_only"]
+    "case,position",
+    [("joint_span_dropout", "in_kernel"), ("separate_dropout", "in_kernel"),
+     ("context_only", "in_kernel"), ("joint_span_dropout", "matmul")],
 )
-def test_traced_and_compiled_step_equals_eager(case):
+def test_traced_and_compiled_step_equals_eager(case, position):
     """A function computing the attention and every gradient, traced by
     `make_fx` on fake tensors and compiled by `torch.compile`, holds the
     two operators (not the portable path's softmax and matmuls) and gives
@@ -560,7 +703,7 @@ def test_traced_and_compiled_step_equals_eager(case):
     names = list(tensors)
     b, m, h, _, _, _ = OPERATOR_SHAPE
     options = dict(max_span=MAX_SPAN, span_ramp=RAMP, integration=integration,
-                   block_q=16, block_k=16)
+                   block_q=16, block_k=16, position=position)
 
     def step(seed, cotangent, *values):
         leaves = [v.detach().requires_grad_() for v in values]

@@ -13,28 +13,50 @@ materialising any (B, H, M, A) tensor in device memory:
   span ratio `z` is read inside the kernel, so the cost follows the learned
   span.
 * relative positions: for a query tile `[i0, i0+BQ)` and key tile
-  `[j0, j0+BK)` the distances form a band (`c = A - r = j - i`). The kernel
-  keeps `Q @ P[:, chunk]` for two consecutive chunks of `BK` position
-  columns; the tile's position scores are read out of them with `tl.gather`
-  (the skew), so walking the key tiles costs one `Q @ P` product of the size
-  of `Q @ K^T` per tile.
+  `[j0, j0+BK)` the distances form a band (`c = A - r = j - i`). Two
+  designs, chosen by the `position` argument (the same function):
+  - "in_kernel" (the default): the kernel keeps `Q @ P[:, chunk]` for two
+    consecutive chunks of `BK` position columns; the tile's position scores
+    are read out of them with `tl.gather` (the skew), so walking the key
+    tiles costs one `Q @ P` product of the size of `Q @ K^T` per tile.
+  - "matmul": outside the kernels one PyTorch matmul per pass computes the
+    position scores `QP = Q P` (B, M, H, A) in the inputs' dtype (float32
+    accumulation); the forward and dK/dV kernels read a tile's band with
+    one masked load `QP[b, i, h, j - i]` (contiguous along the keys), no
+    position matmul or skew in the kernels. The backward recomputes QP
+    rather than keeping it. QP and dS are transients of `B M H A` elements
+    each (1 GiB each in bfloat16 at B = 64, M = 512, H = 8, A = 2048) while
+    a layer's pass runs; where they would exceed `_POSITION_BYTES`
+    (512 MiB) each pass runs its kernels and matmuls over batch chunks, one
+    after the other, so the transients do not grow with the span.
 * backward: the flash-attention backward, recomputing the probabilities
   from the saved log-sum-exp. Three kernels: dQ (with the position-key
   gradient and the span-ratio gradient), dK/dV, and the persistent
   keys/values (split over the batch, partial sums added outside). The
-  position-key gradient `sum_{b,h,i} dS(i, r) q_i` is accumulated with
-  float32 `tl.atomic_add` into a few replicated buffers (summed outside;
-  not bitwise deterministic: concurrent programs add in varying order);
-  the span-ratio gradient is written as per-program partials and summed
-  outside.
+  span-ratio gradient is written as per-program partials and summed
+  outside. The position-key gradient `sum_{b,h,i} dS(i, r) q_i`:
+  - "in_kernel": accumulated by the dQ kernel with float32
+    `tl.atomic_add` into a few replicated buffers (summed outside; not
+    bitwise deterministic: concurrent programs add in varying order).
+  - "matmul": the dQ kernel writes `dS` times the logits' scale (the
+    gradient of QP) into a (B, M, H, A) buffer in QP's skewed layout with
+    one masked store per tile, zeros at the distances the span skips (every
+    entry written once: the buffer is not cleared); two PyTorch matmuls
+    then give the position share of dQ, `dS P^T` (added to the kernel's
+    float32 dQ), and the gradient of position_keys, `Q^T dS` summed over
+    batch rows, heads and queries. No atomics.
 * deterministic mode (`keras_allattn.ops.attention.set_deterministic`,
-  read at each forward call): every dQ program gets a buffer of its own.
-  A program adds each distance column at most once (each chunk is
-  completed once), so every element receives one addition onto zero, and
-  the fixed-order sum outside makes the gradient bitwise reproducible. The
-  cost is `ceil(M / block_q) * B * H` float32 (A, D) buffers: 2 GiB for
-  B = 64, H = 8, M = 512, A = 2048, D = 64 and 64-query dQ tiles (4 MiB
-  otherwise). The other backward outputs are written once per program.
+  read at each forward call), "in_kernel" design: every dQ program gets a
+  buffer of its own. A program adds each distance column at most once
+  (each chunk is completed once), so every element receives one addition
+  onto zero, and the fixed-order sum outside makes the gradient bitwise
+  reproducible. The cost is `ceil(M / block_q) * B * H` float32 (A, D)
+  buffers: 2 GiB for B = 64, H = 8, M = 512, A = 2048, D = 64 and 64-query
+  dQ tiles (4 MiB otherwise). The other backward outputs are written once
+  per program. The "matmul" design uses no atomics: every output is
+  written by one program or one matmul, so its gradients are bitwise
+  reproducible (same device, shapes and libraries) in every mode, and the
+  switch changes nothing there.
 * span-ratio gradient: `dz = (L/R) sum_r exp(s(r) - lse) (dP(r) - Delta)`
   over the distances whose unclipped mask `(R + z L - r + 1) / R` lies in
   [0, 1], boundaries included. Inside the ramp this is the log-space
@@ -64,8 +86,8 @@ materialising any (B, H, M, A) tensor in device memory:
   the backward. `make_fx` and `torch.compile` therefore trace the kernels
   as graph nodes, forward and backward (the compiled PyTorch training step
   of `keras_allattn.compiling` keeps them); the settings (tiles,
-  integration, span, dropout rate, deterministic mode...) are arguments of
-  the operators, fixed in a traced graph.
+  integration, span, dropout rate, position design, deterministic mode...)
+  are arguments of the operators, fixed in a traced graph.
 
 Triton is imported lazily: importing this module never needs triton (nor
 torch); the kernels are built on first use. Set `TRITON_INTERPRET=1`
@@ -101,6 +123,8 @@ _JIT_NAMES = (
     "_load_rows",
     "_load_cols",
     "_add_position_grad",
+    "_load_band",
+    "_store_band",
     "_fwd_kernel",
     "_bwd_dq_kernel",
     "_bwd_dkdv_kernel",
@@ -111,6 +135,14 @@ _JIT_NAMES = (
 # Attention dropout inside the kernels (the counter-based mask of
 # `keras_allattn.ops.random`).
 HAS_DROPOUT = True
+# The designs of the relative-position term (`position` argument of
+# `triton_all_attention`; the module docstring describes both).
+POSITION_DESIGNS = ("in_kernel", "matmul")
+# Cap on the position scores QP (and dS) of one pass of the matmul design:
+# a larger batch runs in chunks, one after the other, so the transients stay
+# near this size whatever the span (at A = 8192, B = 64, H = 8, M = 512 in
+# bfloat16 the whole batch's scores would take 4 GiB each).
+_POSITION_BYTES = 512 * 2**20
 
 
 def triton_available():
@@ -270,13 +302,31 @@ def _add_position_grad(DPOS, cols, offs_d, dpos, A, D: tl.constexpr, BD: tl.cons
     tl.atomic_add(DPOS + cols[None, :] * D + offs_d[:, None], dpos, mask=mask, sem="relaxed")
 
 
+def _load_band(QP, i, j, s_pm, A, M):
+    """Position scores of the (rows `i`, keys `j`) tile from the position
+    scores `QP` of one (batch row, head): `QP[i, j - i]`, float32, zeros
+    off the band (the logits mask those entries). Along the keys the
+    addresses are consecutive: one load, contiguous per row."""
+    c = j[None, :] - i[:, None]
+    mask = (c >= 0) & (c < A) & (i[:, None] < M)
+    return tl.load(QP + i[:, None] * s_pm + c, mask=mask, other=0.0).to(tl.float32)
+
+
+def _store_band(DS, i, j, s_pm, A, M, value):
+    """Writes the (rows `i`, keys `j`) tile into the skewed layout of
+    `_load_band` (`DS[i, j - i]`), inside the band only."""
+    c = j[None, :] - i[:, None]
+    mask = (c >= 0) & (c < A) & (i[:, None] < M)
+    tl.store(DS + i[:, None] * s_pm + c, value.to(DS.dtype.element_ty), mask=mask)
+
+
 def _fwd_kernel(
-    Q, K, V, POS, MK, MV, Z, RK, O, OC, OP, LSE_C, LSE_P,
+    Q, K, V, POS, QP, MK, MV, Z, RK, O, OC, OP, LSE_C, LSE_P,
     s_qb, s_qm, s_qh, s_kb, s_km, s_kh, s_vb, s_vm, s_vh, s_ob, s_om, s_oh,
-    s_mkh, s_mkn, s_mvh, s_mvn,
+    s_mkh, s_mkn, s_mvh, s_mvn, s_pb, s_pm, s_ph,
     H, M, A, N, max_span, span_ramp, scale_log2, keep_threshold, drop_scale,
     HAS_SPAN: tl.constexpr, HAS_PERS: tl.constexpr, SEPARATE: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, POS_MATMUL: tl.constexpr,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -301,17 +351,24 @@ def _fwd_kernel(
     j_lo = tl.maximum(i0, A + i0 - r_bound)
     j_hi = tl.minimum(A + i0 + BQ - 1, total - 1)
 
-    p_prev = _load_cols(POS, j_lo - i0 - BK + offs_b, D, A, offs_d, D, BD).to(q.dtype)
-    qp_prev = tl.dot(q, p_prev, input_precision=PREC)
+    if POS_MATMUL:
+        qp_base = QP + b.to(tl.int64) * s_pb + h * s_ph
+    else:
+        p_prev = _load_cols(POS, j_lo - i0 - BK + offs_b, D, A, offs_d, D, BD).to(q.dtype)
+        qp_prev = tl.dot(q, p_prev, input_precision=PREC)
     m_i = tl.full([BQ], -1.0e30, tl.float32)
     l_i = tl.full([BQ], 0.0, tl.float32)
     acc = tl.full([BQ, BD], 0.0, tl.float32)
     for j0 in range(j_lo, j_hi, BK):
         j = j0 + offs_b
-        p_cur = _load_cols(POS, j0 - i0 + offs_b, D, A, offs_d, D, BD).to(q.dtype)
-        qp_cur = tl.dot(q, p_cur, input_precision=PREC)
         kt = _load_cols(k_base, j, s_km, total, offs_d, D, BD)
-        band = _band(qp_cur, qp_prev, j, j0 + offs_a, BQ, BK, BK)
+        if POS_MATMUL:
+            band = _load_band(qp_base, i, j, s_pm, A, M)
+        else:
+            p_cur = _load_cols(POS, j0 - i0 + offs_b, D, A, offs_d, D, BD).to(q.dtype)
+            qp_cur = tl.dot(q, p_cur, input_precision=PREC)
+            band = _band(qp_cur, qp_prev, j, j0 + offs_a, BQ, BK, BK)
+            qp_prev = qp_cur
         x = tl.dot(q, kt, input_precision=PREC) + band
         s = _context_logits(x * scale_log2, i, j, A, M, top, span_ramp, HAS_SPAN)
         v = _load_rows(v_base, j, s_vm, total, offs_d, D, BD)
@@ -319,7 +376,6 @@ def _fwd_kernel(
         if HAS_DROPOUT:  # column id: the distance
             keep = _dropout_factor(rk, A + i[:, None] - j[None, :], keep_threshold, drop_scale)
         m_i, l_i, acc = _online(m_i, l_i, acc, s, v, keep, PREC, HAS_DROPOUT)
-        qp_prev = qp_cur
 
     m2 = tl.full([BQ], -1.0e30, tl.float32)
     l2 = tl.full([BQ], 0.0, tl.float32)
@@ -357,13 +413,13 @@ def _fwd_kernel(
 
 
 def _bwd_dq_kernel(
-    Q, K, V, POS, MK, MV, Z, RK, DO, LSE_C, LSE_P, DEL_C, DEL_P, DQ, DPOS, DZP,
+    Q, K, V, POS, QP, MK, MV, Z, RK, DO, LSE_C, LSE_P, DEL_C, DEL_P, DQ, DPOS, DS, DZP,
     s_qb, s_qm, s_qh, s_kb, s_km, s_kh, s_vb, s_vm, s_vh, s_ob, s_om, s_oh,
-    s_mkh, s_mkn, s_mvh, s_mvn,
+    s_mkh, s_mkn, s_mvh, s_mvn, s_pb, s_pm, s_ph,
     H, M, A, N, max_span, span_ramp, scale_log2, scale, dz_coef, REPLICAS,
     keep_threshold, drop_scale,
     HAS_SPAN: tl.constexpr, HAS_PERS: tl.constexpr, NEED_DPOS: tl.constexpr,
-    NEED_DZ: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    NEED_DZ: tl.constexpr, HAS_DROPOUT: tl.constexpr, POS_MATMUL: tl.constexpr,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -381,11 +437,12 @@ def _bwd_dq_kernel(
 
     q = _load_rows(Q + b * s_qb + h * s_qh, i, s_qm, M, offs_d, D, BD)
     op_dtype = q.dtype
-    # Programs spread their position-gradient atomics over REPLICAS copies
-    # (summed outside) so that concurrent programs contend less. In
-    # deterministic mode REPLICAS is the number of programs: one each.
-    slot = (pid_q * tl.num_programs(1) + bh) % REPLICAS
-    DPOS += slot.to(tl.int64) * A * D
+    if not POS_MATMUL:
+        # Programs spread their position-gradient atomics over REPLICAS
+        # copies (summed outside) so that concurrent programs contend less.
+        # In deterministic mode REPLICAS is the number of programs: one each.
+        slot = (pid_q * tl.num_programs(1) + bh) % REPLICAS
+        DPOS += slot.to(tl.int64) * A * D
     do = _load_rows(DO + b * s_ob + h * s_oh, i, s_om, M, offs_d, D, BD)
     lse_c = tl.load(LSE_C + bh * M + i, mask=row_ok, other=0.0)
     del_c = tl.load(DEL_C + bh * M + i, mask=row_ok, other=0.0)
@@ -397,23 +454,37 @@ def _bwd_dq_kernel(
     j_lo = tl.maximum(i0, A + i0 - r_bound)
     j_hi = tl.minimum(A + i0 + BQ - 1, total - 1)
 
-    # (a, u) -> key column b = a + u of the tile for distance chunk c0 + u
-    # ("cur") and b = a + u - BK for chunk c0 - BK + u ("prev").
-    c_prev = j_lo - i0 - BK
-    p_prev = _load_cols(POS, c_prev + offs_b, D, A, offs_d, D, BD).to(q.dtype)
-    qp_prev = tl.dot(q, p_prev, input_precision=PREC)
-    # The two parts of a chunk have disjoint supports, so the pending part
-    # can be kept in the operand dtype without rounding anything twice.
-    g_pend = tl.full([BQ, BK], 0.0, op_dtype)
+    if POS_MATMUL:
+        qp_base = QP + b.to(tl.int64) * s_pb + h * s_ph
+        ds_base = DS + b.to(tl.int64) * s_pb + h * s_ph
+        # dS is zero at the distances beyond the span (keys before j_lo):
+        # write those entries of the band too, so that every entry of the
+        # (M, A) layout is written once (the buffer is not cleared).
+        for t in range(0, (j_lo - i0 + BK - 1) // BK):
+            jz = j_lo - (t + 1) * BK + offs_b
+            _store_band(ds_base, i, jz, s_pm, A, M, tl.full([BQ, BK], 0.0, tl.float32))
+    else:
+        # (a, u) -> key column b = a + u of the tile for distance chunk
+        # c0 + u ("cur") and b = a + u - BK for chunk c0 - BK + u ("prev").
+        c_prev = j_lo - i0 - BK
+        p_prev = _load_cols(POS, c_prev + offs_b, D, A, offs_d, D, BD).to(q.dtype)
+        qp_prev = tl.dot(q, p_prev, input_precision=PREC)
+        # The two parts of a chunk have disjoint supports, so the pending
+        # part can be kept in the operand dtype without rounding anything
+        # twice.
+        g_pend = tl.full([BQ, BK], 0.0, op_dtype)
     dz_acc = tl.full([BQ], 0.0, tl.float32)
     dq = tl.full([BQ, BD], 0.0, tl.float32)
     for j0 in range(j_lo, j_hi, BK):
         j = j0 + offs_b
         c0 = j0 - i0
-        p_cur = _load_cols(POS, c0 + offs_b, D, A, offs_d, D, BD).to(q.dtype)
-        qp_cur = tl.dot(q, p_cur, input_precision=PREC)
         kt = _load_cols(k_base, j, s_km, total, offs_d, D, BD)
-        band = _band(qp_cur, qp_prev, j, j0 + offs_a, BQ, BK, BK)
+        if POS_MATMUL:
+            band = _load_band(qp_base, i, j, s_pm, A, M)
+        else:
+            p_cur = _load_cols(POS, c0 + offs_b, D, A, offs_d, D, BD).to(q.dtype)
+            qp_cur = tl.dot(q, p_cur, input_precision=PREC)
+            band = _band(qp_cur, qp_prev, j, j0 + offs_a, BQ, BK, BK)
         x = tl.dot(q, kt, input_precision=PREC) + band
         s_raw = x * scale_log2
         s = _context_logits(s_raw, i, j, A, M, top, span_ramp, HAS_SPAN)
@@ -444,27 +515,35 @@ def _bwd_dq_kernel(
                     p_raw = tl.math.exp2(tl.where(ramp, s_raw - lse_c[:, None], float("-inf")))
                     dz_acc += tl.reduce(p_raw * (dp - del_c[:, None]), 1, _sum_combine)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
-        # Unskew dS into distance chunks; the "prev" chunk is now complete.
-        ds_low = ds.to(op_dtype)
-        a_plus_u = j[None, :] + offs_a[:, None] - j0  # loop-varying on purpose
-        g_cur = tl.where(a_plus_u < BK, tl.gather(ds_low, tl.minimum(a_plus_u, BK - 1), 1), 0.0)
-        g_low = tl.where(
-            a_plus_u >= BK, tl.gather(ds_low, tl.maximum(a_plus_u - BK, 0), 1), g_pend
-        )
+        if POS_MATMUL:
+            # d loss / d QP: the position scores enter the logits times
+            # `scale`, as q . k does.
+            _store_band(ds_base, i, j, s_pm, A, M, ds * scale)
+        else:
+            # Unskew dS into distance chunks; the "prev" chunk is now complete.
+            ds_low = ds.to(op_dtype)
+            a_plus_u = j[None, :] + offs_a[:, None] - j0  # loop-varying on purpose
+            g_cur = tl.where(
+                a_plus_u < BK, tl.gather(ds_low, tl.minimum(a_plus_u, BK - 1), 1), 0.0
+            )
+            g_low = tl.where(
+                a_plus_u >= BK, tl.gather(ds_low, tl.maximum(a_plus_u - BK, 0), 1), g_pend
+            )
+            dq += tl.dot(g_low, tl.trans(p_prev), input_precision=PREC)
+            if NEED_DPOS:
+                dpos = tl.dot(tl.trans(q), g_low, input_precision=PREC) * scale
+                _add_position_grad(DPOS, c_prev + offs_b, offs_d, dpos, A, D, BD)
+            g_pend = g_cur.to(op_dtype)
+            p_prev = p_cur
+            qp_prev = qp_cur
+            c_prev = c0
+    if not POS_MATMUL:
+        # Flush the last chunk.
+        g_low = g_pend
         dq += tl.dot(g_low, tl.trans(p_prev), input_precision=PREC)
         if NEED_DPOS:
             dpos = tl.dot(tl.trans(q), g_low, input_precision=PREC) * scale
             _add_position_grad(DPOS, c_prev + offs_b, offs_d, dpos, A, D, BD)
-        g_pend = g_cur.to(op_dtype)
-        p_prev = p_cur
-        qp_prev = qp_cur
-        c_prev = c0
-    # Flush the last chunk.
-    g_low = g_pend
-    dq += tl.dot(g_low, tl.trans(p_prev), input_precision=PREC)
-    if NEED_DPOS:
-        dpos = tl.dot(tl.trans(q), g_low, input_precision=PREC) * scale
-        _add_position_grad(DPOS, c_prev + offs_b, offs_d, dpos, A, D, BD)
 
     if HAS_PERS:
         lse_p = tl.load(LSE_P + bh * M + i, mask=row_ok, other=0.0)
@@ -491,10 +570,11 @@ def _bwd_dq_kernel(
 
 
 def _bwd_dkdv_kernel(
-    Q, K, V, POS, Z, RK, DO, LSE_C, DEL_C, DK, DV,
+    Q, K, V, POS, QP, Z, RK, DO, LSE_C, DEL_C, DK, DV,
     s_qb, s_qm, s_qh, s_kb, s_km, s_kh, s_vb, s_vm, s_vh, s_ob, s_om, s_oh,
+    s_pb, s_pm, s_ph,
     H, M, A, max_span, span_ramp, scale_log2, scale, keep_threshold, drop_scale,
-    HAS_SPAN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_SPAN: tl.constexpr, HAS_DROPOUT: tl.constexpr, POS_MATMUL: tl.constexpr,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -518,6 +598,8 @@ def _bwd_dkdv_kernel(
     i_lo = tl.maximum(0, j0 - A + 1)
     i_hi = tl.minimum(tl.minimum(M, j0 + BK), j0 + BK - A + r_bound)
 
+    if POS_MATMUL:
+        qp_base = QP + b.to(tl.int64) * s_pb + h * s_ph
     dk = tl.full([BK, BD], 0.0, tl.float32)
     dv = tl.full([BK, BD], 0.0, tl.float32)
     for i0 in range(i_lo, i_hi, BQ):
@@ -527,14 +609,17 @@ def _bwd_dkdv_kernel(
         do = _load_rows(do_base, i, s_om, M, offs_d, D, BD)
         lse = tl.load(LSE_C + bh * M + i, mask=row_ok, other=0.0)
         dl = tl.load(DEL_C + bh * M + i, mask=row_ok, other=0.0)
-        c0 = j0 - i0
-        p_hi = _load_cols(POS, c0 + offs_b, D, A, offs_d, D, BD).to(q.dtype)
-        p_lo = _load_cols(POS, c0 - BQ + offs_a, D, A, offs_d, D, BD).to(q.dtype)
-        band = _band(
-            tl.dot(q, p_hi, input_precision=PREC),
-            tl.dot(q, p_lo, input_precision=PREC),
-            i0 + offs_b, i, BQ, BK, BQ,
-        )
+        if POS_MATMUL:
+            band = _load_band(qp_base, i, j, s_pm, A, M)
+        else:
+            c0 = j0 - i0
+            p_hi = _load_cols(POS, c0 + offs_b, D, A, offs_d, D, BD).to(q.dtype)
+            p_lo = _load_cols(POS, c0 - BQ + offs_a, D, A, offs_d, D, BD).to(q.dtype)
+            band = _band(
+                tl.dot(q, p_hi, input_precision=PREC),
+                tl.dot(q, p_lo, input_precision=PREC),
+                i0 + offs_b, i, BQ, BK, BQ,
+            )
         x = tl.dot(q, tl.trans(k), input_precision=PREC) + band
         s = _context_logits(x * scale_log2, i, j, A, M, top, span_ramp, HAS_SPAN)
         prob = tl.math.exp2(s - lse[:, None])
@@ -617,7 +702,8 @@ def _bwd_persistent_kernel(
 # shapes of `register_fake`) instead of leaving the attention out of the
 # graph. Their arguments: the tensors of `triton_all_attention`, then its
 # settings as checked and normalised there (tiles as
-# [block_q, block_k, num_warps, num_stages]).
+# [block_q, block_k, num_warps, num_stages]). `deterministic` stays the last
+# argument.
 FORWARD_OP = "keras_allattn::triton_all_attention"
 BACKWARD_OP = "keras_allattn::triton_all_attention_backward"
 _TENSORS_SCHEMA = (
@@ -629,7 +715,8 @@ _SETTINGS_SCHEMA = (
     "str integration, float max_span, float span_ramp, float dropout_rate, "
     "int[] forward_tiles, int[] dq_tiles, int[] dkdv_tiles, "
     "int[] persistent_tiles, int? persistent_split, "
-    "int? position_grad_replicas, str fp32_precision, bool deterministic"
+    "int? position_grad_replicas, str fp32_precision, str position, "
+    "bool deterministic"
 )
 _NUM_TENSORS = 8
 # Output, log-sum-exp rows (S, B * H, M) and the float32 context and
@@ -707,9 +794,10 @@ def _next_pow2(x):
 
 def _config(integration, max_span, span_ramp, dropout_rate, forward_tiles,
             dq_tiles, dkdv_tiles, persistent_tiles, persistent_split,
-            position_grad_replicas, fp32_precision, deterministic):
+            position_grad_replicas, fp32_precision, position, deterministic):
     """The kernels' settings from the operators' setting arguments."""
     return {
+        "pos_matmul": position == "matmul",
         "integration": integration,
         "max_span": max_span,
         "span_ramp": span_ramp,
@@ -737,6 +825,45 @@ def _forward_shapes(query, persistent_keys, integration):
     return (B, M, H, D), lse, parts
 
 
+def _position_inputs(q, position_keys, pos_matmul):
+    """The position operands of the kernels: `(pos, qp)`.
+
+    In-kernel design: `pos` is the table as (A, D) rows (column c of
+    position_keys is row c, so that position tiles load like key tiles,
+    contiguous along D) and `qp` an unused placeholder. Matmul design: `qp`
+    holds the position scores `QP = Q P` (B, M, H, A) in the dtype of `q`
+    (one matmul, float32 accumulation) and `pos` is the placeholder.
+    """
+    import torch
+
+    if pos_matmul:
+        return q, torch.matmul(q, position_keys.to(q.dtype))
+    return position_keys.t().contiguous(), q
+
+
+def _batch_chunks(q, length, pos_matmul):
+    """Batch-row slices of the passes: one slice in the in-kernel design;
+    in the matmul design as few as keep QP (and dS) of one slice within
+    `_POSITION_BYTES`, at least one row each."""
+    batch, queries, heads, _ = q.shape
+    rows = batch
+    if pos_matmul:
+        per_row = queries * heads * length * q.element_size()
+        rows = max(1, min(batch, _POSITION_BYTES // per_row))
+    return [slice(b0, min(batch, b0 + rows)) for b0 in range(0, batch, rows)]
+
+
+def _new_ds_buffer(qp):
+    """The dS buffer of the matmul design: uninitialised (the dQ kernel
+    writes every entry; tests swap in a NaN-filled one to check that)."""
+    import torch
+
+    return torch.empty_like(qp)
+
+
+_DS_BUFFER = _new_ds_buffer
+
+
 def _register_operators(torch, triton):
     """Define `FORWARD_OP` and `BACKWARD_OP`; returns the forward operator.
 
@@ -755,11 +882,8 @@ def _register_operators(torch, triton):
         q = query.contiguous()
         k = key.contiguous()
         v = value.contiguous()
-        # (A, D) rows: column c of the table is row c here, so that
-        # position tiles load like key tiles (contiguous along D).
-        pos = position_keys.t().contiguous()
         B, M, H, D = q.shape
-        A = pos.shape[0]
+        A = position_keys.shape[1]
         has_pers = pkeys is not None
         has_span = span_ratio is not None
         separate = has_pers and cfg["integration"] == "separate"
@@ -781,21 +905,29 @@ def _register_operators(torch, triton):
         lse_c = lse[0]
         lse_p = lse[1] if separate else lse_c
         oc, op = (parts[0], parts[1]) if separate else (out, out)
-        grid = (triton.cdiv(M, tiles[0]), B * H)
-        _fwd_kernel[grid](
-            q, k, v, pos, mk, mv, z, rk, out, oc, op, lse_c, lse_p,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            mk.stride(0), mk.stride(1), mv.stride(0), mv.stride(1),
-            H, M, A, N, cfg["max_span"], cfg["span_ramp"],
-            scale * math.log2(math.e), cfg["keep_threshold"], cfg["drop_scale"],
-            HAS_SPAN=has_span, HAS_PERS=has_pers, SEPARATE=separate,
-            HAS_DROPOUT=has_dropout,
-            D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=cfg["prec"](q.dtype),
-            **launch_options(tiles),
-        )
+        # The matmul design runs over batch chunks (one after the other) so
+        # that QP stays near `_POSITION_BYTES`; one chunk otherwise.
+        for rows in _batch_chunks(q, A, cfg["pos_matmul"]):
+            bh = slice(rows.start * H, rows.stop * H)  # rows of lse
+            pos, qp = _position_inputs(q[rows], position_keys, cfg["pos_matmul"])
+            grid = (triton.cdiv(M, tiles[0]), (rows.stop - rows.start) * H)
+            _fwd_kernel[grid](
+                q[rows], k[rows], v[rows], pos, qp, mk, mv, z, rk[rows],
+                out[rows], oc[rows], op[rows], lse_c[bh], lse_p[bh],
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                out.stride(0), out.stride(1), out.stride(2),
+                mk.stride(0), mk.stride(1), mv.stride(0), mv.stride(1),
+                qp.stride(0), qp.stride(1), qp.stride(2),
+                H, M, A, N, cfg["max_span"], cfg["span_ramp"],
+                scale * math.log2(math.e), cfg["keep_threshold"], cfg["drop_scale"],
+                HAS_SPAN=has_span, HAS_PERS=has_pers, SEPARATE=separate,
+                HAS_DROPOUT=has_dropout, POS_MATMUL=cfg["pos_matmul"],
+                D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=cfg["prec"](q.dtype),
+                **launch_options(tiles),
+            )
+            del qp
         return out, lse, parts
 
     @forward.register_fake
@@ -816,7 +948,7 @@ def _register_operators(torch, triton):
         q = query.contiguous()
         k = key.contiguous()
         v = value.contiguous()
-        pos = position_keys.t().contiguous()
+        pos_matmul = cfg["pos_matmul"]
         has_pers = pkeys is not None
         has_span = span_ratio is not None
         has_dropout = cfg["dropout"] > 0.0
@@ -826,7 +958,7 @@ def _register_operators(torch, triton):
         z = span_ratio.contiguous() if has_span else None
         rk = dropout_keys.contiguous() if has_dropout else None
         B, M, H, D = q.shape
-        A = pos.shape[0]
+        A = position_keys.shape[1]
         N = mk.shape[1] if has_pers else 0
         bd = max(16, _next_pow2(D))
         scale = 1.0 / math.sqrt(D)
@@ -859,50 +991,89 @@ def _register_operators(torch, triton):
 
         tiles = cfg["dq"]
         nq = triton.cdiv(M, tiles[0])
-        if cfg["deterministic"]:
+        if pos_matmul:
+            replicas = 1  # no position-gradient buffer in the kernel
+        elif cfg["deterministic"]:
             replicas = nq * B * H
         else:
             replicas = cfg["replicas"]
             if replicas is None:
                 replicas = 8 if dev.type == "cuda" else 1
             replicas = max(1, min(int(replicas), B * H))
-        dq = torch.empty_like(q)
-        dpos = torch.zeros((replicas if need_dpos else 1, A, D), device=dev,
-                           dtype=torch.float32)
         dzp = torch.zeros((B * H * nq,), device=dev, dtype=torch.float32)
-        _bwd_dq_kernel[(nq, B * H)](
-            q, k, v, pos, mk_arg, mv_arg, z_arg, rk_arg, do, lse_c, lse_p, del_c, del_p,
-            dq, dpos, dzp,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            mk_arg.stride(0), mk_arg.stride(1), mv_arg.stride(0), mv_arg.stride(1),
-            H, M, A, N, max_span, ramp, scale_log2, scale,
-            (max_span / ramp) if has_span else 0.0, replicas, *drop,
-            HAS_SPAN=has_span, HAS_PERS=has_pers,
-            NEED_DPOS=need_dpos, NEED_DZ=need_dz, HAS_DROPOUT=has_dropout,
-            D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
-            **launch_options(tiles),
-        )
-
-        tiles = cfg["dkdv"]
+        dkdv_tiles = cfg["dkdv"]
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
-        _bwd_dkdv_kernel[(triton.cdiv(A + M, tiles[1]), B * H)](
-            q, k, v, pos, z_arg, rk_arg, do, lse_c, del_c, dk, dv,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            H, M, A, max_span, ramp, scale_log2, scale, *drop,
-            HAS_SPAN=has_span, HAS_DROPOUT=has_dropout,
-            D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
-            **launch_options(tiles),
-        )
+        dpos_out = q.new_empty((0,))
+        if pos_matmul:
+            # The kernel's share of dQ in float32 (the position share is
+            # added outside).
+            dq = torch.empty(q.shape, device=dev, dtype=torch.float32)
+            dpos = q.new_empty((0,))
+            p = position_keys.to(q.dtype)
+            dpos_acc = None
+        else:
+            dq = torch.empty_like(q)
+            dpos = torch.zeros((replicas if need_dpos else 1, A, D), device=dev,
+                               dtype=torch.float32)
+        # Batch chunks as in the forward (one chunk in the in-kernel design).
+        for rows in _batch_chunks(q, A, pos_matmul):
+            bh = slice(rows.start * H, rows.stop * H)  # rows of lse, delta
+            nbh = (rows.stop - rows.start) * H
+            pos, qp = _position_inputs(q[rows], position_keys, pos_matmul)
+            # dS = d loss / d QP in QP's layout, every entry written by the
+            # kernel (matmul design; a placeholder otherwise).
+            ds = _DS_BUFFER(qp) if pos_matmul else q.new_empty((0,))
+            _bwd_dq_kernel[(nq, nbh)](
+                q[rows], k[rows], v[rows], pos, qp, mk_arg, mv_arg, z_arg, rk_arg[rows],
+                do[rows], lse_c[bh], lse_p[bh], del_c[bh], del_p[bh], dq[rows], dpos, ds,
+                dzp[rows.start * H * nq:rows.stop * H * nq],
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                do.stride(0), do.stride(1), do.stride(2),
+                mk_arg.stride(0), mk_arg.stride(1), mv_arg.stride(0), mv_arg.stride(1),
+                qp.stride(0), qp.stride(1), qp.stride(2),
+                H, M, A, N, max_span, ramp, scale_log2, scale,
+                (max_span / ramp) if has_span else 0.0, replicas, *drop,
+                HAS_SPAN=has_span, HAS_PERS=has_pers,
+                NEED_DPOS=need_dpos, NEED_DZ=need_dz, HAS_DROPOUT=has_dropout,
+                POS_MATMUL=pos_matmul,
+                D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
+                **launch_options(tiles),
+            )
+            _bwd_dkdv_kernel[(triton.cdiv(A + M, dkdv_tiles[1]), nbh)](
+                q[rows], k[rows], v[rows], pos, qp, z_arg, rk_arg[rows], do[rows],
+                lse_c[bh], del_c[bh], dk[rows], dv[rows],
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                do.stride(0), do.stride(1), do.stride(2),
+                qp.stride(0), qp.stride(1), qp.stride(2),
+                H, M, A, max_span, ramp, scale_log2, scale, *drop,
+                HAS_SPAN=has_span, HAS_DROPOUT=has_dropout, POS_MATMUL=pos_matmul,
+                D=D, BQ=dkdv_tiles[0], BK=dkdv_tiles[1], BD=bd, PREC=prec,
+                **launch_options(dkdv_tiles),
+            )
+            del qp
+            if pos_matmul:
+                # The position term's share of dQ, `dS P^T`, and d
+                # position_keys `Q^T dS` summed over batch rows, queries and
+                # heads: two matmuls per chunk.
+                dq[rows] += torch.matmul(ds, p.t()).float()
+                if need_dpos:
+                    part = torch.matmul(q[rows].reshape(-1, D).t(), ds.reshape(-1, A))
+                    dpos_acc = part.float() if dpos_acc is None else dpos_acc + part.float()
+            del ds
+        if pos_matmul:
+            dq = dq.to(q.dtype)
+            if need_dpos:
+                dpos_out = dpos_acc.to(position_keys.dtype)
+        elif need_dpos:
+            dpos_out = dpos.sum(0).t().to(position_keys.dtype).contiguous()
 
         # Outputs must not alias each other: one empty tensor each.
-        dmk, dmv, dz, dpos_out = (q.new_empty((0,)) for _ in range(4))
+        dmk, dmv, dz = (q.new_empty((0,)) for _ in range(3))
         if has_pers and need_pers:
             tiles = cfg["persistent"]
             n_tiles = triton.cdiv(N, tiles[1])
@@ -927,8 +1098,6 @@ def _register_operators(torch, triton):
             dmv = part_v.sum(0).to(mv.dtype)
         if need_dz:
             dz = dzp.view(B, H, nq).sum((0, 2)).to(z.dtype)
-        if need_dpos:
-            dpos_out = dpos.sum(0).t().to(position_keys.dtype).contiguous()
         return dq, dk, dv, dpos_out, dmk, dmv, dz
 
     @backward.register_fake
@@ -1023,6 +1192,7 @@ def triton_all_attention(
     deterministic=None,
     dropout_rate=0.0,
     dropout_keys=None,
+    position="in_kernel",
 ):
     """Fused all-attention (SPEC §1) on torch tensors, dropout included.
 
@@ -1058,11 +1228,17 @@ def triton_all_attention(
         deterministic: bitwise reproducible gradients at the memory cost
             described in the module docstring; None: the mode of
             `keras_allattn.ops.attention.is_deterministic()` at this call.
+            The "matmul" position design is reproducible in every mode.
         dropout_rate: float in [0, 1), the attention dropout rate.
         dropout_keys: int32 (B, H, M) row keys of the dropout mask
             (`keras_allattn.ops.random.attention_dropout_keys` of the
             call's seed), moved to the device of `query`; needed when
             `dropout_rate > 0`, ignored otherwise.
+        position: how the relative-position term is computed (module
+            docstring): "in_kernel" (`Q P` per key tile in the kernels,
+            position-key gradient by atomics) or "matmul" (`Q P` and the
+            position gradients by PyTorch matmuls, the kernels read and
+            write the band). The same function either way.
 
     Returns:
         (B, M, H, D) in the dtype of `query`. Differentiable in `query`,
@@ -1108,6 +1284,11 @@ def triton_all_attention(
         dropout_keys = dropout_keys.to(query.device)
     else:
         dropout_keys = None
+    if position not in POSITION_DESIGNS:
+        raise ValueError(
+            f"`position` must be one of {POSITION_DESIGNS}. "
+            f"Received: position={position!r}"
+        )
     deterministic = resolve_deterministic(deterministic)
     forward = _tiles("forward", (block_q, block_k, num_warps, num_stages), ())
     backward = dict(backward or {})
@@ -1134,6 +1315,7 @@ def triton_all_attention(
         None if persistent_split is None else int(persistent_split),
         None if position_grad_replicas is None else int(position_grad_replicas),
         fp32_precision,
+        position,
         deterministic,
     )
     return output
