@@ -35,7 +35,8 @@
 #          operators' tests on CUDA (issue 13)
 #   profile where the recipe's step time goes (`throughput.py --profile`:
 #          device time by category and the top kernels, per step), JAX and
-#          compiled PyTorch at fixed 2048, adaptive ~1024 and fixed 1024
+#          compiled PyTorch at fixed 2048, adaptive ~1024 and fixed 1024,
+#          PyTorch's matmul position design at fixed 2048
 #          (issue 13; the traces stay on the machine, the summaries come
 #          back in the JSON lines)
 #   hosts  on two GPUs: the 200-step equivalence verdict of 2 devices and
@@ -330,6 +331,10 @@ profile)
     for s in fixed:2048 adaptive:1024 fixed:1024; do
       step "torch_${s/:/_}_profile" 200 env KERAS_BACKEND=torch $tp --span $s $pf --jit-compile on
     done
+    # The Triton kernels' other position design (QP and its gradients
+    # through PyTorch matmuls), the whole step.
+    step torch_fixed_2048_matmul_profile 200 env KERAS_BACKEND=torch \
+      KERAS_ALLATTN_TRITON_POSITION=matmul $tp --span fixed:2048 $pf --jit-compile on
   }
   lanes ;;
 hosts)

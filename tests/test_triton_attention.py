@@ -734,3 +734,24 @@ def test_traced_and_compiled_step_equals_eager(case, position):
     if dropout:
         other = compiled(seed + 1, grad, *values)
         assert not torch.equal(other[0], want[0])
+
+
+def test_position_design_from_the_environment(monkeypatch, nan_filled_ds):
+    """Without `position=`, the design is KERAS_ALLATTN_TRITON_POSITION's
+    (how the dispatcher's calls, and so a whole training step, choose)."""
+    inputs, grad = make_inputs(1, 20, 1, 16, 24, 8, seed=8)
+    options = dict(max_span=MAX_SPAN, span_ramp=RAMP, block_q=16, block_k=16)
+    monkeypatch.setenv("KERAS_ALLATTN_TRITON_POSITION", "matmul")
+    out, grads = run(triton_all_attention, inputs, grad, torch.float32, **options)
+    expect_design("matmul", nan_filled_ds)
+    want_out, want_grads = run(triton_all_attention, inputs, grad, torch.float32,
+                               position="matmul", **options)
+    assert torch.equal(out, want_out)
+    for name, value in grads.items():
+        assert torch.equal(value, want_grads[name]), name
+    monkeypatch.delenv("KERAS_ALLATTN_TRITON_POSITION")
+    run(triton_all_attention, inputs, grad, torch.float32, **options)
+    expect_design("matmul", nan_filled_ds, calls=2)  # no buffer: in-kernel
+    monkeypatch.setenv("KERAS_ALLATTN_TRITON_POSITION", "xla")
+    with pytest.raises(ValueError, match="KERAS_ALLATTN_TRITON_POSITION='xla'"):
+        run(triton_all_attention, inputs, grad, torch.float32, **options)

@@ -15,6 +15,9 @@ the kernels and the dispatcher do not import each other back.
   every forward call, on JAX when the function is traced.
 - Tile sizes: a tile (and the head width the kernels tile by) is a power
   of two of at least `MIN_TILE`.
+- The Triton kernels' position design (`triton_position`): "in_kernel"
+  (the default) or "matmul", from `KERAS_ALLATTN_TRITON_POSITION`, so a
+  whole training step can run either design without code changes.
 """
 
 import os
@@ -113,3 +116,23 @@ def resolve_deterministic(deterministic):
             f"Received: deterministic={deterministic!r}"
         )
     return deterministic
+
+
+TRITON_POSITION_ENV = "KERAS_ALLATTN_TRITON_POSITION"
+TRITON_POSITIONS = ("in_kernel", "matmul")
+
+
+def triton_position():
+    """The Triton kernels' default position design (see
+    `keras_allattn.ops.triton_attention`): the environment variable
+    `KERAS_ALLATTN_TRITON_POSITION`, "in_kernel" (the default) or "matmul".
+    Read at every kernel call; a compiled PyTorch graph keeps the design it
+    was traced with."""
+    value = os.environ.get(TRITON_POSITION_ENV, "").strip().lower() or "in_kernel"
+    if value not in TRITON_POSITIONS:
+        raise ValueError(
+            f"The environment variable {TRITON_POSITION_ENV} must be one of "
+            f"{TRITON_POSITIONS}. Received: {TRITON_POSITION_ENV}="
+            f"{os.environ.get(TRITON_POSITION_ENV)!r}"
+        )
+    return value

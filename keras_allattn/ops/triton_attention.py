@@ -103,6 +103,8 @@ import threading
 from keras_allattn.ops import random as dropout_hash
 from keras_allattn.ops.kernel_settings import INTEGRATIONS
 from keras_allattn.ops.kernel_settings import resolve_deterministic
+from keras_allattn.ops.kernel_settings import TRITON_POSITIONS
+from keras_allattn.ops.kernel_settings import triton_position
 
 tl = None  # triton.language, bound by `_build`
 _BUILD_LOCK = threading.Lock()
@@ -137,7 +139,7 @@ _JIT_NAMES = (
 HAS_DROPOUT = True
 # The designs of the relative-position term (`position` argument of
 # `triton_all_attention`; the module docstring describes both).
-POSITION_DESIGNS = ("in_kernel", "matmul")
+POSITION_DESIGNS = TRITON_POSITIONS
 # Cap on the position scores QP (and dS) of one pass of the matmul design:
 # a larger batch runs in chunks, one after the other, so the transients stay
 # near this size whatever the span (at A = 8192, B = 64, H = 8, M = 512 in
@@ -1192,7 +1194,7 @@ def triton_all_attention(
     deterministic=None,
     dropout_rate=0.0,
     dropout_keys=None,
-    position="in_kernel",
+    position=None,
 ):
     """Fused all-attention (SPEC §1) on torch tensors, dropout included.
 
@@ -1238,7 +1240,10 @@ def triton_all_attention(
             docstring): "in_kernel" (`Q P` per key tile in the kernels,
             position-key gradient by atomics) or "matmul" (`Q P` and the
             position gradients by PyTorch matmuls, the kernels read and
-            write the band). The same function either way.
+            write the band). The same function either way. None: the
+            environment variable `KERAS_ALLATTN_TRITON_POSITION` (default
+            "in_kernel"; `keras_allattn.ops.kernel_settings.triton_position`),
+            which is how the dispatcher's calls choose.
 
     Returns:
         (B, M, H, D) in the dtype of `query`. Differentiable in `query`,
@@ -1284,6 +1289,8 @@ def triton_all_attention(
         dropout_keys = dropout_keys.to(query.device)
     else:
         dropout_keys = None
+    if position is None:
+        position = triton_position()
     if position not in POSITION_DESIGNS:
         raise ValueError(
             f"`position` must be one of {POSITION_DESIGNS}. "
