@@ -36,9 +36,11 @@
 #   profile where the recipe's step time goes (`throughput.py --profile`:
 #          device time by category and the top kernels, per step), JAX and
 #          compiled PyTorch at fixed 2048, adaptive ~1024 and fixed 1024,
-#          PyTorch's matmul position design at fixed 2048
+#          the Triton kernels' two position designs kernel by kernel
 #          (issue 13; the traces stay on the machine, the summaries come
 #          back in the JSON lines)
+#   chunks the position-score cap, 1 GiB against 512 MiB (JAX), and the
+#          Triton matmul position design's whole compiled step (issue 13)
 #   hosts  on two GPUs: the 200-step equivalence verdict of 2 devices and
 #          2 processes against one (JAX, PyTorch), against the spread of
 #          three one-ulp nudged one-device runs, deterministic (issue 17)
@@ -321,20 +323,45 @@ compiled)
   }
   lanes ;;
 profile)
+  # Fits one call (two lanes of at most 560 s): JAX's three spans, then the
+  # Triton kernels' two position designs kernel by kernel, beside compiled
+  # PyTorch's three spans.
   pf="--dropout 0.3 --profile /tmp/traces --profile-steps 3"
   lane0() {
     for s in fixed:2048 adaptive:1024 fixed:1024; do
-      step "jax_${s/:/_}_profile" 150 env KERAS_BACKEND=jax $tp --span $s $pf
+      step "jax_${s/:/_}_profile" 130 env KERAS_BACKEND=jax $tp --span $s $pf
+    done
+    # The Triton kernels' other position design (QP and its gradients
+    # through PyTorch matmuls) against the default, kernel by kernel.
+    step triton_positions 160 env KERAS_BACKEND=torch python3 benchmarks/triton_kernel_check.py \
+      --configs fixed,adaptive --check-batch 4 --no-sweep --no-portable-timing \
+      --no-portable-bf16-error --dropout 0.3 --position in_kernel,matmul --profile
+  }
+  lane1() {
+    for s in fixed:2048 adaptive:1024 fixed:1024; do
+      step "torch_${s/:/_}_profile" 180 env KERAS_BACKEND=torch $tp --span $s $pf --jit-compile on
+    done
+  }
+  lanes ;;
+chunks)
+  # The position-score cap (KERAS_ALLATTN_POSITION_BYTES): JAX at the
+  # default (1 GiB: one pass over the batch at fixed 2048 and adaptive
+  # ~1024) against the earlier 512 MiB (two chunks), in the same call;
+  # beside them the Triton kernels' matmul position design, compiled, at the
+  # three spans (issue 13).
+  pf="--dropout 0.3 --profile /tmp/traces --profile-steps 3"
+  lane0() {
+    for s in fixed:2048 adaptive:1024; do
+      step "jax_${s/:/_}_1gib" 130 env KERAS_BACKEND=jax $tp --span $s $pf
+      step "jax_${s/:/_}_512mib" 130 env KERAS_BACKEND=jax KERAS_ALLATTN_POSITION_BYTES=536870912 \
+        $tp --span $s --dropout 0.3
     done
   }
   lane1() {
     for s in fixed:2048 adaptive:1024 fixed:1024; do
-      step "torch_${s/:/_}_profile" 200 env KERAS_BACKEND=torch $tp --span $s $pf --jit-compile on
+      step "torch_${s/:/_}_matmul" 180 env KERAS_BACKEND=torch KERAS_ALLATTN_TRITON_POSITION=matmul \
+        $tp --span $s $pf --jit-compile on
     done
-    # The Triton kernels' other position design (QP and its gradients
-    # through PyTorch matmuls), the whole step.
-    step torch_fixed_2048_matmul_profile 200 env KERAS_BACKEND=torch \
-      KERAS_ALLATTN_TRITON_POSITION=matmul $tp --span fixed:2048 $pf --jit-compile on
   }
   lanes ;;
 hosts)
@@ -383,7 +410,7 @@ hosts-scaling)
     KERAS_DISTRIBUTION_NUM_PROCESSES=2 KERAS_DISTRIBUTION_PROCESS_ID=0 CUDA_VISIBLE_DEVICES=0 $sc; wait
   step torch_scaling_1 120 env KERAS_BACKEND=torch $sc
   step torch_scaling_2proc 150 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 ${sc#python3 } ;;
-*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe, presets, adaptive, adaptive2, position, compiled, profile, hosts or hosts-scaling"; exit 2 ;;
+*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe, presets, adaptive, adaptive2, position, compiled, profile, chunks, hosts or hosts-scaling"; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
 # The device tool returns a limited number of files: RESULTS.md and the

@@ -302,6 +302,23 @@ def test_deterministic_switch(monkeypatch):
     assert attention_ops.is_deterministic() is False
 
 
+def test_position_bytes_setting(monkeypatch):
+    """The fused kernels' cap on the position scores of one pass: 1 GiB by
+    default, the environment's positive byte count otherwise, and a clear
+    error naming the variable for anything else."""
+    from keras_allattn.ops import kernel_settings
+
+    monkeypatch.delenv("KERAS_ALLATTN_POSITION_BYTES", raising=False)
+    assert kernel_settings.position_bytes() == 2**30
+    monkeypatch.setenv("KERAS_ALLATTN_POSITION_BYTES", " 4096 ")
+    assert kernel_settings.position_bytes() == 4096
+    for bad in ("0", "-5", "1.5", "1GiB"):
+        monkeypatch.setenv("KERAS_ALLATTN_POSITION_BYTES", bad)
+        with pytest.raises(ValueError, match=re.escape(
+                f"KERAS_ALLATTN_POSITION_BYTES={bad!r}")):
+            kernel_settings.position_bytes()
+
+
 def test_span_mask_gradient_passes_at_the_clip_ends():
     """As torch.clamp in the reference: at z = 0 the ends are whole distances."""
     from keras_allattn.ops.attention import span_mask

@@ -566,7 +566,7 @@ def test_matmul_position_design_is_reproducible_in_every_mode(
 
 
 def test_matmul_position_design_in_batch_chunks(monkeypatch, nan_filled_ds):
-    """Where QP of the whole batch would pass `_POSITION_BYTES`, the matmul
+    """Where QP of the whole batch would pass the cap (`position_bytes`), the matmul
     design runs the batch in chunks (here one row each): the same function
     and gradients, dropout mask included ("separate": every per-row input
     and output of the kernels is sliced)."""
@@ -582,7 +582,7 @@ def test_matmul_position_design_in_batch_chunks(monkeypatch, nan_filled_ds):
     want = run(portable_all_attention, args, grad, torch.float32,
                dropout_seed=seed, **options)
     # float32 scores of one batch row: m * h * a * 4 bytes.
-    monkeypatch.setattr(triton_attention, "_POSITION_BYTES", m * h * a * 4)
+    monkeypatch.setenv("KERAS_ALLATTN_POSITION_BYTES", str(m * h * a * 4))
     got = run(triton_all_attention, args, grad, torch.float32, dropout_keys=keys,
               block_q=16, block_k=16, position="matmul", **options)
     check(*got, *want, TOL)

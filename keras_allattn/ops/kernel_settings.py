@@ -18,6 +18,10 @@ the kernels and the dispatcher do not import each other back.
 - The Triton kernels' position design (`triton_position`): "in_kernel"
   (the default) or "matmul", from `KERAS_ALLATTN_TRITON_POSITION`, so a
   whole training step can run either design without code changes.
+- The cap on the position scores of one pass (`position_bytes`): where QP
+  (and its gradient dS) of the whole batch would exceed it, the kernels run
+  their passes over batch chunks, one after the other, so the transients
+  stay near the cap whatever the span.
 """
 
 import os
@@ -136,3 +140,28 @@ def triton_position():
             f"{os.environ.get(TRITON_POSITION_ENV)!r}"
         )
     return value
+
+
+POSITION_BYTES_ENV = "KERAS_ALLATTN_POSITION_BYTES"
+# 1 GiB: one pass over the whole batch up to B * H * M * A = 2**29 bfloat16
+# scores (B = 64, H = 8, M = 512, A = 2048), where chunks cost copies (the
+# inputs sliced, the outputs gathered: 11 of 190 ms a step at fixed span 2048
+# with 512 MiB); at A = 8192 the scores of the whole batch would take 4 GiB.
+POSITION_BYTES = 2**30
+
+
+def position_bytes():
+    """The cap in bytes on the position scores QP (and dS) of one kernel
+    pass: `KERAS_ALLATTN_POSITION_BYTES` in the environment if set (a
+    positive number of bytes), else `POSITION_BYTES` (1 GiB). Read when a
+    kernel is called (PyTorch) or traced (JAX)."""
+    value = os.environ.get(POSITION_BYTES_ENV, "").strip()
+    if not value:
+        return POSITION_BYTES
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(
+            f"The environment variable {POSITION_BYTES_ENV} must be a "
+            f"positive number of bytes. Received: {POSITION_BYTES_ENV}="
+            f"{os.environ.get(POSITION_BYTES_ENV)!r}"
+        )
+    return int(value)

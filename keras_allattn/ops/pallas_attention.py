@@ -40,8 +40,9 @@ and the gradient of position_keys (`Q^T dS`, summed over batch, heads and
 queries). The forward's QP is recomputed in the backward rather than kept.
 QP and dS are transients of 2 B H M A bytes each in bfloat16 (1 GiB at
 B = 64, H = 8, M = 512, A = 2048) while one layer runs; where they would
-exceed `_POSITION_BYTES` (512 MiB) each pass runs over batch chunks, one
-after the other (`lax.map`), so the transients do not grow with the span.
+exceed `kernel_settings.position_bytes()` (1 GiB) each pass runs over
+batch chunks, one after the other (`lax.map`), so the transients do not
+grow with the span.
 
 * forward: one program per (query-tile group, head, batch row); it loops over
   its query tiles, and for each over the key tiles inside the head's span
@@ -95,6 +96,7 @@ from jax.experimental.pallas import triton as plt
 
 from keras_allattn.ops import random as dropout_hash
 from keras_allattn.ops.kernel_settings import INTEGRATIONS
+from keras_allattn.ops.kernel_settings import position_bytes
 from keras_allattn.ops.kernel_settings import is_power_of_two as _is_pow2
 from keras_allattn.ops.kernel_settings import resolve_deterministic
 
@@ -106,11 +108,6 @@ _DEFAULT_PROGRAMS = 1024
 # Profiling switch (read when kernels are traced; benchmarks only): the dQ
 # kernel skips its dS store, to time the store's share.
 _DEBUG = {"skip_ds_store": False}
-# Cap on the position scores QP (and dS) of one pass: a larger batch runs in
-# chunks, one after the other (`lax.map`), so the transients stay near this
-# size whatever the span (at A = 8192, B = 64, H = 8, M = 512 in bfloat16
-# the scores of the whole batch would take 4 GiB each).
-_POSITION_BYTES = 512 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -750,10 +747,12 @@ def _inputs(cfg, q, k, v, qp, mk, mv, z, rk):
 def position_chunks(batch, heads, queries, length, itemsize):
     """Batch chunks the Pallas passes run one after the other: the fewest (a
     divisor of `batch`) whose position scores, `heads * queries * length`
-    values of `itemsize` bytes per batch row, fit `_POSITION_BYTES`."""
+    values of `itemsize` bytes per batch row, fit
+    `kernel_settings.position_bytes()`."""
+    cap = position_bytes()
     per_row = heads * queries * length * itemsize
     for n in range(1, batch + 1):
-        if batch % n == 0 and (batch // n) * per_row <= _POSITION_BYTES:
+        if batch % n == 0 and (batch // n) * per_row <= cap:
             return n
     return batch
 

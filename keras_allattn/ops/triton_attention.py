@@ -26,9 +26,10 @@ materialising any (B, H, M, A) tensor in device memory:
     position matmul or skew in the kernels. The backward recomputes QP
     rather than keeping it. QP and dS are transients of `B M H A` elements
     each (1 GiB each in bfloat16 at B = 64, M = 512, H = 8, A = 2048) while
-    a layer's pass runs; where they would exceed `_POSITION_BYTES`
-    (512 MiB) each pass runs its kernels and matmuls over batch chunks, one
-    after the other, so the transients do not grow with the span.
+    a layer's pass runs; where they would exceed
+    `kernel_settings.position_bytes()` (1 GiB) each pass runs its kernels
+    and matmuls over batch chunks, one after the other, so the transients
+    do not grow with the span.
 * backward: the flash-attention backward, recomputing the probabilities
   from the saved log-sum-exp. Three kernels: dQ (with the position-key
   gradient and the span-ratio gradient), dK/dV, and the persistent
@@ -102,6 +103,7 @@ import threading
 
 from keras_allattn.ops import random as dropout_hash
 from keras_allattn.ops.kernel_settings import INTEGRATIONS
+from keras_allattn.ops.kernel_settings import position_bytes
 from keras_allattn.ops.kernel_settings import resolve_deterministic
 from keras_allattn.ops.kernel_settings import TRITON_POSITIONS
 from keras_allattn.ops.kernel_settings import triton_position
@@ -140,11 +142,6 @@ HAS_DROPOUT = True
 # The designs of the relative-position term (`position` argument of
 # `triton_all_attention`; the module docstring describes both).
 POSITION_DESIGNS = TRITON_POSITIONS
-# Cap on the position scores QP (and dS) of one pass of the matmul design:
-# a larger batch runs in chunks, one after the other, so the transients stay
-# near this size whatever the span (at A = 8192, B = 64, H = 8, M = 512 in
-# bfloat16 the whole batch's scores would take 4 GiB each).
-_POSITION_BYTES = 512 * 2**20
 
 
 def triton_available():
@@ -846,12 +843,12 @@ def _position_inputs(q, position_keys, pos_matmul):
 def _batch_chunks(q, length, pos_matmul):
     """Batch-row slices of the passes: one slice in the in-kernel design;
     in the matmul design as few as keep QP (and dS) of one slice within
-    `_POSITION_BYTES`, at least one row each."""
+    `kernel_settings.position_bytes()`, at least one row each."""
     batch, queries, heads, _ = q.shape
     rows = batch
     if pos_matmul:
         per_row = queries * heads * length * q.element_size()
-        rows = max(1, min(batch, _POSITION_BYTES // per_row))
+        rows = max(1, min(batch, position_bytes() // per_row))
     return [slice(b0, min(batch, b0 + rows)) for b0 in range(0, batch, rows)]
 
 
@@ -908,7 +905,8 @@ def _register_operators(torch, triton):
         lse_p = lse[1] if separate else lse_c
         oc, op = (parts[0], parts[1]) if separate else (out, out)
         # The matmul design runs over batch chunks (one after the other) so
-        # that QP stays near `_POSITION_BYTES`; one chunk otherwise.
+        # that QP stays near `kernel_settings.position_bytes()`; one chunk
+        # otherwise.
         for rows in _batch_chunks(q, A, cfg["pos_matmul"]):
             bh = slice(rows.start * H, rows.stop * H)  # rows of lse
             pos, qp = _position_inputs(q[rows], position_keys, cfg["pos_matmul"])
