@@ -351,9 +351,9 @@ def main():
         help="attention dropout rate of every check and timing (default 0: none)",
     )
     parser.add_argument(
-        "--position", default="in_kernel", metavar="DESIGNS",
+        "--position", default="matmul", metavar="DESIGNS",
         help="comma-separated designs of the position term to check and time "
-        "(in_kernel, matmul; default in_kernel)",
+        "(in_kernel, matmul; default matmul, the library's)",
     )
     parser.add_argument(
         "--profile", action="store_true",

@@ -182,8 +182,11 @@ def reference_run(inputs, grad, persistent, span, integration, dropout=None):
 
 
 # The two designs of the position term (module docstring of
-# triton_attention): every exactness test runs on both.
+# triton_attention): every exactness test runs on both, the default
+# ("matmul") on every case, the other ("in_kernel") where the matrices below
+# say (the cases that exercise most of it).
 POSITIONS = ["in_kernel", "matmul"]
+DEFAULT, OTHER = "matmul", "in_kernel"
 
 
 @pytest.fixture(autouse=True)
@@ -221,13 +224,13 @@ REFERENCE_CASES = {
         ("separate", True, "separate"),
     )
 }
-# The matmul design on the case that exercises most of it (persistent
+# The other design on the case that exercises most of it (persistent
 # vectors, "separate", the span); test_matches_portable covers the rest.
 REFERENCE_MATRIX = [
     pytest.param(*case, position, id=f"{name}-{position}")
     for name, case in REFERENCE_CASES.items()
     for position in POSITIONS
-    if position == "in_kernel" or name == "separate-span"
+    if position == DEFAULT or name == "separate-span"
 ]
 
 
@@ -330,9 +333,9 @@ DROPOUT_CASES = [
     pytest.param(case, position, id=f"{case}-{position}")
     for case in [*PORTABLE_CASES, "uneven_tiles"]
     for position in POSITIONS
-    # The matmul design where it differs most: persistent vectors, both
+    # The other design where it differs most: persistent vectors, both
     # integrations, the span's boundaries, uneven tiles.
-    if position == "in_kernel" or case not in ("context_only", "span_context_only")
+    if position == DEFAULT or case not in ("context_only", "span_context_only")
 ]
 
 
@@ -479,8 +482,9 @@ def test_rejects_bad_arguments():
 
 
 def test_deterministic_mode(monkeypatch):
-    """One position-gradient buffer per dQ program: the same function (as
-    the other tests check the default mode), bitwise repeatable."""
+    """The in-kernel design's deterministic mode: one position-gradient
+    buffer per dQ program, the same function (as the other tests check the
+    default mode), bitwise repeatable."""
     from keras_allattn.ops import kernel_settings as attention
 
     # M = 37 in 16-query tiles: 3 programs per (batch row, head), each with
@@ -505,7 +509,7 @@ def test_deterministic_mode(monkeypatch):
     monkeypatch.setattr(torch, "zeros", recording_zeros)
     runs = [
         run(triton_all_attention, inputs, grad, torch.float32,
-            block_q=16, block_k=16, **options)
+            block_q=16, block_k=16, position="in_kernel", **options)
         for _ in range(2)
     ]
     # Every program filled its own copy.
@@ -624,7 +628,7 @@ def operator_inputs(persistent, span, dropout):
 
 
 def operator_args(tensors, drop, integration, deterministic=False,
-                  position="in_kernel"):
+                  position=DEFAULT):
     """The forward operator's arguments, as `triton_all_attention` passes
     them for tiles of 16 (the schema is the operator's public contract)."""
     tiles = [16, 16, 8, 2]
@@ -640,8 +644,8 @@ def operator_args(tensors, drop, integration, deterministic=False,
 
 @pytest.mark.parametrize(
     "case,position",
-    [(case, "in_kernel") for case in OPERATOR_CASES]
-    + [("joint_span_dropout", "matmul")],
+    [(case, DEFAULT) for case in OPERATOR_CASES]
+    + [("joint_span_dropout", OTHER)],
 )
 def test_operators_pass_opcheck(case, position):
     """Schema, fake implementations (against the kernels' outputs),
@@ -687,8 +691,8 @@ def _portable_targets():
 
 @pytest.mark.parametrize(
     "case,position",
-    [("joint_span_dropout", "in_kernel"), ("separate_dropout", "in_kernel"),
-     ("context_only", "in_kernel"), ("joint_span_dropout", "matmul")],
+    [("joint_span_dropout", DEFAULT), ("separate_dropout", DEFAULT),
+     ("context_only", DEFAULT), ("joint_span_dropout", OTHER)],
 )
 def test_traced_and_compiled_step_equals_eager(case, position):
     """A function computing the attention and every gradient, traced by
@@ -741,17 +745,18 @@ def test_position_design_from_the_environment(monkeypatch, nan_filled_ds):
     (how the dispatcher's calls, and so a whole training step, choose)."""
     inputs, grad = make_inputs(1, 20, 1, 16, 24, 8, seed=8)
     options = dict(max_span=MAX_SPAN, span_ramp=RAMP, block_q=16, block_k=16)
-    monkeypatch.setenv("KERAS_ALLATTN_TRITON_POSITION", "matmul")
+    monkeypatch.setenv("KERAS_ALLATTN_TRITON_POSITION", "in_kernel")
     out, grads = run(triton_all_attention, inputs, grad, torch.float32, **options)
-    expect_design("matmul", nan_filled_ds)
+    expect_design("in_kernel", nan_filled_ds)
     want_out, want_grads = run(triton_all_attention, inputs, grad, torch.float32,
-                               position="matmul", **options)
+                               position="in_kernel", **options)
     assert torch.equal(out, want_out)
     for name, value in grads.items():
         assert torch.equal(value, want_grads[name]), name
+    # Unset: the default, the matmul design (one dS buffer per backward).
     monkeypatch.delenv("KERAS_ALLATTN_TRITON_POSITION")
     run(triton_all_attention, inputs, grad, torch.float32, **options)
-    expect_design("matmul", nan_filled_ds, calls=2)  # no buffer: in-kernel
+    expect_design("matmul", nan_filled_ds, calls=1)
     monkeypatch.setenv("KERAS_ALLATTN_TRITON_POSITION", "xla")
     with pytest.raises(ValueError, match="KERAS_ALLATTN_TRITON_POSITION='xla'"):
         run(triton_all_attention, inputs, grad, torch.float32, **options)

@@ -15,8 +15,8 @@ the kernels and the dispatcher do not import each other back.
   every forward call, on JAX when the function is traced.
 - Tile sizes: a tile (and the head width the kernels tile by) is a power
   of two of at least `MIN_TILE`.
-- The Triton kernels' position design (`triton_position`): "in_kernel"
-  (the default) or "matmul", from `KERAS_ALLATTN_TRITON_POSITION`, so a
+- The Triton kernels' position design (`triton_position`): "matmul" (the
+  default) or "in_kernel", from `KERAS_ALLATTN_TRITON_POSITION`, so a
   whole training step can run either design without code changes.
 - The cap on the position scores of one pass (`position_bytes`): where QP
   (and its gradient dS) of the whole batch would exceed it, the kernels run
@@ -129,10 +129,10 @@ TRITON_POSITIONS = ("in_kernel", "matmul")
 def triton_position():
     """The Triton kernels' default position design (see
     `keras_allattn.ops.triton_attention`): the environment variable
-    `KERAS_ALLATTN_TRITON_POSITION`, "in_kernel" (the default) or "matmul".
+    `KERAS_ALLATTN_TRITON_POSITION`, "matmul" (the default) or "in_kernel".
     Read at every kernel call; a compiled PyTorch graph keeps the design it
     was traced with."""
-    value = os.environ.get(TRITON_POSITION_ENV, "").strip().lower() or "in_kernel"
+    value = os.environ.get(TRITON_POSITION_ENV, "").strip().lower() or "matmul"
     if value not in TRITON_POSITIONS:
         raise ValueError(
             f"The environment variable {TRITON_POSITION_ENV} must be one of "

@@ -15,21 +15,23 @@ materialising any (B, H, M, A) tensor in device memory:
 * relative positions: for a query tile `[i0, i0+BQ)` and key tile
   `[j0, j0+BK)` the distances form a band (`c = A - r = j - i`). Two
   designs, chosen by the `position` argument (the same function):
-  - "in_kernel" (the default): the kernel keeps `Q @ P[:, chunk]` for two
-    consecutive chunks of `BK` position columns; the tile's position scores
-    are read out of them with `tl.gather` (the skew), so walking the key
-    tiles costs one `Q @ P` product of the size of `Q @ K^T` per tile.
-  - "matmul": outside the kernels one PyTorch matmul per pass computes the
-    position scores `QP = Q P` (B, M, H, A) in the inputs' dtype (float32
-    accumulation); the forward and dK/dV kernels read a tile's band with
-    one masked load `QP[b, i, h, j - i]` (contiguous along the keys), no
-    position matmul or skew in the kernels. The backward recomputes QP
-    rather than keeping it. QP and dS are transients of `B M H A` elements
-    each (1 GiB each in bfloat16 at B = 64, M = 512, H = 8, A = 2048) while
-    a layer's pass runs; where they would exceed
-    `kernel_settings.position_bytes()` (1 GiB) each pass runs its kernels
-    and matmuls over batch chunks, one after the other, so the transients
-    do not grow with the span.
+  - "in_kernel": the kernel keeps `Q @ P[:, chunk]` for two consecutive
+    chunks of `BK` position columns; the tile's position scores are read
+    out of them with `tl.gather` (the skew), so walking the key tiles costs
+    one `Q @ P` product of the size of `Q @ K^T` per tile.
+  - "matmul" (the default: the compiled enwik8_small recipe step, one
+    H200, bf16, dropout 0.3, ran 16% faster at fixed span 2048 and 11% at
+    adaptive ~1024 and fixed 1024, benchmarks/RESULTS.md): outside the
+    kernels one PyTorch matmul per pass computes the position scores
+    `QP = Q P` (B, M, H, A) in the inputs' dtype (float32 accumulation);
+    the forward and dK/dV kernels read a tile's band with one masked load
+    `QP[b, i, h, j - i]` (contiguous along the keys), no position matmul or
+    skew in the kernels. The backward recomputes QP rather than keeping it.
+    QP and dS are transients of `B M H A` elements each (1 GiB each in
+    bfloat16 at B = 64, M = 512, H = 8, A = 2048) while a layer's pass
+    runs; where they would exceed `kernel_settings.position_bytes()`
+    (1 GiB) each pass runs its kernels and matmuls over batch chunks, one
+    after the other, so the transients do not grow with the span.
 * backward: the flash-attention backward, recomputing the probabilities
   from the saved log-sum-exp. Three kernels: dQ (with the position-key
   gradient and the span-ratio gradient), dK/dV, and the persistent
@@ -1240,7 +1242,7 @@ def triton_all_attention(
             position gradients by PyTorch matmuls, the kernels read and
             write the band). The same function either way. None: the
             environment variable `KERAS_ALLATTN_TRITON_POSITION` (default
-            "in_kernel"; `keras_allattn.ops.kernel_settings.triton_position`),
+            "matmul"; `keras_allattn.ops.kernel_settings.triton_position`),
             which is how the dispatcher's calls choose.
 
     Returns:
