@@ -6,7 +6,8 @@ token by token; both compile those calls the same way and keep the
 compiled functions on the model, keyed by the attended spans that the
 compiled code bakes in: `compile_stateless` (TensorFlow, JAX),
 `torch_compile` (PyTorch) and `cached`. `torch_train_step` compiles the
-training step of `fit` on PyTorch. This module imports neither keras-hub
+training step of `fit` on PyTorch, `torch_eval_step` those of `evaluate`
+and `predict`. This module imports neither keras-hub
 nor any backend at import time.
 """
 
@@ -314,6 +315,131 @@ def torch_train_step(model):
         return model.train_step(batch)
 
     return train_function
+
+
+def torch_eval_step(model, kind):
+    """`model`'s evaluation (`kind="test"`) or prediction (`"predict"`) step
+    on PyTorch as one compiled graph.
+
+    What `AllAttentionLM.compile(jit_compile=True)` makes the
+    `test_function` of `evaluate` and the `predict_function` of `predict`
+    on PyTorch, as `torch_train_step` does for `fit`: Keras's `test_step`
+    (forward pass, loss, metrics) or `predict_step` (forward pass) written
+    statelessly under `torch.no_grad()`, traced by `make_fx` on fake tensors
+    into one graph whose inputs are the batch and the values of every
+    variable, which it updates in place as the eager step does (the segment
+    memory moves on from batch to batch; `evaluate` and `predict` keep the
+    training memory aside around the call), and compiled by
+    `torch.compile(dynamic=False, fullgraph=True)`. Keras's own
+    `torch.compile` of these steps recompiles its layer machinery for every
+    layer class until it hits its recompile limit (two minutes for a
+    two-layer model on a CPU before the first batch). A graph is kept per
+    shape and dtype of the batch and per attended span; should tracing or
+    compiling fail, a warning says why and the step runs eagerly.
+
+    Returns:
+        A function `fn(data)` for Keras's PyTorch evaluation or prediction
+        loop.
+    """
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    if kind not in ("test", "predict"):
+        raise ValueError(f"`kind` must be 'test' or 'predict'. Received: kind={kind!r}")
+    failed = []
+
+    def build():
+        weights = list(model.trainable_variables)
+        others = list(model.non_trainable_variables) + list(
+            model.metrics_variables
+        )
+        loss_tracker = next(
+            (m for m in model.metrics if m.name == "loss"), None
+        )
+
+        def step(weight_values, other_values, batch):
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
+            mapping = list(zip(weights, weight_values)) + list(
+                zip(others, other_values)
+            )
+            with keras.StatelessScope(
+                state_mapping=mapping, collect_losses=kind == "test"
+            ) as scope:
+                y_pred = model(x, training=False)
+                if kind == "test":
+                    loss = model.compute_loss(
+                        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                        training=False,
+                    )
+                    if loss_tracker is not None:
+                        loss_tracker.update_state(
+                            loss, sample_weight=keras.tree.flatten(x)[0].shape[0]
+                        )
+                    model.compute_metrics(x, y, y_pred, sample_weight)
+            for old, variable in zip(other_values, others):
+                new = scope.get_current_value(variable)
+                if new is not None and new is not old:
+                    old.copy_(new)
+            return y_pred if kind == "predict" else None
+
+        graph = []
+
+        def run(batch):
+            values = (
+                [v.value.detach() for v in weights],
+                [v.value for v in others],
+            )
+            with torch.no_grad():
+                if not graph:
+                    traced = make_fx(step, tracing_mode="fake")(*values, batch)
+                    graph.append(torch.compile(
+                        traced, backend=TORCH_TRAIN_BACKEND, dynamic=False,
+                        fullgraph=True,
+                    ))
+                return graph[0](*values, batch)
+
+        return run
+
+    def eager(batch):
+        with torch.no_grad():
+            if kind == "test":
+                return model.test_step(batch)
+            return model.predict_step(batch)
+
+    def function(data):
+        (batch,) = data
+        batch = keras.tree.map_structure(
+            lambda t: None if t is None else keras.ops.convert_to_tensor(t),
+            tuple(batch) if isinstance(batch, (list, tuple)) else (batch,),
+        )
+        if kind == "predict":
+            # Keras's predict_step reads `x` out of the batch as it comes.
+            batch = batch[:1]
+        if not failed:
+            key = (
+                (kind,)
+                + tuple(id(m) for m in model.metrics)
+                + tuple(
+                    (tuple(t.shape), str(t.dtype), str(t.device))
+                    for t in keras.tree.flatten(batch)
+                )
+                + (is_deterministic(),)
+            )
+            run = cached(model, f"_torch_{kind}_steps", key, build)
+            try:
+                outputs = run(batch)
+                return outputs if kind == "predict" else model.get_metrics_result()
+            except Exception as error:
+                model.__dict__.pop(f"_torch_{kind}_steps", None)
+                failed.append(error)
+                warnings.warn(
+                    f"The PyTorch {kind} step could not be compiled; it runs "
+                    f"eagerly: {type(error).__name__}: {str(error)[:500]}",
+                    stacklevel=2,
+                )
+        return eager(batch)
+
+    return function
 
 
 def untraceable_reason(model):

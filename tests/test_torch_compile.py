@@ -143,6 +143,39 @@ def test_compiled_steps_match_eager_steps(rng):
     assert graphs_compiled() - before == 1
 
 
+def test_evaluate_and_predict_are_one_graph_each(rng):
+    """`evaluate` and `predict` after `compile(jit_compile=True)`: one graph
+    each for all their batches (Keras's own `torch.compile` of these steps
+    recompiled its layer machinery up to dynamo's limit), the numbers of
+    eager ones from the same weights, and the training memory left as it
+    was."""
+    compiled, eager = make_model(4, True), make_model(4, False)
+    memory = [rng.normal(size=m.shape).astype("float32")
+              for m in eager.get_memory()]
+    for model in (compiled, eager):
+        model.set_memory(memory)
+    tokens = rng.integers(0, V, (4 * B, M + 1)).astype("int32")
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    before = graphs_compiled()
+    got = compiled.evaluate(x, y, batch_size=B, verbose=0)
+    assert graphs_compiled() - before == 1
+    np.testing.assert_allclose(
+        got, eager.evaluate(x, y, batch_size=B, verbose=0), rtol=1e-5
+    )
+    assert compiled.evaluate(x, y, batch_size=B, verbose=0) == got
+    predicted = compiled.predict(x, batch_size=B, verbose=0)
+    assert graphs_compiled() - before == 2
+    np.testing.assert_allclose(
+        predicted, eager.predict(x, batch_size=B, verbose=0), atol=1e-5
+    )
+    np.testing.assert_array_equal(
+        compiled.predict(x, batch_size=B, verbose=0), predicted
+    )
+    assert graphs_compiled() - before == 2
+    for got_memory, kept in zip(compiled.get_memory(), memory):
+        np.testing.assert_array_equal(got_memory, kept)
+
+
 def test_dropout_seeds_move_on_every_compiled_step(rng):
     """Every compiled step draws a fresh attention dropout mask, as eager.
 

@@ -335,6 +335,30 @@ class AllAttentionLM(AllAttentionBackbone):
             self.train_function = torch_train_step(self)
         return self.train_function
 
+    def make_test_function(self, force=False):
+        """Keras's, except on PyTorch with `jit_compile=True`: there the
+        evaluation step is one compiled graph
+        (`keras_allattn.compiling.torch_eval_step`)."""
+        if keras.backend.backend() != "torch" or not self.jit_compile:
+            return super().make_test_function(force)
+        if self.test_function is None or force:
+            from keras_allattn.compiling import torch_eval_step
+
+            self.test_function = torch_eval_step(self, "test")
+        return self.test_function
+
+    def make_predict_function(self, force=False):
+        """Keras's, except on PyTorch with `jit_compile=True`: there the
+        prediction step is one compiled graph
+        (`keras_allattn.compiling.torch_eval_step`)."""
+        if keras.backend.backend() != "torch" or not self.jit_compile:
+            return super().make_predict_function(force)
+        if self.predict_function is None or force:
+            from keras_allattn.compiling import torch_eval_step
+
+            self.predict_function = torch_eval_step(self, "predict")
+        return self.predict_function
+
     def _forward(self, tokens, memories=None, training=None):
         """The network and its head; stateful when `memories` is None.
 
