@@ -41,6 +41,8 @@
 #          back in the JSON lines)
 #   chunks the position-score cap, 1 GiB against 512 MiB (JAX), and the
 #          Triton matmul position design's whole compiled step (issue 13)
+#   recipes the small geometry on both backends and the large presets'
+#          recipes at full span, planned for 80 GB (issue 13)
 #   hosts  on two GPUs: the 200-step equivalence verdict of 2 devices and
 #          2 processes against one (JAX, PyTorch), against the spread of
 #          three one-ulp nudged one-device runs, deterministic (issue 17)
@@ -364,6 +366,25 @@ chunks)
     done
   }
   lanes ;;
+recipes)
+  # The defaults of the session (1 GiB position-score cap, the Triton
+  # kernels' matmul position design): the small geometry on both backends
+  # (PyTorch compiled at least half of JAX), and the large presets with
+  # their recipes at full span with default arguments, planned for an 80 GB
+  # card as in `presets` (issue 13).
+  small="--layers 6 --hidden-dim 256 --num-heads 4 --persistent 256 --block-size 256 --batch-size 32 --span fixed:2048 --dropout 0.3"
+  pre="python3 benchmarks/throughput.py --steps 4 --warmup-steps 2 --record --dropout recipe --span adaptive:8192"
+  lane0() {
+    step jax_small 100 env KERAS_BACKEND=jax $tp $small
+    for p in enwik8_large text8_large; do
+      step "jax_${p}_full" 150 env KERAS_BACKEND=jax XLA_PYTHON_CLIENT_MEM_FRACTION=0.43 $pre --preset $p
+    done
+  }
+  lane1() {
+    step torch_small 150 env KERAS_BACKEND=torch $tp $small --jit-compile on
+    step torch_text8_large_full 150 env KERAS_BACKEND=torch $pre --preset text8_large --memory-gib 80
+  }
+  lanes ;;
 hosts)
   # Issue 17 on two GPUs of one host: the 200-step equivalence verdict of
   # 2 devices of one process and of 2 processes against one device, each
@@ -410,7 +431,7 @@ hosts-scaling)
     KERAS_DISTRIBUTION_NUM_PROCESSES=2 KERAS_DISTRIBUTION_PROCESS_ID=0 CUDA_VISIBLE_DEVICES=0 $sc; wait
   step torch_scaling_1 120 env KERAS_BACKEND=torch $sc
   step torch_scaling_2proc 150 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 ${sc#python3 } ;;
-*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe, presets, adaptive, adaptive2, position, compiled, profile, chunks, hosts or hosts-scaling"; exit 2 ;;
+*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe, presets, adaptive, adaptive2, position, compiled, profile, chunks, recipes, hosts or hosts-scaling"; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
 # The device tool returns a limited number of files: RESULTS.md and the

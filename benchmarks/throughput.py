@@ -285,8 +285,21 @@ def measure(args, transformer=False):
         "model_flops_per_token": flops,
         "mfu": None if peak is None else round(tokens_per_s * flops / (peak * 1e12), 4),
         "bf16_peak_tflops": peak,
+        "kernel_settings": kernel_settings_used(),
         **({"profile": profile} if profile else {}),
     }
+
+
+def kernel_settings_used():
+    """The fused kernels' settings this run used (the environment may set
+    them): the position-score cap, and on PyTorch the Triton kernels'
+    position design."""
+    from keras_allattn.ops import kernel_settings
+
+    used = {"position_bytes": kernel_settings.position_bytes()}
+    if keras.backend.backend() == "torch":
+        used["triton_position"] = kernel_settings.triton_position()
+    return used
 
 
 def record(result):
@@ -303,7 +316,8 @@ def record(result):
         f"{result['persistent']}, "
         f"{result['dtype_policy']}, implementation {result['implementation']}, "
         f"remat {result['remat']}, jit_compile {result['jit_compile']}, "
-        f"dropout {result['dropout']}"
+        f"dropout {result['dropout']}, "
+        + ", ".join(f"{k} {v}" for k, v in result["kernel_settings"].items())
         + (f", planned for {result['memory_budget_gib']:g} GiB"
            if result["memory_budget_gib"] else "")
         + " |\n"

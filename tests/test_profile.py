@@ -121,6 +121,10 @@ def test_throughput_profile_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads([line for line in out.stdout.splitlines()
                          if line.startswith("{")][-1])
+    settings = {"position_bytes": 2**30}
+    if keras.backend.backend() == "torch":
+        settings["triton_position"] = "matmul"
+    assert result["kernel_settings"] == settings
     profile = result["profile"]
     assert profile["profile_steps"] == 2
     assert profile["source"] == "host ops (no GPU)"
