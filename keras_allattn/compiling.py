@@ -244,8 +244,13 @@ def torch_train_step(model):
                 )
                 model.compute_metrics(x, y, y_pred, sample_weight)
                 scaled = optimizer.scale_loss(loss)
-            new_others = [scope.get_current_value(v) for v in others]
-            gradients = torch.autograd.grad(scaled, leaves, allow_unused=True)
+                new_others = [scope.get_current_value(v) for v in others]
+                # Inside the scope: with remat, the backward runs the
+                # layers' forward again, which must read the traced values
+                # (outside, it would read the variables themselves).
+                gradients = torch.autograd.grad(
+                    scaled, leaves, allow_unused=True
+                )
             with torch.no_grad():
                 new_trainable, new_optimizer = optimizer.stateless_apply(
                     optimizer_values, list(gradients), leaves

@@ -176,6 +176,29 @@ def test_evaluate_and_predict_are_one_graph_each(rng):
         np.testing.assert_array_equal(got_memory, kept)
 
 
+@pytest.mark.parametrize("remat", ["attention", "layer"])
+def test_compiled_step_with_remat_matches_eager(rng, remat):
+    """With recomputation (what `remat="auto"` picks for the large presets)
+    the step still compiles into one graph, with no warning, and trains as
+    the eager step: the backward's recomputation reads the traced weights
+    (it once read the variables themselves, failed to trace, and the step
+    ran eagerly)."""
+    settings = dict(remat=remat, dropout=0.3, adaptive_span=True)
+    compiled, eager = make_model(7, True, **settings), make_model(7, False, **settings)
+    tokens = rng.integers(0, V, (3 * B, M + 1)).astype("int32")
+    before = graphs_compiled()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        losses = fit_losses(compiled, tokens)
+    assert not [w for w in caught if "eagerly" in str(w.message)]
+    assert graphs_compiled() - before == 1
+    np.testing.assert_allclose(losses, fit_losses(eager, tokens), rtol=1e-5)
+    for got, expected in zip(compiled.get_weights(), eager.get_weights()):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    for got, expected in zip(compiled.get_memory(), eager.get_memory()):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def test_dropout_seeds_move_on_every_compiled_step(rng):
     """Every compiled step draws a fresh attention dropout mask, as eager.
 
