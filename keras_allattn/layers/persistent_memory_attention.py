@@ -248,10 +248,27 @@ class PersistentMemoryAttention(keras.layers.Layer):
         dropout = bool(training) and self.dropout > 0
         # A seed drawn outside keeps recomputation (remat) identical.
         seeds = (self.seed_generator.next(),) if dropout else ()
-        layer = self._layer
-        if self.remat == "layer":
-            layer = keras.remat(layer)
-        return layer(inputs, memory, positions, *seeds)
+        if self.remat != "layer":
+            return self._layer(inputs, memory, positions, *seeds)
+        if keras.backend.backend() != "torch":
+            return keras.remat(self._layer)(inputs, memory, positions, *seeds)
+        # PyTorch: the recomputation runs when the backward needs it, on
+        # the autograd engine's thread (a device thread on CUDA), where a
+        # `keras.StatelessScope` of the caller (the compiled training step
+        # traces under one) is not active: it would read the variables
+        # themselves, not the values the forward read. So the values go in
+        # as arguments and the recomputed layer reads them from a scope of
+        # its own.
+        variables = list(self.variables)
+        values = [variable.value for variable in variables]
+        count = len(seeds)
+
+        def layer(inputs, memory, positions, *rest):
+            mapping = list(zip(variables, rest[count:]))
+            with keras.StatelessScope(state_mapping=mapping):
+                return self._layer(inputs, memory, positions, *rest[:count])
+
+        return keras.remat(layer)(inputs, memory, positions, *seeds, *values)
 
     def _attention_tensors(self, inputs, memory, positions):
         """The attention's tensor arguments by name (those in use): the
