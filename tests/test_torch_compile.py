@@ -56,6 +56,26 @@ def make_model(seed, jit_compile, **overrides):
     return model
 
 
+def compiled_and_eager(seed, rng, **overrides):
+    """The same model compiled and eager, from one random segment memory
+    (returned too)."""
+    compiled = make_model(seed, True, **overrides)
+    eager = make_model(seed, False, **overrides)
+    memory = [rng.normal(size=m.shape).astype("float32")
+              for m in eager.get_memory()]
+    for model in (compiled, eager):
+        model.set_memory(memory)
+    return compiled, eager, memory
+
+
+def assert_trained_alike(compiled, eager):
+    """Weights and segment memory of two models trained alike are equal."""
+    for got, expected in zip(compiled.get_weights(), eager.get_weights()):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    for got, expected in zip(compiled.get_memory(), eager.get_memory()):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def fit_losses(model, tokens, spans=None):
     """The loss of every step of one `fit` over `tokens`, in order.
 
@@ -121,20 +141,13 @@ def test_one_graph_per_attended_span(rng):
 
 def test_compiled_steps_match_eager_steps(rng):
     """Losses, weights and the carried segment memory equal eager's."""
-    compiled, eager = make_model(2, True), make_model(2, False)
-    memory = [rng.normal(size=m.shape).astype("float32")
-              for m in eager.get_memory()]
-    for model in (compiled, eager):
-        model.set_memory(memory)
+    compiled, eager, _ = compiled_and_eager(2, rng)
     tokens = rng.integers(0, V, (5 * B, M + 1)).astype("int32")
     before = graphs_compiled()
     losses = fit_losses(compiled, tokens)
     assert graphs_compiled() - before == 1
     np.testing.assert_allclose(losses, fit_losses(eager, tokens), rtol=1e-5)
-    for got, expected in zip(compiled.get_memory(), eager.get_memory()):
-        np.testing.assert_allclose(got, expected, atol=1e-5)
-    for got, expected in zip(compiled.get_weights(), eager.get_weights()):
-        np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert_trained_alike(compiled, eager)
     # A second fit continues from the memory the first one left.
     more = rng.integers(0, V, (2 * B, M + 1)).astype("int32")
     np.testing.assert_allclose(
@@ -149,11 +162,7 @@ def test_evaluate_and_predict_are_one_graph_each(rng):
     recompiled its layer machinery up to dynamo's limit), the numbers of
     eager ones from the same weights, and the training memory left as it
     was."""
-    compiled, eager = make_model(4, True), make_model(4, False)
-    memory = [rng.normal(size=m.shape).astype("float32")
-              for m in eager.get_memory()]
-    for model in (compiled, eager):
-        model.set_memory(memory)
+    compiled, eager, memory = compiled_and_eager(4, rng)
     tokens = rng.integers(0, V, (4 * B, M + 1)).astype("int32")
     x, y = tokens[:, :-1], tokens[:, 1:]
     before = graphs_compiled()
@@ -193,10 +202,7 @@ def test_compiled_step_with_remat_matches_eager(rng, remat):
     assert not [w for w in caught if "eagerly" in str(w.message)]
     assert graphs_compiled() - before == 1
     np.testing.assert_allclose(losses, fit_losses(eager, tokens), rtol=1e-5)
-    for got, expected in zip(compiled.get_weights(), eager.get_weights()):
-        np.testing.assert_allclose(got, expected, atol=1e-5)
-    for got, expected in zip(compiled.get_memory(), eager.get_memory()):
-        np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert_trained_alike(compiled, eager)
 
 
 def test_dropout_seeds_move_on_every_compiled_step(rng):
@@ -336,12 +342,7 @@ def test_compiled_step_keeps_the_fused_kernels(monkeypatch, rng):
     monkeypatch.setattr(compiling, "TORCH_TRAIN_BACKEND", recording_backend)
     monkeypatch.setattr(kernel_settings, "_deterministic", False)
     settings = dict(hidden_dim=32, adaptive_span=True, dropout=0.3)
-    compiled = make_model(6, True, **settings)
-    eager = make_model(6, False, **settings)
-    memory = [rng.normal(size=m.shape).astype("float32")
-              for m in eager.get_memory()]
-    for model in (compiled, eager):
-        model.set_memory(memory)
+    compiled, eager, _ = compiled_and_eager(6, rng, **settings)
     tokens = rng.integers(0, V, (3 * B, M + 1)).astype("int32")
     losses = fit_losses(compiled, tokens)
     assert len(graphs) == 1
@@ -351,10 +352,7 @@ def test_compiled_step_keeps_the_fused_kernels(monkeypatch, rng):
     assert kernels.triton_all_attention.default in targets
     assert kernels.triton_all_attention_backward.default in targets
     np.testing.assert_allclose(losses, fit_losses(eager, tokens), rtol=1e-5)
-    for got, expected in zip(compiled.get_memory(), eager.get_memory()):
-        np.testing.assert_allclose(got, expected, atol=1e-5)
-    for got, expected in zip(compiled.get_weights(), eager.get_weights()):
-        np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert_trained_alike(compiled, eager)
     for got, expected in zip(seed_states(compiled), seed_states(eager)):
         np.testing.assert_array_equal(got, expected)
 

@@ -327,37 +327,33 @@ class AllAttentionLM(AllAttentionBackbone):
         """Keras's, except on PyTorch with `jit_compile=True`: there the
         whole training step is one compiled graph
         (`keras_allattn.compiling.torch_train_step`)."""
-        if keras.backend.backend() != "torch" or not self.jit_compile:
-            return super().make_train_function(force)
-        if self.train_function is None or force:
-            from keras_allattn.compiling import torch_train_step
-
-            self.train_function = torch_train_step(self)
-        return self.train_function
+        return self._make_step_function("train", force)
 
     def make_test_function(self, force=False):
         """Keras's, except on PyTorch with `jit_compile=True`: there the
         evaluation step is one compiled graph
         (`keras_allattn.compiling.torch_eval_step`)."""
-        if keras.backend.backend() != "torch" or not self.jit_compile:
-            return super().make_test_function(force)
-        if self.test_function is None or force:
-            from keras_allattn.compiling import torch_eval_step
-
-            self.test_function = torch_eval_step(self, "test")
-        return self.test_function
+        return self._make_step_function("test", force)
 
     def make_predict_function(self, force=False):
         """Keras's, except on PyTorch with `jit_compile=True`: there the
         prediction step is one compiled graph
         (`keras_allattn.compiling.torch_eval_step`)."""
-        if keras.backend.backend() != "torch" or not self.jit_compile:
-            return super().make_predict_function(force)
-        if self.predict_function is None or force:
-            from keras_allattn.compiling import torch_eval_step
+        return self._make_step_function("predict", force)
 
-            self.predict_function = torch_eval_step(self, "predict")
-        return self.predict_function
+    def _make_step_function(self, kind, force):
+        """The `{kind}_function` of `fit`, `evaluate` or `predict`."""
+        if keras.backend.backend() != "torch" or not self.jit_compile:
+            return getattr(super(), f"make_{kind}_function")(force)
+        attribute = f"{kind}_function"
+        if getattr(self, attribute) is None or force:
+            from keras_allattn import compiling
+
+            setattr(self, attribute, (
+                compiling.torch_train_step(self) if kind == "train"
+                else compiling.torch_eval_step(self, kind)
+            ))
+        return getattr(self, attribute)
 
     def _forward(self, tokens, memories=None, training=None):
         """The network and its head; stateful when `memories` is None.
