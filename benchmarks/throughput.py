@@ -266,7 +266,7 @@ def measure(args, transformer=False):
         "dtype_policy": args.dtype,
         "implementation": args.implementation,
         "remat": remat,
-        "jit_compile": model.jit_compile,
+        "jit_compile": step_compiled(model),
         "batch_size": batch,
         "block_size": block,
         "num_layers": model.num_layers,
@@ -288,6 +288,18 @@ def measure(args, transformer=False):
         "kernel_settings": kernel_settings_used(),
         **({"profile": profile} if profile else {}),
     }
+
+
+def step_compiled(model):
+    """Whether the training steps ran compiled: `jit_compile` on TensorFlow
+    and JAX; on PyTorch, whether the traced step was built and ran (where it
+    cannot be traced it falls back to eager, with a warning, and a row must
+    not say it was compiled)."""
+    if not model.jit_compile:
+        return False
+    if keras.backend.backend() != "torch":
+        return True
+    return bool(model.__dict__.get("_torch_train_steps"))
 
 
 def kernel_settings_used():

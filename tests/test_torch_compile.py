@@ -439,6 +439,27 @@ def test_throughput_auto_compiles_the_step_where_it_traces(monkeypatch):
     assert choice("off") is False
 
 
+def test_throughput_reports_a_step_that_fell_back_to_eager(monkeypatch, rng):
+    """`throughput.py`'s `jit_compile` says whether the steps ran compiled:
+    not where `jit_compile=True` fell back to eager (Keras's seeded
+    Dropout)."""
+    import pathlib
+
+    monkeypatch.syspath_prepend(
+        str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks")
+    )
+    import throughput
+
+    tokens = rng.integers(0, V, (B, M + 1)).astype("int32")
+    for overrides, compiled in (({}, True), ({"embedding_dropout": 0.1}, False)):
+        model = make_model(8, True, **overrides)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit_losses(model, tokens)
+        assert throughput.step_compiled(model) is compiled
+    assert throughput.step_compiled(make_model(8, False)) is False
+
+
 def test_layer_remat_recomputes_from_the_values_the_forward_read(rng):
     """remat="layer" on PyTorch: the backward's recomputation uses the
     values the forward read under a `keras.StatelessScope` (how the compiled
