@@ -286,23 +286,13 @@ def torch_train_step(model):
         return run
 
     def train_function(data):
-        (batch,) = data
-        batch = keras.tree.map_structure(
-            lambda t: None if t is None else keras.ops.convert_to_tensor(t),
-            tuple(batch) if isinstance(batch, (list, tuple)) else (batch,),
-        )
+        batch = _batch_tensors(data)
         if not failed:
             # What `build` captures: a new compile (optimizer, metrics) or
             # a change of trainable flags needs a graph of its own.
-            key = (
-                ("train", id(model.optimizer))
-                + tuple(id(m) for m in model.metrics)
-                + tuple(id(v) for v in model.trainable_variables)
-                + tuple(
-                    (tuple(t.shape), str(t.dtype), str(t.device))
-                    for t in keras.tree.flatten(batch)
-                )
-                + (is_deterministic(),)
+            key = _step_key(
+                model, batch, "train", id(model.optimizer),
+                *(id(v) for v in model.trainable_variables),
             )
             run = cached(model, "_torch_train_steps", key, build)
             try:
@@ -412,24 +402,12 @@ def torch_eval_step(model, kind):
             return model.predict_step(batch)
 
     def function(data):
-        (batch,) = data
-        batch = keras.tree.map_structure(
-            lambda t: None if t is None else keras.ops.convert_to_tensor(t),
-            tuple(batch) if isinstance(batch, (list, tuple)) else (batch,),
-        )
+        batch = _batch_tensors(data)
         if kind == "predict":
             # Keras's predict_step reads `x` out of the batch as it comes.
             batch = batch[:1]
         if not failed:
-            key = (
-                (kind,)
-                + tuple(id(m) for m in model.metrics)
-                + tuple(
-                    (tuple(t.shape), str(t.dtype), str(t.device))
-                    for t in keras.tree.flatten(batch)
-                )
-                + (is_deterministic(),)
-            )
+            key = _step_key(model, batch, kind)
             run = cached(model, f"_torch_{kind}_steps", key, build)
             try:
                 outputs = run(batch)
@@ -445,6 +423,31 @@ def torch_eval_step(model, kind):
         return eager(batch)
 
     return function
+
+
+def _batch_tensors(data):
+    """The batch of a Keras PyTorch loop's `data` (a list of one batch) as
+    a tuple of tensors (None kept)."""
+    (batch,) = data
+    return keras.tree.map_structure(
+        lambda t: None if t is None else keras.ops.convert_to_tensor(t),
+        tuple(batch) if isinstance(batch, (list, tuple)) else (batch,),
+    )
+
+
+def _step_key(model, batch, *extra):
+    """The key of a traced step's graph: `extra`, the model's metrics, the
+    shape, dtype and device of every batch tensor and the kernels'
+    deterministic mode (read when tracing)."""
+    return (
+        tuple(extra)
+        + tuple(id(m) for m in model.metrics)
+        + tuple(
+            (tuple(t.shape), str(t.dtype), str(t.device))
+            for t in keras.tree.flatten(batch)
+        )
+        + (is_deterministic(),)
+    )
 
 
 def untraceable_reason(model):
