@@ -97,8 +97,9 @@ def rel_err(x, ref):
     return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
-def make_inputs(name):
+def make_inputs(name, batch=None):
     b, m, a, h, d, n, span, _, _ = CONFIGS[name]
+    b = batch or b
     rng = np.random.default_rng(sum(map(ord, name)))
     inputs = [
         rng.normal(size=(b, m, h, d)),
@@ -282,18 +283,20 @@ def test_deterministic_mode(monkeypatch):
         config("yes")
 
 
-def test_batch_chunks_match_portable_path(monkeypatch):
+@pytest.mark.parametrize("name", ["joint_span_persistent", "separate_span_persistent"])
+def test_batch_chunks_match_portable_path(monkeypatch, name):
     """Where the position scores of the batch exceed the cap, the passes run
-    over batch chunks (here one row each, with dropout): the same function
-    and gradients, the chunks' partial sums (position keys, persistent
-    vectors, span ratios) added up."""
+    over batch chunks (here three of one row each, with dropout): the same
+    function and gradients, the chunks' partial sums (position keys,
+    persistent vectors, span ratios) added up, both integrations (the
+    separate one's forward has five outputs)."""
     from keras_allattn.ops import pallas_attention
     from keras_allattn.ops.random import attention_dropout_keys
 
-    name = "joint_span_persistent"
-    b, m, a, h, _, _, _, integration, options = CONFIGS[name]
+    _, m, a, h, _, _, _, integration, options = CONFIGS[name]
+    b = 3
     monkeypatch.setenv("KERAS_ALLATTN_POSITION_BYTES", str(h * m * a * 4))
-    inputs, cotangent = make_inputs(name)
+    inputs, cotangent = make_inputs(name, batch=b)
     seed = jnp.asarray([7, 8], jnp.uint32)
     keys = attention_dropout_keys(seed, b, h, m)
     span_args = dict(max_span=MAX_SPAN, span_ramp=RAMP, integration=integration)
@@ -301,8 +304,10 @@ def test_batch_chunks_match_portable_path(monkeypatch):
     def kernel(q, k, v, pos, mk, mv, z):
         cfg, _ = pallas_attention._prepare(
             q, k, v, pos, mk, mv, z, MAX_SPAN, RAMP, integration, True,
-            options["block_q"], options["block_k"], None, 4, 2, None,
-            options["num_programs"], options["backward_blocks"],
+            options["block_q"], options["block_k"], None, 4,
+            options.get("num_stages", 2), None,
+            options.get("num_programs", pallas_attention._DEFAULT_PROGRAMS),
+            options.get("backward_blocks"),
         )
         assert pallas_attention._batch_chunks(cfg, 4) == b
         return pallas_all_attention(
@@ -319,6 +324,42 @@ def test_batch_chunks_match_portable_path(monkeypatch):
     got = _vjp(kernel, inputs, cotangent, jnp.float32)
     want = _vjp(portable, inputs, cotangent, jnp.float32)
     _compare(got, want)
+
+
+def test_batch_chunks_fill_no_key_sized_buffer(monkeypatch):
+    """The chunked passes create no key-sized buffer filled with a constant
+    (as `lax.map`'s stacked outputs were): XLA moved those fills of every
+    layer to the start of the backward, so every layer's dK and dV buffers
+    were alive at once (on an H200, enwik8_large: 1.1 GiB a layer). dK and
+    dV take the buffers of k and v; the merged outputs start from the
+    first chunk's results."""
+    import re
+
+    from keras_allattn.ops import pallas_attention
+
+    name = "joint_span_persistent"
+    _, m, a, h, d, _, _, integration, options = CONFIGS[name]
+    b = 3
+    monkeypatch.setenv("KERAS_ALLATTN_POSITION_BYTES", str(h * m * a * 4))
+    inputs, _ = make_inputs(name, batch=b)
+    q, k, v, pos, mk, mv, z = (jnp.asarray(x, jnp.float32) for x in inputs)
+
+    def loss(q, k, v):
+        out = pallas_all_attention(
+            q, k, v, pos, mk, mv, z, interpret=True, max_span=MAX_SPAN,
+            span_ramp=RAMP, integration=integration, **options,
+        )
+        return jnp.sum(out**2)
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).as_text()
+    fills = re.findall(
+        r"broadcast_in_dim %\S+, dims = \[\] : \(tensor<\w+>\) -> tensor<([\dx]+)x\w+>",
+        text,
+    )
+    assert fills, "no constant fills found at all: the pattern is stale"
+    key_size = b * (a + m) * h * d
+    large = [f for f in fills if math.prod(map(int, f.split("x"))) >= key_size]
+    assert not large, f"constant-filled buffers of the keys' size: {large}"
 
 
 # (The joint configuration with dropout runs in

@@ -41,8 +41,8 @@ queries). The forward's QP is recomputed in the backward rather than kept.
 QP and dS are transients of 2 B H M A bytes each in bfloat16 (1 GiB at
 B = 64, H = 8, M = 512, A = 2048) while one layer runs; where they would
 exceed `kernel_settings.position_bytes()` (1 GiB) each pass runs over
-batch chunks, one after the other (`lax.map`), so the transients do not
-grow with the span.
+batch chunks, one after the other (`_over_chunks`), so the transients do
+not grow with the span.
 
 * forward: one program per (query-tile group, head, batch row); it loops over
   its query tiles, and for each over the key tiles inside the head's span
@@ -763,26 +763,82 @@ def _batch_chunks(cfg, itemsize):
     )
 
 
-def _split(x, n):
-    return None if x is None else x.reshape((n, x.shape[0] // n) + x.shape[1:])
+def _over_chunks(fn, xs, n, batched, inplace=()):
+    """`fn` over `n` batch chunks of `xs`, one after the other.
 
+    `fn` takes the chunks of `xs` (arrays with the batch axis first, or
+    None) and returns a tuple. The outputs at the positions in `batched`
+    have the batch axis first and are merged into one buffer, each chunk's
+    rows written in place; the others (float32 partial sums) are added up
+    in chunk order, so the result is reproducible. `inplace` pairs (output
+    position, input position): the input's buffer takes that output chunk
+    by chunk (each chunk is read before its rows are overwritten); where
+    the input is still needed after this call, XLA copies it first.
 
-def _merge(x):
-    return None if x is None else x.reshape((-1,) + x.shape[2:])
+    Not `lax.map`: its stacked outputs start as constant-filled buffers,
+    and XLA moved those fills of every layer of a model to one place early
+    in the step (merged into one fusion), so every layer's dK and dV
+    buffers were alive at once: 1.1 GiB a layer at A = 8192, B = 64,
+    enwik8_large ran out of memory at full span. Here the first chunk
+    runs before the loop and the buffers start from its results (or from
+    the inputs they replace), so each exists only while its layer runs.
+    """
+    if n == 1:
+        return list(fn(xs))
+    size = xs[next(i for i, x in enumerate(xs) if x is not None)].shape[0] // n
+    outputs_of = dict(inplace)
+
+    def chunk(x, i):
+        if x is None:
+            return None
+        return lax.dynamic_slice_in_dim(x, i * size, size, axis=0)
+
+    first = fn(tuple(chunk(x, 0) for x in xs))
+    buffers, sums = {}, {}
+    for j, out in enumerate(first):
+        if out is None:
+            continue
+        if j not in batched:
+            sums[j] = out
+            continue
+        if j in outputs_of:
+            base = xs[outputs_of[j]]
+        else:
+            base = jnp.broadcast_to(out[None], (n,) + out.shape)
+            base = base.reshape((n * size,) + out.shape[1:])
+        buffers[j] = lax.dynamic_update_slice_in_dim(base, out, 0, axis=0)
+    # Inputs whose buffer an output took are read from that buffer.
+    from_buffer = {i: j for j, i in outputs_of.items()}
+
+    def step(i, carry):
+        buffers, sums = carry
+        args = tuple(
+            chunk(buffers[from_buffer[k]] if k in from_buffer else x, i)
+            for k, x in enumerate(xs)
+        )
+        out = fn(args)
+        buffers = {
+            j: lax.dynamic_update_slice_in_dim(b, out[j], i * size, axis=0)
+            for j, b in buffers.items()
+        }
+        sums = {j: s + out[j] for j, s in sums.items()}
+        return buffers, sums
+
+    buffers, sums = lax.fori_loop(1, n, step, (buffers, sums))
+    merged = {**buffers, **sums}
+    return [merged.get(j) for j in range(len(first))]
 
 
 def _forward(cfg, q, k, v, pos, mk, mv, z, rk):
     n = _batch_chunks(cfg, q.dtype.itemsize)
-    if n == 1:
-        return _forward_chunk(cfg, q, k, v, pos, mk, mv, z, rk)
     part = dataclasses.replace(cfg, batch=cfg.batch // n)
 
     def body(xs):
         qc, kc, vc, rkc = xs
         return _forward_chunk(part, qc, kc, vc, pos, mk, mv, z, rkc)
 
-    outs = lax.map(body, tuple(_split(x, n) for x in (q, k, v, rk)))
-    return [_merge(o) for o in outs]
+    outputs = 5 if cfg.separate_persistent else 2
+    return _over_chunks(body, (q, k, v, rk), n, batched=range(outputs))
 
 
 def _forward_chunk(cfg, q, k, v, pos, mk, mv, z, rk):
@@ -905,27 +961,20 @@ _BATCHED = (0, 1, 2, 7, 8, 9, 10, 11, 12)
 def _backward(cfg, res, do):
     q, pos, mk, mv = res[0], res[3], res[4], res[5]
     n = _batch_chunks(cfg, q.dtype.itemsize)
-    if n == 1:
-        grads = _backward_chunk(cfg, res, do)
-    else:
-        part = dataclasses.replace(cfg, batch=cfg.batch // n)
+    part = dataclasses.replace(cfg, batch=cfg.batch // n)
 
-        def body(xs):
-            chunk, do_c = xs
-            full = list(res)
-            for i, x in zip(_BATCHED, chunk):
-                full[i] = x
-            return _backward_chunk(part, tuple(full), do_c)
+    def body(xs):
+        full = list(res)
+        for i, x in zip(_BATCHED, xs[:-1]):
+            full[i] = x
+        return _backward_chunk(part, tuple(full), xs[-1])
 
-        chunks = tuple(_split(res[i], n) for i in _BATCHED)
-        grads = lax.map(body, (chunks, _split(do, n)))
-        dq, dk, dv, dpos, dmk, dmv, dz, _ = grads
-
-        def total(x):
-            return None if x is None else jnp.sum(x, axis=0)
-
-        grads = (_merge(dq), _merge(dk), _merge(dv), total(dpos), total(dmk),
-                 total(dmv), total(dz), None)
+    xs = tuple(res[i] for i in _BATCHED) + (do,)
+    # dQ, dK and dV take the buffers of q, k and v (positions 0, 1, 2 of
+    # xs), which the backward no longer needs once their chunk is done.
+    grads = _over_chunks(
+        body, xs, n, batched=(0, 1, 2), inplace=((0, 0), (1, 1), (2, 2))
+    )
     dq, dk, dv, dpos, dmk, dmv, dz, _ = grads
     dpos = dpos.astype(pos.dtype)
     if cfg.persistent:
