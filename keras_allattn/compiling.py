@@ -28,6 +28,26 @@ MAX_COMPILED = 16
 TORCH_BACKEND_ENV = "KERAS_ALLATTN_TORCH_COMPILE_BACKEND"
 TORCH_TRAIN_BACKEND = os.environ.get(TORCH_BACKEND_ENV) or "inductor"
 
+# Inductor's options for the training step. Its peak-memory reordering moved
+# the recomputation of every remat'd layer ahead of the first layer's
+# backward (each layer's recomputed keys and values then lived at once: the
+# compiled text8_large step at full span ran out of 80 GiB on an H200, where
+# the eager step peaked at 48 GiB); without it each layer is recomputed
+# just before its backward, in the order the trace wrote.
+TORCH_TRAIN_OPTIONS = {"reorder_for_peak_memory": False}
+
+
+def _compile_train_graph(graph):
+    """`torch.compile` of a traced training step, with `TORCH_TRAIN_OPTIONS`
+    where the backend is inductor."""
+    import torch
+
+    options = TORCH_TRAIN_OPTIONS if TORCH_TRAIN_BACKEND == "inductor" else None
+    return torch.compile(
+        graph, backend=TORCH_TRAIN_BACKEND, dynamic=False, fullgraph=True,
+        options=options,
+    )
+
 
 def compile_stateless(model, fn, state_variables=()):
     """`fn`, which calls `model`, compiled on TensorFlow or JAX.
@@ -158,7 +178,7 @@ def torch_compile(model, fn):
                     f"{type(error).__name__}: {str(error)[:500]}",
                     stacklevel=2,
                 )
-                failed.append(error)
+                failed.append(f"{type(error).__name__}: {error}")
                 return fn(*args)
             if len(graphs) >= MAX_COMPILED:
                 graphs.clear()
@@ -277,10 +297,7 @@ def torch_train_step(model):
             if not graph:
                 with torch.enable_grad():
                     traced = make_fx(step, tracing_mode="fake")(*values, batch)
-                graph.append(torch.compile(
-                    traced, backend=TORCH_TRAIN_BACKEND, dynamic=False,
-                    fullgraph=True,
-                ))
+                graph.append(_compile_train_graph(traced))
             graph[0](*values, batch)
 
         return run
@@ -300,7 +317,10 @@ def torch_train_step(model):
                 return model.get_metrics_result()
             except Exception as error:
                 model.__dict__.pop("_torch_train_steps", None)
-                failed.append(error)
+                # The message only: the exception's traceback holds the
+                # failed step's frames and their tensors (on a GPU, memory
+                # the eager step then lacked).
+                failed.append(f"{type(error).__name__}: {error}")
                 warnings.warn(
                     "The PyTorch training step could not be compiled; it "
                     f"runs eagerly: {type(error).__name__}: "
@@ -414,7 +434,7 @@ def torch_eval_step(model, kind):
                 return outputs if kind == "predict" else model.get_metrics_result()
             except Exception as error:
                 model.__dict__.pop(f"_torch_{kind}_steps", None)
-                failed.append(error)
+                failed.append(f"{type(error).__name__}: {error}")
                 warnings.warn(
                     f"The PyTorch {kind} step could not be compiled; it runs "
                     f"eagerly: {type(error).__name__}: {str(error)[:500]}",
