@@ -37,6 +37,16 @@ TORCH_TRAIN_BACKEND = os.environ.get(TORCH_BACKEND_ENV) or "inductor"
 TORCH_TRAIN_OPTIONS = {"reorder_for_peak_memory": False}
 
 
+def _failure(error):
+    """`Type: message` of why a compiled call failed: the first exception of
+    its chain (dynamo can fail again while handling an error of the compiled
+    code, e.g. "Attempt to trace generator" over an out-of-memory error,
+    which would hide the cause)."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    return f"{type(error).__name__}: {error}"
+
+
 def _compile_train_graph(graph):
     """`torch.compile` of a traced training step, with `TORCH_TRAIN_OPTIONS`
     where the backend is inductor."""
@@ -173,12 +183,12 @@ def torch_compile(model, fn):
             try:
                 outputs = compiled(values, *args)
             except Exception as error:  # the trace worked: the compiler failed
+                failed.append(_failure(error))
                 warnings.warn(
                     "torch.compile failed, generation runs eagerly: "
-                    f"{type(error).__name__}: {str(error)[:500]}",
+                    f"{failed[-1][:500]}",
                     stacklevel=2,
                 )
-                failed.append(f"{type(error).__name__}: {error}")
                 return fn(*args)
             if len(graphs) >= MAX_COMPILED:
                 graphs.clear()
@@ -317,14 +327,12 @@ def torch_train_step(model):
                 return model.get_metrics_result()
             except Exception as error:
                 model.__dict__.pop("_torch_train_steps", None)
-                # The message only: the exception's traceback holds the
-                # failed step's frames and their tensors (on a GPU, memory
-                # the eager step then lacked).
-                failed.append(f"{type(error).__name__}: {error}")
+                # The message only: the exception would keep its
+                # traceback's frames, and the failed step's tensors, alive.
+                failed.append(_failure(error))
                 warnings.warn(
                     "The PyTorch training step could not be compiled; it "
-                    f"runs eagerly: {type(error).__name__}: "
-                    f"{str(error)[:500]}",
+                    f"runs eagerly: {failed[-1][:500]}",
                     stacklevel=2,
                 )
         return model.train_step(batch)
@@ -434,10 +442,10 @@ def torch_eval_step(model, kind):
                 return outputs if kind == "predict" else model.get_metrics_result()
             except Exception as error:
                 model.__dict__.pop(f"_torch_{kind}_steps", None)
-                failed.append(f"{type(error).__name__}: {error}")
+                failed.append(_failure(error))
                 warnings.warn(
                     f"The PyTorch {kind} step could not be compiled; it runs "
-                    f"eagerly: {type(error).__name__}: {str(error)[:500]}",
+                    f"eagerly: {failed[-1][:500]}",
                     stacklevel=2,
                 )
         return eager(batch)

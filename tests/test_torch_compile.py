@@ -524,3 +524,34 @@ def test_inductor_recomputes_each_layer_just_before_its_backward(monkeypatch, rn
     )
     forward, backward = "triton_all_attention", "triton_all_attention_backward"
     assert calls == [forward] * 3 + [forward, backward] * 3, calls
+
+
+def test_a_failed_compiled_step_warns_with_its_first_error(monkeypatch, rng):
+    """When the compiled step fails while running (here the fused backward
+    runs out of memory, simulated), the warning names that error, not the
+    one dynamo raised while handling it ("Attempt to trace generator" hid
+    an out-of-memory error on an H200), and the step runs eagerly."""
+    fused_kernels_on_cpu(monkeypatch)
+    from keras_allattn.ops import triton_attention
+
+    position_inputs = triton_attention._position_inputs
+    fail = []
+
+    def failing(*args, **kwargs):
+        if fail:
+            fail.clear()
+            raise MemoryError("simulated: out of memory in the backward")
+        return position_inputs(*args, **kwargs)
+
+    monkeypatch.setattr(triton_attention, "_position_inputs", failing)
+    model = make_model(4, True, hidden_dim=32, remat="layer")
+    tokens = rng.integers(0, V, (2 * B, M + 1)).astype("int32")
+    fit_losses(model, tokens[:B])  # compiled, built
+    fail.append(True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        losses = fit_losses(model, tokens[B:])
+    messages = [str(w.message) for w in caught if "eagerly" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "MemoryError: simulated: out of memory in the backward" in messages[0]
+    assert np.isfinite(losses).all()
