@@ -229,9 +229,12 @@ def torch_train_step(model):
     operators, so the graph holds their forward and backward as nodes),
     else the portable path. Where the step cannot be traced (Keras's seeded
     `Dropout`, i.e. `embedding_dropout` or the feed-forward sublayer's
-    dropout, seeds a `torch.Generator` on the host at every call), or
-    should tracing or compiling fail, a warning says why and the step runs
-    eagerly.
+    dropout, seeds a `torch.Generator` on the host at every call), on CUDA
+    with whole-layer recomputation (`remat="layer"`: compiled, it needed
+    more memory than the plan counts, see `_unmeasured_memory_reason`),
+    or should tracing, compiling or the compiled call fail (the warning
+    names the first error of its chain), a warning says why and the step
+    runs eagerly.
 
     Returns:
         A function `train_function(data)` for Keras's PyTorch training loop.
@@ -240,7 +243,7 @@ def torch_train_step(model):
     from torch.fx.experimental.proxy_tensor import make_fx
 
     failed = []
-    reason = untraceable_reason(model)
+    reason = untraceable_reason(model) or _unmeasured_memory_reason(model)
     if reason:
         warnings.warn(
             f"The PyTorch training step runs eagerly, not compiled: {reason}.",
@@ -475,6 +478,28 @@ def _step_key(model, batch, *extra):
             for t in keras.tree.flatten(batch)
         )
         + (is_deterministic(),)
+    )
+
+
+def _unmeasured_memory_reason(model):
+    """Why the compiled step should not run on this device for its memory,
+    or None: on CUDA, whole-layer recomputation (`remat="layer"`, what
+    `remat="auto"` picks for the large presets). The compiled text8_large
+    step at full span ran out of 80 GiB on an H200 (torch 2.11), where the
+    eager step peaks at 48 GiB and the memory plan counts 49; so it runs
+    eagerly until a compiled step is measured to fit the plan."""
+    import torch
+
+    layers = getattr(model, "attention_layers", ())
+    if not torch.cuda.is_available() or not any(
+        layer.remat == "layer" for layer in layers
+    ):
+        return None
+    return (
+        "remat='layer' on a CUDA device: the compiled step with whole-layer "
+        "recomputation needs more memory than the plan counts (text8_large "
+        "at full span ran out of 80 GiB on an H200, where the eager step "
+        "uses 48)"
     )
 
 

@@ -555,3 +555,24 @@ def test_a_failed_compiled_step_warns_with_its_first_error(monkeypatch, rng):
     assert len(messages) == 1, messages
     assert "MemoryError: simulated: out of memory in the backward" in messages[0]
     assert np.isfinite(losses).all()
+
+
+def test_layer_remat_on_cuda_trains_eagerly_with_a_warning(monkeypatch, rng):
+    """On a CUDA device a step with remat="layer" runs eagerly, with a
+    warning that says why: compiled, it needed more memory than the plan
+    counts (text8_large at full span ran out of 80 GiB on an H200, where
+    the eager step uses 48). The CPU keeps the compiled step."""
+    import torch
+
+    monkeypatch.setenv("KERAS_ALLATTN_MEMORY_GIB", "16")
+    tokens = rng.integers(0, V, (B, M + 1)).astype("int32")
+    on_cpu = make_model(5, True, remat="layer")
+    fit_losses(on_cpu, tokens)
+    assert on_cpu.__dict__.get("_torch_train_steps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = make_model(5, True, remat="layer")
+    with pytest.warns(UserWarning, match="runs eagerly, not compiled: remat='layer'"):
+        losses = fit_losses(model, tokens)
+    assert not model.__dict__.get("_torch_train_steps")
+    eager = make_model(5, False, remat="layer")
+    np.testing.assert_allclose(losses, fit_losses(eager, tokens), rtol=1e-5)

@@ -17,13 +17,14 @@ can reach (`max_span`: adaptive spans may grow to it):
   (queries, attention outputs, projections, residual sums, LayerNorm); the
   portable path also keeps about 8 bytes per attention score
   (`B H M (max_span + N)` scores) unless the attention is recomputed;
-  with `remat="layer"` the keys and values are dropped, the twelve
+  with `remat="layer"` the keys and values are dropped and about sixteen
   `B x M x d` tensors stay (most lie outside the attention layer);
 - what one layer's recomputation needs at a time (its keys, values and
   rows with their gradients, or the portable path's scores);
 - on JAX, the fused kernels' position-score transients: the Pallas path
   builds the position scores `Q P` and their gradients (`B H M max_span`
-  values each, in batch chunks of at most 512 MiB) outside the kernels;
+  values each, in batch chunks of at most
+  `kernel_settings.position_bytes()`, 1 GiB) outside the kernels;
   with the whole batch in one chunk the peak held about five such buffers
   at once (23.7 GiB measured at fixed span 2048, 18.1 before the scores
   moved out of the kernels), counted here for one chunk.
@@ -31,12 +32,16 @@ can reach (`max_span`: adaptive spans may grow to it):
 Calibrated on one H200 (JAX, bf16, batch 64, recipe dropout), estimated /
 measured peak: enwik8_small fused at fixed span 2048 18.1 / 18.1 GiB, at
 fixed 1024 13.6 / 13.6 GiB, at its full span 8192 45.1 / 42.1 GiB;
-enwik8_large at 8192 with `remat="layer"` 36.4 / 33.1 GiB; wikitext103 at
+enwik8_large at 8192 with `remat="layer"` 46.0 / 43.9 GiB (6 and 12 of its
+layers: 14.6 / 11.3 and 20.9 / 17.3 GiB, about 1 GiB a layer); wikitext103 at
 2048 32.3 / 32.6 GiB; the portable path with the attention recomputed at
 2048 24.1 / 22.2 GiB. PyTorch (eager autograd, caching allocator) holds
-more under whole-layer recomputation (49.1 GiB for enwik8_large where
-JAX holds 33.1), so its activations count 1.4 times (51 GiB estimated
-there; 17.6 GiB measured for the 18.1 at fixed span 2048).
+more under whole-layer recomputation (49.1 GiB for enwik8_large, 48.4 for
+text8_large), so its activations count 1.4 times (49.4 GiB estimated
+there; 17.6 GiB measured for the 18.1 at fixed span 2048). The compiled
+PyTorch step with whole-layer recomputation needed more than 80 GiB for
+text8_large, so on CUDA that step trains eagerly
+(`keras_allattn.compiling.torch_train_step`).
 
 The budget is the memory the backend lets the process use:
 `KERAS_ALLATTN_MEMORY_GIB` when set; else JAX's allocator limit of the
@@ -154,9 +159,11 @@ def training_memory_bytes(model, remat, fused=None):
     if remat == "layer":
         # The recomputed keys, values and rows, and their gradients; the
         # activations outside the attention layer (residual, LayerNorm)
-        # are still kept.
+        # are still kept: about 16 block-sized tensors a layer, measured
+        # (enwik8_large on an H200: 1.0 GiB a layer with its 0.5 GiB of
+        # segment memory).
         at_once = 6 * rows * c
-        kept = 12 * block * c
+        kept = 16 * block * c
         if not fused:
             at_once += scores
     elif not fused:
