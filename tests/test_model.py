@@ -341,7 +341,10 @@ def test_layer_remat_trains_under_mixed_precision(rng):
 def test_remat_auto_follows_the_memory_estimate(rng, monkeypatch):
     from keras_allattn.models import memory_estimate
 
-    model = make_model(rng, adaptive_span=True, dropout=0.2)
+    # Six layers: whole-layer recomputation keeps about 16 block-sized
+    # tensors a layer and needs one layer's rows at once, which saves
+    # memory only over a few layers when the span is this short.
+    model = make_model(rng, adaptive_span=True, dropout=0.2, num_layers=6)
     assert model.remat == "auto" and model.resolved_remat is None
     fused = memory_estimate.uses_fused_kernels(model)
     need = {mode: memory_estimate.training_memory_bytes(model, mode)
@@ -366,7 +369,7 @@ def test_remat_auto_follows_the_memory_estimate(rng, monkeypatch):
         model.fit(x, x, batch_size=B, shuffle=False, verbose=0)
     assert model.train_function is None
     # A fixed setting that cannot fit is refused too.
-    fixed = make_model(rng, remat=False)
+    fixed = make_model(rng, remat=False, num_layers=6)
     fixed.compile(optimizer="sgd",
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     with pytest.raises(ValueError, match="remat=\"layer\""):

@@ -162,8 +162,10 @@ def training_memory_bytes(model, remat, fused=None):
         # are still kept: about 16 block-sized tensors a layer, measured
         # (enwik8_large on an H200: 1.0 GiB a layer with its 0.5 GiB of
         # segment memory).
+        # (Never more than without recomputation: a tiny block next to
+        # the memory rows.)
         at_once = 6 * rows * c
-        kept = 16 * block * c
+        kept = min(16 * block * c, kept)
         if not fused:
             at_once += scores
     elif not fused:
