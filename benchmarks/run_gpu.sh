@@ -43,6 +43,9 @@
 #          Triton matmul position design's whole compiled step (issue 13)
 #   recipes the small geometry on both backends and the large presets'
 #          recipes at full span, planned for 80 GB (issue 13)
+#   fullspan the large presets at full span with default arguments after
+#          the batch-chunk fix, JAX's memory-usage report at 6 layers of
+#          enwik8_large (issue 13)
 #   hosts  on two GPUs: the 200-step equivalence verdict of 2 devices and
 #          2 processes against one (JAX, PyTorch), against the spread of
 #          three one-ulp nudged one-device runs, deterministic (issue 17)
@@ -385,6 +388,32 @@ recipes)
     step torch_text8_large_full 150 env KERAS_BACKEND=torch $pre --preset text8_large --memory-gib 80
   }
   lanes ;;
+fullspan)
+  # Every large preset with default arguments and its recipe's dropout at
+  # the largest span it can reach, planned for an 80 GB card, after the
+  # Pallas batch chunks stopped keeping every layer's dK/dV (8ba9f17); and
+  # where JAX's whole-layer recomputation still spends 1.0 GiB a layer
+  # (0.84 at c0bd5e7): the step's XLA memory-usage report at 6 layers.
+  # PyTorch text8_large trains eagerly on CUDA under remat="layer" (2f509c6).
+  pre="python3 benchmarks/throughput.py --steps 4 --warmup-steps 2 --record --dropout recipe"
+  lane0() {
+    for p in enwik8_small enwik8_large; do
+      step "jax_${p}_full" 200 env KERAS_BACKEND=jax XLA_PYTHON_CLIENT_MEM_FRACTION=0.43 \
+        $pre --preset $p --span adaptive:8192
+    done
+    step jax_wikitext103_full 150 env KERAS_BACKEND=jax XLA_PYTHON_CLIENT_MEM_FRACTION=0.43 \
+      $pre --preset wikitext103 --span adaptive:2048
+    step jax_large6_dump 120 env KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false \
+      XLA_FLAGS="--xla_dump_to=/tmp/fullspan_dump --xla_dump_hlo_module_re=.*train_step.*" \
+      python3 benchmarks/throughput.py --preset enwik8_large --span adaptive:8192 \
+      --dropout recipe --remat layer --layers 6 --steps 1 --warmup-steps 1
+    head -45 /tmp/fullspan_dump/*memory-usage-report* | cut -c1-300
+  }
+  lane1() {
+    step torch_text8_large_full 300 env KERAS_BACKEND=torch $pre --preset text8_large \
+      --span adaptive:8192 --memory-gib 80
+  }
+  lanes ;;
 hosts)
   # Issue 17 on two GPUs of one host: the 200-step equivalence verdict of
   # 2 devices of one process and of 2 processes against one device, each
@@ -431,7 +460,7 @@ hosts-scaling)
     KERAS_DISTRIBUTION_NUM_PROCESSES=2 KERAS_DISTRIBUTION_PROCESS_ID=0 CUDA_VISIBLE_DEVICES=0 $sc; wait
   step torch_scaling_1 120 env KERAS_BACKEND=torch $sc
   step torch_scaling_2proc 150 env KERAS_BACKEND=torch torchrun --nproc_per_node 2 ${sc#python3 } ;;
-*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe, presets, adaptive, adaptive2, position, compiled, profile, chunks, recipes, hosts or hosts-scaling"; exit 2 ;;
+*) echo "unknown phase $phase: train, multi, speed, kernels, match, multi8, recipe, presets, adaptive, adaptive2, position, compiled, profile, chunks, recipes, fullspan, hosts or hosts-scaling"; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
 # The device tool returns a limited number of files: RESULTS.md and the
