@@ -30,10 +30,11 @@ TORCH_TRAIN_BACKEND = os.environ.get(TORCH_BACKEND_ENV) or "inductor"
 
 # Inductor's options for the training step. Its peak-memory reordering moved
 # the recomputation of every remat'd layer ahead of the first layer's
-# backward (each layer's recomputed keys and values then lived at once: the
-# compiled text8_large step at full span ran out of 80 GiB on an H200, where
-# the eager step peaked at 48 GiB); without it each layer is recomputed
-# just before its backward, in the order the trace wrote.
+# backward (seen on the CPU, torch 2.13), so every layer's recomputed keys
+# and values would live at once; without it each layer is recomputed just
+# before its backward, in the order the trace wrote. (On an H200, torch
+# 2.11, the compiled text8_large step ran out of memory with this option
+# too: see `_unmeasured_memory_reason`.)
 TORCH_TRAIN_OPTIONS = {"reorder_for_peak_memory": False}
 
 
@@ -42,8 +43,12 @@ def _failure(error):
     its chain (dynamo can fail again while handling an error of the compiled
     code, e.g. "Attempt to trace generator" over an out-of-memory error,
     which would hide the cause)."""
+    seen = {id(error)}
     while (error.__cause__ or error.__context__) is not None:
         error = error.__cause__ or error.__context__
+        if id(error) in seen:
+            break
+        seen.add(id(error))
     return f"{type(error).__name__}: {error}"
 
 
