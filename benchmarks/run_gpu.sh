@@ -94,6 +94,15 @@ lanes() {  # runs lane0 and lane1, in parallel where there are two GPUs
   fi
 }
 tp="python3 benchmarks/throughput.py --preset enwik8_small --steps ${STEPS:-6} --warmup-steps 2 --record"
+pre="python3 benchmarks/throughput.py --steps 4 --warmup-steps 2 --record --dropout recipe"
+jax_presets_full() {  # the JAX presets at their largest span, default arguments, 80 GB
+  for p in enwik8_small enwik8_large; do
+    step "jax_${p}_full" 200 env KERAS_BACKEND=jax XLA_PYTHON_CLIENT_MEM_FRACTION=0.43 \
+      $pre --preset $p --span adaptive:8192
+  done
+  step jax_wikitext103_full 150 env KERAS_BACKEND=jax XLA_PYTHON_CLIENT_MEM_FRACTION=0.43 \
+    $pre --preset wikitext103 --span adaptive:2048
+}
 
 case $phase in
 train)
@@ -238,14 +247,8 @@ presets)
   # the largest span it can reach, planned for an 80 GB card: JAX with the
   # allocator share it takes on such a card by default (75% of 80 GB), and
   # PyTorch limited to 80 GiB; then the recipe's throughput on PyTorch.
-  pre="python3 benchmarks/throughput.py --steps 4 --warmup-steps 2 --record --dropout recipe"
   lane0() {
-    for p in enwik8_small enwik8_large; do
-      step "jax_${p}_full" 200 env KERAS_BACKEND=jax XLA_PYTHON_CLIENT_MEM_FRACTION=0.43 \
-        $pre --preset $p --span adaptive:8192
-    done
-    step jax_wikitext103_full 150 env KERAS_BACKEND=jax XLA_PYTHON_CLIENT_MEM_FRACTION=0.43 \
-      $pre --preset wikitext103 --span adaptive:2048
+    jax_presets_full
   }
   lane1() {
     step triton_gpu_tests 150 env KERAS_BACKEND=torch TRITON_INTERPRET=0 \
@@ -395,14 +398,8 @@ fullspan)
   # where JAX's whole-layer recomputation still spends 1.0 GiB a layer
   # (0.84 at c0bd5e7): the step's XLA memory-usage report at 6 layers.
   # PyTorch text8_large trains eagerly on CUDA under remat="layer" (2f509c6).
-  pre="python3 benchmarks/throughput.py --steps 4 --warmup-steps 2 --record --dropout recipe"
   lane0() {
-    for p in enwik8_small enwik8_large; do
-      step "jax_${p}_full" 200 env KERAS_BACKEND=jax XLA_PYTHON_CLIENT_MEM_FRACTION=0.43 \
-        $pre --preset $p --span adaptive:8192
-    done
-    step jax_wikitext103_full 150 env KERAS_BACKEND=jax XLA_PYTHON_CLIENT_MEM_FRACTION=0.43 \
-      $pre --preset wikitext103 --span adaptive:2048
+    jax_presets_full
     step jax_large6_dump 120 env KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false \
       XLA_FLAGS="--xla_dump_to=/tmp/fullspan_dump --xla_dump_hlo_module_re=.*train_step.*" \
       python3 benchmarks/throughput.py --preset enwik8_large --span adaptive:8192 \
