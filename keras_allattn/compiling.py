@@ -52,15 +52,23 @@ def _failure(error):
     return f"{type(error).__name__}: {error}"
 
 
-def _compile_train_graph(graph):
-    """`torch.compile` of a traced training step, with `TORCH_TRAIN_OPTIONS`
-    where the backend is inductor."""
+def _fall_back(failed, message, error):
+    """Records in `failed` why a compiled call failed and warns that
+    `message` (it runs eagerly). The message only, the first error of its
+    chain (`_failure`): the exception would keep its traceback's frames,
+    and the failed call's tensors, alive."""
+    failed.append(_failure(error))
+    warnings.warn(f"{message}: {failed[-1][:500]}", stacklevel=3)
+
+
+def _compile_traced(graph, options=None):
+    """`torch.compile` of a traced step on `TORCH_TRAIN_BACKEND`, with
+    inductor's `options` where that backend is inductor."""
     import torch
 
-    options = TORCH_TRAIN_OPTIONS if TORCH_TRAIN_BACKEND == "inductor" else None
     return torch.compile(
         graph, backend=TORCH_TRAIN_BACKEND, dynamic=False, fullgraph=True,
-        options=options,
+        options=options if TORCH_TRAIN_BACKEND == "inductor" else None,
     )
 
 
@@ -188,11 +196,8 @@ def torch_compile(model, fn):
             try:
                 outputs = compiled(values, *args)
             except Exception as error:  # the trace worked: the compiler failed
-                failed.append(_failure(error))
-                warnings.warn(
-                    "torch.compile failed, generation runs eagerly: "
-                    f"{failed[-1][:500]}",
-                    stacklevel=2,
+                _fall_back(
+                    failed, "torch.compile failed, generation runs eagerly", error
                 )
                 return fn(*args)
             if len(graphs) >= MAX_COMPILED:
@@ -315,7 +320,7 @@ def torch_train_step(model):
             if not graph:
                 with torch.enable_grad():
                     traced = make_fx(step, tracing_mode="fake")(*values, batch)
-                graph.append(_compile_train_graph(traced))
+                graph.append(_compile_traced(traced, TORCH_TRAIN_OPTIONS))
             graph[0](*values, batch)
 
         return run
@@ -335,13 +340,11 @@ def torch_train_step(model):
                 return model.get_metrics_result()
             except Exception as error:
                 model.__dict__.pop("_torch_train_steps", None)
-                # The message only: the exception would keep its
-                # traceback's frames, and the failed step's tensors, alive.
-                failed.append(_failure(error))
-                warnings.warn(
+                _fall_back(
+                    failed,
                     "The PyTorch training step could not be compiled; it "
-                    f"runs eagerly: {failed[-1][:500]}",
-                    stacklevel=2,
+                    "runs eagerly",
+                    error,
                 )
         return model.train_step(batch)
 
@@ -423,10 +426,7 @@ def torch_eval_step(model, kind):
             with torch.no_grad():
                 if not graph:
                     traced = make_fx(step, tracing_mode="fake")(*values, batch)
-                    graph.append(torch.compile(
-                        traced, backend=TORCH_TRAIN_BACKEND, dynamic=False,
-                        fullgraph=True,
-                    ))
+                    graph.append(_compile_traced(traced))
                 return graph[0](*values, batch)
 
         return run
@@ -450,11 +450,11 @@ def torch_eval_step(model, kind):
                 return outputs if kind == "predict" else model.get_metrics_result()
             except Exception as error:
                 model.__dict__.pop(f"_torch_{kind}_steps", None)
-                failed.append(_failure(error))
-                warnings.warn(
+                _fall_back(
+                    failed,
                     f"The PyTorch {kind} step could not be compiled; it runs "
-                    f"eagerly: {failed[-1][:500]}",
-                    stacklevel=2,
+                    "eagerly",
+                    error,
                 )
         return eager(batch)
 
