@@ -46,6 +46,8 @@
 #   fullspan the large presets at full span with default arguments after
 #          the batch-chunk fix, JAX's memory-usage report at 6 layers of
 #          enwik8_large (issue 13)
+#   cudagraphs the compiled PyTorch step replayed as one CUDA graph against
+#          launches from the host: small geometry, recipe (issue 13)
 #   hosts  on two GPUs: the 200-step equivalence verdict of 2 devices and
 #          2 processes against one (JAX, PyTorch), against the spread of
 #          three one-ulp nudged one-device runs, deterministic (issue 17)
@@ -409,6 +411,26 @@ fullspan)
   lane1() {
     step torch_text8_large_full 300 env KERAS_BACKEND=torch $pre --preset text8_large \
       --span adaptive:8192 --memory-gib 80
+  }
+  lanes ;;
+cudagraphs)
+  # The compiled PyTorch step as one CUDA graph (KERAS_ALLATTN_TORCH_CUDA_GRAPHS,
+  # default on) against kernel launches from the host: its CUDA test, the
+  # small geometry (host-bound) with and without, JAX's beside it, and the
+  # recipe at fixed 2048 with it (issue 13).
+  small="--layers 6 --hidden-dim 256 --num-heads 4 --persistent 256 --block-size 256 --batch-size 32 --span fixed:2048 --dropout 0.3"
+  lane0() {
+    step cuda_graph_test 150 env KERAS_BACKEND=torch TRITON_INTERPRET=0 \
+      python3 -m pytest -q -p no:cacheprovider tests/test_torch_compile.py -k cuda_graph
+    step torch_small_graphs 150 env KERAS_BACKEND=torch $tp $small --jit-compile on
+    step torch_small_launches 150 env KERAS_BACKEND=torch KERAS_ALLATTN_TORCH_CUDA_GRAPHS=0 \
+      $tp $small --jit-compile on
+    step jax_small 100 env KERAS_BACKEND=jax $tp $small
+  }
+  lane1() {
+    for s in ${SPANS:-fixed:2048}; do
+      step "torch_${s/:/_}_graphs" 200 env KERAS_BACKEND=torch $tp --span $s --dropout 0.3 --jit-compile on
+    done
   }
   lanes ;;
 hosts)

@@ -305,12 +305,16 @@ def step_compiled(model):
 def kernel_settings_used():
     """The fused kernels' settings this run used (the environment may set
     them): the position-score cap, and on PyTorch the Triton kernels'
-    position design."""
+    position design and whether a compiled step on CUDA replays as a CUDA
+    graph."""
     from keras_allattn.ops import kernel_settings
 
     used = {"position_bytes": kernel_settings.position_bytes()}
     if keras.backend.backend() == "torch":
+        from keras_allattn import compiling
+
         used["triton_position"] = kernel_settings.triton_position()
+        used["cuda_graphs"] = compiling.cuda_graphs_enabled()
     return used
 
 

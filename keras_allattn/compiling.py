@@ -37,6 +37,46 @@ TORCH_TRAIN_BACKEND = os.environ.get(TORCH_BACKEND_ENV) or "inductor"
 # too: see `_unmeasured_memory_reason`.)
 TORCH_TRAIN_OPTIONS = {"reorder_for_peak_memory": False}
 
+# CUDA graphs for the compiled training step on CUDA (inductor's
+# "triton.cudagraphs", what `mode="reduce-overhead"` sets): the whole step
+# replays as one graph launch instead of a few thousand kernel launches
+# from the host. On unless this environment variable says 0/false/no/off.
+CUDA_GRAPHS_ENV = "KERAS_ALLATTN_TORCH_CUDA_GRAPHS"
+
+
+def cuda_graphs_enabled():
+    """Whether the compiled PyTorch training step on CUDA replays as a CUDA
+    graph: `KERAS_ALLATTN_TORCH_CUDA_GRAPHS` (1/true/yes/on or
+    0/false/no/off, default on). Read when a step is compiled."""
+    value = os.environ.get(CUDA_GRAPHS_ENV, "").strip().lower()
+    if value in ("", "1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(
+        f"The environment variable {CUDA_GRAPHS_ENV} must be one of "
+        f"1/true/yes/on or 0/false/no/off. Received: "
+        f"{CUDA_GRAPHS_ENV}={os.environ.get(CUDA_GRAPHS_ENV)!r}"
+    )
+
+
+def _train_options(values):
+    """Inductor's options for a training step whose graph inputs are
+    `values` (every tensor, batch included): `TORCH_TRAIN_OPTIONS`, with
+    CUDA graphs where the tensors are on CUDA, inductor compiles and
+    `cuda_graphs_enabled()`. A CUDA graph replays fixed addresses, so the
+    variables' values (whose storage the step updates in place) are marked
+    as static inputs: without that, the graph would copy every weight and
+    optimizer slot into its own buffers at every step, and inductor skips
+    CUDA graphs for a graph that mutates inputs that are not static."""
+    import torch
+
+    on_cuda = bool(values) and all(t.is_cuda for t in values)
+    if not (on_cuda and TORCH_TRAIN_BACKEND == "inductor"
+            and cuda_graphs_enabled()):
+        return TORCH_TRAIN_OPTIONS
+    return {**TORCH_TRAIN_OPTIONS, "triton.cudagraphs": True}
+
 
 def _failure(error):
     """`Type: message` of why a compiled call failed: the first exception of
@@ -320,8 +360,20 @@ def torch_train_step(model):
             if not graph:
                 with torch.enable_grad():
                     traced = make_fx(step, tracing_mode="fake")(*values, batch)
-                graph.append(_compile_traced(traced, TORCH_TRAIN_OPTIONS))
-            graph[0](*values, batch)
+                variables = [t for group in values for t in group]
+                tensors = variables + [
+                    t for t in keras.tree.flatten(batch) if t is not None
+                ]
+                options = _train_options(tensors)
+                if options.get("triton.cudagraphs"):
+                    for t in variables:
+                        torch._dynamo.mark_static_address(t, guard=False)
+                graph.append((_compile_traced(traced, options), options))
+            compiled, options = graph[0]
+            if options.get("triton.cudagraphs"):
+                # A new step: the previous replay's buffers may be reused.
+                torch.compiler.cudagraph_mark_step_begin()
+            compiled(*values, batch)
 
         return run
 

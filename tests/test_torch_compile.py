@@ -576,3 +576,57 @@ def test_layer_remat_on_cuda_trains_eagerly_with_a_warning(monkeypatch, rng):
     assert not model.__dict__.get("_torch_train_steps")
     eager = make_model(5, False, remat="layer")
     np.testing.assert_allclose(losses, fit_losses(eager, tokens), rtol=1e-5)
+
+
+def test_cuda_graphs_follow_the_device_and_the_switch(monkeypatch):
+    """CUDA graphs only for CUDA tensors compiled by inductor, switched off
+    by `KERAS_ALLATTN_TORCH_CUDA_GRAPHS=0`; a bad value is an error that
+    names the variable and the value."""
+    import torch
+
+    class OnCuda:
+        is_cuda = True
+
+    base = compiling.TORCH_TRAIN_OPTIONS
+    monkeypatch.setattr(compiling, "TORCH_TRAIN_BACKEND", "inductor")
+    assert compiling._train_options([torch.zeros(2)]) == base
+    assert compiling._train_options([OnCuda(), torch.zeros(2)]) == base
+    assert compiling._train_options([OnCuda()]) == {
+        **base, "triton.cudagraphs": True
+    }
+    monkeypatch.setenv("KERAS_ALLATTN_TORCH_CUDA_GRAPHS", "off")
+    assert compiling._train_options([OnCuda()]) == base
+    monkeypatch.setenv("KERAS_ALLATTN_TORCH_CUDA_GRAPHS", "maybe")
+    with pytest.raises(ValueError, match="KERAS_ALLATTN_TORCH_CUDA_GRAPHS='maybe'"):
+        compiling._train_options([OnCuda()])
+    monkeypatch.setenv("KERAS_ALLATTN_TORCH_CUDA_GRAPHS", "1")
+    monkeypatch.setattr(compiling, "TORCH_TRAIN_BACKEND", "aot_eager")
+    assert compiling._train_options([OnCuda()]) == base
+
+
+def test_cuda_graph_step_matches_eager(monkeypatch, rng):
+    """On CUDA the inductor-compiled step replays as a CUDA graph (no skip;
+    only the batch is copied into the graph's buffers, the variables are
+    its static inputs) and trains as the eager step does, memory and
+    weights included, over steps and a second `fit`."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need a CUDA device")
+    monkeypatch.setattr(compiling, "TORCH_TRAIN_BACKEND", "inductor")
+    monkeypatch.delenv("KERAS_ALLATTN_TORCH_CUDA_GRAPHS", raising=False)
+    compiled, eager, _ = compiled_and_eager(7, rng, dropout=0.2)
+    tokens = rng.integers(0, V, (6 * B, M + 1)).astype("int32")
+    skips = counters["inductor"]["cudagraph_skips"]
+    copied = counters["inductor"]["cudagraph_recorded_non_static_inputs"]
+    losses = fit_losses(compiled, tokens)
+    assert counters["inductor"]["cudagraph_skips"] == skips
+    # Recorded once, with the two batch tensors (inputs, targets) copied.
+    assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] - copied == 2
+    np.testing.assert_allclose(losses, fit_losses(eager, tokens), rtol=1e-4)
+    assert_trained_alike(compiled, eager)
+    more = rng.integers(0, V, (3 * B, M + 1)).astype("int32")
+    np.testing.assert_allclose(
+        fit_losses(compiled, more), fit_losses(eager, more), rtol=1e-4
+    )
