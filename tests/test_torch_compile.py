@@ -623,8 +623,10 @@ def test_cuda_graph_step_matches_eager(monkeypatch, rng):
     losses = fit_losses(compiled, tokens)
     recorded = dict(counters["inductor"])
     assert recorded.get("cudagraph_skips", 0) == skips, recorded
-    # Recorded once, with the two batch tensors (inputs, targets) copied.
-    assert recorded.get("cudagraph_recorded_non_static_inputs", 0) - copied == 2, recorded
+    # Only the batch is copied into the graph's buffers (a few tensors per
+    # recording), not the variables.
+    copied = recorded.get("cudagraph_recorded_non_static_inputs", 0) - copied
+    assert 0 < copied < len(compiled.variables) // 2, (copied, recorded)
     np.testing.assert_allclose(losses, fit_losses(eager, tokens), rtol=1e-4)
     assert_trained_alike(compiled, eager)
     more = rng.integers(0, V, (3 * B, M + 1)).astype("int32")
