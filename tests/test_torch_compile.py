@@ -628,7 +628,11 @@ def test_cuda_graph_step_matches_eager(monkeypatch, rng):
     copied = recorded.get("cudagraph_recorded_non_static_inputs", 0) - copied
     assert 0 < copied < len(compiled.variables) // 2, (copied, recorded)
     np.testing.assert_allclose(losses, fit_losses(eager, tokens), rtol=1e-4)
-    assert_trained_alike(compiled, eager)
+    # Inductor's fused kernels round differently from eager PyTorch (the
+    # H200 run: weights within 7e-6 relative).
+    for got, expected in zip(compiled.get_weights() + compiled.get_memory(),
+                             eager.get_weights() + eager.get_memory()):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     more = rng.integers(0, V, (3 * B, M + 1)).astype("int32")
     np.testing.assert_allclose(
         fit_losses(compiled, more), fit_losses(eager, more), rtol=1e-4
