@@ -123,7 +123,7 @@ def test_throughput_profile_end_to_end(tmp_path):
                          if line.startswith("{")][-1])
     settings = {"position_bytes": 2**30}
     if keras.backend.backend() == "torch":
-        settings["triton_position"] = "matmul"
+        settings.update(triton_position="matmul", cuda_graphs=True)
     assert result["kernel_settings"] == settings
     profile = result["profile"]
     assert profile["profile_steps"] == 2
