@@ -48,6 +48,8 @@
 #          enwik8_large (issue 13)
 #   cudagraphs the compiled PyTorch step replayed as one CUDA graph against
 #          launches from the host: small geometry, recipe (issue 13)
+#   ring   the segment memory as a ring buffer: adaptive ~1024 against
+#          fixed 1024, JAX and compiled PyTorch (issue 13)
 #   hosts  on two GPUs: the 200-step equivalence verdict of 2 devices and
 #          2 processes against one (JAX, PyTorch), against the spread of
 #          three one-ulp nudged one-device runs, deterministic (issue 17)
@@ -430,6 +432,24 @@ cudagraphs)
   lane1() {
     for s in ${SPANS:-fixed:2048}; do
       step "torch_${s/:/_}_graphs" 200 env KERAS_BACKEND=torch $tp --span $s --dropout 0.3 --jit-compile on
+    done
+  }
+  lanes ;;
+ring)
+  # The segment memory as a ring buffer (JAX, PyTorch): adaptive ~1024
+  # against fixed 1024 on both backends (rows at 5a3aac8 are the rotation
+  # it replaces), after the CUDA tests of the compiled step (CUDA graph,
+  # the ring operator inside it) (issue 13).
+  lane0() {
+    step cuda_graph_test 150 env KERAS_BACKEND=torch TRITON_INTERPRET=0 \
+      python3 -m pytest -q -p no:cacheprovider tests/test_torch_compile.py -k cuda_graph
+    for s in adaptive:1024 fixed:1024; do
+      step "jax_${s/:/_}" 120 env KERAS_BACKEND=jax $tp --span $s --dropout 0.3
+    done
+  }
+  lane1() {
+    for s in adaptive:1024 fixed:1024; do
+      step "torch_${s/:/_}" 200 env KERAS_BACKEND=torch $tp --span $s --dropout 0.3 --jit-compile on
     done
   }
   lanes ;;

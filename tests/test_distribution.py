@@ -395,8 +395,10 @@ def test_jax_two_devices_match_one_device(jax_runs):
     assert result["sharded_variables"] == {
         path: "('batch', None, None)" for path in result["paths_of_model"]
     }
+    # The ring buffer holds the memory's 12 rows and a block's 5.
+    ring = 12 + worker.CONFIG["block_size"]
     for entry in result["sharding"]:
-        assert entry["shape"] == [4, 12, 16]
+        assert entry["shape"] == [4, ring, 16]
         assert entry["shards"] == [["cpu:0", [0, 2]], ["cpu:1", [2, 4]]]
     check_rows(distributed, reference, 0)
     check_first_step(
@@ -628,7 +630,8 @@ def test_torch_ddp_matches_one_process(tmp_path):
         assert result["process_count"] == 2 and not result["uses_fit"]
         assert relative_error(result["losses"], reference) < TOLERANCE
         for entry in result["sharding"]:
-            assert entry["shape"] == [2, 12, 16]
+            # The ring buffer holds the memory's 12 rows and a block's 5.
+            assert entry["shape"] == [2, 12 + worker.CONFIG["block_size"], 16]
             assert entry["spec"] == f"rank {index}"
         check_rows(memories, reference_memories, 2 * index)
         check_first_step(

@@ -163,16 +163,19 @@ def test_segment_memory_carries_state(rng):
     second = keras.ops.convert_to_numpy(layer(b))
     np.testing.assert_allclose(second[:, 1:], a)
     np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(layer.memory), np.concatenate([a, b], 1)[:, -4:]
+        layer.ordered(keras.ops.convert_to_numpy(layer.memory)),
+        np.concatenate([a, b], 1)[:, -4:],
     )
     # State, not a weight: carried by the training loops, never saved.
     assert layer.weights == [] and layer.count_params() == 0
-    assert [v.path for v in layer.variables] == [layer.memory.path]
+    state = [layer.memory] + ([layer.start] if layer.ring else [])
+    assert [v.path for v in layer.variables] == [v.path for v in state]
     kept = layer.snapshot()
     layer(a)  # an update after the snapshot does not reach it
     layer.restore(kept)
     np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(layer.memory), np.concatenate([a, b], 1)[:, -4:]
+        layer.ordered(keras.ops.convert_to_numpy(layer.memory)),
+        np.concatenate([a, b], 1)[:, -4:],
     )
     layer.reset()
     assert not np.any(keras.ops.convert_to_numpy(layer.memory))
@@ -368,3 +371,127 @@ def test_span_ratio_stays_float32_under_mixed_precision(rng, monkeypatch):
     layer(x, memory=np.zeros((B, L, D_MODEL), "float32"),
           position_keys=positions(x))
     assert seen and set(seen) == {"float32"}
+
+
+@pytest.mark.parametrize("length", [6, 8])
+def test_segment_memory_follows_the_streams_over_uneven_blocks(rng, length):
+    """Over blocks of 1 to 11 rows (shorter and longer than the memory,
+    dividing its length or not), every call returns the last `rows` rows
+    before it, oldest first, and the stored rows (read oldest first by
+    `ordered`, or from the model's side through `set_value`, `snapshot`
+    and `restore`) are the last `length` rows of the whole stream, as a
+    float64 NumPy stream says."""
+    layer = SegmentMemory(batch_size=2, memory_length=length)
+    stream = np.zeros((2, length, 3))
+    for count, rows in [(3, None), (1, 2), (5, length), (11, 1), (2, 5),
+                        (length, None), (4, 3), (7, length)]:
+        block = rng.normal(size=(2, count, 3)).astype("float32")
+        got = keras.ops.convert_to_numpy(layer(block, rows=rows))
+        want = stream[:, stream.shape[1] - (rows or length):]
+        np.testing.assert_array_equal(got, want.astype("float32"))
+        stream = np.concatenate([stream, block], 1)
+        stored = layer.ordered(keras.ops.convert_to_numpy(layer.memory))
+        np.testing.assert_array_equal(stored, stream[:, -length:].astype("float32"))
+    kept = layer.snapshot()
+    replaced = rng.normal(size=(2, length, 3)).astype("float32")
+    layer.set_value(replaced)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(layer(np.zeros((2, 1, 3), "float32"))), replaced
+    )
+    layer.restore(kept)
+    block = rng.normal(size=(2, 3, 3)).astype("float32")
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(layer(block)),
+        stream[:, -length:].astype("float32"),
+    )
+    for rows in (0, length + 1, 2.0, True):
+        with pytest.raises(ValueError, match=re.escape(f"Received: rows={rows!r}")):
+            layer(block, rows=rows)
+
+
+def test_segment_memory_ring_writes_only_the_new_rows():
+    """On JAX a compiled call that updates the memory (its state donated,
+    as in Keras's training step) writes the block's rows into the buffer
+    in place: the only buffer-sized values of the optimised program are
+    the parameter and one scatter into it (the rotation of `[memory;
+    inputs]` rewrote every row; a read of the old rows before the write
+    made XLA copy the buffer twice)."""
+    if keras.backend.backend() != "jax":
+        pytest.skip("the ring buffer is JAX's storage")
+    import jax
+
+    batch, length, count, width = 2, 64, 4, 32
+    layer = SegmentMemory(batch_size=batch, memory_length=length)
+    layer.build((batch, count, width))
+    assert tuple(layer.memory.shape) == (batch, length + count, width)
+    state = [v.value for v in layer.non_trainable_variables]
+
+    def step(state, block):
+        rows, state = layer.stateless_call([], state, block, rows=length)
+        return rows, state
+
+    text = jax.jit(step, donate_argnums=0).lower(
+        state, jax.numpy.ones((batch, count, width))
+    ).compile().as_text()
+    entry = text[text.index("\nENTRY"):]
+    shape = f"f32[{batch},{length + count},{width}]"
+    sized = [line.split("=", 1)[1].strip() for line in entry.splitlines()
+             if line.strip().startswith("%") and f"= {shape}" in line]
+    assert len(sized) == 2, sized
+    assert sized[0].startswith(f"{shape}{{2,1,0}} parameter(0)"), sized
+    assert "scatter" in sized[1] and "fusion(%state_0" in sized[1], sized
+
+
+def test_segment_memory_ring_compiles_to_an_in_place_write_on_torch():
+    """On PyTorch a training call, traced as the compiled training step
+    traces it (`make_fx`, the variables as graph inputs) and compiled by
+    inductor, writes the block's rows into the buffer in place: the
+    generated code allocates nothing buffer-sized (an indexed write into a
+    buffer whose rows a matmul also reads made inductor copy the whole
+    of it)."""
+    if keras.backend.backend() != "torch":
+        pytest.skip("the PyTorch ring operator")
+    import torch
+    from torch._inductor.utils import run_and_get_code
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    batch, length, count, width = 2, 64, 4, 32
+    layer = SegmentMemory(batch_size=batch, memory_length=length)
+    layer.build((batch, count, width))
+
+    def step(buffer, start, block, weight):
+        mapping = [(layer.memory, buffer), (layer.start, start)]
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            rows = layer(block, rows=length)
+            new = [scope.get_current_value(v) for v in (layer.memory, layer.start)]
+        # The new values go into the inputs, as the training step does.
+        for old, value in zip((buffer, start), new):
+            if value is not old:
+                old.copy_(value)
+        # A matmul reads the rows (the keys' projection does).
+        return torch.matmul(rows, weight)
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(batch, length + count, width)).astype("float32")
+    buffer, start = torch.tensor(values), torch.tensor(5, dtype=torch.int32)
+    block = torch.tensor(rng.normal(size=(batch, count, width)).astype("float32"))
+    with torch.enable_grad():
+        traced = make_fx(step, tracing_mode="fake")(
+            buffer.clone(), start.clone(), block, torch.eye(width)
+        )
+    compiled = torch.compile(traced, backend="inductor", dynamic=False, fullgraph=True)
+    rows, (code, *_) = run_and_get_code(
+        compiled, buffer, start, block, torch.eye(width)
+    )
+    allocated = [line for line in code.splitlines()
+                 if f"({batch}, {length + count}, {width})" in line
+                 and "empty_strided" in line]
+    assert not allocated, allocated
+    # Oldest row at 5: the rows before the block end at row 4; the block
+    # went to rows 5 to 8.
+    positions = (5 - length + np.arange(length)) % (length + count)
+    np.testing.assert_array_equal(rows.numpy(), values[:, positions])
+    expected = values.copy()
+    expected[:, 5:9] = block.numpy()
+    np.testing.assert_array_equal(buffer.numpy(), expected)
+    assert int(start) == 9

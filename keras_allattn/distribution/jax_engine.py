@@ -248,7 +248,7 @@ def global_memories(model, plan):
 
     sync_jax_state(model)
     return [
-        np.asarray(
+        layer.ordered(
             multihost_utils.process_allgather(layer.memory.value, tiled=True)
         )
         for layer in model.segment_memories

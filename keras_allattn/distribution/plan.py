@@ -51,7 +51,8 @@ def memory_sharding(model):
     Returns:
         A list with one dict per layer: `path`, `shape` (the variable's
         global shape on JAX, the per-replica shape on TensorFlow and
-        PyTorch), `spec` (JAX: the `PartitionSpec`; TensorFlow: the
+        PyTorch; on JAX and PyTorch the variable is a ring buffer of
+        `max_span + block_size` rows, see `SegmentMemory`), `spec` (JAX: the `PartitionSpec`; TensorFlow: the
         variable class; torch: the rank) and `shards`, a list of
         `(device, rows)` pairs, rows as `(start, stop)` in this process's
         global row numbering on JAX and per replica elsewhere.
@@ -85,7 +86,10 @@ def local_memories(model):
         batch under `MirroredStrategy`); on torch this rank's rows.
     """
     local_rows = engine().local_rows
-    return [local_rows(layer.memory) for layer in model.segment_memories]
+    return [
+        layer.ordered(local_rows(layer.memory))
+        for layer in model.segment_memories
+    ]
 
 
 def use_virtual_cpu_devices(count):

@@ -86,7 +86,7 @@ def global_memories(model, plan):
         rows = layer.memory.value.detach()
         gathered = [torch.empty_like(rows) for _ in range(plan.process_count)]
         dist.all_gather(gathered, rows)
-        result.append(torch.cat(gathered).cpu().numpy())
+        result.append(layer.ordered(torch.cat(gathered).cpu().numpy()))
     return result
 
 

@@ -70,9 +70,11 @@ class PersistentMemoryAttention(keras.layers.Layer):
 
     Call arguments:
         inputs: `(B, M, d)` hidden states of the current block.
-        memory: `(B, S, d)` inputs of this layer for the `S >= max_span`
-            previous tokens of each stream, the most recent last (zeros at a
-            stream's start). Only the last `max_span` rows are used.
+        memory: `(B, S, d)` inputs of this layer for the `S` previous
+            tokens of each stream, the most recent last (zeros at a
+            stream's start), `S` at least `attended_span` (`max_span`
+            unless `set_attended_span` lowered it). Only the last
+            `attended_span` rows are used.
         position_keys: `(d / num_heads, max_span)` relative-position table,
             the output of `RelativePosition`.
         training: bool, whether dropout is active.
@@ -183,22 +185,29 @@ class PersistentMemoryAttention(keras.layers.Layer):
         self._check_shapes(inputs_shape, memory_shape, position_keys_shape)
         self.built = True
 
-    def _check_shapes(self, inputs_shape, memory_shape, position_keys_shape):
-        """Raises ValueError naming the first argument of a wrong shape."""
+    def _check_shapes(self, inputs_shape, memory_shape, position_keys_shape,
+                      rows=None):
+        """Raises ValueError naming the first argument of a wrong shape.
+
+        `memory` needs `rows` rows or more: by default the attended span
+        (what `call` uses)."""
         width = self.hidden_dim
         check_shape("inputs", inputs_shape, ("batch", "length", width))
         if memory_shape is not None:
             batch = inputs_shape[0]
+            if rows is None:
+                rows = self.attended_span
+            needed = (f"max_span={rows}" if rows == self.max_span
+                      else f"attended_span={rows}")
             check_shape(
                 "memory",
                 memory_shape,
-                ("batch" if batch is None else batch,
-                 f"max_span={self.max_span} or more", width),
+                ("batch" if batch is None else batch, f"{needed} or more", width),
             )
-            if memory_shape[1] is not None and memory_shape[1] < self.max_span:
+            if memory_shape[1] is not None and memory_shape[1] < rows:
                 raise ValueError(
-                    f"`memory` must have at least max_span={self.max_span} "
-                    f"rows. Received: memory.shape={tuple(memory_shape)}"
+                    f"`memory` must have at least {needed} rows. "
+                    f"Received: memory.shape={tuple(memory_shape)}"
                 )
         if position_keys_shape is not None:
             check_shape(
@@ -305,7 +314,8 @@ class PersistentMemoryAttention(keras.layers.Layer):
 
         Args:
             inputs: `(B, M, d)` hidden states of the current block.
-            memory: `(B, S, d)` with `S >= max_span`, as in `call`.
+            memory: `(B, S, d)` with `S >= max_span` (all `max_span` rows are
+                used here, whatever the attended span).
             position_keys: `(d / num_heads, max_span)`, as in `call`.
 
         Returns:
@@ -313,7 +323,8 @@ class PersistentMemoryAttention(keras.layers.Layer):
             `c` for distance `max_span - c` (the oldest first), and
             `(B, H, M, N)`, or None without persistent vectors.
         """
-        self._check_shapes(inputs.shape, memory.shape, position_keys.shape)
+        self._check_shapes(inputs.shape, memory.shape, position_keys.shape,
+                           rows=self.max_span)
         memory = memory[:, memory.shape[1] - self.max_span :]
         tensors = self._attention_tensors(inputs, memory, position_keys)
         tensors.pop("value")

@@ -1,8 +1,39 @@
 import keras
+import numpy as np
 from keras import ops
 
 from keras_allattn.utils import check_positive
 from keras_allattn.utils import check_shape
+
+
+# The backends whose segment memory is a ring buffer (see `SegmentMemory`).
+RING_BACKENDS = ("jax", "torch")
+_TORCH_RING_ROWS = []
+
+
+def _torch_ring_rows():
+    """The PyTorch operator `keras_allattn::ring_rows(buffer, read, write,
+    rows)`: returns `buffer[:, read]`, then writes `rows` into
+    `buffer[:, write]` in place. One operator that mutates the buffer:
+    inductor then writes a compiled step's buffer (a graph input) in place,
+    where an indexed write into a buffer the step also reads made it copy
+    the whole buffer (seen on the CPU, torch 2.13)."""
+    if not _TORCH_RING_ROWS:
+        import torch
+
+        @torch.library.custom_op("keras_allattn::ring_rows", mutates_args=("buffer",))
+        def ring_rows(buffer: torch.Tensor, read: torch.Tensor,
+                      write: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            memory = buffer.index_select(1, read)
+            buffer.index_copy_(1, write, rows)
+            return memory
+
+        @ring_rows.register_fake
+        def _(buffer, read, write, rows):
+            return buffer.new_empty((buffer.shape[0], read.shape[0], buffer.shape[2]))
+
+        _TORCH_RING_ROWS.append(ring_rows)
+    return _TORCH_RING_ROWS[0]
 
 
 @keras.saving.register_keras_serializable(package="keras_allattn")
@@ -25,6 +56,22 @@ class SegmentMemory(keras.layers.Layer):
     (what `AllAttentionLM` does around `evaluate` and `predict`, and the
     training checkpoints through `get_memory()` and `set_memory()`).
 
+    Storage. On JAX and PyTorch the variable is a ring buffer of
+    `capacity` rows (the memory length plus the rows of the block the
+    layer was built with): a call writes only its rows, in place, where
+    the oldest ones were (an int32 `start` variable says where the oldest
+    row is), and reads the rows it returns with one gather, instead of
+    rewriting every row of `[memory; inputs]` (at the enwik8 geometry,
+    512 MiB a layer a step). On PyTorch the write is in place in training
+    calls (grad mode on: eager or compiled steps; under `stateless_call`,
+    into the memory tensor passed in); elsewhere (`evaluate`, `predict`,
+    Keras's shape inference) a call writes a new buffer. On TensorFlow the
+    variable holds the rows oldest first and a call rewrites it (`start`
+    is None): its distribution strategies keep one copy per replica.
+    `ordered(rows)` puts rows read from the variable oldest first on
+    either storage;
+    `set_value(value)` writes rows given oldest first.
+
     Args:
         batch_size: int, the number of streams (the static batch size).
         memory_length: int, rows kept per stream (the maximum span).
@@ -32,9 +79,12 @@ class SegmentMemory(keras.layers.Layer):
 
     Call arguments:
         inputs: `(batch_size, M, d)` hidden states of the current block.
+        rows: int or None, how many of the most recent rows to return
+            (1 to `memory_length`; None: all of them).
 
     Returns:
-        `(batch_size, memory_length, d)` the memory before this block.
+        `(batch_size, rows, d)` the memory before this block, the last
+        `rows` rows, oldest first.
 
     Example:
 
@@ -60,21 +110,36 @@ class SegmentMemory(keras.layers.Layer):
                 "The width of `inputs` (last axis) must be known to build "
                 f"the memory. Received: inputs.shape={tuple(inputs_shape)}"
             )
+        # The ring buffer holds the block's rows too (see `_ring_call`).
+        self.capacity = self.memory_length
+        if self.ring and inputs_shape[1] is not None:
+            self.capacity += inputs_shape[1]
         self.memory = self.add_weight(
             name="memory",
-            shape=(self.batch_size, self.memory_length, inputs_shape[-1]),
+            shape=(self.batch_size, self.capacity, inputs_shape[-1]),
             initializer="zeros",
             trainable=False,
             dtype=self.compute_dtype,
         )
+        self.start = None
+        if self.ring:
+            self.start = self.add_weight(
+                name="start", shape=(), initializer="zeros", trainable=False,
+                dtype="int32",
+            )
         self.built = True
+
+    @property
+    def ring(self):
+        """Whether the memory variable is a ring buffer (on JAX)."""
+        return keras.backend.backend() in RING_BACKENDS
 
     def next_memory(self, memory, inputs):
         """The memory after `inputs`: last rows of `[memory; inputs]`."""
         joined = ops.concatenate([ops.cast(memory, inputs.dtype), inputs], 1)
         return ops.stop_gradient(joined[:, joined.shape[1] - self.memory_length :])
 
-    def call(self, inputs):
+    def call(self, inputs, rows=None):
         check_shape(
             "inputs", inputs.shape, ("batch_size", "length", self.memory.shape[-1])
         )
@@ -85,6 +150,18 @@ class SegmentMemory(keras.layers.Layer):
                 "(the segment memory has one row per stream; batch with "
                 f"drop_remainder=True). Received: a batch of size {batch}"
             )
+        length = self.memory_length
+        if rows is None:
+            rows = length
+        elif isinstance(rows, bool) or not isinstance(rows, int) or not (
+            1 <= rows <= length
+        ):
+            raise ValueError(
+                f"`rows` must be None or an int from 1 to memory_length="
+                f"{length}. Received: rows={rows!r}"
+            )
+        if self.ring:
+            return self._ring_call(inputs, rows)
         memory = ops.cast(self.memory, inputs.dtype)
         if keras.backend.backend() == "torch":
             # torch assigns in place: keep the old value apart from the
@@ -93,11 +170,81 @@ class SegmentMemory(keras.layers.Layer):
         self.memory.assign(
             ops.cast(self.next_memory(memory, inputs), self.memory.dtype)
         )
-        return memory
+        return memory[:, length - rows :]
+
+    def _ring_call(self, inputs, rows):
+        """`call` on the ring buffer.
+
+        The buffer holds the last `capacity` rows of every stream, the
+        oldest at `start`: `memory_length` rows and, built from a block of
+        M rows, M more. A block's rows go where the oldest ones are and
+        `start` moves on by M; the `rows` rows before the block are still
+        in the buffer after the write as long as `rows + M <= capacity`
+        (always, for blocks no longer than the one the layer was built
+        with). On JAX they are read after the write: then XLA updates the
+        buffer in place, where a read before the write (a longer block)
+        makes it copy the whole buffer first. On PyTorch one operator reads
+        and then writes (`_torch_ring_rows`).
+        """
+        capacity = self.capacity
+        count = inputs.shape[1]
+        kept = min(count, capacity)
+        start = ops.convert_to_tensor(self.start)
+        read = (start - rows + ops.arange(rows, dtype="int32")) % capacity
+        write = (start + (count - kept) + ops.arange(kept, dtype="int32")) % capacity
+        new = ops.cast(ops.stop_gradient(inputs[:, count - kept :]), self.memory.dtype)
+        buffer = self.memory.value
+        if keras.backend.backend() == "jax":
+            if rows + count > capacity:
+                memory = ops.take(buffer, read, axis=1)
+                buffer = buffer.at[:, write].set(new, unique_indices=True)
+            else:
+                buffer = buffer.at[:, write].set(new, unique_indices=True)
+                memory = ops.take(buffer, read, axis=1)
+            self.memory.assign(buffer)
+        else:
+            import torch
+
+            read, write = read.long(), write.long()
+            if torch.is_grad_enabled() and buffer.device.type != "meta" and (
+                inputs.device.type != "meta"
+            ):
+                # In place (a training step, eager or compiled).
+                memory = _torch_ring_rows()(buffer, read, write, new.detach())
+            else:
+                memory = buffer.index_select(1, read)
+                self.memory.assign(buffer.index_copy(1, write, new))
+        self.start.assign((start + count) % capacity)
+        return ops.cast(memory, inputs.dtype)
+
+    def ordered(self, rows):
+        """`rows` of this memory's variable (a NumPy array `(streams,
+        capacity, d)`, any streams) as `(streams, memory_length, d)`, oldest
+        row first (as they are unless the variable is a ring buffer)."""
+        rows = np.asarray(rows)
+        if self.start is None:
+            return rows
+        start = int(ops.convert_to_numpy(self.start))
+        return np.roll(rows, -start, axis=1)[:, self.capacity - self.memory_length :]
+
+    def set_value(self, value):
+        """Sets the memory of every stream to `value` `(batch_size,
+        memory_length, d)`, oldest row first."""
+        if self.start is not None:
+            extra = self.capacity - self.memory_length
+            value = ops.cast(value, self.memory.dtype)
+            if extra:
+                older = ops.zeros((self.batch_size, extra, self.memory.shape[-1]),
+                                  self.memory.dtype)
+                value = ops.concatenate([older, value], 1)
+            self.start.assign(0)
+        self.memory.assign(value)
 
     def reset(self):
         """Zeroes the memory of every stream."""
         self.memory.assign(ops.zeros(self.memory.shape, self.memory.dtype))
+        if self.start is not None:
+            self.start.assign(0)
 
     @property
     def weights(self):
@@ -120,7 +267,8 @@ class SegmentMemory(keras.layers.Layer):
         """The current memory, unaffected by later updates (see `restore`).
 
         Under a `tf.distribute` strategy, one value per replica (each
-        replica holds the memory of its own rows).
+        replica holds the memory of its own rows). For a ring buffer, the
+        pair of the buffer and its `start`.
         """
         value = self.memory.value
         if keras.backend.backend() == "tensorflow":
@@ -129,9 +277,11 @@ class SegmentMemory(keras.layers.Layer):
             if isinstance(value, tf.distribute.DistributedValues):
                 local = value.distribute_strategy.experimental_local_results
                 return [tf.identity(part) for part in local(value)]
-        if keras.backend.backend() == "jax":
-            return value  # immutable: no copy needed
-        return ops.copy(value)
+        if keras.backend.backend() != "jax":  # JAX's are immutable
+            value = ops.copy(value)
+        if self.start is None:
+            return value
+        return (value, ops.copy(self.start.value))
 
     def restore(self, snapshot):
         """Puts back a memory taken with `snapshot()`."""
@@ -141,10 +291,16 @@ class SegmentMemory(keras.layers.Layer):
             for part, kept in zip(local(value), snapshot):
                 part.assign(kept)
             return
+        if isinstance(snapshot, tuple):
+            snapshot, start = snapshot
+            self.start.assign(start)
         self.memory.assign(snapshot)
 
-    def compute_output_shape(self, inputs_shape):
-        return (self.batch_size, self.memory_length, inputs_shape[-1])
+    def compute_output_spec(self, inputs, rows=None):
+        rows = self.memory_length if rows is None else rows
+        return keras.KerasTensor(
+            (self.batch_size, rows, inputs.shape[-1]), dtype=inputs.dtype
+        )
 
     def get_config(self):
         config = super().get_config()

@@ -154,7 +154,8 @@ class AllAttentionBackbone(keras.Model):
         for i, attention in enumerate(self.attention_layers):
             memory_layer = self.segment_memories[i]
             if memories is None:
-                memory = memory_layer(hidden)  # (B, L, d), state updated
+                # (B, A, d): the attended rows; the state is updated.
+                memory = memory_layer(hidden, rows=attention.attended_span)
             else:
                 memory = memories[i]
                 next_memories.append(memory_layer.next_memory(memory, hidden))
@@ -269,7 +270,7 @@ class AllAttentionBackbone(keras.Model):
         """
         sync_jax_state(self)
         return [
-            np.asarray(ops.convert_to_numpy(layer.memory))
+            layer.ordered(ops.convert_to_numpy(layer.memory))
             for layer in self.segment_memories
         ]
 
@@ -287,13 +288,13 @@ class AllAttentionBackbone(keras.Model):
             )
         sync_jax_state(self)
         for i, (layer, memory) in enumerate(zip(self.segment_memories, memories)):
-            if tuple(memory.shape) != tuple(layer.memory.shape):
+            shape = (layer.batch_size, layer.memory_length, layer.memory.shape[-1])
+            if tuple(memory.shape) != shape:
                 raise ValueError(
-                    f"`memories[{i}]` must have shape "
-                    f"{tuple(layer.memory.shape)}. Received: "
+                    f"`memories[{i}]` must have shape {shape}. Received: "
                     f"shape={tuple(memory.shape)}"
                 )
-            layer.memory.assign(memory)
+            layer.set_value(memory)
 
     @contextlib.contextmanager
     def _separate_memory(self):

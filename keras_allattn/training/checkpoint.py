@@ -53,12 +53,12 @@ def _seed_states(model):
     """The seed generator states of `model`, in a fixed model order.
 
     They are the entries of `model.variables` that `model.weights` leaves
-    out (Keras saves weights, not random state), the segment memory aside.
+    out (Keras saves weights, not random state), the segment memory (and
+    where its ring buffer starts) aside.
     """
     weights = {id(w) for w in model.weights}
-    weights.update(
-        id(layer.memory) for layer in getattr(model, "segment_memories", [])
-    )
+    for layer in getattr(model, "segment_memories", []):
+        weights.update(id(v) for v in (layer.memory, layer.start) if v is not None)
     return [v for v in model.variables if id(v) not in weights]
 
 
