@@ -7,33 +7,7 @@ from keras_allattn.utils import check_shape
 
 
 # The backends whose segment memory is a ring buffer (see `SegmentMemory`).
-RING_BACKENDS = ("jax", "torch")
-_TORCH_RING_ROWS = []
-
-
-def _torch_ring_rows():
-    """The PyTorch operator `keras_allattn::ring_rows(buffer, read, write,
-    rows)`: returns `buffer[:, read]`, then writes `rows` into
-    `buffer[:, write]` in place. One operator that mutates the buffer:
-    inductor then writes a compiled step's buffer (a graph input) in place,
-    where an indexed write into a buffer the step also reads made it copy
-    the whole buffer (seen on the CPU, torch 2.13)."""
-    if not _TORCH_RING_ROWS:
-        import torch
-
-        @torch.library.custom_op("keras_allattn::ring_rows", mutates_args=("buffer",))
-        def ring_rows(buffer: torch.Tensor, read: torch.Tensor,
-                      write: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            memory = buffer.index_select(1, read)
-            buffer.index_copy_(1, write, rows)
-            return memory
-
-        @ring_rows.register_fake
-        def _(buffer, read, write, rows):
-            return buffer.new_empty((buffer.shape[0], read.shape[0], buffer.shape[2]))
-
-        _TORCH_RING_ROWS.append(ring_rows)
-    return _TORCH_RING_ROWS[0]
+RING_BACKENDS = ("jax",)
 
 
 @keras.saving.register_keras_serializable(package="keras_allattn")
@@ -56,18 +30,18 @@ class SegmentMemory(keras.layers.Layer):
     (what `AllAttentionLM` does around `evaluate` and `predict`, and the
     training checkpoints through `get_memory()` and `set_memory()`).
 
-    Storage. On JAX and PyTorch the variable is a ring buffer of
-    `capacity` rows (the memory length plus the rows of the block the
-    layer was built with): a call writes only its rows, in place, where
-    the oldest ones were (an int32 `start` variable says where the oldest
-    row is), and reads the rows it returns with one gather, instead of
-    rewriting every row of `[memory; inputs]` (at the enwik8 geometry,
-    512 MiB a layer a step). On PyTorch the write is in place in training
-    calls (grad mode on: eager or compiled steps; under `stateless_call`,
-    into the memory tensor passed in); elsewhere (`evaluate`, `predict`,
-    Keras's shape inference) a call writes a new buffer. On TensorFlow the
-    variable holds the rows oldest first and a call rewrites it (`start`
-    is None): its distribution strategies keep one copy per replica.
+    Storage. On JAX the variable is a ring buffer of `capacity` rows (the
+    memory length plus the rows of the block the layer was built with): a
+    call writes only its rows, in place, where the oldest ones were (an
+    int32 `start` variable says where the oldest row is), and reads the
+    rows it returns with one gather, instead of rewriting every row of
+    `[memory; inputs]` (at the enwik8 geometry, 512 MiB a layer a step).
+    On TensorFlow and PyTorch the variable holds the rows oldest first and
+    a call rewrites it (`start` is None): TensorFlow's distribution
+    strategies keep one copy per replica, and on PyTorch a ring buffer
+    (written in place by one mutating operator inside the compiled step)
+    made the enwik8_small step at adaptive spans ~1024 slower on an H200
+    (141,420 against 147,747 tokens/s).
     `ordered(rows)` puts rows read from the variable oldest first on
     either storage;
     `set_value(value)` writes rows given oldest first.
@@ -181,10 +155,9 @@ class SegmentMemory(keras.layers.Layer):
         `start` moves on by M; the `rows` rows before the block are still
         in the buffer after the write as long as `rows + M <= capacity`
         (always, for blocks no longer than the one the layer was built
-        with). On JAX they are read after the write: then XLA updates the
-        buffer in place, where a read before the write (a longer block)
-        makes it copy the whole buffer first. On PyTorch one operator reads
-        and then writes (`_torch_ring_rows`).
+        with); they are read after the write: then XLA updates the buffer
+        in place, where a read before the write (a longer block) makes it
+        copy the whole buffer first.
         """
         capacity = self.capacity
         count = inputs.shape[1]
@@ -194,26 +167,13 @@ class SegmentMemory(keras.layers.Layer):
         write = (start + (count - kept) + ops.arange(kept, dtype="int32")) % capacity
         new = ops.cast(ops.stop_gradient(inputs[:, count - kept :]), self.memory.dtype)
         buffer = self.memory.value
-        if keras.backend.backend() == "jax":
-            if rows + count > capacity:
-                memory = ops.take(buffer, read, axis=1)
-                buffer = buffer.at[:, write].set(new, unique_indices=True)
-            else:
-                buffer = buffer.at[:, write].set(new, unique_indices=True)
-                memory = ops.take(buffer, read, axis=1)
-            self.memory.assign(buffer)
+        if rows + count > capacity:
+            memory = ops.take(buffer, read, axis=1)
+            buffer = buffer.at[:, write].set(new, unique_indices=True)
         else:
-            import torch
-
-            read, write = read.long(), write.long()
-            if torch.is_grad_enabled() and buffer.device.type != "meta" and (
-                inputs.device.type != "meta"
-            ):
-                # In place (a training step, eager or compiled).
-                memory = _torch_ring_rows()(buffer, read, write, new.detach())
-            else:
-                memory = buffer.index_select(1, read)
-                self.memory.assign(buffer.index_copy(1, write, new))
+            buffer = buffer.at[:, write].set(new, unique_indices=True)
+            memory = ops.take(buffer, read, axis=1)
+        self.memory.assign(buffer)
         self.start.assign((start + count) % capacity)
         return ops.cast(memory, inputs.dtype)
 
