@@ -86,6 +86,14 @@ def test_trimmed_attention_is_exact(rng):
     layer.set_attended_span(6)
     trimmed = layer(x, memory=memory, position_keys=table)
     assert reference.relative_error(trimmed, full) < 1e-6
+    # The attended rows alone are enough (what the model passes); fewer
+    # are an error that names the attended span.
+    alone = layer(x, memory=memory[:, L - 6 :], position_keys=table)
+    assert reference.relative_error(alone, full) < 1e-6
+    with pytest.raises(ValueError, match=re.escape(
+        "at least attended_span=6 rows. Received: memory.shape=(2, 5, 16)"
+    )):
+        layer(x, memory=memory[:, L - 5 :], position_keys=table)
     layer.set_attended_span(3)
     wrong = layer(x, memory=memory, position_keys=table)
     assert reference.relative_error(wrong, full) > 1e-3
