@@ -54,7 +54,8 @@ class SegmentMemory(keras.layers.Layer):
     Call arguments:
         inputs: `(batch_size, M, d)` hidden states of the current block.
         rows: int or None, how many of the most recent rows to return
-            (1 to `memory_length`; None: all of them).
+            (1 to `memory_length`; None: `attended_rows()` where that
+            attribute is set, else all of them).
 
     Returns:
         `(batch_size, rows, d)` the memory before this block, the last
@@ -76,6 +77,10 @@ class SegmentMemory(keras.layers.Layer):
         super().__init__(**kwargs)
         self.batch_size = check_positive("batch_size", batch_size)
         self.memory_length = check_positive("memory_length", memory_length)
+        # How many rows a call returns when it is not told: None (all), or
+        # a function giving the number at call time (`AllAttentionLM` gives
+        # each memory its attention layer's attended span).
+        self.attended_rows = None
 
     def build(self, inputs_shape):
         check_shape("inputs", inputs_shape, ("batch_size", "length", "width"))
@@ -125,6 +130,8 @@ class SegmentMemory(keras.layers.Layer):
                 f"drop_remainder=True). Received: a batch of size {batch}"
             )
         length = self.memory_length
+        if rows is None and self.attended_rows is not None:
+            rows = self.attended_rows()
         if rows is None:
             rows = length
         elif isinstance(rows, bool) or not isinstance(rows, int) or not (
@@ -137,14 +144,18 @@ class SegmentMemory(keras.layers.Layer):
         if self.ring:
             return self._ring_call(inputs, rows)
         memory = ops.cast(self.memory, inputs.dtype)
+        recent = memory[:, length - rows :]
         if keras.backend.backend() == "torch":
-            # torch assigns in place: keep the old value apart from the
-            # variable's storage before overwriting it.
-            memory = ops.copy(memory)
+            # torch assigns in place: keep the returned rows apart from the
+            # variable's storage before overwriting it (those rows only: a
+            # slice of a copy of all of them would keep the whole copy alive
+            # as long as the slice, e.g. saved for a recomputed layer's
+            # backward).
+            recent = ops.copy(recent)
         self.memory.assign(
             ops.cast(self.next_memory(memory, inputs), self.memory.dtype)
         )
-        return memory[:, length - rows :]
+        return recent
 
     def _ring_call(self, inputs, rows):
         """`call` on the ring buffer.
@@ -257,6 +268,8 @@ class SegmentMemory(keras.layers.Layer):
         self.memory.assign(snapshot)
 
     def compute_output_spec(self, inputs, rows=None):
+        if rows is None and self.attended_rows is not None:
+            rows = self.attended_rows()
         rows = self.memory_length if rows is None else rows
         return keras.KerasTensor(
             (self.batch_size, rows, inputs.shape[-1]), dtype=inputs.dtype

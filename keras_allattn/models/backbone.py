@@ -2,6 +2,7 @@
 layers and their segment memory, without the output head."""
 
 import contextlib
+import functools
 import math
 
 import keras
@@ -119,6 +120,11 @@ class AllAttentionBackbone(keras.Model):
                     name=f"attention_{i}",
                 )
             self.attention_layers.append(attention)
+            # The memory hands its attention the rows it attends, read at
+            # every call (the functional graph would freeze an argument).
+            self.segment_memories[-1].attended_rows = functools.partial(
+                getattr, attention, "attended_span"
+            )
             self.attention_norms.append(
                 keras.layers.LayerNormalization(
                     epsilon=1e-5, dtype=dtype, name=f"attention_norm_{i}"
@@ -155,7 +161,7 @@ class AllAttentionBackbone(keras.Model):
             memory_layer = self.segment_memories[i]
             if memories is None:
                 # (B, A, d): the attended rows; the state is updated.
-                memory = memory_layer(hidden, rows=attention.attended_span)
+                memory = memory_layer(hidden)
             else:
                 memory = memories[i]
                 next_memories.append(memory_layer.next_memory(memory, hidden))
