@@ -248,34 +248,40 @@ def _span_limit(z, cfg):
     return lim.astype(jnp.int32)
 
 
+def _span_raw(z, r, cfg):
+    """The unclipped span mask `(R + z L - r + 1) / R` at distances r."""
+    raw = cfg.span_ramp + z * cfg.max_span - r.astype(jnp.float32) + 1.0
+    return raw / cfg.span_ramp
+
+
 def _context_logits(s, i0, j0, z, cfg):
     """Scaled logits of the (BQ, BK) tile of queries `i0 + a` and keys
-    `j0 + b`, with masks; returns (t, valid, raw) where raw is the unclipped
-    span mask value (None without span)."""
+    `j0 + b`, with masks; returns (t, valid): `valid` marks the band's
+    scores of real queries, and `t` is -inf outside it and where the span
+    mask is 0."""
     bq, bk = s.shape
     i = i0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     j = j0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
     r = cfg.length + i - j
     valid = (r >= 1) & (r <= cfg.length) & (i < cfg.queries)
     t = s * cfg.scale
-    raw = None
     if cfg.has_span:
-        raw = (cfg.span_ramp + z * cfg.max_span - r.astype(jnp.float32) + 1.0)
-        raw = raw / cfg.span_ramp
-        valid = valid & (raw > 0.0)
-        # The mask is 1 up to distance z L + 1: a tile whose largest distance
-        # stays within z L (one token of slack for rounding) adds log 1 = 0
-        # and skips the logarithm, a second transcendental per score next to
-        # the softmax's exponential.
+        # The mask is 1 up to distance z L + 1: a tile whose largest
+        # distance stays within z L (one token of slack for rounding)
+        # neither adds log 1 = 0 nor masks anything, and skips the mask's
+        # arithmetic and logarithm (a second transcendental per score next
+        # to the softmax's exponential).
         r_hi = (cfg.length + i0 + bq - 1 - j0).astype(jnp.float32)
-        t = lax.cond(
-            r_hi > z * cfg.max_span,
-            lambda t: t + jnp.log(jnp.clip(raw, 1e-30, 1.0)),
-            lambda t: t,
-            t,
-        )
+
+        def edge(t):
+            raw = _span_raw(z, r, cfg)
+            return jnp.where(
+                raw > 0.0, t + jnp.log(jnp.clip(raw, 1e-30, 1.0)), -jnp.inf
+            )
+
+        t = lax.cond(r_hi > z * cfg.max_span, edge, lambda t: t, t)
     t = jnp.where(valid, t, -jnp.inf)
-    return t, valid, raw
+    return t, valid
 
 
 def _load_rows(ref, b, start, h, size, limit):
@@ -469,7 +475,7 @@ def _fwd_kernel(cfg, *refs):
             kb = _load_rows(r["k"], b, j0, h, bk, cfg.total)
             vb = _load_rows(r["v"], b, j0, h, bk, cfg.total)
             s = _dot_nt(q, kb, cfg) + _position_band(r["qp"], b, h, i0, j0, cfg)
-            t, _, _ = _context_logits(s, i0, j0, z, cfg)
+            t, _ = _context_logits(s, i0, j0, z, cfg)
             keep = _context_dropout(rk, i0, j0, cfg, s.shape)
             return _online_update(state, t, vb, cfg, keep)
 
@@ -546,7 +552,7 @@ def _dkdv_kernel(cfg, *refs):
             lse = _load_vec(r["lse"], b, h, i0, bq, cfg.queries)
             delta = _load_vec(r["delta"], b, h, i0, bq, cfg.queries)
             s = _dot_nt(q, kb, cfg) + _position_band(r["qp"], b, h, i0, j0, cfg)
-            t, valid, _ = _context_logits(s, i0, j0, z, cfg)
+            t, valid = _context_logits(s, i0, j0, z, cfg)
             p = jnp.where(valid, jnp.exp(t - lse[:, None]), 0.0)
             keep = _context_dropout(_load_keys(r, b, h, i0, cfg), i0, j0, cfg, s.shape)
             dv = dv + _dot_tn(_dropped(p, keep).astype(do.dtype), do, cfg)
@@ -609,7 +615,7 @@ def _dq_kernel(cfg, *refs):
             kb = _load_rows(r["k"], b, j0, h, bk, cfg.total)
             vb = _load_rows(r["v"], b, j0, h, bk, cfg.total)
             s = _dot_nt(q, kb, cfg) + _position_band(r["qp"], b, h, i0, j0, cfg)
-            t, valid, raw = _context_logits(s, i0, j0, z, cfg)
+            t, valid = _context_logits(s, i0, j0, z, cfg)
             p = jnp.where(valid, jnp.exp(t - lse[:, None]), 0.0)
             keep = _context_dropout(rk, i0, j0, cfg, s.shape)
             dp = _dropped(_dot_nt(do, vb, cfg), keep)
@@ -631,6 +637,7 @@ def _dq_kernel(cfg, *refs):
 
                 def ramp_sum():
                     r_dist = cfg.length + (i0 + ar) - (j0 + bc)
+                    raw = _span_raw(z, r_dist, cfg)
                     ramp = (
                         (r_dist >= 1) & (r_dist <= cfg.length)
                         & ((i0 + ar) < cfg.queries) & (raw >= 0.0) & (raw <= 1.0)
