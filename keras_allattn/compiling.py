@@ -69,8 +69,6 @@ def _train_options(values):
     as static inputs: without that, the graph would copy every weight and
     optimizer slot into its own buffers at every step, and inductor skips
     CUDA graphs for a graph that mutates inputs that are not static."""
-    import torch
-
     on_cuda = bool(values) and all(t.is_cuda for t in values)
     if not (on_cuda and TORCH_TRAIN_BACKEND == "inductor"
             and cuda_graphs_enabled()):
