@@ -388,12 +388,17 @@ def profile_config(cfg, dtype_name, repeats, tiles):
     dq = jax.jit(lambda res, qp, do, d, dp: pa._dq_call(kcfg, res, qp, do, d, dp))
     result["dq_ds_dz_ms"] = timed(dq, (res, qp, do, delta, delta_p), repeats)
     dq_out, ds, _ = dq(res, qp, do, delta, delta_p)
-    pa._DEBUG["skip_ds_store"] = True
-    try:
-        dq2 = jax.jit(lambda res, qp, do, d, dp: pa._dq_call(kcfg, res, qp, do, d, dp))
-        result["dq_without_ds_store_ms"] = timed(dq2, (res, qp, do, delta, delta_p), repeats)
-    finally:
-        pa._DEBUG["skip_ds_store"] = False
+    switches = ["skip_ds_store"]
+    if kcfg.has_span:
+        switches += ["skip_zero_tiles", "skip_ramp_sum"]
+    for switch in switches:
+        pa._DEBUG[switch] = True
+        try:
+            dq2 = jax.jit(lambda res, qp, do, d, dp: pa._dq_call(kcfg, res, qp, do, d, dp))
+            label = switch.replace("skip_", "dq_without_")
+            result[f"{label}_ms"] = timed(dq2, (res, qp, do, delta, delta_p), repeats)
+        finally:
+            pa._DEBUG[switch] = False
     grads = jax.jit(lambda q, p, dq, ds: pa._position_gradients(kcfg, q, p, dq, ds))
     result["position_gradients_ms"] = timed(grads, (qpos, ppos, dq_out, ds), repeats)
     if kcfg.persistent:

@@ -29,7 +29,8 @@ matmul design) and the rest.
 Configurations: "fixed" (A = 2048 attended distances, no adaptive span) and
 "adaptive" (L = A = 8192, span ratios chosen so that the heads' spans are
 about 768..1280, ~1024 on average: the kernel skips the key tiles beyond
-each head's span). One JSON line per configuration (and per tile variant);
+each head's span), "trimmed" (what training at spans of 1024 attends: A =
+1280 rows, every head at 1024) and "fixed1024". One JSON line per configuration (and per tile variant);
 errors are caught and printed per configuration.
 
 Usage (on the GPU machine, Keras carried as wheels, see GPU.md):
@@ -61,6 +62,12 @@ CONFIGS = {
     # name: (B, M, H, D, A, N, max_span or None, mean span or None)
     "fixed": dict(B=64, M=512, H=8, D=64, A=2048, N=1024, max_span=None, span=None),
     "adaptive": dict(B=64, M=512, H=8, D=64, A=8192, N=1024, max_span=8192, span=1024),
+    # What training at spans near 1024 runs: the memory trimmed to 1280 rows
+    # (granularity 256), every head at span 1024 (`uniform`), against fixed
+    # spans of 1024.
+    "trimmed": dict(B=64, M=512, H=8, D=64, A=1280, N=1024, max_span=8192, span=1024,
+                    uniform=True),
+    "fixed1024": dict(B=64, M=512, H=8, D=64, A=1024, N=1024, max_span=None, span=None),
     # For `--smoke` (CPU, Triton interpreter): the script's own logic.
     "tiny": dict(B=2, M=37, H=2, D=16, A=100, N=20, max_span=120, span=40),
 }
@@ -105,7 +112,8 @@ def make_inputs(shape, batch, dtype, device, seed=0):
     kwargs = {"span_ramp": SPAN_RAMP, "integration": "joint"}
     if shape["max_span"] is not None:
         L = shape["max_span"]
-        spans = torch.linspace(0.75, 1.25, H) * shape["span"]
+        spread = (1.0, 1.0) if shape.get("uniform") else (0.75, 1.25)
+        spans = torch.linspace(*spread, H) * shape["span"]
         z = ((spans - SPAN_RAMP) / L).clamp(0, 1)
         inputs["span_ratio"] = z.to(device=device, dtype=torch.float32)
         kwargs["max_span"] = L

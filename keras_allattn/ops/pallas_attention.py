@@ -105,9 +105,11 @@ from keras_allattn.ops.kernel_settings import resolve_deterministic
 _M_INIT = -1e30
 # Number of programs a kernel grid aims at (several per SM of an H100).
 _DEFAULT_PROGRAMS = 1024
-# Profiling switch (read when kernels are traced; benchmarks only): the dQ
-# kernel skips its dS store, to time the store's share.
-_DEBUG = {"skip_ds_store": False}
+# Profiling switches (read when kernels are traced; benchmarks only, the
+# results are then wrong): the dQ kernel skips its dS store, its stores of
+# the zero dS tiles beyond the span, or its span-gradient sum, to time each
+# one's share.
+_DEBUG = {"skip_ds_store": False, "skip_zero_tiles": False, "skip_ramp_sum": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -596,7 +598,7 @@ def _dq_kernel(cfg, *refs):
         rk = _load_keys(r, b, h, i0, cfg)
         kt_lo, kt_hi = _key_range(i0, rmax, cfg)
 
-        if store_ds:
+        if store_ds and not _DEBUG["skip_zero_tiles"]:
             # dS is zero at the distances the span skips: write those tiles
             # (all of the band that lies before kt_lo) so that every entry
             # of the (M, A) layout is written once.
@@ -623,7 +625,7 @@ def _dq_kernel(cfg, *refs):
             dq = dq + _dot_nn(ds.astype(kb.dtype), kb, cfg)
             if store_ds:
                 _store_band(r["ds"], b, h, i0, j0, cfg, ds)
-            if cfg.has_span:
+            if cfg.has_span and not _DEBUG["skip_ramp_sum"]:
                 # d/dz over the distances whose unclipped mask lies in
                 # [0, 1], ends included (torch.clamp's gradient in the
                 # reference): exp(s - lse) (dP - Delta), which equals
