@@ -256,34 +256,63 @@ def _span_raw(z, r, cfg):
     return raw / cfg.span_ramp
 
 
-def _context_logits(s, i0, j0, z, cfg):
+def _context_logits(s, i0, j0, z, cfg, edge):
     """Scaled logits of the (BQ, BK) tile of queries `i0 + a` and keys
     `j0 + b`, with masks; returns (t, valid): `valid` marks the band's
     scores of real queries, and `t` is -inf outside it and where the span
-    mask is 0."""
+    mask is 0.
+
+    `edge` (static): whether the tile may reach past distance `z L`, where
+    the span mask acts. The mask is 1 up to distance `z L + 1`, so the
+    other tiles skip its arithmetic and logarithm (a second transcendental
+    per score next to the softmax's exponential); `_edge_split` sorts the
+    tiles."""
     bq, bk = s.shape
     i = i0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     j = j0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
     r = cfg.length + i - j
     valid = (r >= 1) & (r <= cfg.length) & (i < cfg.queries)
     t = s * cfg.scale
-    if cfg.has_span:
-        # The mask is 1 up to distance z L + 1: a tile whose largest
-        # distance stays within z L (one token of slack for rounding)
-        # neither adds log 1 = 0 nor masks anything, and skips the mask's
-        # arithmetic and logarithm (a second transcendental per score next
-        # to the softmax's exponential).
-        r_hi = (cfg.length + i0 + bq - 1 - j0).astype(jnp.float32)
-
-        def edge(t):
-            raw = _span_raw(z, r, cfg)
-            return jnp.where(
-                raw > 0.0, t + jnp.log(jnp.clip(raw, 1e-30, 1.0)), -jnp.inf
-            )
-
-        t = lax.cond(r_hi > z * cfg.max_span, edge, lambda t: t, t)
+    if cfg.has_span and edge:
+        raw = _span_raw(z, r, cfg)
+        t = jnp.where(raw > 0.0, t + jnp.log(jnp.clip(raw, 1e-30, 1.0)), -jnp.inf)
     t = jnp.where(valid, t, -jnp.inf)
     return t, valid
+
+
+def _edge_split(base, z, cfg, size, increasing):
+    """The first tile index past the span's edge tiles, or where they start.
+
+    Tile `n` holds distances up to `base + n * size` (`increasing`: query
+    tiles of a key tile) or `base - n * size` (key tiles of a query tile).
+    Returns the index that separates tiles whose largest distance is at
+    most `z L` (mask 1: no mask arithmetic) from those that may reach past
+    it (edge tiles): key tiles `n >= split` and query tiles `n < split` stay
+    inside. The mask is 1 up to `z L + 1`: float32 rounding here (well
+    below one token) cannot put a tile with mask < 1 inside.
+    """
+    x = (base.astype(jnp.float32) - z * cfg.max_span) / size
+    if increasing:  # base + n size <= z L  <=>  n <= -x
+        return jnp.floor(-x).astype(jnp.int32) + 1
+    return jnp.ceil(x).astype(jnp.int32)  # base - n size <= z L  <=>  n >= x
+
+
+def _split_loop(lo, split, hi, body, init, edge_first):
+    """`fori_loop(lo, hi, body)` in two loops: the edge tiles' (`body(...,
+    edge=True)`) and the others' (`edge=False`), each without a branch in
+    its body, in the order of the one loop. `split` is clipped to [lo, hi];
+    None: one loop of inside tiles."""
+    if split is None:
+        return lax.fori_loop(lo, hi, functools.partial(body, edge=False), init)
+    split = jnp.clip(split, lo, hi)
+    if edge_first:
+        ranges = ((lo, split, True), (split, hi, False))
+    else:
+        ranges = ((lo, split, False), (split, hi, True))
+    state = init
+    for start, stop, edge in ranges:
+        state = lax.fori_loop(start, stop, functools.partial(body, edge=edge), state)
+    return state
 
 
 def _load_rows(ref, b, start, h, size, limit):
@@ -355,6 +384,17 @@ def _key_range(i0, rmax, cfg):
     j_lo = jnp.maximum(i0 + cfg.length - rmax, 0)
     j_hi = jnp.minimum(cfg.total - 1, i0 + cfg.block_q + cfg.length - 2)
     return _idiv(j_lo, cfg.block_k), _idiv(j_hi, cfg.block_k) + 1
+
+
+def _key_split(i0, z, cfg):
+    """Key tiles of the query tile at i0 from which on the span mask is 1
+    (None without adaptive span): key tile n reaches distances up to
+    `L + i0 + BQ - 1 - n BK`."""
+    if not cfg.has_span:
+        return None
+    return _edge_split(
+        cfg.length + i0 + cfg.block_q - 1, z, cfg, cfg.block_k, increasing=False
+    )
 
 
 def _online_update(state, t, vals, cfg, keep=None):
@@ -472,12 +512,12 @@ def _fwd_kernel(cfg, *refs):
         rk = _load_keys(r, b, h, i0, cfg)
         kt_lo, kt_hi = _key_range(i0, rmax, cfg)
 
-        def key_body(kt, state):
+        def key_body(kt, state, edge):
             j0 = kt * bk
             kb = _load_rows(r["k"], b, j0, h, bk, cfg.total)
             vb = _load_rows(r["v"], b, j0, h, bk, cfg.total)
             s = _dot_nt(q, kb, cfg) + _position_band(r["qp"], b, h, i0, j0, cfg)
-            t, _ = _context_logits(s, i0, j0, z, cfg)
+            t, _ = _context_logits(s, i0, j0, z, cfg, edge)
             keep = _context_dropout(rk, i0, j0, cfg, s.shape)
             return _online_update(state, t, vb, cfg, keep)
 
@@ -486,7 +526,9 @@ def _fwd_kernel(cfg, *refs):
             jnp.zeros((bq,), jnp.float32),
             jnp.zeros((bq, d), jnp.float32),
         )
-        state = lax.fori_loop(kt_lo, kt_hi, key_body, init)
+        state = _split_loop(
+            kt_lo, _key_split(i0, z, cfg), kt_hi, key_body, init, edge_first=True
+        )
 
         def pers_body(nt, state):
             n0 = nt * cfg.block_n
@@ -546,7 +588,7 @@ def _dkdv_kernel(cfg, *refs):
         qt_lo = _idiv(i_lo, bq)
         qt_hi = jnp.where(i_hi >= i_lo, _idiv(jnp.maximum(i_hi, 0), bq) + 1, qt_lo)
 
-        def q_body(qt, state):
+        def q_body(qt, state, edge):
             dk, dv = state
             i0 = qt * bq
             q = _load_rows(r["q"], b, i0, h, bq, cfg.queries)
@@ -554,7 +596,7 @@ def _dkdv_kernel(cfg, *refs):
             lse = _load_vec(r["lse"], b, h, i0, bq, cfg.queries)
             delta = _load_vec(r["delta"], b, h, i0, bq, cfg.queries)
             s = _dot_nt(q, kb, cfg) + _position_band(r["qp"], b, h, i0, j0, cfg)
-            t, valid = _context_logits(s, i0, j0, z, cfg)
+            t, valid = _context_logits(s, i0, j0, z, cfg, edge)
             p = jnp.where(valid, jnp.exp(t - lse[:, None]), 0.0)
             keep = _context_dropout(_load_keys(r, b, h, i0, cfg), i0, j0, cfg, s.shape)
             dv = dv + _dot_tn(_dropped(p, keep).astype(do.dtype), do, cfg)
@@ -564,7 +606,11 @@ def _dkdv_kernel(cfg, *refs):
             return dk, dv
 
         init = (jnp.zeros((bk, d), jnp.float32), jnp.zeros((bk, d), jnp.float32))
-        dk, dv = lax.fori_loop(qt_lo, qt_hi, q_body, init)
+        split = None
+        if cfg.has_span:
+            # Query tile n reaches distances up to L + (n + 1) BQ - 1 - j0.
+            split = _edge_split(cfg.length + bq - 1 - j0, z, cfg, bq, increasing=True)
+        dk, dv = _split_loop(qt_lo, split, qt_hi, q_body, init, edge_first=False)
         _store_rows(r["dk"], b, j0, h, bk, cfg.total, dk * cfg.scale)
         _store_rows(r["dv"], b, j0, h, bk, cfg.total, dv)
         return carry
@@ -611,13 +657,13 @@ def _dq_kernel(cfg, *refs):
 
             lax.fori_loop(kt_first, kt_lo, zero_body, 0)
 
-        def key_body(kt, state):
+        def key_body(kt, state, edge):
             dq, dz = state
             j0 = kt * bk
             kb = _load_rows(r["k"], b, j0, h, bk, cfg.total)
             vb = _load_rows(r["v"], b, j0, h, bk, cfg.total)
             s = _dot_nt(q, kb, cfg) + _position_band(r["qp"], b, h, i0, j0, cfg)
-            t, valid = _context_logits(s, i0, j0, z, cfg)
+            t, valid = _context_logits(s, i0, j0, z, cfg, edge)
             p = jnp.where(valid, jnp.exp(t - lse[:, None]), 0.0)
             keep = _context_dropout(rk, i0, j0, cfg, s.shape)
             dp = _dropped(_dot_nt(do, vb, cfg), keep)
@@ -625,34 +671,24 @@ def _dq_kernel(cfg, *refs):
             dq = dq + _dot_nn(ds.astype(kb.dtype), kb, cfg)
             if store_ds:
                 _store_band(r["ds"], b, h, i0, j0, cfg, ds)
-            if cfg.has_span and not _DEBUG["skip_ramp_sum"]:
+            if edge and not _DEBUG["skip_ramp_sum"]:
                 # d/dz over the distances whose unclipped mask lies in
                 # [0, 1], ends included (torch.clamp's gradient in the
                 # reference): exp(s - lse) (dP - Delta), which equals
                 # dS / m inside the ramp and stays defined where m = 0.
-                # Only tiles whose distances reach the ramp contribute: the
-                # others skip this second exponential.
-                top = cfg.span_ramp + z * cfg.max_span  # m(r) = (top - r + 1) / R
-                r_lo = (cfg.length + i0 - j0 - bk + 1).astype(jnp.float32)
-                r_hi = (cfg.length + i0 + bq - 1 - j0).astype(jnp.float32)
-                touches = (r_hi >= top + 1.0 - cfg.span_ramp) & (r_lo <= top + 1.0)
-
-                def ramp_sum():
-                    r_dist = cfg.length + (i0 + ar) - (j0 + bc)
-                    raw = _span_raw(z, r_dist, cfg)
-                    ramp = (
-                        (r_dist >= 1) & (r_dist <= cfg.length)
-                        & ((i0 + ar) < cfg.queries) & (raw >= 0.0) & (raw <= 1.0)
-                    )
-                    free = jnp.exp(jnp.minimum(s * cfg.scale - lse[:, None], 80.0))
-                    contrib = jnp.where(ramp, free * (dp - delta[:, None]), 0.0)
-                    return jnp.sum(jnp.sum(contrib, axis=1), axis=0)
-
-                dz = lax.cond(touches, lambda acc: acc + ramp_sum(), lambda acc: acc, dz)
+                # Only the edge tiles reach the ramp: the others skip this
+                # second exponential.
+                r_dist = cfg.length + (i0 + ar) - (j0 + bc)
+                raw = _span_raw(z, r_dist, cfg)
+                ramp = valid & (raw >= 0.0) & (raw <= 1.0)
+                free = jnp.exp(jnp.minimum(s * cfg.scale - lse[:, None], 80.0))
+                contrib = jnp.where(ramp, free * (dp - delta[:, None]), 0.0)
+                dz = dz + jnp.sum(jnp.sum(contrib, axis=1), axis=0)
             return dq, dz
 
-        dq, dz = lax.fori_loop(
-            kt_lo, kt_hi, key_body, (jnp.zeros((bq, d), jnp.float32), dz)
+        dq, dz = _split_loop(
+            kt_lo, _key_split(i0, z, cfg), kt_hi, key_body,
+            (jnp.zeros((bq, d), jnp.float32), dz), edge_first=True,
         )
 
         if cfg.persistent:
