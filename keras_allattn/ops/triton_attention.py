@@ -122,7 +122,6 @@ _JIT_NAMES = (
     "_span_mask",
     "_band",
     "_context_logits",
-    "_edge_tiles",
     "_inside_tiles",
     "_mix32",
     "_dropout_factor",
@@ -225,38 +224,33 @@ def _context_logits(x, i, j, A, M, top, span_ramp, HAS_SPAN: tl.constexpr,
                     EDGE: tl.constexpr):
     """Masked logits in log2 units: `x` plus `log2 m(r)`, -inf off band.
 
-    `EDGE`: whether the tile may reach past distance `z L = top - R`. The
-    mask is 1 up to `z L + 1`, so the other tiles skip it (one logarithm
-    per entry); `_edge_tiles` and `_inside_tiles` sort the tiles."""
+    The mask is 1 up to distance `z L + 1 = top + 1 - R`, so a tile wholly
+    within it skips the mask (one logarithm per entry). `EDGE`: 0, the tile
+    stays within `z L` (sorted by `_inside_tiles`); 1, it may reach past it;
+    2, decide here, per tile."""
     r = A + i[:, None] - j[None, :]
     valid = (r >= 1) & (r <= A) & (i[:, None] < M)
     if HAS_SPAN:
-        if EDGE:
+        if EDGE == 2:
+            r_tile_hi = (A + tl.reduce(i, 0, _max_combine) + tl.reduce(-j, 0, _max_combine)) * 1.0
+            if r_tile_hi > top + 1.0 - span_ramp:
+                mval = _span_mask(i, j, A, top, span_ramp)
+                valid = valid & (mval > 0.0)
+                x = x + tl.log2(tl.maximum(mval, 1e-30))
+        elif EDGE == 1:
             mval = _span_mask(i, j, A, top, span_ramp)
             valid = valid & (mval > 0.0)
             x = x + tl.log2(tl.maximum(mval, 1e-30))
     return tl.where(valid, x, float("-inf"))
 
 
-def _edge_tiles(lo, hi, r_first, top, span_ramp, TILE: tl.constexpr,
-                HAS_SPAN: tl.constexpr):
-    """Where the edge tiles of a loop `range(lo, hi, TILE)` over key tiles
-    end: the tile at `lo` reaches distances up to `r_first` and each next
-    one TILE less; tiles from the returned start on stay within `z L` (one
-    token inside the mask's 1, a margin for float32 rounding). Without
-    adaptive span, `lo`: every tile is inside."""
-    if HAS_SPAN:
-        n = tl.math.ceil((r_first - (top - span_ramp)) / TILE)
-        return tl.minimum(lo + tl.maximum(n.to(tl.int32), 0) * TILE, tl.maximum(hi, lo))
-    return lo
-
-
 def _inside_tiles(lo, hi, r_first, top, span_ramp, TILE: tl.constexpr,
                   HAS_SPAN: tl.constexpr):
     """Where the inside tiles of a loop `range(lo, hi, TILE)` over query
     tiles end: the tile at `lo` reaches distances up to `r_first` and each
-    next one TILE more; tiles before the returned end stay within `z L`.
-    Without adaptive span, every tile is inside."""
+    next one TILE more; tiles before the returned end stay within `z L`
+    (one token inside the mask's 1, a margin for float32 rounding). Without
+    adaptive span, every tile is inside."""
     if HAS_SPAN:
         n = tl.math.floor(((top - span_ramp) - r_first) / TILE) + 1
         return tl.minimum(lo + tl.maximum(n.to(tl.int32), 0) * TILE, tl.maximum(hi, lo))
@@ -389,28 +383,23 @@ def _fwd_kernel(
     m_i = tl.full([BQ], -1.0e30, tl.float32)
     l_i = tl.full([BQ], 0.0, tl.float32)
     acc = tl.full([BQ, BD], 0.0, tl.float32)
-    # Two loops, edge tiles first (the span mask), then the others: neither
-    # branches in its body.
-    j_mid = _edge_tiles(j_lo, j_hi, A + i0 + BQ - 1 - j_lo, top, span_ramp, BK, HAS_SPAN)
-    for part in tl.static_range(2):
-        for j0 in range(j_lo + part * (j_mid - j_lo), j_mid + part * (j_hi - j_mid), BK):
-            j = j0 + offs_b
-            kt = _load_cols(k_base, j, s_km, total, offs_d, D, BD)
-            if POS_MATMUL:
-                band = _load_band(qp_base, i, j, s_pm, A, M)
-            else:
-                p_cur = _load_cols(POS, j0 - i0 + offs_b, D, A, offs_d, D, BD).to(q.dtype)
-                qp_cur = tl.dot(q, p_cur, input_precision=PREC)
-                band = _band(qp_cur, qp_prev, j, j0 + offs_a, BQ, BK, BK)
-                qp_prev = qp_cur
-            x = tl.dot(q, kt, input_precision=PREC) + band
-            s = _context_logits(x * scale_log2, i, j, A, M, top, span_ramp, HAS_SPAN,
-                                part == 0)
-            v = _load_rows(v_base, j, s_vm, total, offs_d, D, BD)
-            keep = s
-            if HAS_DROPOUT:  # column id: the distance
-                keep = _dropout_factor(rk, A + i[:, None] - j[None, :], keep_threshold, drop_scale)
-            m_i, l_i, acc = _online(m_i, l_i, acc, s, v, keep, PREC, HAS_DROPOUT)
+    for j0 in range(j_lo, j_hi, BK):
+        j = j0 + offs_b
+        kt = _load_cols(k_base, j, s_km, total, offs_d, D, BD)
+        if POS_MATMUL:
+            band = _load_band(qp_base, i, j, s_pm, A, M)
+        else:
+            p_cur = _load_cols(POS, j0 - i0 + offs_b, D, A, offs_d, D, BD).to(q.dtype)
+            qp_cur = tl.dot(q, p_cur, input_precision=PREC)
+            band = _band(qp_cur, qp_prev, j, j0 + offs_a, BQ, BK, BK)
+            qp_prev = qp_cur
+        x = tl.dot(q, kt, input_precision=PREC) + band
+        s = _context_logits(x * scale_log2, i, j, A, M, top, span_ramp, HAS_SPAN, 2)
+        v = _load_rows(v_base, j, s_vm, total, offs_d, D, BD)
+        keep = s
+        if HAS_DROPOUT:  # column id: the distance
+            keep = _dropout_factor(rk, A + i[:, None] - j[None, :], keep_threshold, drop_scale)
+        m_i, l_i, acc = _online(m_i, l_i, acc, s, v, keep, PREC, HAS_DROPOUT)
 
     m2 = tl.full([BQ], -1.0e30, tl.float32)
     l2 = tl.full([BQ], 0.0, tl.float32)
@@ -510,70 +499,68 @@ def _bwd_dq_kernel(
         g_pend = tl.full([BQ, BK], 0.0, op_dtype)
     dz_acc = tl.full([BQ], 0.0, tl.float32)
     dq = tl.full([BQ, BD], 0.0, tl.float32)
-    # Two loops, edge tiles first (the span mask and its gradient), then the
-    # others: neither branches in its body.
-    j_mid = _edge_tiles(j_lo, j_hi, A + i0 + BQ - 1 - j_lo, top, span_ramp, BK, HAS_SPAN)
-    for part in tl.static_range(2):
-        for j0 in range(j_lo + part * (j_mid - j_lo), j_mid + part * (j_hi - j_mid), BK):
-            j = j0 + offs_b
-            c0 = j0 - i0
-            kt = _load_cols(k_base, j, s_km, total, offs_d, D, BD)
-            if POS_MATMUL:
-                band = _load_band(qp_base, i, j, s_pm, A, M)
-            else:
-                p_cur = _load_cols(POS, c0 + offs_b, D, A, offs_d, D, BD).to(q.dtype)
-                qp_cur = tl.dot(q, p_cur, input_precision=PREC)
-                band = _band(qp_cur, qp_prev, j, j0 + offs_a, BQ, BK, BK)
-            x = tl.dot(q, kt, input_precision=PREC) + band
-            s_raw = x * scale_log2
-            s = _context_logits(s_raw, i, j, A, M, top, span_ramp, HAS_SPAN, part == 0)
-            prob = tl.math.exp2(s - lse_c[:, None])
-            vt = _load_cols(v_base, j, s_vm, total, offs_d, D, BD)
-            dp = tl.dot(do.to(vt.dtype), vt, input_precision=PREC)
-            if HAS_DROPOUT:  # d loss / d weight before dropout
-                dp = dp * _dropout_factor(rk, A + i[:, None] - j[None, :], keep_threshold, drop_scale)
-            ds = prob * (dp - del_c[:, None])  # d loss / d logit (natural units)
-            if HAS_SPAN:
-                if NEED_DZ:
-                    if part == 0:
-                        # d loss / d z = (L / R) sum_r dL/dm(r) over the
-                        # distances whose unclipped mask x(r) = (R + z L - r +
-                        # 1) / R lies in [0, 1] (the clip passes the gradient
-                        # there, boundaries included, as torch's clamp does),
-                        # with dL/dm(r) = exp(s(r) - lse) (dP(r) - Delta): the
-                        # weight the key would have at m = 1 (a / m inside the
-                        # ramp; also defined where m = 0 exactly, which log m
-                        # cannot express). Only the edge tiles reach the ramp:
-                        # the others skip this second exponential.
-                        r_f = (A + i[:, None] - j[None, :]).to(tl.float32)
-                        x_mask = ((top - r_f) + 1.0) / span_ramp
-                        ramp = (x_mask >= 0.0) & (x_mask <= 1.0) & (r_f >= 1.0) & (r_f <= A)
-                        ramp = ramp & (i[:, None] < M)
-                        p_raw = tl.math.exp2(tl.where(ramp, s_raw - lse_c[:, None], float("-inf")))
-                        dz_acc += tl.reduce(p_raw * (dp - del_c[:, None]), 1, _sum_combine)
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
-            if POS_MATMUL:
-                # d loss / d QP: the position scores enter the logits times
-                # `scale`, as q . k does.
-                _store_band(ds_base, i, j, s_pm, A, M, ds * scale)
-            else:
-                # Unskew dS into distance chunks; the "prev" chunk is now complete.
-                ds_low = ds.to(op_dtype)
-                a_plus_u = j[None, :] + offs_a[:, None] - j0  # loop-varying on purpose
-                g_cur = tl.where(
-                    a_plus_u < BK, tl.gather(ds_low, tl.minimum(a_plus_u, BK - 1), 1), 0.0
-                )
-                g_low = tl.where(
-                    a_plus_u >= BK, tl.gather(ds_low, tl.maximum(a_plus_u - BK, 0), 1), g_pend
-                )
-                dq += tl.dot(g_low, tl.trans(p_prev), input_precision=PREC)
-                if NEED_DPOS:
-                    dpos = tl.dot(tl.trans(q), g_low, input_precision=PREC) * scale
-                    _add_position_grad(DPOS, c_prev + offs_b, offs_d, dpos, A, D, BD)
-                g_pend = g_cur.to(op_dtype)
-                p_prev = p_cur
-                qp_prev = qp_cur
-                c_prev = c0
+    for j0 in range(j_lo, j_hi, BK):
+        j = j0 + offs_b
+        c0 = j0 - i0
+        kt = _load_cols(k_base, j, s_km, total, offs_d, D, BD)
+        if POS_MATMUL:
+            band = _load_band(qp_base, i, j, s_pm, A, M)
+        else:
+            p_cur = _load_cols(POS, c0 + offs_b, D, A, offs_d, D, BD).to(q.dtype)
+            qp_cur = tl.dot(q, p_cur, input_precision=PREC)
+            band = _band(qp_cur, qp_prev, j, j0 + offs_a, BQ, BK, BK)
+        x = tl.dot(q, kt, input_precision=PREC) + band
+        s_raw = x * scale_log2
+        s = _context_logits(s_raw, i, j, A, M, top, span_ramp, HAS_SPAN, 2)
+        prob = tl.math.exp2(s - lse_c[:, None])
+        vt = _load_cols(v_base, j, s_vm, total, offs_d, D, BD)
+        dp = tl.dot(do.to(vt.dtype), vt, input_precision=PREC)
+        if HAS_DROPOUT:  # d loss / d weight before dropout
+            dp = dp * _dropout_factor(rk, A + i[:, None] - j[None, :], keep_threshold, drop_scale)
+        ds = prob * (dp - del_c[:, None])  # d loss / d logit (natural units)
+        if HAS_SPAN:
+            if NEED_DZ:
+                # d loss / d z = (L / R) sum_r dL/dm(r) over the distances
+                # whose unclipped mask x(r) = (R + z L - r + 1) / R lies in
+                # [0, 1] (the clip passes the gradient there, boundaries
+                # included, as torch's clamp does), with
+                # dL/dm(r) = exp(s(r) - lse) (dP(r) - Delta): the weight the
+                # key would have at m = 1 (a / m inside the ramp; also defined
+                # where m = 0 exactly, which log m cannot express).
+                # Only tiles whose distances reach the ramp contribute: the
+                # others skip this second exponential.
+                r_tile_lo = (A + i0 - j0 - BK + 1) * 1.0
+                r_tile_hi = (A + i0 + BQ - 1 - j0) * 1.0
+                if (r_tile_hi >= top + 1.0 - span_ramp) & (r_tile_lo <= top + 1.0):
+                    r_f = (A + i[:, None] - j[None, :]).to(tl.float32)
+                    x_mask = ((top - r_f) + 1.0) / span_ramp
+                    ramp = (x_mask >= 0.0) & (x_mask <= 1.0) & (r_f >= 1.0) & (r_f <= A)
+                    ramp = ramp & (i[:, None] < M)
+                    p_raw = tl.math.exp2(tl.where(ramp, s_raw - lse_c[:, None], float("-inf")))
+                    dz_acc += tl.reduce(p_raw * (dp - del_c[:, None]), 1, _sum_combine)
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+        if POS_MATMUL:
+            # d loss / d QP: the position scores enter the logits times
+            # `scale`, as q . k does.
+            _store_band(ds_base, i, j, s_pm, A, M, ds * scale)
+        else:
+            # Unskew dS into distance chunks; the "prev" chunk is now complete.
+            ds_low = ds.to(op_dtype)
+            a_plus_u = j[None, :] + offs_a[:, None] - j0  # loop-varying on purpose
+            g_cur = tl.where(
+                a_plus_u < BK, tl.gather(ds_low, tl.minimum(a_plus_u, BK - 1), 1), 0.0
+            )
+            g_low = tl.where(
+                a_plus_u >= BK, tl.gather(ds_low, tl.maximum(a_plus_u - BK, 0), 1), g_pend
+            )
+            dq += tl.dot(g_low, tl.trans(p_prev), input_precision=PREC)
+            if NEED_DPOS:
+                dpos = tl.dot(tl.trans(q), g_low, input_precision=PREC) * scale
+                _add_position_grad(DPOS, c_prev + offs_b, offs_d, dpos, A, D, BD)
+            g_pend = g_cur.to(op_dtype)
+            p_prev = p_cur
+            qp_prev = qp_cur
+            c_prev = c0
     if not POS_MATMUL:
         # Flush the last chunk.
         g_low = g_pend
@@ -662,7 +649,7 @@ def _bwd_dkdv_kernel(
                     i0 + offs_b, i, BQ, BK, BQ,
                 )
             x = tl.dot(q, tl.trans(k), input_precision=PREC) + band
-            s = _context_logits(x * scale_log2, i, j, A, M, top, span_ramp, HAS_SPAN, part == 1)
+            s = _context_logits(x * scale_log2, i, j, A, M, top, span_ramp, HAS_SPAN, part)
             prob = tl.math.exp2(s - lse[:, None])
             dropped = prob
             if HAS_DROPOUT:
