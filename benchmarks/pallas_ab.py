@@ -1,0 +1,179 @@
+"""Per-kernel A/B of the Pallas kernels against another version of them.
+
+Times the forward, dK/dV and dQ kernels of `keras_allattn.ops.pallas_attention`
+("current") and of a baseline copy of that module read from a file
+("baseline", e.g. `git show COMMIT:keras_allattn/ops/pallas_attention.py >
+/tmp/baseline.py`), on the same inputs in one process, in alternating rounds
+(current first in even rounds, baseline first in odd ones), so that the
+GPU's clock and the machine's state affect both alike. Separate calls of
+`kernel_check.py --profile` differed by up to 17% for an unchanged kernel on
+an H200; these rounds agree within 2%.
+
+Each round times `--calls` back-to-back calls of a kernel (one
+`block_until_ready` at the end); the JSON line per configuration gives, per
+kernel and version, [median, min, max] ms over the rounds, and the
+baseline's median over the current one's.
+
+Usage (on the GPU machine, Keras importable):
+
+    git show 0737ba2:keras_allattn/ops/pallas_attention.py > /tmp/baseline.py
+    KERAS_BACKEND=jax python3 benchmarks/pallas_ab.py --baseline /tmp/baseline.py \\
+        --configs adaptive_A1280_span1k_bf16,fixed_A1024_bf16 --dropout 0.3 --record
+
+Configurations are `kernel_check.py`'s (`--list` there); default tiles
+(64 x 64 forward, the default backward tiles). `--interpret` runs the
+Pallas interpreter (a CPU check of this script; its times mean nothing).
+"""
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import kernel_check  # noqa: E402
+from _common import commit  # noqa: E402
+from keras_allattn.ops import pallas_attention  # noqa: E402
+
+KERNELS = ("fwd", "dkdv", "dq")
+
+
+def load_module(path):
+    """The module in the file at `path`, under a name of its own."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise SystemExit(f"--baseline must be a file. Received: --baseline {path}")
+    spec = importlib.util.spec_from_file_location("pallas_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def kernel_calls(pa, cfg, interpret):
+    """kernel name -> (jitted function, arguments) of module `pa`."""
+    arrays, ct = kernel_check.make_inputs(cfg, cfg["batch"], jnp.bfloat16)
+    q, k, v, pos, mk, mv, z = arrays
+    tiles = cfg.get("kernel", {})
+    kcfg, prepared = pa._prepare(
+        q, k, v, pos, mk, mv, z, cfg.get("max_span"), cfg.get("ramp", 32),
+        cfg["integration"], interpret, tiles.get("block_q", 64),
+        tiles.get("block_k", 64), None, tiles.get("num_warps", 4),
+        tiles.get("num_stages", 2), None, pa._DEFAULT_PROGRAMS, None, None,
+        **kernel_check.dropout_options(q),
+    )
+    fwd = jax.jit(lambda *a: pa._attention_fwd(kcfg, *a))
+    _, res = fwd(*prepared)
+    qp = jax.jit(lambda q, p: pa._position_scores(kcfg, q, p))(prepared[0], prepared[3])
+    do = ct.astype(q.dtype)
+    delta, delta_p = jax.jit(lambda r, d: pa._deltas(kcfg, r, d))(res, do)
+    dkdv = jax.jit(lambda r, p, d, dl: pa._dkdv_call(kcfg, r, p, d, dl))
+    dq = jax.jit(lambda r, p, d, dl, dp: pa._dq_call(kcfg, r, p, d, dl, dp))
+    return {
+        "fwd": (fwd, tuple(prepared)),
+        "dkdv": (dkdv, (res, qp, do, delta)),
+        "dq": (dq, (res, qp, do, delta, delta_p)),
+    }
+
+
+def per_call_ms(fn, args, calls):
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    for _ in range(calls):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) * 1e3 / calls
+
+
+def compare(name, baseline, rounds, calls, interpret):
+    cfg = kernel_check.CONFIGS[name]
+    versions = {
+        "current": kernel_calls(pallas_attention, cfg, interpret),
+        "baseline": kernel_calls(baseline, cfg, interpret),
+    }
+    times = {v: {k: [] for k in KERNELS} for v in versions}
+    for r in range(rounds):
+        order = ("current", "baseline") if r % 2 == 0 else ("baseline", "current")
+        for version in order:
+            for kernel, (fn, args) in versions[version].items():
+                times[version][kernel].append(per_call_ms(fn, args, calls))
+    result = {"config": name, "rounds": rounds, "calls": calls}
+    for version, kernels in times.items():
+        for kernel, samples in kernels.items():
+            result[f"{version}_{kernel}_ms"] = [
+                round(statistics.median(samples), 3), round(min(samples), 3),
+                round(max(samples), 3),
+            ]
+    for kernel in KERNELS:
+        result[f"{kernel}_baseline_over_current"] = round(
+            result[f"baseline_{kernel}_ms"][0] / result[f"current_{kernel}_ms"][0], 3
+        )
+    return result
+
+
+def record(result, baseline_path, dropout):
+    device = jax.devices()[0]
+    kind = getattr(device, "device_kind", str(device))
+    medians = ", ".join(
+        f"{k} {result[f'current_{k}_ms'][0]} vs {result[f'baseline_{k}_ms'][0]} ms"
+        for k in KERNELS
+    )
+    row = (
+        f"| {datetime.date.today()} | pallas_ab | {kind} | jax | {commit()} | "
+        f"current vs baseline, medians per layer: {medians} | config "
+        f"{result['config']}, baseline {pathlib.Path(baseline_path).name}, "
+        f"dropout {dropout}, {result['rounds']} alternating rounds of "
+        f"{result['calls']} calls |\n"
+    )
+    with open(HERE / "RESULTS.md", "a") as f:
+        f.write(row)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", required=True,
+                        help="a file holding another version of pallas_attention.py")
+    parser.add_argument("--configs", default="adaptive_A1280_span1k_bf16,fixed_A1024_bf16",
+                        help="comma-separated kernel_check.py configurations")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--dropout", type=float, default=0.3)
+    parser.add_argument("--record", action="store_true",
+                        help="append a row per configuration to benchmarks/RESULTS.md")
+    parser.add_argument("--interpret", action="store_true",
+                        help="Pallas interpreter (CPU check of the script)")
+    args = parser.parse_args()
+    for flag, value in (("--rounds", args.rounds), ("--calls", args.calls)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1. Received: {flag} {value}")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1). Received: --dropout {args.dropout}")
+    names = [n for n in args.configs.split(",") if n]
+    for name in names:
+        if name not in kernel_check.CONFIGS:
+            parser.error(
+                f"--configs takes names among {sorted(kernel_check.CONFIGS)}. "
+                f"Received: {name!r}"
+            )
+    kernel_check.DROPOUT[0] = args.dropout
+    baseline = load_module(args.baseline)
+    for name in names:
+        result = compare(name, baseline, args.rounds, args.calls, args.interpret)
+        print(json.dumps(result), flush=True)
+        if args.record:
+            record(result, args.baseline, args.dropout)
+
+
+if __name__ == "__main__":
+    main()
