@@ -18,6 +18,7 @@ import keras
 from keras import ops
 
 from keras_allattn.ops.kernel_settings import is_deterministic
+from keras_allattn.utils import env_flag
 
 # Compiled functions kept per model and cache, at most this many.
 MAX_COMPILED = 16
@@ -48,16 +49,7 @@ def cuda_graphs_enabled():
     """Whether the compiled PyTorch training step on CUDA replays as a CUDA
     graph: `KERAS_ALLATTN_TORCH_CUDA_GRAPHS` (1/true/yes/on or
     0/false/no/off, default on). Read when a step is compiled."""
-    value = os.environ.get(CUDA_GRAPHS_ENV, "").strip().lower()
-    if value in ("", "1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(
-        f"The environment variable {CUDA_GRAPHS_ENV} must be one of "
-        f"1/true/yes/on or 0/false/no/off. Received: "
-        f"{CUDA_GRAPHS_ENV}={os.environ.get(CUDA_GRAPHS_ENV)!r}"
-    )
+    return env_flag(CUDA_GRAPHS_ENV, True)
 
 
 def _train_options(values):

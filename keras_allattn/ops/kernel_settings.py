@@ -26,6 +26,8 @@ the kernels and the dispatcher do not import each other back.
 
 import os
 
+from keras_allattn.utils import env_flag
+
 INTEGRATIONS = ("joint", "separate")
 
 # The smallest tile of a fused kernel's `tl.dot`/`pl.dot` (and head width).
@@ -45,8 +47,6 @@ def tile_size_reason(head_dim):
 
 
 DETERMINISTIC_ENV = "KERAS_ALLATTN_DETERMINISTIC"
-_ENV_VALUES = {"1": True, "true": True, "yes": True, "on": True,
-               "0": False, "false": False, "no": False, "off": False, "": False}
 # None: not set in this process, the environment decides.
 _deterministic = None
 
@@ -99,15 +99,7 @@ def is_deterministic():
     """
     if _deterministic is not None:
         return _deterministic
-    value = os.environ.get(DETERMINISTIC_ENV, "")
-    try:
-        return _ENV_VALUES[value.strip().lower()]
-    except KeyError:
-        raise ValueError(
-            f"The environment variable {DETERMINISTIC_ENV} must be one of "
-            f"1/true/yes/on or 0/false/no/off. Received: "
-            f"{DETERMINISTIC_ENV}={value!r}"
-        ) from None
+    return env_flag(DETERMINISTIC_ENV, False)
 
 
 def resolve_deterministic(deterministic):
