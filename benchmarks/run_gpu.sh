@@ -50,6 +50,11 @@
 #          launches from the host: small geometry, recipe (issue 13)
 #   ring   the segment memory as a ring buffer: adaptive ~1024 against
 #          fixed 1024, JAX and compiled PyTorch (issue 13)
+#   torchring the PyTorch segment memory as a ring buffer
+#          (KERAS_ALLATTN_TORCH_RING=1) against the rotation: compiled
+#          adaptive ~1024 (both) and fixed 1024 (ring), 20 steps; the CUDA
+#          tests of the compiled step with the ring (issue 13; one GPU,
+#          about 8 minutes)
 #   hosts  on two GPUs: the 200-step equivalence verdict of 2 devices and
 #          2 processes against one (JAX, PyTorch), against the spread of
 #          three one-ulp nudged one-device runs, deterministic (issue 17)
@@ -451,6 +456,24 @@ ring)
     for s in adaptive:1024 fixed:1024; do
       step "torch_${s/:/_}" 200 env KERAS_BACKEND=torch $tp --span $s --dropout 0.3 --jit-compile on
     done
+  }
+  lanes ;;
+torchring)
+  # PyTorch's segment memory as a ring buffer against the rotation it
+  # replaces where KERAS_ALLATTN_TORCH_RING=1, compiled, the same call
+  # (issue 13). Reading only the attended rows (1bdede6), a step should
+  # write 512 rows and read 1,280 a layer instead of rewriting 8,192.
+  lane0() {
+    step cuda_tests_ring 200 env KERAS_BACKEND=torch TRITON_INTERPRET=0 KERAS_ALLATTN_TORCH_RING=1 \
+      python3 -m pytest -q -p no:cacheprovider tests/test_torch_compile.py -k "cuda_graph or torch_ring"
+    for ring in 1 0; do
+      step "torch_adaptive_1024_ring$ring" 200 env KERAS_BACKEND=torch KERAS_ALLATTN_TORCH_RING=$ring \
+        $tp --steps 20 --span adaptive:1024 --dropout 0.3 --jit-compile on
+    done
+  }
+  lane1() {  # the rotation's fixed 1024: 171,541 tokens/s at 74a3785
+    step torch_fixed_1024_ring1 200 env KERAS_BACKEND=torch KERAS_ALLATTN_TORCH_RING=1 \
+      $tp --steps 20 --span fixed:1024 --dropout 0.3 --jit-compile on
   }
   lanes ;;
 hosts)

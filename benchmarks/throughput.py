@@ -315,16 +315,18 @@ def step_compiled(model):
 def kernel_settings_used():
     """The fused kernels' settings this run used (the environment may set
     them): the position-score cap, and on PyTorch the Triton kernels'
-    position design and whether a compiled step on CUDA replays as a CUDA
-    graph."""
+    position design, whether a compiled step on CUDA replays as a CUDA
+    graph and whether the segment memory is a ring buffer."""
     from keras_allattn.ops import kernel_settings
 
     used = {"position_bytes": kernel_settings.position_bytes()}
     if keras.backend.backend() == "torch":
         from keras_allattn import compiling
+        from keras_allattn.layers.segment_memory import ring_storage
 
         used["triton_position"] = kernel_settings.triton_position()
         used["cuda_graphs"] = compiling.cuda_graphs_enabled()
+        used["torch_ring"] = ring_storage()
     return used
 
 

@@ -1,3 +1,4 @@
+import contextlib
 import re
 
 import keras
@@ -162,12 +163,30 @@ def test_adaptive_span_adds_loss():
     )
 
 
-def test_segment_memory_carries_state(rng):
+@pytest.fixture(params=["default", "torch_ring"])
+def memory_storage(request, monkeypatch):
+    """The segment memory's storage: the backend's default, and on PyTorch
+    the ring buffer of `KERAS_ALLATTN_TORCH_RING=1` as well."""
+    from keras_allattn.layers.segment_memory import TORCH_RING_ENV
+
+    if request.param == "torch_ring":
+        if keras.backend.backend() != "torch":
+            pytest.skip("KERAS_ALLATTN_TORCH_RING is PyTorch's switch")
+        monkeypatch.setenv(TORCH_RING_ENV, "1")
+    else:
+        monkeypatch.delenv(TORCH_RING_ENV, raising=False)
+    return request.param
+
+
+def test_segment_memory_carries_state(rng, memory_storage):
     layer = SegmentMemory(batch_size=2, memory_length=4)
     a = rng.normal(size=(2, 3, 5)).astype("float32")
     b = rng.normal(size=(2, 3, 5)).astype("float32")
     first = keras.ops.convert_to_numpy(layer(a))
     np.testing.assert_array_equal(first, np.zeros((2, 4, 5)))
+    assert layer.ring == (
+        keras.backend.backend() == "jax" or memory_storage == "torch_ring"
+    )
     second = keras.ops.convert_to_numpy(layer(b))
     np.testing.assert_allclose(second[:, 1:], a)
     np.testing.assert_allclose(
@@ -381,14 +400,29 @@ def test_span_ratio_stays_float32_under_mixed_precision(rng, monkeypatch):
     assert seen and set(seen) == {"float32"}
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
 @pytest.mark.parametrize("length", [6, 8])
-def test_segment_memory_follows_the_streams_over_uneven_blocks(rng, length):
+def test_segment_memory_follows_the_streams_over_uneven_blocks(
+    rng, length, grad, memory_storage
+):
     """Over blocks of 1 to 11 rows (shorter and longer than the memory,
     dividing its length or not), every call returns the last `rows` rows
     before it, oldest first, and the stored rows (read oldest first by
     `ordered`, or from the model's side through `set_value`, `snapshot`
     and `restore`) are the last `length` rows of the whole stream, as a
-    float64 NumPy stream says."""
+    float64 NumPy stream says. On PyTorch, in training calls (grad mode,
+    the ring written in place) and others alike."""
+    if keras.backend.backend() != "torch" and not grad:
+        pytest.skip("grad mode is PyTorch's")
+    with contextlib.ExitStack() as stack:
+        if not grad:
+            import torch
+
+            stack.enter_context(torch.no_grad())
+        check_memory_stream(rng, length)
+
+
+def check_memory_stream(rng, length):
     layer = SegmentMemory(batch_size=2, memory_length=length)
     stream = np.zeros((2, length, 3))
     for count, rows in [(3, None), (1, 2), (5, length), (11, 1), (2, 5),
@@ -449,3 +483,78 @@ def test_segment_memory_ring_writes_only_the_new_rows():
     assert sized[0].startswith(f"{shape}{{2,1,0}} parameter(0)"), sized
     assert "scatter" in sized[1] and "fusion(%state_0" in sized[1], sized
 
+
+def test_segment_memory_ring_compiles_to_an_in_place_write_on_torch(monkeypatch):
+    """On PyTorch with `KERAS_ALLATTN_TORCH_RING=1`, a training call traced
+    as the compiled training step traces it (`make_fx`, the variables as
+    graph inputs) and compiled by inductor writes the block's rows into
+    the buffer in place: the generated code allocates nothing buffer-sized
+    (an indexed write into a buffer whose rows a matmul also reads made
+    inductor copy the whole of it)."""
+    if keras.backend.backend() != "torch":
+        pytest.skip("the PyTorch ring operator")
+    import torch
+    from torch._inductor.utils import run_and_get_code
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from keras_allattn.layers.segment_memory import TORCH_RING_ENV
+
+    monkeypatch.setenv(TORCH_RING_ENV, "1")
+    batch, length, count, width = 2, 64, 4, 32
+    layer = SegmentMemory(batch_size=batch, memory_length=length)
+    layer.build((batch, count, width))
+    assert layer.ring and tuple(layer.memory.shape) == (batch, length + count, width)
+    # Built: the switch no longer matters to this layer.
+    monkeypatch.setenv(TORCH_RING_ENV, "0")
+    assert layer.ring
+
+    def step(buffer, start, block, weight):
+        mapping = [(layer.memory, buffer), (layer.start, start)]
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            rows = layer(block, rows=length)
+            new = [scope.get_current_value(v) for v in (layer.memory, layer.start)]
+        # The new values go into the inputs, as the training step does.
+        for old, value in zip((buffer, start), new):
+            if value is not old:
+                old.copy_(value)
+        # A matmul reads the rows (the keys' projection does).
+        return torch.matmul(rows, weight)
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(batch, length + count, width)).astype("float32")
+    buffer, start = torch.tensor(values), torch.tensor(5, dtype=torch.int32)
+    block = torch.tensor(rng.normal(size=(batch, count, width)).astype("float32"))
+    with torch.enable_grad():
+        traced = make_fx(step, tracing_mode="fake")(
+            buffer.clone(), start.clone(), block, torch.eye(width)
+        )
+    compiled = torch.compile(traced, backend="inductor", dynamic=False, fullgraph=True)
+    rows, (code, *_) = run_and_get_code(
+        compiled, buffer, start, block, torch.eye(width)
+    )
+    allocated = [line for line in code.splitlines()
+                 if f"({batch}, {length + count}, {width})" in line
+                 and "empty_strided" in line]
+    assert not allocated, allocated
+    # Oldest row at 5: the rows before the block end at row 4; the block
+    # went to rows 5 to 8.
+    positions = (5 - length + np.arange(length)) % (length + count)
+    np.testing.assert_array_equal(rows.numpy(), values[:, positions])
+    expected = values.copy()
+    expected[:, 5:9] = block.numpy()
+    np.testing.assert_array_equal(buffer.numpy(), expected)
+    assert int(start) == 9
+
+
+def test_torch_ring_switch_rejects_a_bad_value(monkeypatch):
+    from keras_allattn.layers.segment_memory import ring_storage
+    from keras_allattn.layers.segment_memory import TORCH_RING_ENV
+
+    monkeypatch.setenv(TORCH_RING_ENV, "maybe")
+    with pytest.raises(ValueError, match="KERAS_ALLATTN_TORCH_RING='maybe'"):
+        ring_storage("torch")
+    assert ring_storage("jax") and not ring_storage("tensorflow")
+    monkeypatch.setenv(TORCH_RING_ENV, " On ")
+    assert ring_storage("torch")
+    monkeypatch.delenv(TORCH_RING_ENV)
+    assert not ring_storage("torch")

@@ -111,6 +111,9 @@ def test_summary_of_torch_gpu_kernels_and_host_self_times():
                     reason="profiles are summarised for jax and torch")
 def test_throughput_profile_end_to_end(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for name in ("KERAS_ALLATTN_TORCH_RING", "KERAS_ALLATTN_TORCH_CUDA_GRAPHS",
+                 "KERAS_ALLATTN_POSITION_BYTES", "KERAS_ALLATTN_TRITON_POSITION"):
+        env.pop(name, None)  # the defaults, as the row below says
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "throughput.py"),
          "--preset", "char_tiny_cpu", "--span", "fixed:32", "--layers", "1",
@@ -123,7 +126,7 @@ def test_throughput_profile_end_to_end(tmp_path):
                          if line.startswith("{")][-1])
     settings = {"position_bytes": 2**30}
     if keras.backend.backend() == "torch":
-        settings.update(triton_position="matmul", cuda_graphs=True)
+        settings.update(triton_position="matmul", cuda_graphs=True, torch_ring=False)
     assert result["kernel_settings"] == settings
     profile = result["profile"]
     assert profile["profile_steps"] == 2

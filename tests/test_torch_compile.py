@@ -205,6 +205,44 @@ def test_compiled_step_with_remat_matches_eager(rng, remat):
     assert_trained_alike(compiled, eager)
 
 
+@pytest.mark.parametrize("remat", [False, "layer"])
+def test_torch_ring_trains_like_the_rotation(monkeypatch, rng, remat):
+    """With `KERAS_ALLATTN_TORCH_RING=1` the memory is a ring buffer written
+    in place inside the compiled step (one graph); at trimmed spans (fewer
+    attended rows than `max_span`) it trains as the rotating memory of an
+    eager model: losses, weights and memory equal; `evaluate` (memory
+    written out of place) gives the same numbers and leaves the training
+    memory as it was."""
+    from keras_allattn.layers.segment_memory import TORCH_RING_ENV
+
+    settings = dict(remat=remat, adaptive_span=True, max_span=128,
+                    span_granularity=32)
+    monkeypatch.setenv(TORCH_RING_ENV, "1")
+    ring = make_model(8, True, **settings)
+    monkeypatch.setenv(TORCH_RING_ENV, "0")
+    eager = make_model(8, False, **settings)
+    assert all(m.ring for m in ring.segment_memories)
+    assert not any(m.ring for m in eager.segment_memories)
+    memory = [rng.normal(size=m.shape).astype("float32") for m in eager.get_memory()]
+    for model in (ring, eager):
+        model.set_memory(memory)
+    tokens = rng.integers(0, V, (4 * B, M + 1)).astype("int32")
+    before = graphs_compiled()
+    losses = fit_losses(ring, tokens)
+    assert graphs_compiled() - before == 1
+    assert ring.attended_spans() == [96, 96]  # of 128 rows
+    np.testing.assert_allclose(losses, fit_losses(eager, tokens), rtol=1e-5)
+    assert_trained_alike(ring, eager)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    kept = ring.get_memory()
+    np.testing.assert_allclose(
+        ring.evaluate(x, y, batch_size=B, verbose=0),
+        eager.evaluate(x, y, batch_size=B, verbose=0), rtol=1e-5,
+    )
+    for got, expected in zip(ring.get_memory(), kept):
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_dropout_seeds_move_on_every_compiled_step(rng):
     """Every compiled step draws a fresh attention dropout mask, as eager.
 

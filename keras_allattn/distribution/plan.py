@@ -51,8 +51,9 @@ def memory_sharding(model):
     Returns:
         A list with one dict per layer: `path`, `shape` (the variable's
         global shape on JAX, the per-replica shape on TensorFlow and
-        PyTorch; on JAX the variable is a ring buffer of
-        `max_span + block_size` rows, see `SegmentMemory`), `spec` (JAX:
+        PyTorch; as a ring buffer, on JAX and where
+        `KERAS_ALLATTN_TORCH_RING` is on, the variable holds `max_span +
+        block_size` rows, see `SegmentMemory`), `spec` (JAX:
         the `PartitionSpec`; TensorFlow: the variable class; torch: the
         rank) and `shards`, a list of
         `(device, rows)` pairs, rows as `(start, stop)` in this process's

@@ -4,10 +4,51 @@ from keras import ops
 
 from keras_allattn.utils import check_positive
 from keras_allattn.utils import check_shape
+from keras_allattn.utils import env_flag
+
+# On PyTorch the segment memory is a ring buffer where this is on (see
+# `SegmentMemory`).
+TORCH_RING_ENV = "KERAS_ALLATTN_TORCH_RING"
+_TORCH_RING_ROWS = []
 
 
-# The backends whose segment memory is a ring buffer (see `SegmentMemory`).
-RING_BACKENDS = ("jax",)
+def ring_storage(backend=None):
+    """Whether `SegmentMemory` stores its rows as a ring buffer on `backend`
+    (default: Keras's): always on JAX, never on TensorFlow; on PyTorch
+    where the environment variable `KERAS_ALLATTN_TORCH_RING` is on
+    (1/true/yes/on or 0/false/no/off, default off). Read when a memory is
+    built."""
+    backend = backend or keras.backend.backend()
+    if backend == "jax":
+        return True
+    if backend == "torch":
+        return env_flag(TORCH_RING_ENV, False)
+    return False
+
+
+def _torch_ring_rows():
+    """The PyTorch operator `keras_allattn::ring_rows(buffer, read, write,
+    rows)`: returns `buffer[:, read]`, then writes `rows` into
+    `buffer[:, write]` in place. One operator that mutates the buffer:
+    inductor then writes a compiled step's buffer (a graph input) in place,
+    where an indexed write into a buffer the step also reads made it copy
+    the whole buffer (seen on the CPU)."""
+    if not _TORCH_RING_ROWS:
+        import torch
+
+        @torch.library.custom_op("keras_allattn::ring_rows", mutates_args=("buffer",))
+        def ring_rows(buffer: torch.Tensor, read: torch.Tensor,
+                      write: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            memory = buffer.index_select(1, read)
+            buffer.index_copy_(1, write, rows)
+            return memory
+
+        @ring_rows.register_fake
+        def _(buffer, read, write, rows):
+            return buffer.new_empty((buffer.shape[0], read.shape[0], buffer.shape[2]))
+
+        _TORCH_RING_ROWS.append(ring_rows)
+    return _TORCH_RING_ROWS[0]
 
 
 @keras.saving.register_keras_serializable(package="keras_allattn")
@@ -36,14 +77,16 @@ class SegmentMemory(keras.layers.Layer):
     int32 `start` variable says where the oldest row is), and reads the
     rows it returns with one gather, instead of rewriting every row of
     `[memory; inputs]` (at the enwik8 geometry, 512 MiB a layer a step).
-    On TensorFlow and PyTorch the variable holds the rows oldest first and
-    a call rewrites it (`start` is None): TensorFlow's distribution
-    strategies keep one copy per replica, and on PyTorch a ring buffer
-    (written in place by one mutating operator inside the compiled step)
-    made the enwik8_small step at adaptive spans ~1024 slower on an H200
-    (141,420 against 147,747 tokens/s). On either storage, `ordered(rows)`
-    puts rows read from the variable oldest first and `set_value(value)`
-    writes rows given oldest first.
+    On TensorFlow the variable holds the rows oldest first and a call
+    rewrites it (`start` is None): its distribution strategies keep one
+    copy per replica. PyTorch rewrites too unless `KERAS_ALLATTN_TORCH_RING`
+    is on (`ring_storage`); then its training calls (grad mode on: eager or
+    compiled steps; under `stateless_call`, into the memory tensor passed
+    in) write the ring buffer in place with one mutating operator, and
+    other calls (`evaluate`, `predict`, shape inference) write a new
+    buffer. On either storage, `ordered(rows)` puts rows read from the
+    variable oldest first and `set_value(value)` writes rows given oldest
+    first.
 
     Args:
         batch_size: int, the number of streams (the static batch size).
@@ -89,6 +132,7 @@ class SegmentMemory(keras.layers.Layer):
                 f"the memory. Received: inputs.shape={tuple(inputs_shape)}"
             )
         # The ring buffer holds the block's rows too (see `_ring_call`).
+        self._ring = ring_storage()
         self.capacity = self.memory_length
         if self.ring and inputs_shape[1] is not None:
             self.capacity += inputs_shape[1]
@@ -109,8 +153,9 @@ class SegmentMemory(keras.layers.Layer):
 
     @property
     def ring(self):
-        """Whether the memory variable is a ring buffer (on JAX)."""
-        return keras.backend.backend() in RING_BACKENDS
+        """Whether the memory variable is a ring buffer (`ring_storage()`
+        when the layer was built)."""
+        return self._ring if self.built else ring_storage()
 
     def next_memory(self, memory, inputs):
         """The memory after `inputs`: last rows of `[memory; inputs]`."""
@@ -165,9 +210,10 @@ class SegmentMemory(keras.layers.Layer):
         `start` moves on by M; the `rows` rows before the block are still
         in the buffer after the write as long as `rows + M <= capacity`
         (always, for blocks no longer than the one the layer was built
-        with); they are read after the write: then XLA updates the buffer
-        in place, where a read before the write (a longer block) makes it
-        copy the whole buffer first.
+        with). On JAX they are read after the write: then XLA updates the
+        buffer in place, where a read before the write (a longer block)
+        makes it copy the whole buffer first. On PyTorch one operator reads
+        and then writes (`_torch_ring_rows`).
         """
         capacity = self.capacity
         count = inputs.shape[1]
@@ -177,13 +223,26 @@ class SegmentMemory(keras.layers.Layer):
         write = (start + (count - kept) + ops.arange(kept, dtype="int32")) % capacity
         new = ops.cast(ops.stop_gradient(inputs[:, count - kept :]), self.memory.dtype)
         buffer = self.memory.value
-        if rows + count > capacity:
+        if keras.backend.backend() == "torch":
+            import torch
+
+            read, write = read.long(), write.long()
+            if torch.is_grad_enabled() and "meta" not in (
+                buffer.device.type, inputs.device.type
+            ):
+                # In place (a training step, eager or compiled).
+                memory = _torch_ring_rows()(buffer, read, write, new.detach())
+            else:
+                memory = buffer.index_select(1, read)
+                self.memory.assign(buffer.index_copy(1, write, new))
+        elif rows + count > capacity:
             memory = ops.take(buffer, read, axis=1)
             buffer = buffer.at[:, write].set(new, unique_indices=True)
+            self.memory.assign(buffer)
         else:
             buffer = buffer.at[:, write].set(new, unique_indices=True)
             memory = ops.take(buffer, read, axis=1)
-        self.memory.assign(buffer)
+            self.memory.assign(buffer)
         self.start.assign((start + count) % capacity)
         return ops.cast(memory, inputs.dtype)
 

@@ -10,8 +10,8 @@ can reach (`max_span`: adaptive spans may grow to it):
 
 - the parameters with their gradients and two optimizer slots (16 bytes
   per parameter, float32);
-- the segment memory of every layer, `B x max_span x d` values (on JAX
-  `B x (max_span + M) x d`: its ring buffer holds the block's rows too);
+- the segment memory of every layer, `B x max_span x d` values (as a ring
+  buffer, `B x (max_span + M) x d`: it holds the block's rows too);
 - what each layer keeps for its backward pass: with the fused kernels the
   concatenated memory and block rows, their keys and values
   (`3 (max_span + M) B d` values) plus about twelve `B x M x d` tensors
@@ -57,7 +57,7 @@ import os
 
 import keras
 
-from keras_allattn.layers.segment_memory import RING_BACKENDS
+from keras_allattn.layers.segment_memory import ring_storage
 from keras_allattn.ops.attention import fused_kernel_applies
 
 MEMORY_ENV = "KERAS_ALLATTN_MEMORY_GIB"
@@ -153,8 +153,8 @@ def training_memory_bytes(model, remat, fused=None):
     block = b * m * d
     scores = b * model.num_heads * m * (span + n) * PORTABLE_SCORE_BYTES
     params = 16 * _parameter_count(model)
-    # On JAX the segment memory's ring buffer also holds the block's rows.
-    ring = m if keras.backend.backend() in RING_BACKENDS else 0
+    # A ring buffer (`ring_storage`) also holds the block's rows.
+    ring = m if ring_storage() else 0
     state = model.num_layers * b * (span + ring) * d * c
     kept = 3 * rows * c + 12 * block * c
     if model.feedforward_dim:
