@@ -17,8 +17,8 @@ import warnings
 import keras
 from keras import ops
 
+from keras_allattn.ops.kernel_settings import env_flag
 from keras_allattn.ops.kernel_settings import is_deterministic
-from keras_allattn.utils import env_flag
 
 # Compiled functions kept per model and cache, at most this many.
 MAX_COMPILED = 16

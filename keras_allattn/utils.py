@@ -6,7 +6,6 @@ import difflib
 import logging
 import math
 import numbers
-import os
 import sys
 
 import keras
@@ -166,26 +165,6 @@ def check_known_arguments(owner, received, known):
         f"{'s' if len(unknown) > 1 else ''}: {', '.join(hints)}. "
         f"Received: {values}"
     )
-
-
-_FLAG_VALUES = {"1": True, "true": True, "yes": True, "on": True,
-                "0": False, "false": False, "no": False, "off": False}
-
-
-def env_flag(name, default):
-    """The on/off environment variable `name`: 1/true/yes/on or
-    0/false/no/off (any case, spaces ignored), `default` where it is unset
-    or empty; anything else raises a ValueError naming it and its value."""
-    value = os.environ.get(name, "")
-    if not value.strip():
-        return default
-    try:
-        return _FLAG_VALUES[value.strip().lower()]
-    except KeyError:
-        raise ValueError(
-            f"The environment variable {name} must be one of 1/true/yes/on "
-            f"or 0/false/no/off. Received: {name}={value!r}"
-        ) from None
 
 
 def is_concrete(x):

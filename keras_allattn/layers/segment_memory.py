@@ -2,9 +2,9 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_allattn.ops.kernel_settings import env_flag
 from keras_allattn.utils import check_positive
 from keras_allattn.utils import check_shape
-from keras_allattn.utils import env_flag
 
 # On PyTorch the segment memory is a ring buffer where this is on (see
 # `SegmentMemory`).

@@ -26,8 +26,6 @@ the kernels and the dispatcher do not import each other back.
 
 import os
 
-from keras_allattn.utils import env_flag
-
 INTEGRATIONS = ("joint", "separate")
 
 # The smallest tile of a fused kernel's `tl.dot`/`pl.dot` (and head width).
@@ -44,6 +42,26 @@ def tile_size_reason(head_dim):
     if head_dim < MIN_TILE or not is_power_of_two(head_dim):
         return f"the head width {head_dim} is not a power of 2 >= {MIN_TILE}"
     return ""
+
+
+_FLAG_VALUES = {"1": True, "true": True, "yes": True, "on": True,
+                "0": False, "false": False, "no": False, "off": False}
+
+
+def env_flag(name, default):
+    """The on/off environment variable `name`: 1/true/yes/on or
+    0/false/no/off (any case, spaces ignored), `default` where it is unset
+    or empty; anything else raises a ValueError naming it and its value."""
+    value = os.environ.get(name, "")
+    if not value.strip():
+        return default
+    try:
+        return _FLAG_VALUES[value.strip().lower()]
+    except KeyError:
+        raise ValueError(
+            f"The environment variable {name} must be one of 1/true/yes/on "
+            f"or 0/false/no/off. Received: {name}={value!r}"
+        ) from None
 
 
 DETERMINISTIC_ENV = "KERAS_ALLATTN_DETERMINISTIC"
