@@ -20,6 +20,11 @@ Usage (on the GPU machine, Keras importable):
     KERAS_BACKEND=jax python3 benchmarks/pallas_ab.py --baseline /tmp/baseline.py \\
         --configs adaptive_A1280_span1k_bf16,fixed_A1024_bf16 --dropout 0.3 --record
 
+`--baseline-switch NAME` (repeatable) turns on one of the baseline
+module's profiling switches (`_DEBUG`: `skip_ds_store`, `skip_zero_tiles`,
+`skip_ramp_sum`; the results are then wrong): with the current file as
+the baseline, it times what one part of the dQ kernel costs.
+
 Configurations are `kernel_check.py`'s (`--list` there); default tiles
 (64 x 64 forward, the default backward tiles). `--interpret` runs the
 Pallas interpreter (a CPU check of this script; its times mean nothing).
@@ -122,7 +127,7 @@ def compare(name, baseline, rounds, calls, interpret):
     return result
 
 
-def record(result, baseline_path, dropout):
+def record(result, baseline_path, switches, dropout):
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", str(device))
     medians = ", ".join(
@@ -132,8 +137,9 @@ def record(result, baseline_path, dropout):
     row = (
         f"| {datetime.date.today()} | pallas_ab | {kind} | jax | {commit()} | "
         f"current vs baseline, medians per layer: {medians} | config "
-        f"{result['config']}, baseline {pathlib.Path(baseline_path).name}, "
-        f"dropout {dropout}, {result['rounds']} alternating rounds of "
+        f"{result['config']}, baseline {pathlib.Path(baseline_path).name}"
+        + "".join(f" with {name}" for name in switches)
+        + f", dropout {dropout}, {result['rounds']} alternating rounds of "
         f"{result['calls']} calls |\n"
     )
     with open(HERE / "RESULTS.md", "a") as f:
@@ -144,6 +150,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", required=True,
                         help="a file holding another version of pallas_attention.py")
+    parser.add_argument("--baseline-switch", action="append", default=[],
+                        metavar="NAME", help="a profiling switch of the baseline "
+                        "module to turn on (repeatable)")
     parser.add_argument("--configs", default="adaptive_A1280_span1k_bf16,fixed_A1024_bf16",
                         help="comma-separated kernel_check.py configurations")
     parser.add_argument("--rounds", type=int, default=6)
@@ -168,11 +177,18 @@ def main():
             )
     kernel_check.DROPOUT[0] = args.dropout
     baseline = load_module(args.baseline)
+    for switch in args.baseline_switch:
+        if switch not in getattr(baseline, "_DEBUG", {}):
+            parser.error(
+                f"--baseline-switch takes names among "
+                f"{sorted(getattr(baseline, '_DEBUG', {}))}. Received: {switch!r}"
+            )
+        baseline._DEBUG[switch] = True
     for name in names:
         result = compare(name, baseline, args.rounds, args.calls, args.interpret)
         print(json.dumps(result), flush=True)
         if args.record:
-            record(result, args.baseline, args.dropout)
+            record(result, args.baseline, args.baseline_switch, args.dropout)
 
 
 if __name__ == "__main__":
