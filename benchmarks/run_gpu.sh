@@ -55,6 +55,9 @@
 #          adaptive ~1024 (both) and fixed 1024 (ring), 20 steps; the CUDA
 #          tests of the compiled step with the ring (issue 13; one GPU,
 #          about 8 minutes)
+#   tritonsweep the Triton kernels' tile sweep (SWEEP of
+#          triton_kernel_check.py) with the recipe's dropout at fixed 2048
+#          and at the trimmed adaptive shape, kernel by kernel (issue 13)
 #   hosts  on two GPUs: the 200-step equivalence verdict of 2 devices and
 #          2 processes against one (JAX, PyTorch), against the spread of
 #          three one-ulp nudged one-device runs, deterministic (issue 17)
@@ -474,6 +477,19 @@ torchring)
   lane1() {  # the rotation's fixed 1024: 171,541 tokens/s at 74a3785
     step torch_fixed_1024_ring1 200 env KERAS_BACKEND=torch KERAS_ALLATTN_TORCH_RING=1 \
       $tp --steps 20 --span fixed:1024 --dropout 0.3 --jit-compile on
+  }
+  lanes ;;
+tritonsweep)
+  # Tile shapes of the Triton kernels under the matmul position design and
+  # dropout 0.3 (the defaults were swept under the in-kernel design), each
+  # shape's whole forward+backward and its kernels' times (issue 13).
+  lane0() {
+    step triton_sweep_fixed 280 env KERAS_BACKEND=torch python3 benchmarks/triton_kernel_check.py \
+      --configs fixed --no-check --no-portable-timing --dropout 0.3 --profile
+  }
+  lane1() {
+    step triton_sweep_trimmed 280 env KERAS_BACKEND=torch python3 benchmarks/triton_kernel_check.py \
+      --configs trimmed --no-check --no-portable-timing --dropout 0.3 --profile
   }
   lanes ;;
 hosts)

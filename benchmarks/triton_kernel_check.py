@@ -78,7 +78,14 @@ SWEEP = [
     # every kernel and 8 position-gradient replicas. Register use at D=64
     # (ptxas, triton 3.6, sm_90a): dq (64,64,8) spills ~1 KB with the span
     # gradient; dq/dkdv (32,64,8) spill nothing (but dq at 32 rows doubles
-    # the position-gradient atomics).
+    # the position-gradient atomics of the in_kernel design). With the
+    # matmul design and dropout (triton 3.9's ptxas for sm_90, compiled
+    # without a GPU): at (64,64,8,2) every kernel holds 237-255 registers a
+    # thread (one 256-thread program per multiprocessor), dq with the span
+    # gradient spills 256 bytes a thread, dK/dV 72; at (32,64,8,2) none
+    # spills (173-241 registers).
+    dict(block_q=32),
+    dict(block_q=32, num_stages=3),
     dict(num_warps=4),
     dict(num_stages=3),
     dict(block_k=128),
@@ -273,7 +280,7 @@ def timings(shape, args, tiles=None):
     span = shape["A"] if shape["span"] is None else min(shape["A"], shape["span"] + SPAN_RAMP)
     flops = 2 * shape["B"] * shape["H"] * shape["M"] * shape["D"] * (3 * span + 2 * shape["N"])
     record["fwd_tflops_useful"] = round(flops / (fwd / 1e3) / 1e12, 1)
-    if tiles is None and args.profile:
+    if args.profile:
         record["kernel_ms"] = profile_kernels(inputs, grad, kw, args.profile_steps)
     if tiles is None and args.portable_timing:
         try:

@@ -1,0 +1,159 @@
+"""Registers and spills of the Triton kernels, compiled for a GPU without one.
+
+Compiles the all-attention Triton kernels (forward, dQ, dK/dV) for a CUDA
+architecture (default sm_90, the H100/H200) with Triton's own compiler and
+ptxas, on any machine (no GPU needed), and reads each kernel's resource
+usage from the cubin (`cuobjdump -res-usage`): registers a thread, the
+stack a thread spills to, shared memory. One JSON line per kernel, span
+setting and tile shape.
+
+A kernel that spills, or that holds so many registers that one program of
+`num_warps` warps fills a multiprocessor's register file, hides memory
+latency badly; this screens tile shapes and code changes before a GPU
+times them (`triton_kernel_check.py --sweep`). Registers are not time: on
+an H200, splitting the dQ and forward loops at the span's edge spilled and
+ran slower, while dK/dV ran faster with a little more spilled.
+
+Usage:
+
+    KERAS_BACKEND=torch python benchmarks/triton_registers.py
+    KERAS_BACKEND=torch python benchmarks/triton_registers.py \\
+        --tiles 64,64,8,2 32,64,8,2 --record
+
+Settings: the library's defaults (dropout on, the matmul position design,
+joint persistent vectors, D = 64, bf16 inputs), with and without adaptive
+span.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from _common import commit  # noqa: E402
+from keras_allattn.ops import triton_attention  # noqa: E402
+
+# Pointer arguments of the kernels and their element types (bf16 inputs).
+POINTERS = {
+    "Q": "*bf16", "K": "*bf16", "V": "*bf16", "POS": "*bf16", "QP": "*bf16",
+    "MK": "*fp32", "MV": "*fp32", "Z": "*fp32", "RK": "*i32", "O": "*bf16",
+    "OC": "*fp32", "OP": "*fp32", "LSE_C": "*fp32", "LSE_P": "*fp32",
+    "DO": "*bf16", "DEL_C": "*fp32", "DEL_P": "*fp32", "DQ": "*bf16",
+    "DPOS": "*fp32", "DS": "*bf16", "DZP": "*fp32", "DK": "*bf16", "DV": "*bf16",
+}
+FLOATS = {"max_span", "span_ramp", "scale_log2", "scale", "dz_coef", "drop_scale"}
+
+
+def kernels(has_span, head_dim):
+    """name -> (jit function, constexprs besides the tiles)."""
+    base = dict(HAS_SPAN=has_span, HAS_DROPOUT=True, POS_MATMUL=True,
+                D=head_dim, BD=head_dim, PREC="ieee")
+    return {
+        "forward": (triton_attention._fwd_kernel,
+                    dict(base, HAS_PERS=True, SEPARATE=False)),
+        "dq": (triton_attention._bwd_dq_kernel,
+               dict(base, HAS_PERS=True, NEED_DPOS=False, NEED_DZ=has_span)),
+        "dkdv": (triton_attention._bwd_dkdv_kernel, base),
+    }
+
+
+def resource_usage(fn, constexprs, num_warps, num_stages, arch):
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in POINTERS:
+            signature[name] = POINTERS[name]
+        else:
+            signature[name] = "fp32" if name in FLOATS else "i32"
+    compiled = triton.compile(
+        ASTSource(fn, signature, constexprs=constexprs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
+    tool = pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        text = subprocess.run([str(tool), "-res-usage", cubin.name],
+                              capture_output=True, text=True, check=True).stdout
+    line = next(line for line in text.splitlines() if "REG:" in line)
+    fields = dict(item.split(":", 1) for item in line.split() if ":" in item)
+    return {
+        "registers": int(fields["REG"]),
+        "spill_stack_bytes": int(fields["STACK"]),
+        "shared_bytes": compiled.metadata.shared,
+    }
+
+
+def parse_tiles(text):
+    try:
+        block_q, block_k, warps, stages = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"tiles are block_q,block_k,num_warps,num_stages. Received: {text!r}"
+        ) from None
+    return block_q, block_k, warps, stages
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiles", nargs="+", type=parse_tiles,
+                        default=[(64, 64, 8, 2), (32, 64, 8, 2), (64, 64, 4, 2)],
+                        metavar="BQ,BK,WARPS,STAGES")
+    parser.add_argument("--arch", type=int, default=90,
+                        help="CUDA compute capability x 10 (default 90, sm_90)")
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--record", action="store_true",
+                        help="append one row per line to benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    triton_attention.register_operators()  # jits the kernels
+    rows = []
+    for has_span in (False, True):
+        for name, (fn, constexprs) in kernels(has_span, args.head_dim).items():
+            for block_q, block_k, warps, stages in args.tiles:
+                result = {"kernel": name, "adaptive_span": has_span,
+                          "tiles": [block_q, block_k, warps, stages],
+                          "arch": f"sm_{args.arch}", "triton": triton.__version__}
+                if block_q > block_k and name != "dkdv":
+                    result["error"] = "this kernel needs block_q <= block_k"
+                else:
+                    try:
+                        result.update(resource_usage(
+                            fn, dict(constexprs, BQ=block_q, BK=block_k),
+                            warps, stages, args.arch,
+                        ))
+                    except Exception as error:
+                        result["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+                print(json.dumps(result), flush=True)
+                rows.append(result)
+    if args.record:
+        with open(HERE / "RESULTS.md", "a") as f:
+            for r in rows:
+                usage = (r.get("error") or f"{r['registers']} registers, spills "
+                         f"{r['spill_stack_bytes']} B, shared {r['shared_bytes']} B")
+                f.write(
+                    f"| {datetime.date.today()} | triton_registers | "
+                    f"{r['arch']} (compiled, no GPU) | torch | {commit()} | "
+                    f"{usage} | kernel {r['kernel']}, adaptive span "
+                    f"{r['adaptive_span']}, tiles {tuple(r['tiles'])}, triton "
+                    f"{r['triton']}, D {args.head_dim}, bf16, dropout, matmul "
+                    f"position design |\n"
+                )
+
+
+if __name__ == "__main__":
+    main()
