@@ -354,11 +354,11 @@ PROFILE_TILES = [
 ]
 
 
-def profile_config(cfg, dtype_name, repeats, tiles):
-    """Per-kernel times (uses the module's internals)."""
-    from keras_allattn.ops import pallas_attention as pa
-
-    arrays, ct = make_inputs(cfg, cfg["batch"], jnp.dtype(dtype_name))
+def prepare_kernels(pa, cfg, dtype, tiles):
+    """(kernel config, prepared inputs, output cotangent) of the Pallas
+    module `pa` (its internals) for `cfg`'s inputs in `dtype`, with the
+    tiles of `cfg["kernel"]` updated by `tiles`."""
+    arrays, ct = make_inputs(cfg, cfg["batch"], dtype)
     q, k, v, pos, mk, mv, z = arrays
     options = dict(cfg.get("kernel", {}))
     options.update(tiles)
@@ -370,7 +370,15 @@ def profile_config(cfg, dtype_name, repeats, tiles):
         options.get("num_programs", pa._DEFAULT_PROGRAMS),
         options.get("backward_blocks"), None, **dropout_options(q),
     )
-    prepared = jax.block_until_ready(prepared)
+    return kcfg, jax.block_until_ready(prepared), ct
+
+
+def profile_config(cfg, dtype_name, repeats, tiles):
+    """Per-kernel times (uses the module's internals)."""
+    from keras_allattn.ops import pallas_attention as pa
+
+    kcfg, prepared, ct = prepare_kernels(pa, cfg, jnp.dtype(dtype_name), tiles)
+    q = prepared[0]
     result = {}
     fwd = jax.jit(lambda *a: pa._attention_fwd(kcfg, *a))
     result["fwd_ms"] = timed(fwd, prepared, repeats)

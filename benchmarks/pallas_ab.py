@@ -66,18 +66,10 @@ def load_module(path):
     return module
 
 
-def kernel_calls(pa, cfg, interpret):
+def kernel_calls(pa, cfg):
     """kernel name -> (jitted function, arguments) of module `pa`."""
-    arrays, ct = kernel_check.make_inputs(cfg, cfg["batch"], jnp.bfloat16)
-    q, k, v, pos, mk, mv, z = arrays
-    tiles = cfg.get("kernel", {})
-    kcfg, prepared = pa._prepare(
-        q, k, v, pos, mk, mv, z, cfg.get("max_span"), cfg.get("ramp", 32),
-        cfg["integration"], interpret, tiles.get("block_q", 64),
-        tiles.get("block_k", 64), None, tiles.get("num_warps", 4),
-        tiles.get("num_stages", 2), None, pa._DEFAULT_PROGRAMS, None, None,
-        **kernel_check.dropout_options(q),
-    )
+    kcfg, prepared, ct = kernel_check.prepare_kernels(pa, cfg, jnp.bfloat16, {})
+    q = prepared[0]
     fwd = jax.jit(lambda *a: pa._attention_fwd(kcfg, *a))
     _, res = fwd(*prepared)
     qp = jax.jit(lambda q, p: pa._position_scores(kcfg, q, p))(prepared[0], prepared[3])
@@ -101,11 +93,11 @@ def per_call_ms(fn, args, calls):
     return (time.perf_counter() - start) * 1e3 / calls
 
 
-def compare(name, baseline, rounds, calls, interpret):
+def compare(name, baseline, rounds, calls):
     cfg = kernel_check.CONFIGS[name]
     versions = {
-        "current": kernel_calls(pallas_attention, cfg, interpret),
-        "baseline": kernel_calls(baseline, cfg, interpret),
+        "current": kernel_calls(pallas_attention, cfg),
+        "baseline": kernel_calls(baseline, cfg),
     }
     times = {v: {k: [] for k in KERNELS} for v in versions}
     for r in range(rounds):
@@ -176,6 +168,7 @@ def main():
                 f"Received: {name!r}"
             )
     kernel_check.DROPOUT[0] = args.dropout
+    kernel_check.INTERPRET[0] = args.interpret
     baseline = load_module(args.baseline)
     for switch in args.baseline_switch:
         if switch not in getattr(baseline, "_DEBUG", {}):
@@ -185,7 +178,7 @@ def main():
             )
         baseline._DEBUG[switch] = True
     for name in names:
-        result = compare(name, baseline, args.rounds, args.calls, args.interpret)
+        result = compare(name, baseline, args.rounds, args.calls)
         print(json.dumps(result), flush=True)
         if args.record:
             record(result, args.baseline, args.baseline_switch, args.dropout)

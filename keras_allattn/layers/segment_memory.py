@@ -235,13 +235,13 @@ class SegmentMemory(keras.layers.Layer):
             else:
                 memory = buffer.index_select(1, read)
                 self.memory.assign(buffer.index_copy(1, write, new))
-        elif rows + count > capacity:
-            memory = ops.take(buffer, read, axis=1)
-            buffer = buffer.at[:, write].set(new, unique_indices=True)
-            self.memory.assign(buffer)
         else:
-            buffer = buffer.at[:, write].set(new, unique_indices=True)
-            memory = ops.take(buffer, read, axis=1)
+            if rows + count > capacity:
+                memory = ops.take(buffer, read, axis=1)
+                buffer = buffer.at[:, write].set(new, unique_indices=True)
+            else:
+                buffer = buffer.at[:, write].set(new, unique_indices=True)
+                memory = ops.take(buffer, read, axis=1)
             self.memory.assign(buffer)
         self.start.assign((start + count) % capacity)
         return ops.cast(memory, inputs.dtype)
