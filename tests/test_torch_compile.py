@@ -39,6 +39,14 @@ def graphs_compiled():
     return counters["stats"]["unique_graphs"]
 
 
+def compiled_graphs_expected(model):
+    """1, or 0 where the step runs eagerly by design: on CUDA with
+    whole-layer recomputation (`compiling._unmeasured_memory_reason`)."""
+    from keras_allattn.compiling import _unmeasured_memory_reason
+
+    return 0 if _unmeasured_memory_reason(model) else 1
+
+
 def make_model(seed, jit_compile, **overrides):
     """A tiny model; the same `seed` gives the same weights and seeds."""
     keras.utils.set_random_seed(seed)
@@ -191,7 +199,8 @@ def test_compiled_step_with_remat_matches_eager(rng, remat):
     the step still compiles into one graph, with no warning, and trains as
     the eager step: the backward's recomputation reads the traced weights
     (it once read the variables themselves, failed to trace, and the step
-    ran eagerly)."""
+    ran eagerly). On CUDA, `remat="layer"` runs eagerly by design, with a
+    warning saying so."""
     settings = dict(remat=remat, dropout=0.3, adaptive_span=True)
     compiled, eager = make_model(7, True, **settings), make_model(7, False, **settings)
     tokens = rng.integers(0, V, (3 * B, M + 1)).astype("int32")
@@ -199,8 +208,9 @@ def test_compiled_step_with_remat_matches_eager(rng, remat):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         losses = fit_losses(compiled, tokens)
-    assert not [w for w in caught if "eagerly" in str(w.message)]
-    assert graphs_compiled() - before == 1
+    expected = compiled_graphs_expected(compiled)
+    assert bool([w for w in caught if "eagerly" in str(w.message)]) == (not expected)
+    assert graphs_compiled() - before == expected
     np.testing.assert_allclose(losses, fit_losses(eager, tokens), rtol=1e-5)
     assert_trained_alike(compiled, eager)
 
@@ -229,7 +239,7 @@ def test_torch_ring_trains_like_the_rotation(monkeypatch, rng, remat):
     tokens = rng.integers(0, V, (4 * B, M + 1)).astype("int32")
     before = graphs_compiled()
     losses = fit_losses(ring, tokens)
-    assert graphs_compiled() - before == 1
+    assert graphs_compiled() - before == compiled_graphs_expected(ring)
     assert ring.attended_spans() == [96, 96]  # of 128 rows
     np.testing.assert_allclose(losses, fit_losses(eager, tokens), rtol=1e-5)
     assert_trained_alike(ring, eager)
