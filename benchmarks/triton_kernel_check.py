@@ -74,27 +74,25 @@ CONFIGS = {
 
 # Alternative tiles timed with --sweep: keyword arguments of the kernel.
 SWEEP = [
-    # The defaults are block_q=64, block_k=64, num_warps=8, num_stages=2 for
-    # every kernel and 8 position-gradient replicas. Register use at D=64
-    # (ptxas, triton 3.6, sm_90a): dq (64,64,8) spills ~1 KB with the span
-    # gradient; dq/dkdv (32,64,8) spill nothing (but dq at 32 rows doubles
-    # the position-gradient atomics of the in_kernel design). With the
-    # matmul design and dropout (triton 3.9's ptxas for sm_90, compiled
-    # without a GPU): at (64,64,8,2) every kernel holds 237-255 registers a
-    # thread (one 256-thread program per multiprocessor), dq with the span
-    # gradient spills 256 bytes a thread, dK/dV 72; at (32,64,8,2) none
-    # spills (173-241 registers).
-    dict(block_q=32),
-    dict(block_q=32, num_stages=3),
-    dict(num_warps=4),
+    # The defaults are block_q=64, block_k=64, num_warps=4, num_stages=2 for
+    # every kernel and 8 position-gradient replicas. With 8 warps (the
+    # default until the matmul position design and dropout) every kernel
+    # held 237-255 registers a thread at (64, 64) (triton 3.9's ptxas for
+    # sm_90), dQ with the span gradient spilling 256 bytes; on an H200 at
+    # fixed 2048 and dropout 0.3, 4 warps took one layer's forward+backward
+    # from 14.52 ms to 8.41 (every kernel faster; RESULTS.md).
+    dict(num_warps=8),
+    dict(num_warps=2),
     dict(num_stages=3),
-    dict(block_k=128),
-    dict(backward={"dq": (32, 64, 8, 2), "dkdv": (32, 64, 8, 2)}),
+    dict(block_q=32),
+    dict(block_k=32),
+    dict(block_q=32, num_stages=3),
+    dict(block_q=128, block_k=128, num_warps=8),
+    dict(backward={"dq": (32, 64, 4, 2)}),
     dict(backward={"dkdv": (32, 64, 4, 2)}),
-    dict(backward={"dq": (32, 64, 4, 2), "dkdv": (32, 64, 4, 2)}),
-    dict(backward={"persistent": (64, 128, 8, 2)}),
+    dict(backward={"dq": (64, 64, 4, 3), "dkdv": (64, 64, 4, 3)}),
+    dict(backward={"persistent": (64, 128, 4, 2)}),
     dict(position_grad_replicas=1),
-    dict(position_grad_replicas=32),
 ]
 
 

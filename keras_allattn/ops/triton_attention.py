@@ -1212,7 +1212,7 @@ def triton_all_attention(
     integration="joint",
     block_q=64,
     block_k=64,
-    num_warps=8,
+    num_warps=4,
     num_stages=2,
     backward=None,
     persistent_split=None,
