@@ -74,13 +74,16 @@ CONFIGS = {
 
 # Alternative tiles timed with --sweep: keyword arguments of the kernel.
 SWEEP = [
-    # The defaults are block_q=64, block_k=64, num_warps=4, num_stages=2 for
-    # every kernel and 8 position-gradient replicas. With 8 warps (the
+    # The defaults are `triton_attention.DEFAULT_TILES` (per kernel, with
+    # and without a span) and 8 position-gradient replicas; a variant that
+    # names a forward tile gives every kernel the forward's tiles, as
+    # `dict(num_warps=4)` (64, 64, 4, 2 everywhere). With 8 warps (the
     # default until the matmul position design and dropout) every kernel
     # held 237-255 registers a thread at (64, 64) (triton 3.9's ptxas for
     # sm_90), dQ with the span gradient spilling 256 bytes; on an H200 at
     # fixed 2048 and dropout 0.3, 4 warps took one layer's forward+backward
     # from 14.52 ms to 8.41 (every kernel faster; RESULTS.md).
+    dict(num_warps=4),
     dict(num_warps=8),
     dict(num_warps=2),
     dict(num_stages=3),

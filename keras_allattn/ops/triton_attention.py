@@ -1184,6 +1184,26 @@ def _precision(fp32_precision):
     return prec
 
 
+# The kernels' tiles (block_q, block_k, num_warps, num_stages) where the
+# caller names none, with a span (adaptive) and without. Chosen on an H200
+# (torch 2.11, triton 3.6) at the enwik8_small layer shapes, bf16, dropout
+# 0.3, D 64 (`benchmarks/triton_kernel_check.py --profile`, RESULTS.md): 4
+# warps took a layer's forward+backward at fixed 2048 from 14.5 ms (8 warps)
+# to 8.4; dQ under a span holds the span gradient too and runs fastest at 32
+# query rows (2.26 ms against 2.47 at trimmed spans), dQ without a span and
+# the persistent kernel at 3 stages.
+DEFAULT_TILES = {
+    "fixed": {
+        "forward": (64, 64, 4, 2), "dq": (64, 64, 4, 3),
+        "dkdv": (64, 64, 4, 2), "persistent": (64, 64, 4, 3),
+    },
+    "span": {
+        "forward": (64, 64, 4, 3), "dq": (32, 64, 4, 2),
+        "dkdv": (64, 64, 4, 2), "persistent": (64, 64, 4, 3),
+    },
+}
+
+
 def _tiles(name, value, defaults):
     """Normalise a (block_q, block_k[, num_warps[, num_stages]]) tuple."""
     value = tuple(int(x) for x in value)
@@ -1210,10 +1230,10 @@ def triton_all_attention(
     max_span=None,
     span_ramp=32,
     integration="joint",
-    block_q=64,
-    block_k=64,
-    num_warps=4,
-    num_stages=2,
+    block_q=None,
+    block_k=None,
+    num_warps=None,
+    num_stages=None,
     backward=None,
     persistent_split=None,
     position_grad_replicas=None,
@@ -1240,10 +1260,14 @@ def triton_all_attention(
             of two, >= 16, `block_q <= block_k`); `block_k` also tiles the
             persistent vectors.
         num_warps, num_stages: Triton launch options of the forward kernel.
+            With none of these four given, every kernel takes its entry of
+            `DEFAULT_TILES` (measured on an H200, with and without a
+            span); any given one fills in from that table's forward entry
+            and the backward kernels default to the forward's tiles.
         backward: None or a dict overriding the backward kernels' tiles:
             keys "dq", "dkdv", "persistent", values
-            `(block_q, block_k[, num_warps[, num_stages]])`; each defaults
-            to the forward's. "dq" needs `block_q <= block_k`; the dK/dV
+            `(block_q, block_k[, num_warps[, num_stages]])`; missing
+            entries fill in as said above. "dq" needs `block_q <= block_k`; the dK/dV
             kernel's position band costs `(block_q + block_k) / block_k`
             times a `Q K^T` tile, so a smaller block_q is cheaper there.
         persistent_split: batch split of the persistent-gradient kernel
@@ -1324,14 +1348,20 @@ def triton_all_attention(
             f"Received: position={position!r}"
         )
     deterministic = resolve_deterministic(deterministic)
-    forward = _tiles("forward", (block_q, block_k, num_warps, num_stages), ())
+    table = DEFAULT_TILES["span" if span_ratio is not None else "fixed"]
+    given = (block_q, block_k, num_warps, num_stages)
+    forward = _tiles("forward", tuple(
+        table["forward"][i] if x is None else x for i, x in enumerate(given)
+    ), ())
     backward = dict(backward or {})
     unknown = set(backward) - {"dq", "dkdv", "persistent"}
     if unknown:
         raise ValueError(f"Unknown `backward` keys: {sorted(unknown)}.")
     tiles = {"forward": forward}
+    tuned = all(x is None for x in given)
     for name in ("dq", "dkdv", "persistent"):
-        tiles[name] = _tiles(name, backward.get(name, forward), forward)
+        default = table[name] if tuned else forward
+        tiles[name] = _tiles(name, backward.get(name, default), default)
     for name in ("forward", "dq"):
         if tiles[name][0] > tiles[name][1]:
             raise ValueError(
