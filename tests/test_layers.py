@@ -163,16 +163,17 @@ def test_adaptive_span_adds_loss():
     )
 
 
-@pytest.fixture(params=["default", "torch_ring"])
+@pytest.fixture(params=["default", "torch_rotation"])
 def memory_storage(request, monkeypatch):
-    """The segment memory's storage: the backend's default, and on PyTorch
-    the ring buffer of `KERAS_ALLATTN_TORCH_RING=1` as well."""
+    """The segment memory's storage: the backend's default (a ring buffer
+    on JAX and PyTorch), and on PyTorch the rotating memory of
+    `KERAS_ALLATTN_TORCH_RING=0` as well."""
     from keras_allattn.layers.segment_memory import TORCH_RING_ENV
 
-    if request.param == "torch_ring":
+    if request.param == "torch_rotation":
         if keras.backend.backend() != "torch":
             pytest.skip("KERAS_ALLATTN_TORCH_RING is PyTorch's switch")
-        monkeypatch.setenv(TORCH_RING_ENV, "1")
+        monkeypatch.setenv(TORCH_RING_ENV, "0")
     else:
         monkeypatch.delenv(TORCH_RING_ENV, raising=False)
     return request.param
@@ -185,7 +186,8 @@ def test_segment_memory_carries_state(rng, memory_storage):
     first = keras.ops.convert_to_numpy(layer(a))
     np.testing.assert_array_equal(first, np.zeros((2, 4, 5)))
     assert layer.ring == (
-        keras.backend.backend() == "jax" or memory_storage == "torch_ring"
+        keras.backend.backend() in ("jax", "torch")
+        and memory_storage != "torch_rotation"
     )
     second = keras.ops.convert_to_numpy(layer(b))
     np.testing.assert_allclose(second[:, 1:], a)
@@ -554,7 +556,7 @@ def test_torch_ring_switch_rejects_a_bad_value(monkeypatch):
     with pytest.raises(ValueError, match="KERAS_ALLATTN_TORCH_RING='maybe'"):
         ring_storage("torch")
     assert ring_storage("jax") and not ring_storage("tensorflow")
-    monkeypatch.setenv(TORCH_RING_ENV, " On ")
-    assert ring_storage("torch")
-    monkeypatch.delenv(TORCH_RING_ENV)
+    monkeypatch.setenv(TORCH_RING_ENV, " Off ")
     assert not ring_storage("torch")
+    monkeypatch.delenv(TORCH_RING_ENV)
+    assert ring_storage("torch")

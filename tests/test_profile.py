@@ -126,7 +126,7 @@ def test_throughput_profile_end_to_end(tmp_path):
                          if line.startswith("{")][-1])
     settings = {"position_bytes": 2**30}
     if keras.backend.backend() == "torch":
-        settings.update(triton_position="matmul", cuda_graphs=True, torch_ring=False)
+        settings.update(triton_position="matmul", cuda_graphs=True, torch_ring=True)
     assert result["kernel_settings"] == settings
     profile = result["profile"]
     assert profile["profile_steps"] == 2

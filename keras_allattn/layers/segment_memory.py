@@ -15,14 +15,16 @@ _TORCH_RING_ROWS = []
 def ring_storage(backend=None):
     """Whether `SegmentMemory` stores its rows as a ring buffer on `backend`
     (default: Keras's): always on JAX, never on TensorFlow; on PyTorch
-    where the environment variable `KERAS_ALLATTN_TORCH_RING` is on
-    (1/true/yes/on or 0/false/no/off, default off). Read when a memory is
-    built."""
+    unless the environment variable `KERAS_ALLATTN_TORCH_RING` is off
+    (1/true/yes/on or 0/false/no/off, default on: on an H200 the compiled
+    enwik8_small step at adaptive spans ~1024 ran 158,223 tokens/s with the
+    ring against 153,078 rotating the memory, and fixed 1024 171,426
+    against 171,541). Read when a memory is built."""
     backend = backend or keras.backend.backend()
     if backend == "jax":
         return True
     if backend == "torch":
-        return env_flag(TORCH_RING_ENV, False)
+        return env_flag(TORCH_RING_ENV, True)
     return False
 
 
