@@ -220,20 +220,21 @@ def _band(qp_hi, qp_lo, cols, rows, BQ: tl.constexpr, BK: tl.constexpr, LO_W: tl
     return tl.where(diff >= 0, hi, lo)
 
 
-def _context_logits(x, i, j, A, M, top, span_ramp, HAS_SPAN: tl.constexpr,
-                    EDGE: tl.constexpr):
+def _context_logits(x, i, j, A, M, top, span_ramp, r_tile_hi,
+                    HAS_SPAN: tl.constexpr, EDGE: tl.constexpr):
     """Masked logits in log2 units: `x` plus `log2 m(r)`, -inf off band.
 
     The mask is 1 up to distance `z L + 1 = top + 1 - R`, so a tile wholly
     within it skips the mask (one logarithm per entry). `EDGE`: 0, the tile
     stays within `z L` (sorted by `_inside_tiles`); 1, it may reach past it;
-    2, decide here, per tile."""
+    2, decide here, per tile, from `r_tile_hi` (a scalar, the tile's largest
+    distance `A + max i - min j`; a reduction over `i` and `j` here cost a
+    cross-warp exchange per tile)."""
     r = A + i[:, None] - j[None, :]
     valid = (r >= 1) & (r <= A) & (i[:, None] < M)
     if HAS_SPAN:
         if EDGE == 2:
-            r_tile_hi = (A + tl.reduce(i, 0, _max_combine) + tl.reduce(-j, 0, _max_combine)) * 1.0
-            if r_tile_hi > top + 1.0 - span_ramp:
+            if r_tile_hi * 1.0 > top + 1.0 - span_ramp:
                 mval = _span_mask(i, j, A, top, span_ramp)
                 valid = valid & (mval > 0.0)
                 x = x + tl.log2(tl.maximum(mval, 1e-30))
@@ -394,7 +395,8 @@ def _fwd_kernel(
             band = _band(qp_cur, qp_prev, j, j0 + offs_a, BQ, BK, BK)
             qp_prev = qp_cur
         x = tl.dot(q, kt, input_precision=PREC) + band
-        s = _context_logits(x * scale_log2, i, j, A, M, top, span_ramp, HAS_SPAN, 2)
+        s = _context_logits(x * scale_log2, i, j, A, M, top, span_ramp,
+                            A + i0 + BQ - 1 - j0, HAS_SPAN, 2)
         v = _load_rows(v_base, j, s_vm, total, offs_d, D, BD)
         keep = s
         if HAS_DROPOUT:  # column id: the distance
@@ -511,7 +513,8 @@ def _bwd_dq_kernel(
             band = _band(qp_cur, qp_prev, j, j0 + offs_a, BQ, BK, BK)
         x = tl.dot(q, kt, input_precision=PREC) + band
         s_raw = x * scale_log2
-        s = _context_logits(s_raw, i, j, A, M, top, span_ramp, HAS_SPAN, 2)
+        s = _context_logits(s_raw, i, j, A, M, top, span_ramp,
+                            A + i0 + BQ - 1 - j0, HAS_SPAN, 2)
         prob = tl.math.exp2(s - lse_c[:, None])
         vt = _load_cols(v_base, j, s_vm, total, offs_d, D, BD)
         dp = tl.dot(do.to(vt.dtype), vt, input_precision=PREC)
@@ -649,7 +652,7 @@ def _bwd_dkdv_kernel(
                     i0 + offs_b, i, BQ, BK, BQ,
                 )
             x = tl.dot(q, tl.trans(k), input_precision=PREC) + band
-            s = _context_logits(x * scale_log2, i, j, A, M, top, span_ramp, HAS_SPAN, part)
+            s = _context_logits(x * scale_log2, i, j, A, M, top, span_ramp, 0, HAS_SPAN, part)
             prob = tl.math.exp2(s - lse[:, None])
             dropped = prob
             if HAS_DROPOUT:
