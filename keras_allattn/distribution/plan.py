@@ -51,8 +51,8 @@ def memory_sharding(model):
     Returns:
         A list with one dict per layer: `path`, `shape` (the variable's
         global shape on JAX, the per-replica shape on TensorFlow and
-        PyTorch; as a ring buffer, on JAX and where
-        `KERAS_ALLATTN_TORCH_RING` is on, the variable holds `max_span +
+        PyTorch; as a ring buffer, on JAX and on PyTorch unless
+        `KERAS_ALLATTN_TORCH_RING` is off, the variable holds `max_span +
         block_size` rows, see `SegmentMemory`), `spec` (JAX:
         the `PartitionSpec`; TensorFlow: the variable class; torch: the
         rank) and `shards`, a list of

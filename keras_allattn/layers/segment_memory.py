@@ -6,7 +6,7 @@ from keras_allattn.ops.kernel_settings import env_flag
 from keras_allattn.utils import check_positive
 from keras_allattn.utils import check_shape
 
-# On PyTorch the segment memory is a ring buffer where this is on (see
+# On PyTorch the segment memory is a ring buffer unless this is off (see
 # `SegmentMemory`).
 TORCH_RING_ENV = "KERAS_ALLATTN_TORCH_RING"
 _TORCH_RING_ROWS = []
@@ -73,22 +73,22 @@ class SegmentMemory(keras.layers.Layer):
     (what `AllAttentionLM` does around `evaluate` and `predict`, and the
     training checkpoints through `get_memory()` and `set_memory()`).
 
-    Storage. On JAX the variable is a ring buffer of `capacity` rows (the
-    memory length plus the rows of the block the layer was built with): a
-    call writes only its rows, in place, where the oldest ones were (an
-    int32 `start` variable says where the oldest row is), and reads the
-    rows it returns with one gather, instead of rewriting every row of
-    `[memory; inputs]` (at the enwik8 geometry, 512 MiB a layer a step).
-    On TensorFlow the variable holds the rows oldest first and a call
-    rewrites it (`start` is None): its distribution strategies keep one
-    copy per replica. PyTorch rewrites too unless `KERAS_ALLATTN_TORCH_RING`
-    is on (`ring_storage`); then its training calls (grad mode on: eager or
-    compiled steps; under `stateless_call`, into the memory tensor passed
-    in) write the ring buffer in place with one mutating operator, and
-    other calls (`evaluate`, `predict`, shape inference) write a new
-    buffer. On either storage, `ordered(rows)` puts rows read from the
-    variable oldest first and `set_value(value)` writes rows given oldest
-    first.
+    Storage. On JAX and PyTorch the variable is a ring buffer of
+    `capacity` rows (the memory length plus the rows of the block the layer
+    was built with): a call writes only its rows, in place, where the
+    oldest ones were (an int32 `start` variable says where the oldest row
+    is), and reads the rows it returns with one gather, instead of
+    rewriting every row of `[memory; inputs]` (at the enwik8 geometry, 512
+    MiB a layer a step). On TensorFlow the variable holds the rows oldest
+    first and a call rewrites it (`start` is None): its distribution
+    strategies keep one copy per replica. PyTorch does the same where
+    `KERAS_ALLATTN_TORCH_RING` is off (`ring_storage`). On PyTorch's ring,
+    training calls (grad mode on: eager or compiled steps; under
+    `stateless_call`, into the memory tensor passed in) write the buffer in
+    place with one mutating operator, and other calls (`evaluate`,
+    `predict`, shape inference) write a new buffer. On either storage,
+    `ordered(rows)` puts rows read from the variable oldest first and
+    `set_value(value)` writes rows given oldest first.
 
     Args:
         batch_size: int, the number of streams (the static batch size).
