@@ -299,19 +299,21 @@ def timings(shape, args, tiles=None):
     return record
 
 
-def profile_kernels(inputs, grad, kwargs, steps):
+def profile_kernels(inputs, grad, kwargs, steps, fn=None):
     """Device time per forward+backward step of each kernel, in ms: the
     Triton kernels by name, matmuls ("matmul"), everything else ("other"),
-    and their total, from a torch.profiler trace of `steps` steps."""
+    and their total, from a torch.profiler trace of `steps` steps of `fn`
+    (default: the library's `triton_all_attention`)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile
 
-    from keras_allattn.ops.triton_attention import triton_all_attention
+    if fn is None:
+        from keras_allattn.ops.triton_attention import triton_all_attention as fn
 
     args = leaves(inputs)
 
     def step():
-        out = triton_all_attention(**args, **kwargs)
+        out = fn(**args, **kwargs)
         out.backward(grad)
         for t in args.values():
             t.grad = None

@@ -1,0 +1,209 @@
+"""Per-kernel A/B of the Triton kernels against another version of them.
+
+Times the kernels of `keras_allattn.ops.triton_attention` ("current") and
+of a baseline copy of that module read from a file ("baseline", e.g. `git
+show COMMIT:keras_allattn/ops/triton_attention.py > /tmp/baseline.py`) on
+the same inputs in one process, in alternating rounds (current first in
+even rounds, baseline first in odd ones), so that the GPU's clock and the
+machine's state affect both alike: separate calls of
+`triton_kernel_check.py --profile` are compared across machines and
+minutes. The baseline registers its PyTorch operators under a namespace of
+its own (`keras_allattn_baseline::`).
+
+Each round traces `--calls` forward+backward steps of a version with
+`torch.profiler` and sums each kernel's device time (ms a step: the Triton
+kernels by name, "matmul", "other", "total", as `triton_kernel_check.py
+--profile`). The JSON line per configuration gives, per kernel and version,
+[median, min, max] over the rounds, the baseline's median over the
+current one's, and the largest relative difference between the two
+versions' output and gradients (one bf16 step: a variant that computes
+something else shows here).
+
+Usage (on the GPU machine):
+
+    git show 1e3cb1c:keras_allattn/ops/triton_attention.py > /tmp/baseline.py
+    KERAS_BACKEND=torch python3 benchmarks/triton_ab.py --baseline /tmp/baseline.py \\
+        --configs trimmed,fixed1024 --dropout 0.3 --record
+
+Configurations are `triton_kernel_check.py`'s; each version runs its own
+default tiles unless `--tiles` (a JSON dict of `triton_all_attention`
+keyword arguments, e.g. '{"backward": {"dq": [64, 64, 4, 3]}}') gives both
+the same. `--smoke` runs the Triton interpreter on the CPU at the "tiny"
+configuration (a check of this script: its times are host times and mean
+nothing).
+"""
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+if "--smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+import triton_kernel_check as tkc  # noqa: E402
+from _common import commit  # noqa: E402
+from keras_allattn.ops import triton_attention  # noqa: E402
+
+BASELINE_NAMESPACE = "keras_allattn_baseline"
+
+
+def load_module(path):
+    """The module in the file at `path`, under a name of its own, its
+    operators in the namespace `BASELINE_NAMESPACE`."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise SystemExit(f"--baseline must be a file. Received: --baseline {path}")
+    spec = importlib.util.spec_from_file_location("triton_attention_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name in ("FORWARD_OP", "BACKWARD_OP"):
+        namespace, op = getattr(module, name).split("::")
+        setattr(module, name, f"{BASELINE_NAMESPACE}::{op}")
+    return module
+
+
+def host_kernel_ms(fn, inputs, grad, kwargs, steps):
+    """Host time a forward+backward step (`--smoke`: no device trace)."""
+    args = tkc.leaves(inputs)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = fn(**args, **kwargs)
+        out.backward(grad)
+        for t in args.values():
+            t.grad = None
+    return {"total": round((time.perf_counter() - start) * 1e3 / steps, 3)}
+
+
+def compare(name, versions, args):
+    shape = tkc.CONFIGS[name]
+    batch = shape["B"]
+    inputs, grad, kwargs = tkc.make_inputs(shape, batch, torch.bfloat16, args.device)
+    drop, _ = tkc.dropout_kwargs(inputs, args.dropout)
+    kw = dict(kwargs, **drop, **args.tiles)
+    results = {v: tkc.forward_backward(fn, inputs, grad, **kw) for v, fn in versions.items()}
+    difference = max(
+        tkc.rel_errors(results["baseline"], results["current"]).values(),
+        key=lambda e: -1.0 if e is None else e,
+    )
+    del results
+    times = {v: {} for v in versions}
+    for r in range(args.rounds):
+        order = ("current", "baseline") if r % 2 == 0 else ("baseline", "current")
+        for version in order:
+            if args.smoke:
+                ms = host_kernel_ms(versions[version], inputs, grad, kw, args.calls)
+            else:
+                ms = tkc.profile_kernels(inputs, grad, kw, args.calls, fn=versions[version])
+            for kernel, value in ms.items():
+                times[version].setdefault(kernel, []).append(value)
+    result = {"config": name, "rounds": args.rounds, "calls": args.calls,
+              "dropout": args.dropout, "tiles": args.tiles,
+              "max_rel_difference": difference}
+    kernels = sorted(set(times["current"]) | set(times["baseline"]),
+                     key=lambda k: (k == "total", k))
+    for kernel in kernels:
+        for version in versions:
+            samples = times[version].get(kernel)
+            if samples:
+                result[f"{version}_{kernel}_ms"] = [
+                    round(statistics.median(samples), 3), round(min(samples), 3),
+                    round(max(samples), 3),
+                ]
+        if f"current_{kernel}_ms" in result and f"baseline_{kernel}_ms" in result:
+            result[f"{kernel}_baseline_over_current"] = round(
+                result[f"baseline_{kernel}_ms"][0] / result[f"current_{kernel}_ms"][0], 3
+            )
+    result["kernels"] = kernels
+    tkc.empty_cache()
+    return result
+
+
+def record(result, baseline_path):
+    medians = ", ".join(
+        f"{k.lstrip('_')} {result[f'current_{k}_ms'][0]} vs {result[f'baseline_{k}_ms'][0]} ms"
+        for k in result["kernels"]
+        if f"current_{k}_ms" in result and f"baseline_{k}_ms" in result
+    )
+    row = (
+        f"| {datetime.date.today()} | triton_ab | {torch.cuda.get_device_name()} | torch | "
+        f"{commit()} | current vs baseline, medians a layer: {medians} | config "
+        f"{result['config']}, baseline {pathlib.Path(baseline_path).name}, tiles "
+        f"{json.dumps(result['tiles']) if result['tiles'] else 'default'}, dropout "
+        f"{result['dropout']}, {result['rounds']} alternating rounds of "
+        f"{result['calls']} steps, max relative difference "
+        f"{result['max_rel_difference']:.2e} |\n"
+    )
+    with open(HERE / "RESULTS.md", "a") as f:
+        f.write(row)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", required=True,
+                        help="a file holding another version of triton_attention.py")
+    parser.add_argument("--configs", default="trimmed,fixed1024",
+                        help="comma-separated triton_kernel_check.py configurations")
+    parser.add_argument("--tiles", default="{}", metavar="JSON",
+                        help="keyword arguments of triton_all_attention given to both "
+                        "versions (default: each version's own tiles)")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--calls", type=int, default=5,
+                        help="forward+backward steps traced a round")
+    parser.add_argument("--dropout", type=float, default=0.3)
+    parser.add_argument("--record", action="store_true",
+                        help="append a row per configuration to benchmarks/RESULTS.md")
+    parser.add_argument("--smoke", action="store_true",
+                        help="Triton interpreter on the CPU, the tiny configuration")
+    args = parser.parse_args()
+    for flag, value in (("--rounds", args.rounds), ("--calls", args.calls)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1. Received: {flag} {value}")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1). Received: --dropout {args.dropout}")
+    try:
+        args.tiles = json.loads(args.tiles)
+    except json.JSONDecodeError as error:
+        parser.error(f"--tiles must be a JSON object ({error}). Received: --tiles {args.tiles}")
+    if not isinstance(args.tiles, dict):
+        parser.error(f"--tiles must be a JSON object. Received: --tiles {args.tiles}")
+    if args.smoke:
+        args.device, names = "cpu", ["tiny"]
+        if args.record:
+            parser.error("--record times a GPU; --smoke runs the interpreter")
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("CUDA is not available: run this on the GPU machine "
+                             "(or --smoke for the interpreter)")
+        args.device = "cuda"
+        names = [n for n in args.configs.split(",") if n]
+    for name in names:
+        if name not in tkc.CONFIGS:
+            parser.error(
+                f"--configs takes names among {sorted(tkc.CONFIGS)}. Received: {name!r}"
+            )
+    tkc.args_global = argparse.Namespace(warmup=25, rep=100)
+    versions = {
+        "current": triton_attention.triton_all_attention,
+        "baseline": load_module(args.baseline).triton_all_attention,
+    }
+    for name in names:
+        result = compare(name, versions, args)
+        print(json.dumps(result), flush=True)
+        if args.record:
+            record(result, args.baseline)
+
+
+if __name__ == "__main__":
+    main()
