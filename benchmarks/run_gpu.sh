@@ -58,6 +58,10 @@
 #   tritonsweep the Triton kernels' tile sweep (SWEEP of
 #          triton_kernel_check.py) with the recipe's dropout at fixed 2048
 #          and at the trimmed adaptive shape, kernel by kernel (issue 13)
+#   tritonab the Triton kernels against each file of TRITON_BASELINES
+#          (other versions of triton_attention.py, e.g. from `git show`),
+#          per kernel in alternating rounds (benchmarks/triton_ab.py) at
+#          the trimmed adaptive shape and fixed 1024, dropout 0.3
 #   hosts  on two GPUs: the 200-step equivalence verdict of 2 devices and
 #          2 processes against one (JAX, PyTorch), against the spread of
 #          three one-ulp nudged one-device runs, deterministic (issue 17)
@@ -492,6 +496,15 @@ tritonsweep)
       --configs trimmed --no-check --no-portable-timing --dropout 0.3 --profile
   }
   lanes ;;
+tritonab)
+  # Code variants of the Triton kernels, kernel by kernel, in one process
+  # with the current module (issue 13): baseline_over_current < 1 means the
+  # variant is faster.
+  for f in ${TRITON_BASELINES:?TRITON_BASELINES: files of other versions of triton_attention.py}; do
+    step "triton_ab_$(basename "$f" .py)" 280 env KERAS_BACKEND=torch \
+      python3 benchmarks/triton_ab.py --baseline "$f" --configs trimmed,fixed1024 \
+      --dropout 0.3 --record
+  done ;;
 hosts)
   # Issue 17 on two GPUs of one host: the 200-step equivalence verdict of
   # 2 devices of one process and of 2 processes against one device, each
