@@ -58,6 +58,9 @@
 #   tritonsweep the Triton kernels' tile sweep (SWEEP of
 #          triton_kernel_check.py) with the recipe's dropout at fixed 2048
 #          and at the trimmed adaptive shape, kernel by kernel (issue 13)
+#   tritonprobe what the Triton kernels' time is made of: dropout 0 against
+#          0.3 (the mask's hash) and the two designs of the position term,
+#          at fixed 2048 and the trimmed adaptive shape, kernel by kernel
 #   tritonab the Triton kernels against each file of TRITON_BASELINES
 #          (other versions of triton_attention.py, e.g. from `git show`),
 #          per kernel in alternating rounds (benchmarks/triton_ab.py) at
@@ -496,6 +499,17 @@ tritonsweep)
       --configs trimmed --no-check --no-portable-timing --dropout 0.3 --profile
   }
   lanes ;;
+tritonprobe)
+  # Where the Triton kernels' time goes at 4 warps (issue 13): the
+  # dropout mask (a 32-bit hash a weight, in each of the three kernels) and
+  # the position term's design (the matmul design moves the (B, H, M, A)
+  # scores and their gradient through memory, the in-kernel one computes
+  # them per tile with atomics for the position gradient).
+  for rate in 0 0.3; do
+    step "triton_probe_dropout$rate" 200 env KERAS_BACKEND=torch python3 benchmarks/triton_kernel_check.py \
+      --configs fixed,trimmed --no-check --no-sweep --no-portable-timing \
+      --dropout $rate --position in_kernel,matmul --profile
+  done ;;
 tritonab)
   # Code variants of the Triton kernels, kernel by kernel, in one process
   # with the current module (issue 13): baseline_over_current < 1 means the
