@@ -20,6 +20,11 @@ Usage (on the GPU machine, Keras importable):
     KERAS_BACKEND=jax python3 benchmarks/pallas_ab.py --baseline /tmp/baseline.py \\
         --configs adaptive_A1280_span1k_bf16,fixed_A1024_bf16 --dropout 0.3 --record
 
+`--tiles JSON` and `--baseline-tiles JSON` set each version's tiles
+(kernel_check's `kernel` options, e.g. '{"backward_blocks": [[64, 64],
+[64, 64, 4, 3]]}'): with the current file as the baseline, a tile shape
+against the default, kernel by kernel.
+
 `--baseline-switch NAME` (repeatable) turns on one of the baseline
 module's profiling switches (`_DEBUG`: `skip_ds_store`, `skip_zero_tiles`,
 `skip_ramp_sum`; the results are then wrong): with the current file as
@@ -66,9 +71,10 @@ def load_module(path):
     return module
 
 
-def kernel_calls(pa, cfg):
-    """kernel name -> (jitted function, arguments) of module `pa`."""
-    kcfg, prepared, ct = kernel_check.prepare_kernels(pa, cfg, jnp.bfloat16, {})
+def kernel_calls(pa, cfg, tiles):
+    """kernel name -> (jitted function, arguments) of module `pa` at the
+    config's tiles updated by `tiles`."""
+    kcfg, prepared, ct = kernel_check.prepare_kernels(pa, cfg, jnp.bfloat16, tiles)
     q = prepared[0]
     fwd = jax.jit(lambda *a: pa._attention_fwd(kcfg, *a))
     _, res = fwd(*prepared)
@@ -93,11 +99,11 @@ def per_call_ms(fn, args, calls):
     return (time.perf_counter() - start) * 1e3 / calls
 
 
-def compare(name, baseline, rounds, calls):
+def compare(name, baseline, rounds, calls, tiles=None, baseline_tiles=None):
     cfg = kernel_check.CONFIGS[name]
     versions = {
-        "current": kernel_calls(pallas_attention, cfg),
-        "baseline": kernel_calls(baseline, cfg),
+        "current": kernel_calls(pallas_attention, cfg, tiles or {}),
+        "baseline": kernel_calls(baseline, cfg, baseline_tiles or {}),
     }
     times = {v: {k: [] for k in KERNELS} for v in versions}
     for r in range(rounds):
@@ -105,7 +111,8 @@ def compare(name, baseline, rounds, calls):
         for version in order:
             for kernel, (fn, args) in versions[version].items():
                 times[version][kernel].append(per_call_ms(fn, args, calls))
-    result = {"config": name, "rounds": rounds, "calls": calls}
+    result = {"config": name, "rounds": rounds, "calls": calls,
+              "tiles": tiles or {}, "baseline_tiles": baseline_tiles or {}}
     for version, kernels in times.items():
         for kernel, samples in kernels.items():
             result[f"{version}_{kernel}_ms"] = [
@@ -117,6 +124,10 @@ def compare(name, baseline, rounds, calls):
             result[f"baseline_{kernel}_ms"][0] / result[f"current_{kernel}_ms"][0], 3
         )
     return result
+
+
+def tiles_text(tiles):
+    return json.dumps(tiles) if tiles else "default"
 
 
 def record(result, baseline_path, switches, dropout):
@@ -131,7 +142,8 @@ def record(result, baseline_path, switches, dropout):
         f"current vs baseline, medians per layer: {medians} | config "
         f"{result['config']}, baseline {pathlib.Path(baseline_path).name}"
         + "".join(f" with {name}" for name in switches)
-        + f", dropout {dropout}, {result['rounds']} alternating rounds of "
+        + f", tiles {tiles_text(result['tiles'])} vs "
+        f"{tiles_text(result['baseline_tiles'])}, dropout {dropout}, {result['rounds']} alternating rounds of "
         f"{result['calls']} calls |\n"
     )
     with open(HERE / "RESULTS.md", "a") as f:
@@ -147,6 +159,12 @@ def main():
                         "module to turn on (repeatable)")
     parser.add_argument("--configs", default="adaptive_A1280_span1k_bf16,fixed_A1024_bf16",
                         help="comma-separated kernel_check.py configurations")
+    parser.add_argument("--tiles", default="{}", metavar="JSON",
+                        help="tile options of the current version (kernel_check "
+                        "`kernel` keys: block_q, block_k, num_warps, num_stages, "
+                        "backward_blocks); default: the config's")
+    parser.add_argument("--baseline-tiles", default="{}", metavar="JSON",
+                        help="the same for the baseline")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--dropout", type=float, default=0.3)
@@ -167,6 +185,16 @@ def main():
                 f"--configs takes names among {sorted(kernel_check.CONFIGS)}. "
                 f"Received: {name!r}"
             )
+    tiles = {}
+    for flag in ("tiles", "baseline_tiles"):
+        text = getattr(args, flag)
+        try:
+            tiles[flag] = json.loads(text)
+        except json.JSONDecodeError as error:
+            parser.error(f"--{flag.replace('_', '-')} must be a JSON object ({error}). "
+                         f"Received: {text}")
+        if not isinstance(tiles[flag], dict):
+            parser.error(f"--{flag.replace('_', '-')} must be a JSON object. Received: {text}")
     kernel_check.DROPOUT[0] = args.dropout
     kernel_check.INTERPRET[0] = args.interpret
     baseline = load_module(args.baseline)
@@ -178,7 +206,8 @@ def main():
             )
         baseline._DEBUG[switch] = True
     for name in names:
-        result = compare(name, baseline, args.rounds, args.calls)
+        result = compare(name, baseline, args.rounds, args.calls,
+                         tiles["tiles"], tiles["baseline_tiles"])
         print(json.dumps(result), flush=True)
         if args.record:
             record(result, args.baseline, args.baseline_switch, args.dropout)

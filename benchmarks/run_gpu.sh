@@ -61,6 +61,9 @@
 #   tritonprobe what the Triton kernels' time is made of: dropout 0 against
 #          0.3 (the mask's hash) and the two designs of the position term,
 #          at fixed 2048 and the trimmed adaptive shape, kernel by kernel
+#   pallassweep Pallas tile shapes against the default tiles, kernel by
+#          kernel in alternating rounds (pallas_ab.py --tiles), at fixed
+#          2048 and the trimmed adaptive shape, dropout 0.3
 #   tritonab the Triton kernels against each file of TRITON_BASELINES
 #          (other versions of triton_attention.py, e.g. from `git show`),
 #          per kernel in alternating rounds (benchmarks/triton_ab.py) at
@@ -509,6 +512,23 @@ tritonprobe)
     step "triton_probe_dropout$rate" 200 env KERAS_BACKEND=torch python3 benchmarks/triton_kernel_check.py \
       --configs fixed,trimmed --no-check --no-sweep --no-portable-timing \
       --dropout $rate --position in_kernel,matmul --profile
+  done ;;
+pallassweep)
+  # Tiles of the Pallas kernels against their defaults (64x64 forward,
+  # dK/dV 64x64, dQ 64x32 with 3 stages, 4 warps), each variant in one
+  # process with the defaults (issue 13): baseline_over_current > 1 means
+  # the variant is faster.
+  pab="python3 benchmarks/pallas_ab.py --baseline keras_allattn/ops/pallas_attention.py
+       --configs enwik8_small_bf16,adaptive_A1280_span1k_bf16 --dropout 0.3 --record"
+  n=0
+  for t in '{"backward_blocks": [[64, 64], [64, 64, 4, 3]]}' \
+           '{"backward_blocks": [[64, 64], [32, 64, 4, 2]]}' \
+           '{"backward_blocks": [[64, 64, 4, 3], [64, 32, 4, 3]]}' \
+           '{"backward_blocks": [[32, 64, 4, 2], [64, 32, 4, 3]]}' \
+           '{"num_stages": 3, "backward_blocks": [[64, 64, 4, 2], [64, 32, 4, 3]]}' \
+           '{"block_q": 128, "num_warps": 8, "backward_blocks": [[64, 64, 4, 2], [64, 32, 4, 3]]}'; do
+    n=$((n + 1))
+    step "pallas_tiles_$n" 150 env KERAS_BACKEND=jax $pab --tiles "$t"
   done ;;
 tritonab)
   # Code variants of the Triton kernels, kernel by kernel, in one process
