@@ -387,6 +387,63 @@ def test_dropout_matches_portable_path_and_reference(case, position, nan_filled_
         assert rel_err(value, plain_grads[name]) > 0.05, name
 
 
+@pytest.mark.parametrize("span", [False, True], ids=["no_span", "span"])
+def test_default_tiles_match_portable(span):
+    """Without tile arguments each kernel runs its entry of `DEFAULT_TILES`
+    (64-row forward tiles, 32-row dQ tiles under a span, 3 stages where
+    measured faster): at shapes several of those tiles wide the kernels
+    agree with the portable path, dropout included."""
+    b, m, h, a = 1, 100, 3, 100
+    inputs, grad = make_inputs(b, m, h, 16, a, 12, seed=11, with_span=span)
+    seed = dropout_seed()
+    keys = attention_dropout_keys(seed, b, h, m).to(DEVICE)
+    options = dict(span_ramp=RAMP, integration="joint")
+    if span:
+        options["max_span"] = MAX_SPAN
+    want = run(
+        portable_all_attention, inputs, grad, torch.float32,
+        dropout_rate=DROPOUT_RATE, dropout_seed=seed, **options,
+    )
+    got = run(
+        triton_all_attention, inputs, grad, torch.float32,
+        dropout_rate=DROPOUT_RATE, dropout_keys=keys, **options,
+    )
+    check(*got, *want, TOL)
+
+
+def test_tiles_fill_in_per_kernel(monkeypatch):
+    """Tiles reach the operator as `DEFAULT_TILES` says: every kernel its
+    own entry (with or without a span) when no tile is named; a named
+    forward tile fills in from the table's forward entry and becomes the
+    backward kernels' default; a `backward` entry fills in from the
+    kernel's default."""
+    calls = []
+
+    def operator(*args):
+        calls.append([tuple(t) for t in args[12:16]])
+        return args[0], None, None
+
+    monkeypatch.setattr(triton_attention, "_build", lambda: operator)
+    inputs, _ = make_inputs(1, 8, 3, 16, 8, 4, seed=5)
+    t = {k: v.float() for k, v in inputs.items()}
+    names = ("forward", "dq", "dkdv", "persistent")
+    for span, table in ((True, "span"), (False, "fixed")):
+        extra = dict(span_ratio=t["span_ratio"], max_span=MAX_SPAN) if span else {}
+
+        def tiles(**options):
+            triton_all_attention(t["query"], t["key"], t["value"],
+                                 t["position_keys"], **extra, **options)
+            return dict(zip(names, calls.pop()))
+
+        default = triton_attention.DEFAULT_TILES[table]
+        assert tiles() == {name: default[name] for name in names}
+        forward = (*default["forward"][:2], 8, default["forward"][3])
+        assert tiles(num_warps=8) == {name: forward for name in names}
+        got = tiles(backward={"dq": (16, 16)})
+        assert got["dq"] == (16, 16, *default["dq"][2:])
+        assert got["dkdv"] == default["dkdv"]
+
+
 def test_dispatcher_picks_the_kernel_with_dropout():
     from keras_allattn.ops import attention
 
