@@ -27,8 +27,10 @@ Usage (on the GPU machine):
 
 Configurations are `triton_kernel_check.py`'s; each version runs its own
 default tiles unless `--tiles` (a JSON dict of `triton_all_attention`
-keyword arguments, e.g. '{"backward": {"dq": [64, 64, 4, 3]}}') gives both
-the same. `--smoke` runs the Triton interpreter on the CPU at the "tiny"
+keyword arguments, e.g. '{"backward": {"dq": [64, 64, 4, 3]}}') gives the
+current version others, and `--baseline-tiles` the baseline (with the
+current file as the baseline: a tile shape against another, kernel by
+kernel). `--smoke` runs the Triton interpreter on the CPU at the "tiny"
 configuration (a check of this script: its times are host times and mean
 nothing).
 """
@@ -91,8 +93,13 @@ def compare(name, versions, args):
     batch = shape["B"]
     inputs, grad, kwargs = tkc.make_inputs(shape, batch, torch.bfloat16, args.device)
     drop, _ = tkc.dropout_kwargs(inputs, args.dropout)
-    kw = dict(kwargs, **drop, **args.tiles)
-    results = {v: tkc.forward_backward(fn, inputs, grad, **kw) for v, fn in versions.items()}
+    kw = {
+        "current": dict(kwargs, **drop, **args.tiles),
+        "baseline": dict(kwargs, **drop, **args.baseline_tiles),
+    }
+    results = {
+        v: tkc.forward_backward(fn, inputs, grad, **kw[v]) for v, fn in versions.items()
+    }
     difference = max(
         tkc.rel_errors(results["baseline"], results["current"]).values(),
         key=lambda e: -1.0 if e is None else e,
@@ -103,13 +110,16 @@ def compare(name, versions, args):
         order = ("current", "baseline") if r % 2 == 0 else ("baseline", "current")
         for version in order:
             if args.smoke:
-                ms = host_kernel_ms(versions[version], inputs, grad, kw, args.calls)
+                ms = host_kernel_ms(versions[version], inputs, grad, kw[version], args.calls)
             else:
-                ms = tkc.profile_kernels(inputs, grad, kw, args.calls, fn=versions[version])
+                ms = tkc.profile_kernels(
+                    inputs, grad, kw[version], args.calls, fn=versions[version]
+                )
             for kernel, value in ms.items():
                 times[version].setdefault(kernel, []).append(value)
     result = {"config": name, "rounds": args.rounds, "calls": args.calls,
               "dropout": args.dropout, "tiles": args.tiles,
+              "baseline_tiles": args.baseline_tiles,
               "max_rel_difference": difference}
     kernels = sorted(set(times["current"]) | set(times["baseline"]),
                      key=lambda k: (k == "total", k))
@@ -140,7 +150,9 @@ def record(result, baseline_path):
         f"| {datetime.date.today()} | triton_ab | {torch.cuda.get_device_name()} | torch | "
         f"{commit()} | current vs baseline, medians a layer: {medians} | config "
         f"{result['config']}, baseline {pathlib.Path(baseline_path).name}, tiles "
-        f"{json.dumps(result['tiles']) if result['tiles'] else 'default'}, dropout "
+        f"{json.dumps(result['tiles']) if result['tiles'] else 'default'} vs "
+        f"{json.dumps(result['baseline_tiles']) if result['baseline_tiles'] else 'default'}, "
+        f"dropout "
         f"{result['dropout']}, {result['rounds']} alternating rounds of "
         f"{result['calls']} steps, max relative difference "
         f"{result['max_rel_difference']:.2e} |\n"
@@ -156,8 +168,10 @@ def main():
     parser.add_argument("--configs", default="trimmed,fixed1024",
                         help="comma-separated triton_kernel_check.py configurations")
     parser.add_argument("--tiles", default="{}", metavar="JSON",
-                        help="keyword arguments of triton_all_attention given to both "
-                        "versions (default: each version's own tiles)")
+                        help="keyword arguments of triton_all_attention for the current "
+                        "version (default: its own tiles)")
+    parser.add_argument("--baseline-tiles", default="{}", metavar="JSON",
+                        help="the same for the baseline")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--calls", type=int, default=5,
                         help="forward+backward steps traced a round")
@@ -172,12 +186,16 @@ def main():
             parser.error(f"{flag} must be at least 1. Received: {flag} {value}")
     if not 0.0 <= args.dropout < 1.0:
         parser.error(f"--dropout must be in [0, 1). Received: --dropout {args.dropout}")
-    try:
-        args.tiles = json.loads(args.tiles)
-    except json.JSONDecodeError as error:
-        parser.error(f"--tiles must be a JSON object ({error}). Received: --tiles {args.tiles}")
-    if not isinstance(args.tiles, dict):
-        parser.error(f"--tiles must be a JSON object. Received: --tiles {args.tiles}")
+    for flag in ("tiles", "baseline_tiles"):
+        text = getattr(args, flag)
+        option = "--" + flag.replace("_", "-")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            parser.error(f"{option} must be a JSON object ({error}). Received: {option} {text}")
+        if not isinstance(value, dict):
+            parser.error(f"{option} must be a JSON object. Received: {option} {text}")
+        setattr(args, flag, value)
     if args.smoke:
         args.device, names = "cpu", ["tiny"]
         if args.record:
