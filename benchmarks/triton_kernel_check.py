@@ -91,6 +91,13 @@ SWEEP = [
     dict(block_k=32),
     dict(block_q=32, num_stages=3),
     dict(block_q=128, block_k=128, num_warps=8),
+    # Query tiles taller than key tiles (the matmul design allows them):
+    # 128 rows for two warpgroups of 8 warps.
+    dict(block_q=128, num_warps=8),
+    dict(block_q=128, num_warps=8, backward={
+        "dq": (64, 64, 4, 3), "dkdv": (64, 64, 4, 2), "persistent": (64, 64, 4, 3)}),
+    dict(backward={"dq": (128, 64, 8, 2)}),
+    dict(backward={"dkdv": (64, 128, 8, 2)}),
     dict(backward={"dq": (32, 64, 4, 2)}),
     dict(backward={"dkdv": (32, 64, 4, 2)}),
     dict(backward={"dq": (64, 64, 4, 3), "dkdv": (64, 64, 4, 3)}),

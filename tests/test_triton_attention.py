@@ -411,6 +411,32 @@ def test_default_tiles_match_portable(span):
     check(*got, *want, TOL)
 
 
+@pytest.mark.parametrize("span", [False, True], ids=["no_span", "span"])
+def test_query_tiles_taller_than_key_tiles_in_the_matmul_design(span):
+    """The matmul position design reads the band from the position scores,
+    so its forward and dQ kernels take query tiles taller than their key
+    tiles (the in-kernel design's skew cannot): they match the portable
+    path, dropout included."""
+    b, m, h, a = 1, 100, 3, 100
+    inputs, grad = make_inputs(b, m, h, 16, a, 12, seed=13, with_span=span)
+    seed = dropout_seed()
+    keys = attention_dropout_keys(seed, b, h, m).to(DEVICE)
+    options = dict(span_ramp=RAMP, integration="joint")
+    if span:
+        options["max_span"] = MAX_SPAN
+    want = run(
+        portable_all_attention, inputs, grad, torch.float32,
+        dropout_rate=DROPOUT_RATE, dropout_seed=seed, **options,
+    )
+    got = run(
+        triton_all_attention, inputs, grad, torch.float32,
+        dropout_rate=DROPOUT_RATE, dropout_keys=keys, position="matmul",
+        block_q=64, block_k=16, backward={"dq": (32, 16), "dkdv": (16, 32)},
+        **options,
+    )
+    check(*got, *want, TOL)
+
+
 def test_tiles_fill_in_per_kernel(monkeypatch):
     """Tiles reach the operator as `DEFAULT_TILES` says: every kernel its
     own entry (with or without a span) when no tile is named; a named
@@ -504,10 +530,10 @@ def test_rejects_bad_arguments():
             t["query"], t["key"], t["value"], t["position_keys"],
             span_ratio=t["span_ratio"],
         )
-    with pytest.raises(ValueError, match="block_q"):
+    with pytest.raises(ValueError, match="block_q <= block_k in the in-kernel"):
         triton_all_attention(
             t["query"], t["key"], t["value"], t["position_keys"],
-            block_q=32, block_k=16,
+            block_q=32, block_k=16, position="in_kernel",
         )
     with pytest.raises(ValueError, match=r"`dropout_rate` must be in \[0, 1\). Received: dropout_rate=1.0"):
         triton_all_attention(

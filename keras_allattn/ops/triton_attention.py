@@ -1260,7 +1260,8 @@ def triton_all_attention(
         span_ramp: int `R`.
         integration: "joint" or "separate".
         block_q, block_k: query and key tiles of the forward kernel (powers
-            of two, >= 16, `block_q <= block_k`); `block_k` also tiles the
+            of two, >= 16; `block_q <= block_k` in the in-kernel position
+            design, whose skew reads one key tile back); `block_k` also tiles the
             persistent vectors.
         num_warps, num_stages: Triton launch options of the forward kernel.
             With none of these four given, every kernel takes its entry of
@@ -1270,9 +1271,9 @@ def triton_all_attention(
         backward: None or a dict overriding the backward kernels' tiles:
             keys "dq", "dkdv", "persistent", values
             `(block_q, block_k[, num_warps[, num_stages]])`; missing
-            entries fill in as said above. "dq" needs `block_q <= block_k`; the dK/dV
-            kernel's position band costs `(block_q + block_k) / block_k`
-            times a `Q K^T` tile, so a smaller block_q is cheaper there.
+            entries fill in as said above. "dq" needs `block_q <= block_k`
+            in the in-kernel design, where the dK/dV kernel's position band
+            costs `(block_q + block_k) / block_k` times a `Q K^T` tile.
         persistent_split: batch split of the persistent-gradient kernel
             (default: about 4 programs per multiprocessor).
         position_grad_replicas: copies of the position-gradient buffer the
@@ -1366,9 +1367,10 @@ def triton_all_attention(
         default = table[name] if tuned else forward
         tiles[name] = _tiles(name, backward.get(name, default), default)
     for name in ("forward", "dq"):
-        if tiles[name][0] > tiles[name][1]:
+        if position == "in_kernel" and tiles[name][0] > tiles[name][1]:
             raise ValueError(
-                f"The {name} kernel needs block_q <= block_k; got {tiles[name][:2]}."
+                f"The {name} kernel needs block_q <= block_k in the in-kernel "
+                f"position design; got {tiles[name][:2]}."
             )
     operator = _build()
     output, _, _ = operator(
