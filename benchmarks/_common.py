@@ -1,6 +1,8 @@
 """Helpers shared by the benchmark scripts: which device, which commit."""
 
+import json
 import os
+import statistics
 import subprocess
 
 from keras_allattn.utils import device_name  # noqa: F401  (re-exported)
@@ -21,3 +23,57 @@ def commit():
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def add_ab_arguments(parser, module, configs, default_configs, calls, tiles_help):
+    """The arguments `pallas_ab.py` and `triton_ab.py` share: the baseline
+    file of `module`, the configurations (names of `configs`), each
+    version's tiles, rounds, calls a round, dropout, `--record`."""
+    parser.add_argument("--baseline", required=True,
+                        help=f"a file holding another version of {module}")
+    parser.add_argument("--configs", default=default_configs,
+                        help=f"comma-separated names among {sorted(configs)}")
+    parser.add_argument("--tiles", default="{}", metavar="JSON",
+                        help=f"{tiles_help} of the current version (default: its own)")
+    parser.add_argument("--baseline-tiles", default="{}", metavar="JSON",
+                        help="the same for the baseline")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--calls", type=int, default=calls,
+                        help="calls timed a round")
+    parser.add_argument("--dropout", type=float, default=0.3)
+    parser.add_argument("--record", action="store_true",
+                        help="append a row per configuration to benchmarks/RESULTS.md")
+
+
+def check_ab_arguments(parser, args, configs):
+    """Validates the shared A/B arguments; parses `--tiles` and
+    `--baseline-tiles` into dicts and `--configs` into `args.names`."""
+    for flag, value in (("--rounds", args.rounds), ("--calls", args.calls)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1. Received: {flag} {value}")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1). Received: --dropout {args.dropout}")
+    for flag in ("tiles", "baseline_tiles"):
+        text = getattr(args, flag)
+        option = "--" + flag.replace("_", "-")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            parser.error(f"{option} must be a JSON object ({error}). Received: {option} {text}")
+        if not isinstance(value, dict):
+            parser.error(f"{option} must be a JSON object. Received: {option} {text}")
+        setattr(args, flag, value)
+    args.names = [n for n in args.configs.split(",") if n]
+    for name in args.names:
+        if name not in configs:
+            parser.error(f"--configs takes names among {sorted(configs)}. Received: {name!r}")
+
+
+def median_min_max(samples):
+    """[median, min, max] of timings, rounded to 3 decimals."""
+    return [round(statistics.median(samples), 3), round(min(samples), 3),
+            round(max(samples), 3)]
+
+
+def tiles_text(tiles):
+    return json.dumps(tiles) if tiles else "default"

@@ -41,7 +41,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import statistics
 import sys
 import time
 
@@ -54,7 +53,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import kernel_check  # noqa: E402
+from _common import add_ab_arguments  # noqa: E402
+from _common import check_ab_arguments  # noqa: E402
 from _common import commit  # noqa: E402
+from _common import median_min_max  # noqa: E402
+from _common import tiles_text  # noqa: E402
 from keras_allattn.ops import pallas_attention  # noqa: E402
 
 KERNELS = ("fwd", "dkdv", "dq")
@@ -115,19 +118,12 @@ def compare(name, baseline, rounds, calls, tiles=None, baseline_tiles=None):
               "tiles": tiles or {}, "baseline_tiles": baseline_tiles or {}}
     for version, kernels in times.items():
         for kernel, samples in kernels.items():
-            result[f"{version}_{kernel}_ms"] = [
-                round(statistics.median(samples), 3), round(min(samples), 3),
-                round(max(samples), 3),
-            ]
+            result[f"{version}_{kernel}_ms"] = median_min_max(samples)
     for kernel in KERNELS:
         result[f"{kernel}_baseline_over_current"] = round(
             result[f"baseline_{kernel}_ms"][0] / result[f"current_{kernel}_ms"][0], 3
         )
     return result
-
-
-def tiles_text(tiles):
-    return json.dumps(tiles) if tiles else "default"
 
 
 def record(result, baseline_path, switches, dropout):
@@ -152,49 +148,19 @@ def record(result, baseline_path, switches, dropout):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", required=True,
-                        help="a file holding another version of pallas_attention.py")
+    add_ab_arguments(
+        parser, "pallas_attention.py", kernel_check.CONFIGS,
+        "adaptive_A1280_span1k_bf16,fixed_A1024_bf16", 20,
+        "tile options (kernel_check `kernel` keys: block_q, block_k, num_warps, "
+        "num_stages, backward_blocks)",
+    )
     parser.add_argument("--baseline-switch", action="append", default=[],
                         metavar="NAME", help="a profiling switch of the baseline "
                         "module to turn on (repeatable)")
-    parser.add_argument("--configs", default="adaptive_A1280_span1k_bf16,fixed_A1024_bf16",
-                        help="comma-separated kernel_check.py configurations")
-    parser.add_argument("--tiles", default="{}", metavar="JSON",
-                        help="tile options of the current version (kernel_check "
-                        "`kernel` keys: block_q, block_k, num_warps, num_stages, "
-                        "backward_blocks); default: the config's")
-    parser.add_argument("--baseline-tiles", default="{}", metavar="JSON",
-                        help="the same for the baseline")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--calls", type=int, default=20)
-    parser.add_argument("--dropout", type=float, default=0.3)
-    parser.add_argument("--record", action="store_true",
-                        help="append a row per configuration to benchmarks/RESULTS.md")
     parser.add_argument("--interpret", action="store_true",
                         help="Pallas interpreter (CPU check of the script)")
     args = parser.parse_args()
-    for flag, value in (("--rounds", args.rounds), ("--calls", args.calls)):
-        if value < 1:
-            parser.error(f"{flag} must be at least 1. Received: {flag} {value}")
-    if not 0.0 <= args.dropout < 1.0:
-        parser.error(f"--dropout must be in [0, 1). Received: --dropout {args.dropout}")
-    names = [n for n in args.configs.split(",") if n]
-    for name in names:
-        if name not in kernel_check.CONFIGS:
-            parser.error(
-                f"--configs takes names among {sorted(kernel_check.CONFIGS)}. "
-                f"Received: {name!r}"
-            )
-    tiles = {}
-    for flag in ("tiles", "baseline_tiles"):
-        text = getattr(args, flag)
-        try:
-            tiles[flag] = json.loads(text)
-        except json.JSONDecodeError as error:
-            parser.error(f"--{flag.replace('_', '-')} must be a JSON object ({error}). "
-                         f"Received: {text}")
-        if not isinstance(tiles[flag], dict):
-            parser.error(f"--{flag.replace('_', '-')} must be a JSON object. Received: {text}")
+    check_ab_arguments(parser, args, kernel_check.CONFIGS)
     kernel_check.DROPOUT[0] = args.dropout
     kernel_check.INTERPRET[0] = args.interpret
     baseline = load_module(args.baseline)
@@ -205,9 +171,9 @@ def main():
                 f"{sorted(getattr(baseline, '_DEBUG', {}))}. Received: {switch!r}"
             )
         baseline._DEBUG[switch] = True
-    for name in names:
+    for name in args.names:
         result = compare(name, baseline, args.rounds, args.calls,
-                         tiles["tiles"], tiles["baseline_tiles"])
+                         args.tiles, args.baseline_tiles)
         print(json.dumps(result), flush=True)
         if args.record:
             record(result, args.baseline, args.baseline_switch, args.dropout)

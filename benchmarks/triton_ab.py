@@ -16,8 +16,8 @@ kernels by name, "matmul", "other", "total", as `triton_kernel_check.py
 --profile`). The JSON line per configuration gives, per kernel and version,
 [median, min, max] over the rounds, the baseline's median over the
 current one's, and the largest relative difference between the two
-versions' output and gradients (one bf16 step: a variant that computes
-something else shows here).
+versions' output and gradients (one bf16 step, float32 with `--smoke`: a
+variant that computes something else shows here; NaN if either has one).
 
 Usage (on the GPU machine):
 
@@ -39,9 +39,9 @@ import argparse
 import datetime
 import importlib.util
 import json
+import math
 import os
 import pathlib
-import statistics
 import sys
 import time
 
@@ -55,7 +55,11 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 import triton_kernel_check as tkc  # noqa: E402
+from _common import add_ab_arguments  # noqa: E402
+from _common import check_ab_arguments  # noqa: E402
 from _common import commit  # noqa: E402
+from _common import median_min_max  # noqa: E402
+from _common import tiles_text  # noqa: E402
 from keras_allattn.ops import triton_attention  # noqa: E402
 
 BASELINE_NAMESPACE = "keras_allattn_baseline"
@@ -91,7 +95,10 @@ def host_kernel_ms(fn, inputs, grad, kwargs, steps):
 def compare(name, versions, args):
     shape = tkc.CONFIGS[name]
     batch = shape["B"]
-    inputs, grad, kwargs = tkc.make_inputs(shape, batch, torch.bfloat16, args.device)
+    # bf16 as trained; float32 in the interpreter, whose bf16 `tl.dot`
+    # multiplies raw bit patterns (see test_triton_attention).
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    inputs, grad, kwargs = tkc.make_inputs(shape, batch, dtype, args.device)
     drop, _ = tkc.dropout_kwargs(inputs, args.dropout)
     kw = {
         "current": dict(kwargs, **drop, **args.tiles),
@@ -100,10 +107,9 @@ def compare(name, versions, args):
     results = {
         v: tkc.forward_backward(fn, inputs, grad, **kw[v]) for v, fn in versions.items()
     }
-    difference = max(
-        tkc.rel_errors(results["baseline"], results["current"]).values(),
-        key=lambda e: -1.0 if e is None else e,
-    )
+    errors = [e for e in tkc.rel_errors(results["baseline"], results["current"]).values()
+              if e is not None]
+    difference = max(errors) if not any(math.isnan(e) for e in errors) else math.nan
     del results
     times = {v: {} for v in versions}
     for r in range(args.rounds):
@@ -127,10 +133,7 @@ def compare(name, versions, args):
         for version in versions:
             samples = times[version].get(kernel)
             if samples:
-                result[f"{version}_{kernel}_ms"] = [
-                    round(statistics.median(samples), 3), round(min(samples), 3),
-                    round(max(samples), 3),
-                ]
+                result[f"{version}_{kernel}_ms"] = median_min_max(samples)
         if f"current_{kernel}_ms" in result and f"baseline_{kernel}_ms" in result:
             result[f"{kernel}_baseline_over_current"] = round(
                 result[f"baseline_{kernel}_ms"][0] / result[f"current_{kernel}_ms"][0], 3
@@ -150,10 +153,8 @@ def record(result, baseline_path):
         f"| {datetime.date.today()} | triton_ab | {torch.cuda.get_device_name()} | torch | "
         f"{commit()} | current vs baseline, medians a layer: {medians} | config "
         f"{result['config']}, baseline {pathlib.Path(baseline_path).name}, tiles "
-        f"{json.dumps(result['tiles']) if result['tiles'] else 'default'} vs "
-        f"{json.dumps(result['baseline_tiles']) if result['baseline_tiles'] else 'default'}, "
-        f"dropout "
-        f"{result['dropout']}, {result['rounds']} alternating rounds of "
+        f"{tiles_text(result['tiles'])} vs {tiles_text(result['baseline_tiles'])}, "
+        f"dropout {result['dropout']}, {result['rounds']} alternating rounds of "
         f"{result['calls']} steps, max relative difference "
         f"{result['max_rel_difference']:.2e} |\n"
     )
@@ -163,39 +164,15 @@ def record(result, baseline_path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", required=True,
-                        help="a file holding another version of triton_attention.py")
-    parser.add_argument("--configs", default="trimmed,fixed1024",
-                        help="comma-separated triton_kernel_check.py configurations")
-    parser.add_argument("--tiles", default="{}", metavar="JSON",
-                        help="keyword arguments of triton_all_attention for the current "
-                        "version (default: its own tiles)")
-    parser.add_argument("--baseline-tiles", default="{}", metavar="JSON",
-                        help="the same for the baseline")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--calls", type=int, default=5,
-                        help="forward+backward steps traced a round")
-    parser.add_argument("--dropout", type=float, default=0.3)
-    parser.add_argument("--record", action="store_true",
-                        help="append a row per configuration to benchmarks/RESULTS.md")
+    add_ab_arguments(
+        parser, "triton_attention.py", tkc.CONFIGS, "trimmed,fixed1024", 5,
+        "keyword arguments of triton_all_attention",
+    )
     parser.add_argument("--smoke", action="store_true",
                         help="Triton interpreter on the CPU, the tiny configuration")
     args = parser.parse_args()
-    for flag, value in (("--rounds", args.rounds), ("--calls", args.calls)):
-        if value < 1:
-            parser.error(f"{flag} must be at least 1. Received: {flag} {value}")
-    if not 0.0 <= args.dropout < 1.0:
-        parser.error(f"--dropout must be in [0, 1). Received: --dropout {args.dropout}")
-    for flag in ("tiles", "baseline_tiles"):
-        text = getattr(args, flag)
-        option = "--" + flag.replace("_", "-")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as error:
-            parser.error(f"{option} must be a JSON object ({error}). Received: {option} {text}")
-        if not isinstance(value, dict):
-            parser.error(f"{option} must be a JSON object. Received: {option} {text}")
-        setattr(args, flag, value)
+    check_ab_arguments(parser, args, tkc.CONFIGS)
+    names = args.names
     if args.smoke:
         args.device, names = "cpu", ["tiny"]
         if args.record:
@@ -205,12 +182,6 @@ def main():
             raise SystemExit("CUDA is not available: run this on the GPU machine "
                              "(or --smoke for the interpreter)")
         args.device = "cuda"
-        names = [n for n in args.configs.split(",") if n]
-    for name in names:
-        if name not in tkc.CONFIGS:
-            parser.error(
-                f"--configs takes names among {sorted(tkc.CONFIGS)}. Received: {name!r}"
-            )
     tkc.args_global = argparse.Namespace(warmup=25, rep=100)
     versions = {
         "current": triton_attention.triton_all_attention,

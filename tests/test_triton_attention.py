@@ -387,14 +387,11 @@ def test_dropout_matches_portable_path_and_reference(case, position, nan_filled_
         assert rel_err(value, plain_grads[name]) > 0.05, name
 
 
-@pytest.mark.parametrize("span", [False, True], ids=["no_span", "span"])
-def test_default_tiles_match_portable(span):
-    """Without tile arguments each kernel runs its entry of `DEFAULT_TILES`
-    (64-row forward tiles, 32-row dQ tiles under a span, 3 stages where
-    measured faster): at shapes several of those tiles wide the kernels
-    agree with the portable path, dropout included."""
+def check_dropout_tiles(span, seed, **tiles):
+    """The kernels at `tiles` against the portable path, dropout included,
+    at shapes several 64-row tiles wide (M = A = 100, three heads)."""
     b, m, h, a = 1, 100, 3, 100
-    inputs, grad = make_inputs(b, m, h, 16, a, 12, seed=11, with_span=span)
+    inputs, grad = make_inputs(b, m, h, 16, a, 12, seed=seed, with_span=span)
     seed = dropout_seed()
     keys = attention_dropout_keys(seed, b, h, m).to(DEVICE)
     options = dict(span_ramp=RAMP, integration="joint")
@@ -406,9 +403,17 @@ def test_default_tiles_match_portable(span):
     )
     got = run(
         triton_all_attention, inputs, grad, torch.float32,
-        dropout_rate=DROPOUT_RATE, dropout_keys=keys, **options,
+        dropout_rate=DROPOUT_RATE, dropout_keys=keys, **tiles, **options,
     )
     check(*got, *want, TOL)
+
+
+@pytest.mark.parametrize("span", [False, True], ids=["no_span", "span"])
+def test_default_tiles_match_portable(span):
+    """Without tile arguments each kernel runs its entry of `DEFAULT_TILES`
+    (64-row forward tiles, 32-row dQ tiles under a span, 3 stages where
+    measured faster): the kernels agree with the portable path."""
+    check_dropout_tiles(span, seed=11)
 
 
 @pytest.mark.parametrize("span", [False, True], ids=["no_span", "span"])
@@ -416,25 +421,11 @@ def test_query_tiles_taller_than_key_tiles_in_the_matmul_design(span):
     """The matmul position design reads the band from the position scores,
     so its forward and dQ kernels take query tiles taller than their key
     tiles (the in-kernel design's skew cannot): they match the portable
-    path, dropout included."""
-    b, m, h, a = 1, 100, 3, 100
-    inputs, grad = make_inputs(b, m, h, 16, a, 12, seed=13, with_span=span)
-    seed = dropout_seed()
-    keys = attention_dropout_keys(seed, b, h, m).to(DEVICE)
-    options = dict(span_ramp=RAMP, integration="joint")
-    if span:
-        options["max_span"] = MAX_SPAN
-    want = run(
-        portable_all_attention, inputs, grad, torch.float32,
-        dropout_rate=DROPOUT_RATE, dropout_seed=seed, **options,
+    path."""
+    check_dropout_tiles(
+        span, seed=13, position="matmul", block_q=64, block_k=16,
+        backward={"dq": (32, 16), "dkdv": (16, 32)},
     )
-    got = run(
-        triton_all_attention, inputs, grad, torch.float32,
-        dropout_rate=DROPOUT_RATE, dropout_keys=keys, position="matmul",
-        block_q=64, block_k=16, backward={"dq": (32, 16), "dkdv": (16, 32)},
-        **options,
-    )
-    check(*got, *want, TOL)
 
 
 def test_tiles_fill_in_per_kernel(monkeypatch):
