@@ -1,7 +1,8 @@
 """Per-kernel A/B of the Pallas kernels against another version of them.
 
-Times the forward, dK/dV and dQ kernels of `keras_allattn.ops.pallas_attention`
-("current") and of a baseline copy of that module read from a file
+Times the forward, dK/dV and dQ kernels and the whole backward ("bwd") of
+`keras_allattn.ops.pallas_attention` ("current") and of a baseline copy of
+that module read from a file
 ("baseline", e.g. `git show COMMIT:keras_allattn/ops/pallas_attention.py >
 /tmp/baseline.py`), on the same inputs in one process, in alternating rounds
 (current first in even rounds, baseline first in odd ones), so that the
@@ -60,7 +61,10 @@ from _common import median_min_max  # noqa: E402
 from _common import tiles_text  # noqa: E402
 from keras_allattn.ops import pallas_attention  # noqa: E402
 
-KERNELS = ("fwd", "dkdv", "dq")
+# The kernels, and "bwd": the whole backward (every kernel, the position
+# gradients' matmuls, the batch chunks), comparable across designs that
+# split the work between the kernels differently.
+KERNELS = ("fwd", "dkdv", "dq", "bwd")
 
 
 def load_module(path):
@@ -84,12 +88,21 @@ def kernel_calls(pa, cfg, tiles):
     qp = jax.jit(lambda q, p: pa._position_scores(kcfg, q, p))(prepared[0], prepared[3])
     do = ct.astype(q.dtype)
     delta, delta_p = jax.jit(lambda r, d: pa._deltas(kcfg, r, d))(res, do)
-    dkdv = jax.jit(lambda r, p, d, dl: pa._dkdv_call(kcfg, r, p, d, dl))
     dq = jax.jit(lambda r, p, d, dl, dp: pa._dq_call(kcfg, r, p, d, dl, dp))
+    if getattr(kcfg, "fused_dq", False):
+        # The dK/dV kernel adds the context share into the dQ kernel's
+        # (persistent) share.
+        dkdv = jax.jit(lambda r, p, d, dl, q_: pa._dkdv_call(kcfg, r, p, d, dl, q_))
+        dkdv_args = (res, qp, do, delta, dq(res, qp, do, delta, delta_p))
+    else:
+        dkdv = jax.jit(lambda r, p, d, dl: pa._dkdv_call(kcfg, r, p, d, dl))
+        dkdv_args = (res, qp, do, delta)
+    bwd = jax.jit(lambda r, d: pa._backward(kcfg, r, d))
     return {
         "fwd": (fwd, tuple(prepared)),
-        "dkdv": (dkdv, (res, qp, do, delta)),
+        "dkdv": (dkdv, dkdv_args),
         "dq": (dq, (res, qp, do, delta, delta_p)),
+        "bwd": (bwd, (res, do)),
     }
 
 

@@ -64,6 +64,8 @@
 #   pallassweep Pallas tile shapes against the default tiles, kernel by
 #          kernel in alternating rounds (pallas_ab.py --tiles), at fixed
 #          2048 and the trimmed adaptive shape, dropout 0.3
+#   pallasab the Pallas kernels against each file of PALLAS_BASELINES
+#          (pallas_ab.py), fixed 2048 and trimmed adaptive, dropout 0.3
 #   tritonab the Triton kernels against each file of TRITON_BASELINES
 #          (other versions of triton_attention.py, e.g. from `git show`),
 #          per kernel in alternating rounds (benchmarks/triton_ab.py) at
@@ -529,6 +531,15 @@ pallassweep)
            '{"block_q": 128, "num_warps": 8, "backward_blocks": [[64, 64, 4, 2], [64, 32, 4, 3]]}'; do
     n=$((n + 1))
     step "pallas_tiles_$n" 150 env KERAS_BACKEND=jax $pab --tiles "$t"
+  done ;;
+pallasab)
+  # Code variants of the Pallas kernels in one process with the current
+  # module (issue 13): baseline_over_current < 1 means the variant is
+  # faster ("bwd" compares whole backward passes).
+  for f in ${PALLAS_BASELINES:?PALLAS_BASELINES: files of other versions of pallas_attention.py}; do
+    step "pallas_ab_$(basename "$f" .py)" 280 env KERAS_BACKEND=jax \
+      python3 benchmarks/pallas_ab.py --baseline "$f" \
+      --configs enwik8_small_bf16,adaptive_A1280_span1k_bf16 --dropout 0.3 --record
   done ;;
 tritonab)
   # Code variants of the Triton kernels, kernel by kernel, in one process
