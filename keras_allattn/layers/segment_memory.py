@@ -18,8 +18,9 @@ def ring_storage(backend=None):
     unless the environment variable `KERAS_ALLATTN_TORCH_RING` is off
     (1/true/yes/on or 0/false/no/off, default on: on an H200 the compiled
     enwik8_small step at adaptive spans ~1024 ran 158,223 tokens/s with the
-    ring against 153,078 rotating the memory, and fixed 1024 171,426
-    against 171,541). Read when a memory is built."""
+    ring against 153,078 rotating the memory in the same call, and fixed
+    1024 171,426 against 171,541 in another). Read when a memory is
+    built."""
     backend = backend or keras.backend.backend()
     if backend == "jax":
         return True
