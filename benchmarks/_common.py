@@ -1,7 +1,10 @@
 """Helpers shared by the benchmark scripts: which device, which commit."""
 
+import datetime
+import importlib.util
 import json
 import os
+import pathlib
 import statistics
 import subprocess
 
@@ -77,3 +80,34 @@ def median_min_max(samples):
 
 def tiles_text(tiles):
     return json.dumps(tiles) if tiles else "default"
+
+
+def append_ab_row(benchmark, device, backend, result, kernels, per, details):
+    """Appends an A/B script's row to RESULTS.md: the medians of every
+    kernel both versions ran (`{kernel}_current_ms` / `_baseline_ms` of
+    `result`, "per" a layer or per layer), then `details`."""
+    medians = ", ".join(
+        f"{k.lstrip('_')} {result[f'current_{k}_ms'][0]} vs "
+        f"{result[f'baseline_{k}_ms'][0]} ms"
+        for k in kernels
+        if f"current_{k}_ms" in result and f"baseline_{k}_ms" in result
+    )
+    row = (
+        f"| {datetime.date.today()} | {benchmark} | {device} | {backend} | {commit()} | "
+        f"current vs baseline, medians {per}: {medians} | {details} |\n"
+    )
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
+              "a") as f:
+        f.write(row)
+
+
+def load_module_file(path, name):
+    """The module in the file at `path` (an A/B script's `--baseline`),
+    imported under `name`."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise SystemExit(f"--baseline must be a file. Received: --baseline {path}")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

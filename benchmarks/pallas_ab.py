@@ -37,8 +37,6 @@ Pallas interpreter (a CPU check of this script; its times mean nothing).
 """
 
 import argparse
-import datetime
-import importlib.util
 import json
 import os
 import pathlib
@@ -55,8 +53,9 @@ import jax.numpy as jnp  # noqa: E402
 
 import kernel_check  # noqa: E402
 from _common import add_ab_arguments  # noqa: E402
+from _common import append_ab_row  # noqa: E402
 from _common import check_ab_arguments  # noqa: E402
-from _common import commit  # noqa: E402
+from _common import load_module_file  # noqa: E402
 from _common import median_min_max  # noqa: E402
 from _common import tiles_text  # noqa: E402
 from keras_allattn.ops import pallas_attention  # noqa: E402
@@ -69,14 +68,7 @@ KERNELS = ("fwd", "dkdv", "dq", "bwd")
 
 def load_module(path):
     """The module in the file at `path`, under a name of its own."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise SystemExit(f"--baseline must be a file. Received: --baseline {path}")
-    spec = importlib.util.spec_from_file_location("pallas_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+    return load_module_file(path, "pallas_baseline")
 
 def kernel_calls(pa, cfg, tiles):
     """kernel name -> (jitted function, arguments) of module `pa` at the
@@ -141,22 +133,15 @@ def compare(name, baseline, rounds, calls, tiles=None, baseline_tiles=None):
 
 def record(result, baseline_path, switches, dropout):
     device = jax.devices()[0]
-    kind = getattr(device, "device_kind", str(device))
-    medians = ", ".join(
-        f"{k} {result[f'current_{k}_ms'][0]} vs {result[f'baseline_{k}_ms'][0]} ms"
-        for k in KERNELS
-    )
-    row = (
-        f"| {datetime.date.today()} | pallas_ab | {kind} | jax | {commit()} | "
-        f"current vs baseline, medians per layer: {medians} | config "
-        f"{result['config']}, baseline {pathlib.Path(baseline_path).name}"
+    append_ab_row(
+        "pallas_ab", getattr(device, "device_kind", str(device)), "jax", result,
+        KERNELS, "per layer",
+        f"config {result['config']}, baseline {pathlib.Path(baseline_path).name}"
         + "".join(f" with {name}" for name in switches)
         + f", tiles {tiles_text(result['tiles'])} vs "
-        f"{tiles_text(result['baseline_tiles'])}, dropout {dropout}, {result['rounds']} alternating rounds of "
-        f"{result['calls']} calls |\n"
+        f"{tiles_text(result['baseline_tiles'])}, dropout {dropout}, "
+        f"{result['rounds']} alternating rounds of {result['calls']} calls",
     )
-    with open(HERE / "RESULTS.md", "a") as f:
-        f.write(row)
 
 
 def main():

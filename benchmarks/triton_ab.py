@@ -36,8 +36,6 @@ nothing).
 """
 
 import argparse
-import datetime
-import importlib.util
 import json
 import math
 import os
@@ -56,8 +54,9 @@ import torch  # noqa: E402
 
 import triton_kernel_check as tkc  # noqa: E402
 from _common import add_ab_arguments  # noqa: E402
+from _common import append_ab_row  # noqa: E402
 from _common import check_ab_arguments  # noqa: E402
-from _common import commit  # noqa: E402
+from _common import load_module_file  # noqa: E402
 from _common import median_min_max  # noqa: E402
 from _common import tiles_text  # noqa: E402
 from keras_allattn.ops import triton_attention  # noqa: E402
@@ -68,12 +67,7 @@ BASELINE_NAMESPACE = "keras_allattn_baseline"
 def load_module(path):
     """The module in the file at `path`, under a name of its own, its
     operators in the namespace `BASELINE_NAMESPACE`."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise SystemExit(f"--baseline must be a file. Received: --baseline {path}")
-    spec = importlib.util.spec_from_file_location("triton_attention_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_module_file(path, "triton_attention_baseline")
     for name in ("FORWARD_OP", "BACKWARD_OP"):
         namespace, op = getattr(module, name).split("::")
         setattr(module, name, f"{BASELINE_NAMESPACE}::{op}")
@@ -144,22 +138,15 @@ def compare(name, versions, args):
 
 
 def record(result, baseline_path):
-    medians = ", ".join(
-        f"{k.lstrip('_')} {result[f'current_{k}_ms'][0]} vs {result[f'baseline_{k}_ms'][0]} ms"
-        for k in result["kernels"]
-        if f"current_{k}_ms" in result and f"baseline_{k}_ms" in result
-    )
-    row = (
-        f"| {datetime.date.today()} | triton_ab | {torch.cuda.get_device_name()} | torch | "
-        f"{commit()} | current vs baseline, medians a layer: {medians} | config "
-        f"{result['config']}, baseline {pathlib.Path(baseline_path).name}, tiles "
+    append_ab_row(
+        "triton_ab", torch.cuda.get_device_name(), "torch", result, result["kernels"],
+        "a layer",
+        f"config {result['config']}, baseline {pathlib.Path(baseline_path).name}, tiles "
         f"{tiles_text(result['tiles'])} vs {tiles_text(result['baseline_tiles'])}, "
         f"dropout {result['dropout']}, {result['rounds']} alternating rounds of "
         f"{result['calls']} steps, max relative difference "
-        f"{result['max_rel_difference']:.2e} |\n"
+        f"{result['max_rel_difference']:.2e}",
     )
-    with open(HERE / "RESULTS.md", "a") as f:
-        f.write(row)
 
 
 def main():
