@@ -439,13 +439,13 @@ def _fwd_kernel(
 
 
 def _bwd_dq_kernel(
-    Q, K, V, POS, QP, MK, MV, Z, RK, DO, LSE_C, LSE_P, DEL_C, DEL_P, DQ, DPOS, DS, DZP,
+    Q, K, V, POS, QP, MK, MV, Z, RK, DO, LSE_C, LSE_P, DEL_C, DEL_P, DQ, DPOS, DS,
     s_qb, s_qm, s_qh, s_kb, s_km, s_kh, s_vb, s_vm, s_vh, s_ob, s_om, s_oh,
     s_mkh, s_mkn, s_mvh, s_mvn, s_pb, s_pm, s_ph,
-    H, M, A, N, max_span, span_ramp, scale_log2, scale, dz_coef, REPLICAS,
+    H, M, A, N, max_span, span_ramp, scale_log2, scale, REPLICAS,
     keep_threshold, drop_scale,
     HAS_SPAN: tl.constexpr, HAS_PERS: tl.constexpr, NEED_DPOS: tl.constexpr,
-    NEED_DZ: tl.constexpr, HAS_DROPOUT: tl.constexpr, POS_MATMUL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, POS_MATMUL: tl.constexpr,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -499,7 +499,6 @@ def _bwd_dq_kernel(
         # part can be kept in the operand dtype without rounding anything
         # twice.
         g_pend = tl.full([BQ, BK], 0.0, op_dtype)
-    dz_acc = tl.full([BQ], 0.0, tl.float32)
     dq = tl.full([BQ, BD], 0.0, tl.float32)
     for j0 in range(j_lo, j_hi, BK):
         j = j0 + offs_b
@@ -521,26 +520,6 @@ def _bwd_dq_kernel(
         if HAS_DROPOUT:  # d loss / d weight before dropout
             dp = dp * _dropout_factor(rk, A + i[:, None] - j[None, :], keep_threshold, drop_scale)
         ds = prob * (dp - del_c[:, None])  # d loss / d logit (natural units)
-        if HAS_SPAN:
-            if NEED_DZ:
-                # d loss / d z = (L / R) sum_r dL/dm(r) over the distances
-                # whose unclipped mask x(r) = (R + z L - r + 1) / R lies in
-                # [0, 1] (the clip passes the gradient there, boundaries
-                # included, as torch's clamp does), with
-                # dL/dm(r) = exp(s(r) - lse) (dP(r) - Delta): the weight the
-                # key would have at m = 1 (a / m inside the ramp; also defined
-                # where m = 0 exactly, which log m cannot express).
-                # Only tiles whose distances reach the ramp contribute: the
-                # others skip this second exponential.
-                r_tile_lo = (A + i0 - j0 - BK + 1) * 1.0
-                r_tile_hi = (A + i0 + BQ - 1 - j0) * 1.0
-                if (r_tile_hi >= top + 1.0 - span_ramp) & (r_tile_lo <= top + 1.0):
-                    r_f = (A + i[:, None] - j[None, :]).to(tl.float32)
-                    x_mask = ((top - r_f) + 1.0) / span_ramp
-                    ramp = (x_mask >= 0.0) & (x_mask <= 1.0) & (r_f >= 1.0) & (r_f <= A)
-                    ramp = ramp & (i[:, None] < M)
-                    p_raw = tl.math.exp2(tl.where(ramp, s_raw - lse_c[:, None], float("-inf")))
-                    dz_acc += tl.reduce(p_raw * (dp - del_c[:, None]), 1, _sum_combine)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
         if POS_MATMUL:
             # d loss / d QP: the position scores enter the logits times
@@ -591,17 +570,16 @@ def _bwd_dq_kernel(
     dq_off = b * s_qb + h * s_qh + i[:, None] * s_qm + offs_d[None, :]
     tl.store(DQ + dq_off, (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
-    if HAS_SPAN:
-        if NEED_DZ:
-            tl.store(DZP + bh * tl.num_programs(0) + pid_q, tl.reduce(dz_acc, 0, _sum_combine) * dz_coef)
 
 
 def _bwd_dkdv_kernel(
-    Q, K, V, POS, QP, Z, RK, DO, LSE_C, DEL_C, DK, DV,
+    Q, K, V, POS, QP, Z, RK, DO, LSE_C, DEL_C, DK, DV, DZP,
     s_qb, s_qm, s_qh, s_kb, s_km, s_kh, s_vb, s_vm, s_vh, s_ob, s_om, s_oh,
     s_pb, s_pm, s_ph,
-    H, M, A, max_span, span_ramp, scale_log2, scale, keep_threshold, drop_scale,
-    HAS_SPAN: tl.constexpr, HAS_DROPOUT: tl.constexpr, POS_MATMUL: tl.constexpr,
+    H, M, A, max_span, span_ramp, scale_log2, scale, dz_coef,
+    keep_threshold, drop_scale,
+    HAS_SPAN: tl.constexpr, NEED_DZ: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, POS_MATMUL: tl.constexpr,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -629,8 +607,9 @@ def _bwd_dkdv_kernel(
         qp_base = QP + b.to(tl.int64) * s_pb + h * s_ph
     dk = tl.full([BK, BD], 0.0, tl.float32)
     dv = tl.full([BK, BD], 0.0, tl.float32)
+    dz_acc = tl.full([BK], 0.0, tl.float32)
     # Two loops, the query tiles within the span first, then the edge tiles
-    # (the span mask): neither branches in its body.
+    # (the span mask, and the span gradient): neither branches in its body.
     i_mid = _inside_tiles(i_lo, i_hi, A + i_lo + BQ - 1 - j0, top, span_ramp, BQ, HAS_SPAN)
     for part in tl.static_range(2):
         for i0 in range(i_lo + part * (i_mid - i_lo), i_mid + part * (i_hi - i_mid), BQ):
@@ -652,7 +631,8 @@ def _bwd_dkdv_kernel(
                     i0 + offs_b, i, BQ, BK, BQ,
                 )
             x = tl.dot(q, tl.trans(k), input_precision=PREC) + band
-            s = _context_logits(x * scale_log2, i, j, A, M, top, span_ramp, 0, HAS_SPAN, part)
+            s_raw = x * scale_log2
+            s = _context_logits(s_raw, i, j, A, M, top, span_ramp, 0, HAS_SPAN, part)
             prob = tl.math.exp2(s - lse[:, None])
             dropped = prob
             if HAS_DROPOUT:
@@ -666,6 +646,25 @@ def _bwd_dkdv_kernel(
             if HAS_DROPOUT:
                 dp = dp * keep
             ds = prob * (dp - dl[:, None])
+            if HAS_SPAN:
+                if NEED_DZ:
+                    if part == 1:
+                        # d loss / d z = (L / R) sum_r dL/dm(r) over the
+                        # distances whose unclipped mask x(r) = (R + z L -
+                        # r + 1) / R lies in [0, 1] (the clip passes the
+                        # gradient there, boundaries included, as torch's
+                        # clamp does), with dL/dm(r) = exp(s(r) - lse)
+                        # (dP(r) - Delta): the weight the key would have
+                        # at m = 1 (a / m inside the ramp; also defined
+                        # where m = 0 exactly, which log m cannot express).
+                        # Only edge tiles reach the ramp: the tiles inside
+                        # `z L` end below x = 1.
+                        r_f = (A + i[:, None] - j[None, :]).to(tl.float32)
+                        x_mask = ((top - r_f) + 1.0) / span_ramp
+                        ramp = (x_mask >= 0.0) & (x_mask <= 1.0) & (r_f >= 1.0) & (r_f <= A)
+                        ramp = ramp & row_ok[:, None]
+                        p_raw = tl.math.exp2(tl.where(ramp, s_raw - lse[:, None], float("-inf")))
+                        dz_acc += tl.reduce(p_raw * (dp - dl[:, None]), 0, _sum_combine)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
 
     kv_mask = (j[:, None] < total) & (offs_d[None, :] < D)
@@ -673,6 +672,10 @@ def _bwd_dkdv_kernel(
              (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * s_vb + h * s_vh + j[:, None] * s_vm + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
+    if HAS_SPAN:
+        if NEED_DZ:
+            tl.store(DZP + bh * tl.num_programs(0) + pid_k,
+                     tl.reduce(dz_acc, 0, _sum_combine) * dz_coef)
 
 
 def _bwd_persistent_kernel(
@@ -1032,8 +1035,9 @@ def _register_operators(torch, triton):
             if replicas is None:
                 replicas = 8 if dev.type == "cuda" else 1
             replicas = max(1, min(int(replicas), B * H))
-        dzp = torch.zeros((B * H * nq,), device=dev, dtype=torch.float32)
         dkdv_tiles = cfg["dkdv"]
+        nk = triton.cdiv(A + M, dkdv_tiles[1])
+        dzp = torch.zeros((B * H * nk,), device=dev, dtype=torch.float32)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
         dpos_out = q.new_empty((0,))
@@ -1059,31 +1063,32 @@ def _register_operators(torch, triton):
             _bwd_dq_kernel[(nq, nbh)](
                 q[rows], k[rows], v[rows], pos, qp, mk_arg, mv_arg, z_arg, rk_arg[rows],
                 do[rows], lse_c[bh], lse_p[bh], del_c[bh], del_p[bh], dq[rows], dpos, ds,
-                dzp[rows.start * H * nq:rows.stop * H * nq],
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
                 do.stride(0), do.stride(1), do.stride(2),
                 mk_arg.stride(0), mk_arg.stride(1), mv_arg.stride(0), mv_arg.stride(1),
                 qp.stride(0), qp.stride(1), qp.stride(2),
-                H, M, A, N, max_span, ramp, scale_log2, scale,
-                (max_span / ramp) if has_span else 0.0, replicas, *drop,
+                H, M, A, N, max_span, ramp, scale_log2, scale, replicas, *drop,
                 HAS_SPAN=has_span, HAS_PERS=has_pers,
-                NEED_DPOS=need_dpos, NEED_DZ=need_dz, HAS_DROPOUT=has_dropout,
+                NEED_DPOS=need_dpos, HAS_DROPOUT=has_dropout,
                 POS_MATMUL=pos_matmul,
                 D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
                 **launch_options(tiles),
             )
-            _bwd_dkdv_kernel[(triton.cdiv(A + M, dkdv_tiles[1]), nbh)](
+            _bwd_dkdv_kernel[(nk, nbh)](
                 q[rows], k[rows], v[rows], pos, qp, z_arg, rk_arg[rows], do[rows],
                 lse_c[bh], del_c[bh], dk[rows], dv[rows],
+                dzp[rows.start * H * nk:rows.stop * H * nk],
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
                 do.stride(0), do.stride(1), do.stride(2),
                 qp.stride(0), qp.stride(1), qp.stride(2),
-                H, M, A, max_span, ramp, scale_log2, scale, *drop,
-                HAS_SPAN=has_span, HAS_DROPOUT=has_dropout, POS_MATMUL=pos_matmul,
+                H, M, A, max_span, ramp, scale_log2, scale,
+                (max_span / ramp) if has_span else 0.0, *drop,
+                HAS_SPAN=has_span, NEED_DZ=need_dz,
+                HAS_DROPOUT=has_dropout, POS_MATMUL=pos_matmul,
                 D=D, BQ=dkdv_tiles[0], BK=dkdv_tiles[1], BD=bd, PREC=prec,
                 **launch_options(dkdv_tiles),
             )
@@ -1129,7 +1134,7 @@ def _register_operators(torch, triton):
             dmk = part_k.sum(0).to(mk.dtype)
             dmv = part_v.sum(0).to(mv.dtype)
         if need_dz:
-            dz = dzp.view(B, H, nq).sum((0, 2)).to(z.dtype)
+            dz = dzp.view(B, H, nk).sum((0, 2)).to(z.dtype)
         return dq, dk, dv, dpos_out, dmk, dmv, dz
 
     @backward.register_fake
