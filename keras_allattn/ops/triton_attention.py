@@ -445,10 +445,13 @@ def _bwd_dq_kernel(
     H, M, A, N, max_span, span_ramp, scale_log2, scale, REPLICAS,
     keep_threshold, drop_scale,
     HAS_SPAN: tl.constexpr, HAS_PERS: tl.constexpr, NEED_DPOS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, POS_MATMUL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, POS_MATMUL: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    """dQ of a query tile: the context keys' share (unless `HAS_CONTEXT` is
+    off: the dK/dV kernel then adds it, `FUSED_DQ`) and the persistent
+    vectors' share."""
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -480,76 +483,77 @@ def _bwd_dq_kernel(
     j_lo = tl.maximum(i0, A + i0 - r_bound)
     j_hi = tl.minimum(A + i0 + BQ - 1, total - 1)
 
-    if POS_MATMUL:
-        qp_base = QP + b.to(tl.int64) * s_pb + h * s_ph
-        ds_base = DS + b.to(tl.int64) * s_pb + h * s_ph
-        # dS is zero at the distances beyond the span (keys before j_lo):
-        # write those entries of the band too, so that every entry of the
-        # (M, A) layout is written once (the buffer is not cleared).
-        for t in range(0, (j_lo - i0 + BK - 1) // BK):
-            jz = j_lo - (t + 1) * BK + offs_b
-            _store_band(ds_base, i, jz, s_pm, A, M, tl.full([BQ, BK], 0.0, tl.float32))
-    else:
-        # (a, u) -> key column b = a + u of the tile for distance chunk
-        # c0 + u ("cur") and b = a + u - BK for chunk c0 - BK + u ("prev").
-        c_prev = j_lo - i0 - BK
-        p_prev = _load_cols(POS, c_prev + offs_b, D, A, offs_d, D, BD).to(q.dtype)
-        qp_prev = tl.dot(q, p_prev, input_precision=PREC)
-        # The two parts of a chunk have disjoint supports, so the pending
-        # part can be kept in the operand dtype without rounding anything
-        # twice.
-        g_pend = tl.full([BQ, BK], 0.0, op_dtype)
     dq = tl.full([BQ, BD], 0.0, tl.float32)
-    for j0 in range(j_lo, j_hi, BK):
-        j = j0 + offs_b
-        c0 = j0 - i0
-        kt = _load_cols(k_base, j, s_km, total, offs_d, D, BD)
+    if HAS_CONTEXT:
         if POS_MATMUL:
-            band = _load_band(qp_base, i, j, s_pm, A, M)
+            qp_base = QP + b.to(tl.int64) * s_pb + h * s_ph
+            ds_base = DS + b.to(tl.int64) * s_pb + h * s_ph
+            # dS is zero at the distances beyond the span (keys before j_lo):
+            # write those entries of the band too, so that every entry of the
+            # (M, A) layout is written once (the buffer is not cleared).
+            for t in range(0, (j_lo - i0 + BK - 1) // BK):
+                jz = j_lo - (t + 1) * BK + offs_b
+                _store_band(ds_base, i, jz, s_pm, A, M, tl.full([BQ, BK], 0.0, tl.float32))
         else:
-            p_cur = _load_cols(POS, c0 + offs_b, D, A, offs_d, D, BD).to(q.dtype)
-            qp_cur = tl.dot(q, p_cur, input_precision=PREC)
-            band = _band(qp_cur, qp_prev, j, j0 + offs_a, BQ, BK, BK)
-        x = tl.dot(q, kt, input_precision=PREC) + band
-        s_raw = x * scale_log2
-        s = _context_logits(s_raw, i, j, A, M, top, span_ramp,
-                            A + i0 + BQ - 1 - j0, HAS_SPAN, 2)
-        prob = tl.math.exp2(s - lse_c[:, None])
-        vt = _load_cols(v_base, j, s_vm, total, offs_d, D, BD)
-        dp = tl.dot(do.to(vt.dtype), vt, input_precision=PREC)
-        if HAS_DROPOUT:  # d loss / d weight before dropout
-            dp = dp * _dropout_factor(rk, A + i[:, None] - j[None, :], keep_threshold, drop_scale)
-        ds = prob * (dp - del_c[:, None])  # d loss / d logit (natural units)
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
-        if POS_MATMUL:
-            # d loss / d QP: the position scores enter the logits times
-            # `scale`, as q . k does.
-            _store_band(ds_base, i, j, s_pm, A, M, ds * scale)
-        else:
-            # Unskew dS into distance chunks; the "prev" chunk is now complete.
-            ds_low = ds.to(op_dtype)
-            a_plus_u = j[None, :] + offs_a[:, None] - j0  # loop-varying on purpose
-            g_cur = tl.where(
-                a_plus_u < BK, tl.gather(ds_low, tl.minimum(a_plus_u, BK - 1), 1), 0.0
-            )
-            g_low = tl.where(
-                a_plus_u >= BK, tl.gather(ds_low, tl.maximum(a_plus_u - BK, 0), 1), g_pend
-            )
+            # (a, u) -> key column b = a + u of the tile for distance chunk
+            # c0 + u ("cur") and b = a + u - BK for chunk c0 - BK + u ("prev").
+            c_prev = j_lo - i0 - BK
+            p_prev = _load_cols(POS, c_prev + offs_b, D, A, offs_d, D, BD).to(q.dtype)
+            qp_prev = tl.dot(q, p_prev, input_precision=PREC)
+            # The two parts of a chunk have disjoint supports, so the pending
+            # part can be kept in the operand dtype without rounding anything
+            # twice.
+            g_pend = tl.full([BQ, BK], 0.0, op_dtype)
+        for j0 in range(j_lo, j_hi, BK):
+            j = j0 + offs_b
+            c0 = j0 - i0
+            kt = _load_cols(k_base, j, s_km, total, offs_d, D, BD)
+            if POS_MATMUL:
+                band = _load_band(qp_base, i, j, s_pm, A, M)
+            else:
+                p_cur = _load_cols(POS, c0 + offs_b, D, A, offs_d, D, BD).to(q.dtype)
+                qp_cur = tl.dot(q, p_cur, input_precision=PREC)
+                band = _band(qp_cur, qp_prev, j, j0 + offs_a, BQ, BK, BK)
+            x = tl.dot(q, kt, input_precision=PREC) + band
+            s_raw = x * scale_log2
+            s = _context_logits(s_raw, i, j, A, M, top, span_ramp,
+                                A + i0 + BQ - 1 - j0, HAS_SPAN, 2)
+            prob = tl.math.exp2(s - lse_c[:, None])
+            vt = _load_cols(v_base, j, s_vm, total, offs_d, D, BD)
+            dp = tl.dot(do.to(vt.dtype), vt, input_precision=PREC)
+            if HAS_DROPOUT:  # d loss / d weight before dropout
+                dp = dp * _dropout_factor(rk, A + i[:, None] - j[None, :], keep_threshold, drop_scale)
+            ds = prob * (dp - del_c[:, None])  # d loss / d logit (natural units)
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+            if POS_MATMUL:
+                # d loss / d QP: the position scores enter the logits times
+                # `scale`, as q . k does.
+                _store_band(ds_base, i, j, s_pm, A, M, ds * scale)
+            else:
+                # Unskew dS into distance chunks; the "prev" chunk is now complete.
+                ds_low = ds.to(op_dtype)
+                a_plus_u = j[None, :] + offs_a[:, None] - j0  # loop-varying on purpose
+                g_cur = tl.where(
+                    a_plus_u < BK, tl.gather(ds_low, tl.minimum(a_plus_u, BK - 1), 1), 0.0
+                )
+                g_low = tl.where(
+                    a_plus_u >= BK, tl.gather(ds_low, tl.maximum(a_plus_u - BK, 0), 1), g_pend
+                )
+                dq += tl.dot(g_low, tl.trans(p_prev), input_precision=PREC)
+                if NEED_DPOS:
+                    dpos = tl.dot(tl.trans(q), g_low, input_precision=PREC) * scale
+                    _add_position_grad(DPOS, c_prev + offs_b, offs_d, dpos, A, D, BD)
+                g_pend = g_cur.to(op_dtype)
+                p_prev = p_cur
+                qp_prev = qp_cur
+                c_prev = c0
+        if not POS_MATMUL:
+            # Flush the last chunk.
+            g_low = g_pend
             dq += tl.dot(g_low, tl.trans(p_prev), input_precision=PREC)
             if NEED_DPOS:
                 dpos = tl.dot(tl.trans(q), g_low, input_precision=PREC) * scale
                 _add_position_grad(DPOS, c_prev + offs_b, offs_d, dpos, A, D, BD)
-            g_pend = g_cur.to(op_dtype)
-            p_prev = p_cur
-            qp_prev = qp_cur
-            c_prev = c0
-    if not POS_MATMUL:
-        # Flush the last chunk.
-        g_low = g_pend
-        dq += tl.dot(g_low, tl.trans(p_prev), input_precision=PREC)
-        if NEED_DPOS:
-            dpos = tl.dot(tl.trans(q), g_low, input_precision=PREC) * scale
-            _add_position_grad(DPOS, c_prev + offs_b, offs_d, dpos, A, D, BD)
 
     if HAS_PERS:
         lse_p = tl.load(LSE_P + bh * M + i, mask=row_ok, other=0.0)
@@ -573,16 +577,20 @@ def _bwd_dq_kernel(
 
 
 def _bwd_dkdv_kernel(
-    Q, K, V, POS, QP, Z, RK, DO, LSE_C, DEL_C, DK, DV, DZP,
+    Q, K, V, POS, QP, Z, RK, DO, LSE_C, DEL_C, DK, DV, DZP, DQ, DS,
     s_qb, s_qm, s_qh, s_kb, s_km, s_kh, s_vb, s_vm, s_vh, s_ob, s_om, s_oh,
     s_pb, s_pm, s_ph,
     H, M, A, max_span, span_ramp, scale_log2, scale, dz_coef,
     keep_threshold, drop_scale,
     HAS_SPAN: tl.constexpr, NEED_DZ: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, POS_MATMUL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, POS_MATMUL: tl.constexpr, FUSED_DQ: tl.constexpr,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    """dK, dV of a key tile (and the span gradient of its edge tiles). With
+    `FUSED_DQ` (matmul position design only) also the context keys' share
+    of dQ, added into the float32 `DQ` with atomics, and dS into the band
+    layout `DS`: the dQ kernel then recomputes no context tile."""
     pid_k = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -605,6 +613,9 @@ def _bwd_dkdv_kernel(
 
     if POS_MATMUL:
         qp_base = QP + b.to(tl.int64) * s_pb + h * s_ph
+    if FUSED_DQ:
+        ds_base = DS + b.to(tl.int64) * s_pb + h * s_ph
+        dq_base = DQ + b * s_qb + h * s_qh
     dk = tl.full([BK, BD], 0.0, tl.float32)
     dv = tl.full([BK, BD], 0.0, tl.float32)
     dz_acc = tl.full([BK], 0.0, tl.float32)
@@ -666,6 +677,21 @@ def _bwd_dkdv_kernel(
                         p_raw = tl.math.exp2(tl.where(ramp, s_raw - lse[:, None], float("-inf")))
                         dz_acc += tl.reduce(p_raw * (dp - dl[:, None]), 0, _sum_combine)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+            if FUSED_DQ:
+                # d loss / d QP: the position scores enter the logits times
+                # `scale`, as q . k does.
+                _store_band(ds_base, i, j, s_pm, A, M, ds * scale)
+                dq_part = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale
+                tl.atomic_add(dq_base + i[:, None] * s_qm + offs_d[None, :], dq_part,
+                              mask=row_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
+    if FUSED_DQ:
+        # dS is zero where the span masks every key of the tile (queries
+        # past i_hi that still hold the keys in their band): write those
+        # entries too, so that every entry of the (M, A) layout is written.
+        i_end = i_lo + (tl.maximum(i_hi - i_lo, 0) + BQ - 1) // BQ * BQ
+        for i0 in range(i_end, tl.minimum(M, j0 + BK), BQ):
+            _store_band(ds_base, i0 + offs_a, j, s_pm, A, M,
+                        tl.full([BQ, BK], 0.0, tl.float32))
 
     kv_mask = (j[:, None] < total) & (offs_d[None, :] < D)
     tl.store(DK + b * s_kb + h * s_kh + j[:, None] * s_km + offs_d[None, :],
@@ -1041,6 +1067,10 @@ def _register_operators(torch, triton):
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
         dpos_out = q.new_empty((0,))
+        # The context keys' share of dQ in the dK/dV kernel (atomics into
+        # float32, after the dQ kernel stored the persistent vectors'
+        # share): matmul design, not in deterministic mode.
+        fused = pos_matmul and not cfg["deterministic"]
         if pos_matmul:
             # The kernel's share of dQ in float32 (the position share is
             # added outside).
@@ -1072,14 +1102,14 @@ def _register_operators(torch, triton):
                 H, M, A, N, max_span, ramp, scale_log2, scale, replicas, *drop,
                 HAS_SPAN=has_span, HAS_PERS=has_pers,
                 NEED_DPOS=need_dpos, HAS_DROPOUT=has_dropout,
-                POS_MATMUL=pos_matmul,
+                POS_MATMUL=pos_matmul, HAS_CONTEXT=not fused,
                 D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
                 **launch_options(tiles),
             )
             _bwd_dkdv_kernel[(nk, nbh)](
                 q[rows], k[rows], v[rows], pos, qp, z_arg, rk_arg[rows], do[rows],
                 lse_c[bh], del_c[bh], dk[rows], dv[rows],
-                dzp[rows.start * H * nk:rows.stop * H * nk],
+                dzp[rows.start * H * nk:rows.stop * H * nk], dq[rows], ds,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
@@ -1088,7 +1118,7 @@ def _register_operators(torch, triton):
                 H, M, A, max_span, ramp, scale_log2, scale,
                 (max_span / ramp) if has_span else 0.0, *drop,
                 HAS_SPAN=has_span, NEED_DZ=need_dz,
-                HAS_DROPOUT=has_dropout, POS_MATMUL=pos_matmul,
+                HAS_DROPOUT=has_dropout, POS_MATMUL=pos_matmul, FUSED_DQ=fused,
                 D=D, BQ=dkdv_tiles[0], BK=dkdv_tiles[1], BD=bd, PREC=prec,
                 **launch_options(dkdv_tiles),
             )
