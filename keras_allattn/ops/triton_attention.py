@@ -705,14 +705,17 @@ def _bwd_dkdv_kernel(
 
 
 def _bwd_persistent_kernel(
-    Q, MK, MV, RK, DO, LSE_P, DEL_P, DMK, DMV,
+    Q, MK, MV, RK, DO, LSE_P, DEL_P, DMK, DMV, DQ,
     s_qb, s_qm, s_qh, s_ob, s_om, s_oh, s_mkh, s_mkn, s_mvh, s_mvn,
     B, H, M, N, scale_log2, scale, SPLIT, keep_threshold, drop_scale,
     V_DTYPE_REF,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr,
     D: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    """d persistent keys and values per (persistent tile, head, batch
+    split); with `FUSED_DQ` also the persistent vectors' share of dQ,
+    added into the float32 `DQ` with atomics (no dQ kernel then)."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.program_id(2)
@@ -747,6 +750,12 @@ def _bwd_persistent_kernel(
                 dp = dp * keep
             ds = prob * (dp - dl[:, None])
             dmk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+            if FUSED_DQ:
+                dq_part = tl.dot(ds.to(mk.dtype), mk, input_precision=PREC) * scale
+                tl.atomic_add(
+                    DQ + b * s_qb + h * s_qh + i[:, None] * s_qm + offs_d[None, :],
+                    dq_part, mask=row_ok[:, None] & (offs_d[None, :] < D), sem="relaxed",
+                )
     off = (sp * H + h) * N * D + n[:, None] * D + offs_d[None, :]
     mask = (n[:, None] < N) & (offs_d[None, :] < D)
     tl.store(DMK + off, dmk * scale, mask=mask)
@@ -1072,9 +1081,14 @@ def _register_operators(torch, triton):
         # share): matmul design, not in deterministic mode.
         fused = pos_matmul and not cfg["deterministic"]
         if pos_matmul:
-            # The kernel's share of dQ in float32 (the position share is
-            # added outside).
-            dq = torch.empty(q.shape, device=dev, dtype=torch.float32)
+            # The kernels' share of dQ in float32 (the position share is
+            # added outside). Fused, every share is added into it: the
+            # context keys' by the dK/dV kernel, the persistent vectors' by
+            # theirs (atomics), the position term's by a matmul; no dQ
+            # kernel.
+            dq = (torch.zeros if fused else torch.empty)(
+                q.shape, device=dev, dtype=torch.float32
+            )
             dpos = q.new_empty((0,))
             p = position_keys.to(q.dtype)
             dpos_acc = None
@@ -1090,22 +1104,23 @@ def _register_operators(torch, triton):
             # dS = d loss / d QP in QP's layout, every entry written by the
             # kernel (matmul design; a placeholder otherwise).
             ds = _DS_BUFFER(qp) if pos_matmul else q.new_empty((0,))
-            _bwd_dq_kernel[(nq, nbh)](
-                q[rows], k[rows], v[rows], pos, qp, mk_arg, mv_arg, z_arg, rk_arg[rows],
-                do[rows], lse_c[bh], lse_p[bh], del_c[bh], del_p[bh], dq[rows], dpos, ds,
-                q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2),
-                do.stride(0), do.stride(1), do.stride(2),
-                mk_arg.stride(0), mk_arg.stride(1), mv_arg.stride(0), mv_arg.stride(1),
-                qp.stride(0), qp.stride(1), qp.stride(2),
-                H, M, A, N, max_span, ramp, scale_log2, scale, replicas, *drop,
-                HAS_SPAN=has_span, HAS_PERS=has_pers,
-                NEED_DPOS=need_dpos, HAS_DROPOUT=has_dropout,
-                POS_MATMUL=pos_matmul, HAS_CONTEXT=not fused,
-                D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
-                **launch_options(tiles),
-            )
+            if not fused:
+                _bwd_dq_kernel[(nq, nbh)](
+                    q[rows], k[rows], v[rows], pos, qp, mk_arg, mv_arg, z_arg, rk_arg[rows],
+                    do[rows], lse_c[bh], lse_p[bh], del_c[bh], del_p[bh], dq[rows], dpos, ds,
+                    q.stride(0), q.stride(1), q.stride(2),
+                    k.stride(0), k.stride(1), k.stride(2),
+                    v.stride(0), v.stride(1), v.stride(2),
+                    do.stride(0), do.stride(1), do.stride(2),
+                    mk_arg.stride(0), mk_arg.stride(1), mv_arg.stride(0), mv_arg.stride(1),
+                    qp.stride(0), qp.stride(1), qp.stride(2),
+                    H, M, A, N, max_span, ramp, scale_log2, scale, replicas, *drop,
+                    HAS_SPAN=has_span, HAS_PERS=has_pers,
+                    NEED_DPOS=need_dpos, HAS_DROPOUT=has_dropout,
+                    POS_MATMUL=pos_matmul, HAS_CONTEXT=not fused,
+                    D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
+                    **launch_options(tiles),
+                )
             _bwd_dkdv_kernel[(nk, nbh)](
                 q[rows], k[rows], v[rows], pos, qp, z_arg, rk_arg[rows], do[rows],
                 lse_c[bh], del_c[bh], dk[rows], dv[rows],
@@ -1132,16 +1147,9 @@ def _register_operators(torch, triton):
                     part = torch.matmul(q[rows].reshape(-1, D).t(), ds.reshape(-1, A))
                     dpos_acc = part.float() if dpos_acc is None else dpos_acc + part.float()
             del ds
-        if pos_matmul:
-            dq = dq.to(q.dtype)
-            if need_dpos:
-                dpos_out = dpos_acc.to(position_keys.dtype)
-        elif need_dpos:
-            dpos_out = dpos.sum(0).t().to(position_keys.dtype).contiguous()
-
         # Outputs must not alias each other: one empty tensor each.
         dmk, dmv, dz = (q.new_empty((0,)) for _ in range(3))
-        if has_pers and need_pers:
+        if has_pers and (need_pers or fused):
             tiles = cfg["persistent"]
             n_tiles = triton.cdiv(N, tiles[1])
             split = cfg["persistent_split"]
@@ -1151,18 +1159,26 @@ def _register_operators(torch, triton):
             part_k = torch.empty((split, H, N, D), device=dev, dtype=torch.float32)
             part_v = torch.empty_like(part_k)
             _bwd_persistent_kernel[(n_tiles, H, split)](
-                q, mk, mv, rk_arg, do, lse_p, del_p, part_k, part_v,
+                q, mk, mv, rk_arg, do, lse_p, del_p, part_k, part_v, dq,
                 q.stride(0), q.stride(1), q.stride(2),
                 do.stride(0), do.stride(1), do.stride(2),
                 mk.stride(0), mk.stride(1), mv.stride(0), mv.stride(1),
                 B, H, M, N, scale_log2, scale, split, *drop,
                 v,
-                HAS_DROPOUT=has_dropout,
+                HAS_DROPOUT=has_dropout, FUSED_DQ=fused,
                 D=D, BQ=tiles[0], BN=tiles[1], BD=bd, PREC=prec,
                 **launch_options(tiles),
             )
-            dmk = part_k.sum(0).to(mk.dtype)
-            dmv = part_v.sum(0).to(mv.dtype)
+            if need_pers:
+                dmk = part_k.sum(0).to(mk.dtype)
+                dmv = part_v.sum(0).to(mv.dtype)
+        if pos_matmul:
+            dq = dq.to(q.dtype)
+            if need_dpos:
+                dpos_out = dpos_acc.to(position_keys.dtype)
+        elif need_dpos:
+            dpos_out = dpos.sum(0).t().to(position_keys.dtype).contiguous()
+
         if need_dz:
             dz = dzp.view(B, H, nk).sum((0, 2)).to(z.dtype)
         return dq, dk, dv, dpos_out, dmk, dmv, dz
