@@ -65,8 +65,13 @@ def kernels(has_span, head_dim):
         "forward": (triton_attention._fwd_kernel,
                     dict(base, HAS_PERS=True, SEPARATE=False)),
         "dq": (triton_attention._bwd_dq_kernel,
-               dict(base, HAS_PERS=True, NEED_DPOS=False, NEED_DZ=has_span)),
-        "dkdv": (triton_attention._bwd_dkdv_kernel, base),
+               dict(base, HAS_PERS=True, NEED_DPOS=False, HAS_CONTEXT=True)),
+        "dq_persistent": (triton_attention._bwd_dq_kernel,
+                          dict(base, HAS_PERS=True, NEED_DPOS=False, HAS_CONTEXT=False)),
+        "dkdv": (triton_attention._bwd_dkdv_kernel,
+                 dict(base, NEED_DZ=has_span, FUSED_DQ=False)),
+        "dkdv_fused": (triton_attention._bwd_dkdv_kernel,
+                       dict(base, NEED_DZ=has_span, FUSED_DQ=True)),
     }
 
 

@@ -439,16 +439,19 @@ def _fwd_kernel(
 
 
 def _bwd_dq_kernel(
-    Q, K, V, POS, QP, MK, MV, Z, RK, DO, LSE_C, LSE_P, DEL_C, DEL_P, DQ, DPOS, DS, DZP,
+    Q, K, V, POS, QP, MK, MV, Z, RK, DO, LSE_C, LSE_P, DEL_C, DEL_P, DQ, DPOS, DS,
     s_qb, s_qm, s_qh, s_kb, s_km, s_kh, s_vb, s_vm, s_vh, s_ob, s_om, s_oh,
     s_mkh, s_mkn, s_mvh, s_mvn, s_pb, s_pm, s_ph,
-    H, M, A, N, max_span, span_ramp, scale_log2, scale, dz_coef, REPLICAS,
+    H, M, A, N, max_span, span_ramp, scale_log2, scale, REPLICAS,
     keep_threshold, drop_scale,
     HAS_SPAN: tl.constexpr, HAS_PERS: tl.constexpr, NEED_DPOS: tl.constexpr,
-    NEED_DZ: tl.constexpr, HAS_DROPOUT: tl.constexpr, POS_MATMUL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, POS_MATMUL: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    """dQ of a query tile: the context keys' share (unless `HAS_CONTEXT` is
+    off: the dK/dV kernel then adds it, `FUSED_DQ`) and the persistent
+    vectors' share."""
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -480,97 +483,77 @@ def _bwd_dq_kernel(
     j_lo = tl.maximum(i0, A + i0 - r_bound)
     j_hi = tl.minimum(A + i0 + BQ - 1, total - 1)
 
-    if POS_MATMUL:
-        qp_base = QP + b.to(tl.int64) * s_pb + h * s_ph
-        ds_base = DS + b.to(tl.int64) * s_pb + h * s_ph
-        # dS is zero at the distances beyond the span (keys before j_lo):
-        # write those entries of the band too, so that every entry of the
-        # (M, A) layout is written once (the buffer is not cleared).
-        for t in range(0, (j_lo - i0 + BK - 1) // BK):
-            jz = j_lo - (t + 1) * BK + offs_b
-            _store_band(ds_base, i, jz, s_pm, A, M, tl.full([BQ, BK], 0.0, tl.float32))
-    else:
-        # (a, u) -> key column b = a + u of the tile for distance chunk
-        # c0 + u ("cur") and b = a + u - BK for chunk c0 - BK + u ("prev").
-        c_prev = j_lo - i0 - BK
-        p_prev = _load_cols(POS, c_prev + offs_b, D, A, offs_d, D, BD).to(q.dtype)
-        qp_prev = tl.dot(q, p_prev, input_precision=PREC)
-        # The two parts of a chunk have disjoint supports, so the pending
-        # part can be kept in the operand dtype without rounding anything
-        # twice.
-        g_pend = tl.full([BQ, BK], 0.0, op_dtype)
-    dz_acc = tl.full([BQ], 0.0, tl.float32)
     dq = tl.full([BQ, BD], 0.0, tl.float32)
-    for j0 in range(j_lo, j_hi, BK):
-        j = j0 + offs_b
-        c0 = j0 - i0
-        kt = _load_cols(k_base, j, s_km, total, offs_d, D, BD)
+    if HAS_CONTEXT:
         if POS_MATMUL:
-            band = _load_band(qp_base, i, j, s_pm, A, M)
+            qp_base = QP + b.to(tl.int64) * s_pb + h * s_ph
+            ds_base = DS + b.to(tl.int64) * s_pb + h * s_ph
+            # dS is zero at the distances beyond the span (keys before j_lo):
+            # write those entries of the band too, so that every entry of the
+            # (M, A) layout is written once (the buffer is not cleared).
+            for t in range(0, (j_lo - i0 + BK - 1) // BK):
+                jz = j_lo - (t + 1) * BK + offs_b
+                _store_band(ds_base, i, jz, s_pm, A, M, tl.full([BQ, BK], 0.0, tl.float32))
         else:
-            p_cur = _load_cols(POS, c0 + offs_b, D, A, offs_d, D, BD).to(q.dtype)
-            qp_cur = tl.dot(q, p_cur, input_precision=PREC)
-            band = _band(qp_cur, qp_prev, j, j0 + offs_a, BQ, BK, BK)
-        x = tl.dot(q, kt, input_precision=PREC) + band
-        s_raw = x * scale_log2
-        s = _context_logits(s_raw, i, j, A, M, top, span_ramp,
-                            A + i0 + BQ - 1 - j0, HAS_SPAN, 2)
-        prob = tl.math.exp2(s - lse_c[:, None])
-        vt = _load_cols(v_base, j, s_vm, total, offs_d, D, BD)
-        dp = tl.dot(do.to(vt.dtype), vt, input_precision=PREC)
-        if HAS_DROPOUT:  # d loss / d weight before dropout
-            dp = dp * _dropout_factor(rk, A + i[:, None] - j[None, :], keep_threshold, drop_scale)
-        ds = prob * (dp - del_c[:, None])  # d loss / d logit (natural units)
-        if HAS_SPAN:
-            if NEED_DZ:
-                # d loss / d z = (L / R) sum_r dL/dm(r) over the distances
-                # whose unclipped mask x(r) = (R + z L - r + 1) / R lies in
-                # [0, 1] (the clip passes the gradient there, boundaries
-                # included, as torch's clamp does), with
-                # dL/dm(r) = exp(s(r) - lse) (dP(r) - Delta): the weight the
-                # key would have at m = 1 (a / m inside the ramp; also defined
-                # where m = 0 exactly, which log m cannot express).
-                # Only tiles whose distances reach the ramp contribute: the
-                # others skip this second exponential.
-                r_tile_lo = (A + i0 - j0 - BK + 1) * 1.0
-                r_tile_hi = (A + i0 + BQ - 1 - j0) * 1.0
-                if (r_tile_hi >= top + 1.0 - span_ramp) & (r_tile_lo <= top + 1.0):
-                    r_f = (A + i[:, None] - j[None, :]).to(tl.float32)
-                    x_mask = ((top - r_f) + 1.0) / span_ramp
-                    ramp = (x_mask >= 0.0) & (x_mask <= 1.0) & (r_f >= 1.0) & (r_f <= A)
-                    ramp = ramp & (i[:, None] < M)
-                    p_raw = tl.math.exp2(tl.where(ramp, s_raw - lse_c[:, None], float("-inf")))
-                    dz_acc += tl.reduce(p_raw * (dp - del_c[:, None]), 1, _sum_combine)
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
-        if POS_MATMUL:
-            # d loss / d QP: the position scores enter the logits times
-            # `scale`, as q . k does.
-            _store_band(ds_base, i, j, s_pm, A, M, ds * scale)
-        else:
-            # Unskew dS into distance chunks; the "prev" chunk is now complete.
-            ds_low = ds.to(op_dtype)
-            a_plus_u = j[None, :] + offs_a[:, None] - j0  # loop-varying on purpose
-            g_cur = tl.where(
-                a_plus_u < BK, tl.gather(ds_low, tl.minimum(a_plus_u, BK - 1), 1), 0.0
-            )
-            g_low = tl.where(
-                a_plus_u >= BK, tl.gather(ds_low, tl.maximum(a_plus_u - BK, 0), 1), g_pend
-            )
+            # (a, u) -> key column b = a + u of the tile for distance chunk
+            # c0 + u ("cur") and b = a + u - BK for chunk c0 - BK + u ("prev").
+            c_prev = j_lo - i0 - BK
+            p_prev = _load_cols(POS, c_prev + offs_b, D, A, offs_d, D, BD).to(q.dtype)
+            qp_prev = tl.dot(q, p_prev, input_precision=PREC)
+            # The two parts of a chunk have disjoint supports, so the pending
+            # part can be kept in the operand dtype without rounding anything
+            # twice.
+            g_pend = tl.full([BQ, BK], 0.0, op_dtype)
+        for j0 in range(j_lo, j_hi, BK):
+            j = j0 + offs_b
+            c0 = j0 - i0
+            kt = _load_cols(k_base, j, s_km, total, offs_d, D, BD)
+            if POS_MATMUL:
+                band = _load_band(qp_base, i, j, s_pm, A, M)
+            else:
+                p_cur = _load_cols(POS, c0 + offs_b, D, A, offs_d, D, BD).to(q.dtype)
+                qp_cur = tl.dot(q, p_cur, input_precision=PREC)
+                band = _band(qp_cur, qp_prev, j, j0 + offs_a, BQ, BK, BK)
+            x = tl.dot(q, kt, input_precision=PREC) + band
+            s_raw = x * scale_log2
+            s = _context_logits(s_raw, i, j, A, M, top, span_ramp,
+                                A + i0 + BQ - 1 - j0, HAS_SPAN, 2)
+            prob = tl.math.exp2(s - lse_c[:, None])
+            vt = _load_cols(v_base, j, s_vm, total, offs_d, D, BD)
+            dp = tl.dot(do.to(vt.dtype), vt, input_precision=PREC)
+            if HAS_DROPOUT:  # d loss / d weight before dropout
+                dp = dp * _dropout_factor(rk, A + i[:, None] - j[None, :], keep_threshold, drop_scale)
+            ds = prob * (dp - del_c[:, None])  # d loss / d logit (natural units)
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+            if POS_MATMUL:
+                # d loss / d QP: the position scores enter the logits times
+                # `scale`, as q . k does.
+                _store_band(ds_base, i, j, s_pm, A, M, ds * scale)
+            else:
+                # Unskew dS into distance chunks; the "prev" chunk is now complete.
+                ds_low = ds.to(op_dtype)
+                a_plus_u = j[None, :] + offs_a[:, None] - j0  # loop-varying on purpose
+                g_cur = tl.where(
+                    a_plus_u < BK, tl.gather(ds_low, tl.minimum(a_plus_u, BK - 1), 1), 0.0
+                )
+                g_low = tl.where(
+                    a_plus_u >= BK, tl.gather(ds_low, tl.maximum(a_plus_u - BK, 0), 1), g_pend
+                )
+                dq += tl.dot(g_low, tl.trans(p_prev), input_precision=PREC)
+                if NEED_DPOS:
+                    dpos = tl.dot(tl.trans(q), g_low, input_precision=PREC) * scale
+                    _add_position_grad(DPOS, c_prev + offs_b, offs_d, dpos, A, D, BD)
+                g_pend = g_cur.to(op_dtype)
+                p_prev = p_cur
+                qp_prev = qp_cur
+                c_prev = c0
+        if not POS_MATMUL:
+            # Flush the last chunk.
+            g_low = g_pend
             dq += tl.dot(g_low, tl.trans(p_prev), input_precision=PREC)
             if NEED_DPOS:
                 dpos = tl.dot(tl.trans(q), g_low, input_precision=PREC) * scale
                 _add_position_grad(DPOS, c_prev + offs_b, offs_d, dpos, A, D, BD)
-            g_pend = g_cur.to(op_dtype)
-            p_prev = p_cur
-            qp_prev = qp_cur
-            c_prev = c0
-    if not POS_MATMUL:
-        # Flush the last chunk.
-        g_low = g_pend
-        dq += tl.dot(g_low, tl.trans(p_prev), input_precision=PREC)
-        if NEED_DPOS:
-            dpos = tl.dot(tl.trans(q), g_low, input_precision=PREC) * scale
-            _add_position_grad(DPOS, c_prev + offs_b, offs_d, dpos, A, D, BD)
 
     if HAS_PERS:
         lse_p = tl.load(LSE_P + bh * M + i, mask=row_ok, other=0.0)
@@ -591,20 +574,23 @@ def _bwd_dq_kernel(
     dq_off = b * s_qb + h * s_qh + i[:, None] * s_qm + offs_d[None, :]
     tl.store(DQ + dq_off, (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
-    if HAS_SPAN:
-        if NEED_DZ:
-            tl.store(DZP + bh * tl.num_programs(0) + pid_q, tl.reduce(dz_acc, 0, _sum_combine) * dz_coef)
 
 
 def _bwd_dkdv_kernel(
-    Q, K, V, POS, QP, Z, RK, DO, LSE_C, DEL_C, DK, DV,
+    Q, K, V, POS, QP, Z, RK, DO, LSE_C, DEL_C, DK, DV, DZP, DQ, DS,
     s_qb, s_qm, s_qh, s_kb, s_km, s_kh, s_vb, s_vm, s_vh, s_ob, s_om, s_oh,
     s_pb, s_pm, s_ph,
-    H, M, A, max_span, span_ramp, scale_log2, scale, keep_threshold, drop_scale,
-    HAS_SPAN: tl.constexpr, HAS_DROPOUT: tl.constexpr, POS_MATMUL: tl.constexpr,
+    H, M, A, max_span, span_ramp, scale_log2, scale, dz_coef,
+    keep_threshold, drop_scale,
+    HAS_SPAN: tl.constexpr, NEED_DZ: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, POS_MATMUL: tl.constexpr, FUSED_DQ: tl.constexpr,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    """dK, dV of a key tile (and the span gradient of its edge tiles). With
+    `FUSED_DQ` (matmul position design only) also the context keys' share
+    of dQ, added into the float32 `DQ` with atomics, and dS into the band
+    layout `DS`: the dQ kernel then recomputes no context tile."""
     pid_k = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -627,10 +613,14 @@ def _bwd_dkdv_kernel(
 
     if POS_MATMUL:
         qp_base = QP + b.to(tl.int64) * s_pb + h * s_ph
+    if FUSED_DQ:
+        ds_base = DS + b.to(tl.int64) * s_pb + h * s_ph
+        dq_base = DQ + b * s_qb + h * s_qh
     dk = tl.full([BK, BD], 0.0, tl.float32)
     dv = tl.full([BK, BD], 0.0, tl.float32)
+    dz_acc = tl.full([BK], 0.0, tl.float32)
     # Two loops, the query tiles within the span first, then the edge tiles
-    # (the span mask): neither branches in its body.
+    # (the span mask, and the span gradient): neither branches in its body.
     i_mid = _inside_tiles(i_lo, i_hi, A + i_lo + BQ - 1 - j0, top, span_ramp, BQ, HAS_SPAN)
     for part in tl.static_range(2):
         for i0 in range(i_lo + part * (i_mid - i_lo), i_mid + part * (i_hi - i_mid), BQ):
@@ -652,7 +642,8 @@ def _bwd_dkdv_kernel(
                     i0 + offs_b, i, BQ, BK, BQ,
                 )
             x = tl.dot(q, tl.trans(k), input_precision=PREC) + band
-            s = _context_logits(x * scale_log2, i, j, A, M, top, span_ramp, 0, HAS_SPAN, part)
+            s_raw = x * scale_log2
+            s = _context_logits(s_raw, i, j, A, M, top, span_ramp, 0, HAS_SPAN, part)
             prob = tl.math.exp2(s - lse[:, None])
             dropped = prob
             if HAS_DROPOUT:
@@ -666,24 +657,65 @@ def _bwd_dkdv_kernel(
             if HAS_DROPOUT:
                 dp = dp * keep
             ds = prob * (dp - dl[:, None])
+            if HAS_SPAN:
+                if NEED_DZ:
+                    if part == 1:
+                        # d loss / d z = (L / R) sum_r dL/dm(r) over the
+                        # distances whose unclipped mask x(r) = (R + z L -
+                        # r + 1) / R lies in [0, 1] (the clip passes the
+                        # gradient there, boundaries included, as torch's
+                        # clamp does), with dL/dm(r) = exp(s(r) - lse)
+                        # (dP(r) - Delta): the weight the key would have
+                        # at m = 1 (a / m inside the ramp; also defined
+                        # where m = 0 exactly, which log m cannot express).
+                        # Only edge tiles reach the ramp: the tiles inside
+                        # `z L` end below x = 1.
+                        r_f = (A + i[:, None] - j[None, :]).to(tl.float32)
+                        x_mask = ((top - r_f) + 1.0) / span_ramp
+                        ramp = (x_mask >= 0.0) & (x_mask <= 1.0) & (r_f >= 1.0) & (r_f <= A)
+                        ramp = ramp & row_ok[:, None]
+                        p_raw = tl.math.exp2(tl.where(ramp, s_raw - lse[:, None], float("-inf")))
+                        dz_acc += tl.reduce(p_raw * (dp - dl[:, None]), 0, _sum_combine)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+            if FUSED_DQ:
+                # d loss / d QP: the position scores enter the logits times
+                # `scale`, as q . k does.
+                _store_band(ds_base, i, j, s_pm, A, M, ds * scale)
+                dq_part = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale
+                tl.atomic_add(dq_base + i[:, None] * s_qm + offs_d[None, :], dq_part,
+                              mask=row_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
+    if FUSED_DQ:
+        # dS is zero where the span masks every key of the tile (queries
+        # past i_hi that still hold the keys in their band): write those
+        # entries too, so that every entry of the (M, A) layout is written.
+        i_end = i_lo + (tl.maximum(i_hi - i_lo, 0) + BQ - 1) // BQ * BQ
+        for i0 in range(i_end, tl.minimum(M, j0 + BK), BQ):
+            _store_band(ds_base, i0 + offs_a, j, s_pm, A, M,
+                        tl.full([BQ, BK], 0.0, tl.float32))
 
     kv_mask = (j[:, None] < total) & (offs_d[None, :] < D)
     tl.store(DK + b * s_kb + h * s_kh + j[:, None] * s_km + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * s_vb + h * s_vh + j[:, None] * s_vm + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
+    if HAS_SPAN:
+        if NEED_DZ:
+            tl.store(DZP + bh * tl.num_programs(0) + pid_k,
+                     tl.reduce(dz_acc, 0, _sum_combine) * dz_coef)
 
 
 def _bwd_persistent_kernel(
-    Q, MK, MV, RK, DO, LSE_P, DEL_P, DMK, DMV,
+    Q, MK, MV, RK, DO, LSE_P, DEL_P, DMK, DMV, DQ,
     s_qb, s_qm, s_qh, s_ob, s_om, s_oh, s_mkh, s_mkn, s_mvh, s_mvn,
     B, H, M, N, scale_log2, scale, SPLIT, keep_threshold, drop_scale,
     V_DTYPE_REF,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr,
     D: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    """d persistent keys and values per (persistent tile, head, batch
+    split); with `FUSED_DQ` also the persistent vectors' share of dQ,
+    added into the float32 `DQ` with atomics (no dQ kernel then)."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.program_id(2)
@@ -718,6 +750,12 @@ def _bwd_persistent_kernel(
                 dp = dp * keep
             ds = prob * (dp - dl[:, None])
             dmk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+            if FUSED_DQ:
+                dq_part = tl.dot(ds.to(mk.dtype), mk, input_precision=PREC) * scale
+                tl.atomic_add(
+                    DQ + b * s_qb + h * s_qh + i[:, None] * s_qm + offs_d[None, :],
+                    dq_part, mask=row_ok[:, None] & (offs_d[None, :] < D), sem="relaxed",
+                )
     off = (sp * H + h) * N * D + n[:, None] * D + offs_d[None, :]
     mask = (n[:, None] < N) & (offs_d[None, :] < D)
     tl.store(DMK + off, dmk * scale, mask=mask)
@@ -1032,15 +1070,25 @@ def _register_operators(torch, triton):
             if replicas is None:
                 replicas = 8 if dev.type == "cuda" else 1
             replicas = max(1, min(int(replicas), B * H))
-        dzp = torch.zeros((B * H * nq,), device=dev, dtype=torch.float32)
         dkdv_tiles = cfg["dkdv"]
+        nk = triton.cdiv(A + M, dkdv_tiles[1])
+        dzp = torch.zeros((B * H * nk,), device=dev, dtype=torch.float32)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
         dpos_out = q.new_empty((0,))
+        # The context keys' share of dQ in the dK/dV kernel (atomics into
+        # float32, after the dQ kernel stored the persistent vectors'
+        # share): matmul design, not in deterministic mode.
+        fused = pos_matmul and not cfg["deterministic"]
         if pos_matmul:
-            # The kernel's share of dQ in float32 (the position share is
-            # added outside).
-            dq = torch.empty(q.shape, device=dev, dtype=torch.float32)
+            # The kernels' share of dQ in float32 (the position share is
+            # added outside). Fused, every share is added into it: the
+            # context keys' by the dK/dV kernel, the persistent vectors' by
+            # theirs (atomics), the position term's by a matmul; no dQ
+            # kernel.
+            dq = (torch.zeros if fused else torch.empty)(
+                q.shape, device=dev, dtype=torch.float32
+            )
             dpos = q.new_empty((0,))
             p = position_keys.to(q.dtype)
             dpos_acc = None
@@ -1056,34 +1104,36 @@ def _register_operators(torch, triton):
             # dS = d loss / d QP in QP's layout, every entry written by the
             # kernel (matmul design; a placeholder otherwise).
             ds = _DS_BUFFER(qp) if pos_matmul else q.new_empty((0,))
-            _bwd_dq_kernel[(nq, nbh)](
-                q[rows], k[rows], v[rows], pos, qp, mk_arg, mv_arg, z_arg, rk_arg[rows],
-                do[rows], lse_c[bh], lse_p[bh], del_c[bh], del_p[bh], dq[rows], dpos, ds,
-                dzp[rows.start * H * nq:rows.stop * H * nq],
-                q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2),
-                do.stride(0), do.stride(1), do.stride(2),
-                mk_arg.stride(0), mk_arg.stride(1), mv_arg.stride(0), mv_arg.stride(1),
-                qp.stride(0), qp.stride(1), qp.stride(2),
-                H, M, A, N, max_span, ramp, scale_log2, scale,
-                (max_span / ramp) if has_span else 0.0, replicas, *drop,
-                HAS_SPAN=has_span, HAS_PERS=has_pers,
-                NEED_DPOS=need_dpos, NEED_DZ=need_dz, HAS_DROPOUT=has_dropout,
-                POS_MATMUL=pos_matmul,
-                D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
-                **launch_options(tiles),
-            )
-            _bwd_dkdv_kernel[(triton.cdiv(A + M, dkdv_tiles[1]), nbh)](
+            if not fused:
+                _bwd_dq_kernel[(nq, nbh)](
+                    q[rows], k[rows], v[rows], pos, qp, mk_arg, mv_arg, z_arg, rk_arg[rows],
+                    do[rows], lse_c[bh], lse_p[bh], del_c[bh], del_p[bh], dq[rows], dpos, ds,
+                    q.stride(0), q.stride(1), q.stride(2),
+                    k.stride(0), k.stride(1), k.stride(2),
+                    v.stride(0), v.stride(1), v.stride(2),
+                    do.stride(0), do.stride(1), do.stride(2),
+                    mk_arg.stride(0), mk_arg.stride(1), mv_arg.stride(0), mv_arg.stride(1),
+                    qp.stride(0), qp.stride(1), qp.stride(2),
+                    H, M, A, N, max_span, ramp, scale_log2, scale, replicas, *drop,
+                    HAS_SPAN=has_span, HAS_PERS=has_pers,
+                    NEED_DPOS=need_dpos, HAS_DROPOUT=has_dropout,
+                    POS_MATMUL=pos_matmul, HAS_CONTEXT=not fused,
+                    D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
+                    **launch_options(tiles),
+                )
+            _bwd_dkdv_kernel[(nk, nbh)](
                 q[rows], k[rows], v[rows], pos, qp, z_arg, rk_arg[rows], do[rows],
                 lse_c[bh], del_c[bh], dk[rows], dv[rows],
+                dzp[rows.start * H * nk:rows.stop * H * nk], dq[rows], ds,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
                 do.stride(0), do.stride(1), do.stride(2),
                 qp.stride(0), qp.stride(1), qp.stride(2),
-                H, M, A, max_span, ramp, scale_log2, scale, *drop,
-                HAS_SPAN=has_span, HAS_DROPOUT=has_dropout, POS_MATMUL=pos_matmul,
+                H, M, A, max_span, ramp, scale_log2, scale,
+                (max_span / ramp) if has_span else 0.0, *drop,
+                HAS_SPAN=has_span, NEED_DZ=need_dz,
+                HAS_DROPOUT=has_dropout, POS_MATMUL=pos_matmul, FUSED_DQ=fused,
                 D=D, BQ=dkdv_tiles[0], BK=dkdv_tiles[1], BD=bd, PREC=prec,
                 **launch_options(dkdv_tiles),
             )
@@ -1097,16 +1147,9 @@ def _register_operators(torch, triton):
                     part = torch.matmul(q[rows].reshape(-1, D).t(), ds.reshape(-1, A))
                     dpos_acc = part.float() if dpos_acc is None else dpos_acc + part.float()
             del ds
-        if pos_matmul:
-            dq = dq.to(q.dtype)
-            if need_dpos:
-                dpos_out = dpos_acc.to(position_keys.dtype)
-        elif need_dpos:
-            dpos_out = dpos.sum(0).t().to(position_keys.dtype).contiguous()
-
         # Outputs must not alias each other: one empty tensor each.
         dmk, dmv, dz = (q.new_empty((0,)) for _ in range(3))
-        if has_pers and need_pers:
+        if has_pers and (need_pers or fused):
             tiles = cfg["persistent"]
             n_tiles = triton.cdiv(N, tiles[1])
             split = cfg["persistent_split"]
@@ -1116,20 +1159,28 @@ def _register_operators(torch, triton):
             part_k = torch.empty((split, H, N, D), device=dev, dtype=torch.float32)
             part_v = torch.empty_like(part_k)
             _bwd_persistent_kernel[(n_tiles, H, split)](
-                q, mk, mv, rk_arg, do, lse_p, del_p, part_k, part_v,
+                q, mk, mv, rk_arg, do, lse_p, del_p, part_k, part_v, dq,
                 q.stride(0), q.stride(1), q.stride(2),
                 do.stride(0), do.stride(1), do.stride(2),
                 mk.stride(0), mk.stride(1), mv.stride(0), mv.stride(1),
                 B, H, M, N, scale_log2, scale, split, *drop,
                 v,
-                HAS_DROPOUT=has_dropout,
+                HAS_DROPOUT=has_dropout, FUSED_DQ=fused,
                 D=D, BQ=tiles[0], BN=tiles[1], BD=bd, PREC=prec,
                 **launch_options(tiles),
             )
-            dmk = part_k.sum(0).to(mk.dtype)
-            dmv = part_v.sum(0).to(mv.dtype)
+            if need_pers:
+                dmk = part_k.sum(0).to(mk.dtype)
+                dmv = part_v.sum(0).to(mv.dtype)
+        if pos_matmul:
+            dq = dq.to(q.dtype)
+            if need_dpos:
+                dpos_out = dpos_acc.to(position_keys.dtype)
+        elif need_dpos:
+            dpos_out = dpos.sum(0).t().to(position_keys.dtype).contiguous()
+
         if need_dz:
-            dz = dzp.view(B, H, nq).sum((0, 2)).to(z.dtype)
+            dz = dzp.view(B, H, nk).sum((0, 2)).to(z.dtype)
         return dq, dk, dv, dpos_out, dmk, dmv, dz
 
     @backward.register_fake
