@@ -30,7 +30,9 @@ Configurations: "fixed" (A = 2048 attended distances, no adaptive span) and
 "adaptive" (L = A = 8192, span ratios chosen so that the heads' spans are
 about 768..1280, ~1024 on average: the kernel skips the key tiles beyond
 each head's span), "trimmed" (what training at spans of 1024 attends: A =
-1280 rows, every head at 1024) and "fixed1024". One JSON line per configuration (and per tile variant);
+1280 rows, every head at 1024), "fixed1024", and two probes of the
+difference: "fixed1280" (1280 rows, no span) and "spanfull" (every head at
+1024 = A). One JSON line per configuration (and per tile variant);
 errors are caught and printed per configuration.
 
 Usage (on the GPU machine, Keras carried as wheels, see GPU.md):
@@ -68,6 +70,12 @@ CONFIGS = {
     "trimmed": dict(B=64, M=512, H=8, D=64, A=1280, N=1024, max_span=8192, span=1024,
                     uniform=True),
     "fixed1024": dict(B=64, M=512, H=8, D=64, A=1024, N=1024, max_span=None, span=None),
+    # Probes of what "trimmed" adds to "fixed1024": its 1280-row memory
+    # without a span, and a span without the extra rows (every head at
+    # 1024 = A: the band of fixed1024, through the span's code).
+    "fixed1280": dict(B=64, M=512, H=8, D=64, A=1280, N=1024, max_span=None, span=None),
+    "spanfull": dict(B=64, M=512, H=8, D=64, A=1024, N=1024, max_span=8192, span=1024,
+                     uniform=True),
     # For `--smoke` (CPU, Triton interpreter): the script's own logic.
     "tiny": dict(B=2, M=37, H=2, D=16, A=100, N=20, max_span=120, span=40),
 }
