@@ -1243,9 +1243,13 @@ def _precision(fp32_precision):
 # (torch 2.11, triton 3.6) at the enwik8_small layer shapes, bf16, dropout
 # 0.3, D 64 (`benchmarks/triton_kernel_check.py --profile`, RESULTS.md): 4
 # warps took a layer's forward+backward at fixed 2048 from 14.5 ms (8 warps)
-# to 8.4; dQ under a span holds the span gradient too and runs fastest at 32
-# query rows (2.26 ms against 2.47 at trimmed spans), dQ without a span and
-# the persistent kernel at 3 stages.
+# to 8.4; dQ under a span runs fastest at 32 query rows (2.26 ms against
+# 2.47 at trimmed spans), dQ without a span and the persistent kernel at 3
+# stages. In the default mode of the matmul design the dK/dV kernel also
+# adds the context share of dQ (no dQ kernel): under a span (it holds the
+# span gradient too) at 32 query rows, 5.48 ms a layer's forward+backward
+# at trimmed spans against 5.59 at 64 (fixed 1024: 64 rows, 4.38 ms against
+# 4.61 at 32; `benchmarks/triton_ab.py --baseline-tiles`).
 DEFAULT_TILES = {
     "fixed": {
         "forward": (64, 64, 4, 2), "dq": (64, 64, 4, 3),
@@ -1253,7 +1257,7 @@ DEFAULT_TILES = {
     },
     "span": {
         "forward": (64, 64, 4, 3), "dq": (32, 64, 4, 2),
-        "dkdv": (64, 64, 4, 2), "persistent": (64, 64, 4, 3),
+        "dkdv": (32, 64, 4, 2), "persistent": (64, 64, 4, 3),
     },
 }
 
