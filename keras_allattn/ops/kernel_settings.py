@@ -5,13 +5,15 @@
 the kernels and the dispatcher do not import each other back.
 
 - The integration strategies (SPEC §1): `INTEGRATIONS`.
-- Deterministic mode. The Triton (PyTorch) backward adds the position-key
-  gradient with float32 atomics into a few shared buffers, so the order of
-  the additions, hence the rounding, varies from run to run (the Pallas
-  kernels use no atomics and need no mode). `set_deterministic(True)` (or `KERAS_ALLATTN_DETERMINISTIC=1` in the
-  environment, the default until `set_deterministic` is called) gives
-  every kernel program a buffer of its own, summed in a fixed order
-  afterwards. The mode is read when a kernel is called: on PyTorch at
+- Deterministic mode. The Triton (PyTorch) backward adds the query
+  gradient (and, in the in-kernel position design, the position-key
+  gradient) with float32 atomics, so the order of the additions, hence the
+  rounding, varies from run to run (the Pallas kernels use no atomics and
+  need no mode). `set_deterministic(True)` (or
+  `KERAS_ALLATTN_DETERMINISTIC=1` in the environment, the default until
+  `set_deterministic` is called) computes the query gradient in a kernel
+  of its own, one program a query tile, and gives every program its own
+  position-gradient buffer, summed in a fixed order afterwards. The mode is read when a kernel is called: on PyTorch at
   every forward call, on JAX when the function is traced.
 - Tile sizes: a tile (and the head width the kernels tile by) is a power
   of two of at least `MIN_TILE`.

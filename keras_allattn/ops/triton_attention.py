@@ -32,34 +32,40 @@ materialising any (B, H, M, A) tensor in device memory:
     runs; where they would exceed `kernel_settings.position_bytes()`
     (1 GiB) each pass runs its kernels and matmuls over batch chunks, one
     after the other, so the transients do not grow with the span.
-* backward: the flash-attention backward, recomputing the probabilities
-  from the saved log-sum-exp. Three kernels: dQ (with the position-key
-  gradient and the span-ratio gradient), dK/dV, and the persistent
-  keys/values (split over the batch, partial sums added outside). The
-  span-ratio gradient is written as per-program partials and summed
-  outside. The position-key gradient `sum_{b,h,i} dS(i, r) q_i`:
-  - "in_kernel": accumulated by the dQ kernel with float32
-    `tl.atomic_add` into a few replicated buffers (summed outside; not
-    bitwise deterministic: concurrent programs add in varying order).
-  - "matmul": the dQ kernel writes `dS` times the logits' scale (the
-    gradient of QP) into a (B, M, H, A) buffer in QP's skewed layout with
-    one masked store per tile, zeros at the distances the span skips (every
-    entry written once: the buffer is not cleared); two PyTorch matmuls
-    then give the position share of dQ, `dS P^T` (added to the kernel's
-    float32 dQ), and the gradient of position_keys, `Q^T dS` summed over
-    batch rows, heads and queries. No atomics.
-* deterministic mode (`keras_allattn.ops.attention.set_deterministic`,
-  read at each forward call), "in_kernel" design: every dQ program gets a
-  buffer of its own. A program adds each distance column at most once
-  (each chunk is completed once), so every element receives one addition
-  onto zero, and the fixed-order sum outside makes the gradient bitwise
-  reproducible. The cost is `ceil(M / block_q) * B * H` float32 (A, D)
-  buffers: 2 GiB for B = 64, H = 8, M = 512, A = 2048, D = 64 and 64-query
-  dQ tiles (4 MiB otherwise). The other backward outputs are written once
-  per program. The "matmul" design uses no atomics: every output is
-  written by one program or one matmul, so its gradients are bitwise
-  reproducible (same device, shapes and libraries) in every mode, and the
-  switch changes nothing there.
+* backward: the flash-attention backward, recomputing the probabilities from
+  the saved log-sum-exp. The persistent keys/values kernel (split over the
+  batch, partial sums added outside) and the dK/dV kernel (one program a key
+  tile) always run; the dK/dV kernel also writes the span-ratio gradient of
+  its edge tiles as per-program partials, summed outside. The query gradient
+  and the position-key gradient `sum_{b,h,i} dS(i, r) q_i` depend on the
+  design:
+  - "in_kernel": a dQ kernel (one program a query tile) computes dQ and
+    accumulates the position-key gradient with float32 `tl.atomic_add` into
+    a few replicated buffers (summed outside; not bitwise deterministic:
+    concurrent programs add in varying order).
+  - "matmul" (default mode): no dQ kernel. The dK/dV kernel, which
+    recomputes every context tile anyway, adds that tile's share of dQ (`dS
+    K`) into a float32 dQ with atomics and writes `dS` times the logits'
+    scale (the gradient of QP) into a (B, M, H, A) buffer in QP's skewed
+    layout, zeros at the distances the span skips (every entry written once:
+    the buffer is not cleared); the persistent kernel adds the persistent
+    vectors' share of dQ with atomics. Two PyTorch matmuls then give the
+    position share of dQ, `dS P^T`, and the gradient of position_keys, `Q^T
+    dS` summed over batch rows, heads and queries. One pass over the context
+    tiles instead of two; not bitwise deterministic (the atomics).
+* deterministic mode (`keras_allattn.ops.attention.set_deterministic`, read
+  at each forward call): a dQ kernel computes dQ, one program a query tile
+  (in the "matmul" design it writes dS; dK/dV adds no dQ and the persistent
+  kernel no dQ share), so every output is written by one program or one
+  matmul. In the "in_kernel" design every dQ program also gets a
+  position-gradient buffer of its own: a program adds each distance column
+  at most once (each chunk is completed once), so every element receives one
+  addition onto zero, and the fixed-order sum outside makes the gradient
+  bitwise reproducible. The cost is `ceil(M / block_q) * B * H` float32 (A,
+  D) buffers: 2 GiB for B = 64, H = 8, M = 512, A = 2048, D = 64 and
+  64-query dQ tiles (4 MiB otherwise); in the "matmul" design, the second
+  pass over the context tiles (about 12% of a layer's kernels on an H200,
+  RESULTS.md).
 * span-ratio gradient: `dz = (L/R) sum_r exp(s(r) - lse) (dP(r) - Delta)`
   over the distances whose unclipped mask `(R + z L - r + 1) / R` lies in
   [0, 1], boundaries included. Inside the ramp this is the log-space
@@ -1076,9 +1082,9 @@ def _register_operators(torch, triton):
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
         dpos_out = q.new_empty((0,))
-        # The context keys' share of dQ in the dK/dV kernel (atomics into
-        # float32, after the dQ kernel stored the persistent vectors'
-        # share): matmul design, not in deterministic mode.
+        # The context keys' share of dQ in the dK/dV kernel and the
+        # persistent vectors' in theirs (atomics into float32), no dQ
+        # kernel: matmul design, not in deterministic mode.
         fused = pos_matmul and not cfg["deterministic"]
         if pos_matmul:
             # The kernels' share of dQ in float32 (the position share is
@@ -1337,10 +1343,10 @@ def triton_all_attention(
         fp32_precision: `tl.dot` input precision for float32 inputs
             ("ieee" for exact float32, "tf32" for speed). bf16/fp16 inputs
             use their tensor-core path with float32 accumulation.
-        deterministic: bitwise reproducible gradients at the memory cost
-            described in the module docstring; None: the mode of
+        deterministic: bitwise reproducible gradients at the cost
+            described in the module docstring (a separate dQ pass; in the
+            "in_kernel" design, memory); None: the mode of
             `keras_allattn.ops.attention.is_deterministic()` at this call.
-            The "matmul" position design is reproducible in every mode.
         dropout_rate: float in [0, 1), the attention dropout rate.
         dropout_keys: int32 (B, H, M) row keys of the dropout mask
             (`keras_allattn.ops.random.attention_dropout_keys` of the
