@@ -117,6 +117,8 @@ from keras_allattn.ops.kernel_settings import TRITON_POSITIONS
 from keras_allattn.ops.kernel_settings import triton_position
 
 tl = None  # triton.language, bound by `_build`
+libdevice = None  # triton's libdevice, bound by `_build` when compiling
+_mask_log2 = None  # `_mask_log2_fast` or `_mask_log2_exact`, bound by `_build`
 _BUILD_LOCK = threading.Lock()
 _BUILT = None
 
@@ -127,6 +129,8 @@ _JIT_NAMES = (
     "_span_setup",
     "_span_mask",
     "_band",
+    "_mask_log2_exact",
+    "_mask_log2_fast",
     "_context_logits",
     "_inside_tiles",
     "_mix32",
@@ -226,6 +230,14 @@ def _band(qp_hi, qp_lo, cols, rows, BQ: tl.constexpr, BK: tl.constexpr, LO_W: tl
     return tl.where(diff >= 0, hi, lo)
 
 
+def _mask_log2_exact(m):
+    return tl.log2(m)
+
+
+def _mask_log2_fast(m):
+    return libdevice.fast_log2f(m)
+
+
 def _context_logits(x, i, j, A, M, top, span_ramp, r_tile_hi,
                     HAS_SPAN: tl.constexpr, EDGE: tl.constexpr):
     """Masked logits in log2 units: `x` plus `log2 m(r)`, -inf off band.
@@ -243,11 +255,11 @@ def _context_logits(x, i, j, A, M, top, span_ramp, r_tile_hi,
             if r_tile_hi * 1.0 > top + 1.0 - span_ramp:
                 mval = _span_mask(i, j, A, top, span_ramp)
                 valid = valid & (mval > 0.0)
-                x = x + tl.log2(tl.maximum(mval, 1e-30))
+                x = x + _mask_log2(tl.maximum(mval, 1e-30))
         elif EDGE == 1:
             mval = _span_mask(i, j, A, top, span_ramp)
             valid = valid & (mval > 0.0)
-            x = x + tl.log2(tl.maximum(mval, 1e-30))
+            x = x + _mask_log2(tl.maximum(mval, 1e-30))
     return tl.where(valid, x, float("-inf"))
 
 
@@ -649,8 +661,20 @@ def _bwd_dkdv_kernel(
                 )
             x = tl.dot(q, tl.trans(k), input_precision=PREC) + band
             s_raw = x * scale_log2
-            s = _context_logits(s_raw, i, j, A, M, top, span_ramp, 0, HAS_SPAN, part)
-            prob = tl.math.exp2(s - lse[:, None])
+            if HAS_SPAN and part == 1:
+                # Edge tiles: the mask as a factor. `p_raw = exp2(s - lse)`
+                # is the weight the key would have at m = 1, which the span
+                # gradient needs too: one exponential, no logarithm.
+                r_f = (A + i[:, None] - j[None, :]).to(tl.float32)
+                x_mask = ((top - r_f) + 1.0) / span_ramp  # m = clip(x_mask, 0, 1)
+                live = (x_mask >= 0.0) & (r_f >= 1.0) & (r_f <= A) & row_ok[:, None]
+                p_raw = tl.math.exp2(tl.where(live, s_raw - lse[:, None], float("-inf")))
+                # (where m = 0, p_raw may overflow: the factor's zero must
+                # not meet an infinity)
+                prob = tl.where(x_mask > 0.0, p_raw * tl.minimum(x_mask, 1.0), 0.0)
+            else:
+                s = _context_logits(s_raw, i, j, A, M, top, span_ramp, 0, HAS_SPAN, 0)
+                prob = tl.math.exp2(s - lse[:, None])
             dropped = prob
             if HAS_DROPOUT:
                 keep = _dropout_factor(
@@ -671,17 +695,15 @@ def _bwd_dkdv_kernel(
                         # r + 1) / R lies in [0, 1] (the clip passes the
                         # gradient there, boundaries included, as torch's
                         # clamp does), with dL/dm(r) = exp(s(r) - lse)
-                        # (dP(r) - Delta): the weight the key would have
-                        # at m = 1 (a / m inside the ramp; also defined
-                        # where m = 0 exactly, which log m cannot express).
-                        # Only edge tiles reach the ramp: the tiles inside
-                        # `z L` end below x = 1.
-                        r_f = (A + i[:, None] - j[None, :]).to(tl.float32)
-                        x_mask = ((top - r_f) + 1.0) / span_ramp
-                        ramp = (x_mask >= 0.0) & (x_mask <= 1.0) & (r_f >= 1.0) & (r_f <= A)
-                        ramp = ramp & row_ok[:, None]
-                        p_raw = tl.math.exp2(tl.where(ramp, s_raw - lse[:, None], float("-inf")))
-                        dz_acc += tl.reduce(p_raw * (dp - dl[:, None]), 0, _sum_combine)
+                        # (dP(r) - Delta) = p_raw (dP - Delta): the weight
+                        # the key would have at m = 1 (a / m inside the
+                        # ramp; also defined where m = 0 exactly, which
+                        # log m cannot express). Only edge tiles reach the
+                        # ramp: the tiles inside `z L` end below x = 1.
+                        ramp = live & (x_mask <= 1.0)
+                        dz_acc += tl.reduce(
+                            tl.where(ramp, p_raw * (dp - dl[:, None]), 0.0), 0, _sum_combine
+                        )
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
             if FUSED_DQ:
                 # d loss / d QP: the position scores enter the logits times
@@ -827,6 +849,19 @@ def _build():
         module_globals = globals()
         for name in _JIT_NAMES:
             module_globals[name] = triton.jit(module_globals[name])
+        # log2 of the span mask in the edge tiles: the hardware's
+        # approximation when compiled (`lg2.approx`, relative error below
+        # 2^-22; the precise `log2` is a polynomial, 0.06 ms of the
+        # forward's 1.25 a layer at spans 1024 on an H200), the exact one
+        # in the interpreter, which has no libdevice.
+        compiled = isinstance(module_globals["_fwd_kernel"], triton.runtime.JITFunction)
+        if compiled:
+            from triton.language.extra import libdevice
+
+            module_globals["libdevice"] = libdevice
+        module_globals["_mask_log2"] = module_globals[
+            "_mask_log2_fast" if compiled else "_mask_log2_exact"
+        ]
         # The combine functions of `tl.max` / `tl.sum` themselves: the same
         # code when compiled, and the interpreter recognises them (numpy fast
         # path instead of an element-by-element Python loop).
