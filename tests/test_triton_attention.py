@@ -321,6 +321,31 @@ def test_matches_portable(persistent, span, integration, position, nan_filled_ds
     expect_design(position, nan_filled_ds)
 
 
+def test_zero_scores_past_the_span_in_every_row(nan_filled_ds):
+    """The matmul design's dS buffer holds zeros at the distances past a
+    head's span, the first `A - r_bound` columns of every row of its skewed
+    layout; the dK/dV kernel's programs write them in stripes of query
+    rows. Here 300 queries, dK/dV tiles of 16 queries by 128 keys (4 key
+    tiles: each program writes 4 or 5 stripes) and spans of 8 and 14 of
+    A = 200 distances (the computed tiles, 143 distances wide, leave most
+    of those columns to the stripes): an entry the stripes missed keeps
+    the buffer's NaN."""
+    inputs, grad = make_inputs(1, 300, 2, 16, 200, 8, seed=7)
+    inputs["span_ratio"] = torch.tensor([0.0, 0.05], dtype=torch.float64)
+    args, _ = reference_run(inputs, grad, True, True, "joint")
+    options = dict(max_span=MAX_SPAN, span_ramp=RAMP, integration="joint")
+    ref_out, ref_grads = run(
+        portable_all_attention, args, grad, torch.float32, **options
+    )
+    out, grads = run(
+        triton_all_attention, args, grad, torch.float32,
+        block_q=16, block_k=16, backward={"dkdv": (16, 128)}, position="matmul",
+        **options,
+    )
+    check(out, grads, ref_out, ref_grads, TOL)
+    expect_design("matmul", nan_filled_ds)
+
+
 DROPOUT_RATE = 0.3
 DROPOUT_SEED = (123456789, 42)
 
