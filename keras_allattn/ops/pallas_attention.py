@@ -21,7 +21,8 @@ multiply-and-renormalise up to its 1e-8), then one softmax over context and
 persistent logits ("joint") or one softmax each, outputs summed
 ("separate").
 
-Kernels (float32 online softmax and accumulation; nothing of size
+Kernels (float32 online softmax and accumulation, in base 2: the logits
+times `log2 e`, `exp2`, base-2 log-sum-exps; nothing of size
 (B, H, M, A) is kept between the forward and the backward pass). All
 pallas_calls pass Triton `CompilerParams`, which selects the Triton lowering
 (without them recent jax picks Mosaic GPU).
@@ -100,6 +101,7 @@ from keras_allattn.ops.kernel_settings import position_bytes
 from keras_allattn.ops.kernel_settings import is_power_of_two as _is_pow2
 from keras_allattn.ops.kernel_settings import resolve_deterministic
 
+_LOG2_E = 1.4426950408889634  # log2(e)
 # Initial running maximum: finite, so that a row whose logits in a tile are
 # all -inf gives exp(-inf - _M_INIT) = 0 and never NaN.
 _M_INIT = -1e30
@@ -174,6 +176,14 @@ class _Config:
     @property
     def scale(self):
         return 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def scale_log2(self):
+        """The logits' scale in base-2 units: the kernels' exponentials
+        are `exp2` (`__nv_exp2f`, one `ex2.approx`; `exp` lowers to
+        `__nv_expf`, a range reduction around it) and their log-sum-exps
+        base-2 logarithms."""
+        return self.scale * _LOG2_E
 
     @property
     def separate_persistent(self):
@@ -272,13 +282,13 @@ def _context_logits(s, i0, j0, z, cfg, edge):
     j = j0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
     r = cfg.length + i - j
     valid = (r >= 1) & (r <= cfg.length) & (i < cfg.queries)
-    t = s * cfg.scale
+    t = s * cfg.scale_log2
     if cfg.has_span and edge is not False:
 
         def masked(t):
             raw = _span_raw(z, r, cfg)
             return jnp.where(
-                raw > 0.0, t + jnp.log(jnp.clip(raw, 1e-30, 1.0)), -jnp.inf
+                raw > 0.0, t + jnp.log2(jnp.clip(raw, 1e-30, 1.0)), -jnp.inf
             )
 
         if edge is None:  # one token of slack for rounding
@@ -400,8 +410,8 @@ def _online_update(state, t, vals, cfg, keep=None):
     normaliser sums the weights before dropout, the output after)."""
     m_i, l_i, acc = state
     m_new = jnp.maximum(m_i, jnp.max(t, axis=1))
-    alpha = jnp.exp(m_i - m_new)
-    p = jnp.exp(t - m_new[:, None])
+    alpha = jnp.exp2(m_i - m_new)
+    p = jnp.exp2(t - m_new[:, None])
     l_new = l_i * alpha + jnp.sum(p, axis=1)
     acc = acc * alpha[:, None] + _dot_nn(_dropped(p, keep).astype(vals.dtype), vals, cfg)
     return m_new, l_new, acc
@@ -456,7 +466,7 @@ def _dropped(x, keep):
 
 
 def _persistent_logits(q, mk, n0, cfg):
-    u = _dot_nt(q, mk, cfg) * cfg.scale
+    u = _dot_nt(q, mk, cfg) * cfg.scale_log2
     n = n0 + lax.broadcasted_iota(jnp.int32, u.shape, 1)
     return jnp.where(n < cfg.persistent, u, -jnp.inf)
 
@@ -540,7 +550,7 @@ def _fwd_kernel(cfg, *refs):
             state = lax.fori_loop(0, cfg.nn, pers_body, state)
         m_i, l_i, acc = state
         out = acc / l_i[:, None]
-        lse = m_i + jnp.log(l_i)
+        lse = m_i + jnp.log2(l_i)
         if cfg.separate_persistent:
             init = (
                 jnp.full((bq,), _M_INIT, jnp.float32),
@@ -551,7 +561,7 @@ def _fwd_kernel(cfg, *refs):
             out_p = acc_p / l_p[:, None]
             _store_rows(r["o_ctx"], b, i0, h, bq, cfg.queries, out)
             _store_rows(r["o_pers"], b, i0, h, bq, cfg.queries, out_p)
-            _store_vec(r["lse_p"], b, h, i0, bq, cfg.queries, m_p + jnp.log(l_p))
+            _store_vec(r["lse_p"], b, h, i0, bq, cfg.queries, m_p + jnp.log2(l_p))
             out = out + out_p
         _store_rows(r["o"], b, i0, h, bq, cfg.queries, out)
         _store_vec(r["lse"], b, h, i0, bq, cfg.queries, lse)
@@ -595,7 +605,7 @@ def _dkdv_kernel(cfg, *refs):
             delta = _load_vec(r["delta"], b, h, i0, bq, cfg.queries)
             s = _dot_nt(q, kb, cfg) + _position_band(r["qp"], b, h, i0, j0, cfg)
             t, valid = _context_logits(s, i0, j0, z, cfg, edge)
-            p = jnp.where(valid, jnp.exp(t - lse[:, None]), 0.0)
+            p = jnp.where(valid, jnp.exp2(t - lse[:, None]), 0.0)
             keep = _context_dropout(_load_keys(r, b, h, i0, cfg), i0, j0, cfg, s.shape)
             dv = dv + _dot_tn(_dropped(p, keep).astype(do.dtype), do, cfg)
             dp = _dropped(_dot_nt(do, vb, cfg), keep)
@@ -664,7 +674,7 @@ def _dq_kernel(cfg, *refs):
             vb = _load_rows(r["v"], b, j0, h, bk, cfg.total)
             s = _dot_nt(q, kb, cfg) + _position_band(r["qp"], b, h, i0, j0, cfg)
             t, valid = _context_logits(s, i0, j0, z, cfg, edge)
-            p = jnp.where(valid, jnp.exp(t - lse[:, None]), 0.0)
+            p = jnp.where(valid, jnp.exp2(t - lse[:, None]), 0.0)
             keep = _context_dropout(rk, i0, j0, cfg, s.shape)
             dp = _dropped(_dot_nt(do, vb, cfg), keep)
             ds = p * (dp - delta[:, None])
@@ -681,7 +691,7 @@ def _dq_kernel(cfg, *refs):
                 r_dist = cfg.length + (i0 + ar) - (j0 + bc)
                 raw = _span_raw(z, r_dist, cfg)
                 ramp = valid & (raw >= 0.0) & (raw <= 1.0)
-                free = jnp.exp(jnp.minimum(s * cfg.scale - lse[:, None], 80.0))
+                free = jnp.exp2(jnp.minimum(s * cfg.scale_log2 - lse[:, None], 115.0))
                 contrib = jnp.where(ramp, free * (dp - delta[:, None]), 0.0)
                 dz = dz + jnp.sum(jnp.sum(contrib, axis=1), axis=0)
             return dq, dz
@@ -702,7 +712,7 @@ def _dq_kernel(cfg, *refs):
                 mk = _load_persistent(r["mk"], h, n0, cfg)
                 mv = _load_persistent(r["mv"], h, n0, cfg)
                 u = _persistent_logits(q, mk, n0, cfg)
-                a = jnp.exp(u - lse_p[:, None])
+                a = jnp.exp2(u - lse_p[:, None])
                 keep = _persistent_dropout(rk, n0, cfg, u.shape)
                 du = a * (_dropped(_dot_nt(do, mv, cfg), keep) - delta_p[:, None])
                 return dq + _dot_nn(du.astype(mk.dtype), mk, cfg)
@@ -740,7 +750,7 @@ def _persistent_kernel(cfg, *refs):
         delta = _load_vec(r["delta"], b, h, i0, bq, cfg.queries)
         u = _persistent_logits(q, mk, n0, cfg)
         rows = i0 + lax.broadcasted_iota(jnp.int32, u.shape, 0)
-        a = jnp.where(rows < cfg.queries, jnp.exp(u - lse[:, None]), 0.0)
+        a = jnp.where(rows < cfg.queries, jnp.exp2(u - lse[:, None]), 0.0)
         keep = _persistent_dropout(_load_keys(r, b, h, i0, cfg), n0, cfg, u.shape)
         dmv = dmv + _dot_tn(_dropped(a, keep).astype(do.dtype), do, cfg)
         du = a * (_dropped(_dot_nt(do, mv, cfg), keep) - delta[:, None])
