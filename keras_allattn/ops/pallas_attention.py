@@ -300,6 +300,44 @@ def _context_logits(s, i0, j0, z, cfg, edge):
     return t, valid
 
 
+def _tile_probs(s, i0, j0, z, lse, cfg, edge):
+    """The backward's probabilities of the (BQ, BK) tile of queries
+    `i0 + a` and keys `j0 + b` from the saved base-2 log-sum-exps `lse`.
+
+    Returns (p, valid, free, raw): `valid` as `_context_logits`'s; in the
+    tiles that may reach the span's edge the mask is a factor, `p = free *
+    clip(raw, 0, 1)` with `free = exp2(t - lse)` the weight the key would
+    have at mask 1 and `raw` the unclipped mask: no logarithm (the forward
+    needs one for its running maximum, the backward knows `lse`), and
+    `free` is the span gradient's weight too. `free` and `raw` are None
+    unless `edge` is True (`edge` None: decided per tile, a branch)."""
+    bq, bk = s.shape
+    i = i0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    j = j0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    r = cfg.length + i - j
+    valid = (r >= 1) & (r <= cfg.length) & (i < cfg.queries)
+    t = s * cfg.scale_log2
+
+    def inside(t):
+        return jnp.where(valid, jnp.exp2(t - lse[:, None]), 0.0)
+
+    def at_edge(t):
+        raw = _span_raw(z, r, cfg)
+        # (an argument below 115 keeps `free` finite where the mask is 0)
+        free = jnp.exp2(jnp.minimum(t - lse[:, None], 115.0))
+        p = jnp.where(valid & (raw > 0.0), free * jnp.minimum(raw, 1.0), 0.0)
+        return p, free, raw
+
+    if not cfg.has_span or edge is False:
+        return inside(t), valid, None, None
+    if edge is None:  # one token of slack for rounding
+        r_hi = (cfg.length + i0 + bq - 1 - j0).astype(jnp.float32)
+        p = lax.cond(r_hi > z * cfg.max_span, lambda t: at_edge(t)[0], inside, t)
+        return p, valid, None, None
+    p, free, raw = at_edge(t)
+    return p, valid, free, raw
+
+
 def _edge_split(base, z, cfg, size):
     """The first key tile past the span's edge tiles.
 
@@ -604,8 +642,7 @@ def _dkdv_kernel(cfg, *refs):
             lse = _load_vec(r["lse"], b, h, i0, bq, cfg.queries)
             delta = _load_vec(r["delta"], b, h, i0, bq, cfg.queries)
             s = _dot_nt(q, kb, cfg) + _position_band(r["qp"], b, h, i0, j0, cfg)
-            t, valid = _context_logits(s, i0, j0, z, cfg, edge)
-            p = jnp.where(valid, jnp.exp2(t - lse[:, None]), 0.0)
+            p, _, _, _ = _tile_probs(s, i0, j0, z, lse, cfg, edge)
             keep = _context_dropout(_load_keys(r, b, h, i0, cfg), i0, j0, cfg, s.shape)
             dv = dv + _dot_tn(_dropped(p, keep).astype(do.dtype), do, cfg)
             dp = _dropped(_dot_nt(do, vb, cfg), keep)
@@ -640,8 +677,6 @@ def _dq_kernel(cfg, *refs):
     g, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     z = r["z"][h].astype(jnp.float32) if cfg.has_span else None
     rmax = _span_limit(z, cfg)
-    ar = lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-    bc = lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
     store_ds = not _DEBUG["skip_ds_store"]
 
     def tile_body(step, dz):
@@ -673,8 +708,7 @@ def _dq_kernel(cfg, *refs):
             kb = _load_rows(r["k"], b, j0, h, bk, cfg.total)
             vb = _load_rows(r["v"], b, j0, h, bk, cfg.total)
             s = _dot_nt(q, kb, cfg) + _position_band(r["qp"], b, h, i0, j0, cfg)
-            t, valid = _context_logits(s, i0, j0, z, cfg, edge)
-            p = jnp.where(valid, jnp.exp2(t - lse[:, None]), 0.0)
+            p, valid, free, raw = _tile_probs(s, i0, j0, z, lse, cfg, edge)
             keep = _context_dropout(rk, i0, j0, cfg, s.shape)
             dp = _dropped(_dot_nt(do, vb, cfg), keep)
             ds = p * (dp - delta[:, None])
@@ -684,14 +718,10 @@ def _dq_kernel(cfg, *refs):
             if edge and not _DEBUG["skip_ramp_sum"]:
                 # d/dz over the distances whose unclipped mask lies in
                 # [0, 1], ends included (torch.clamp's gradient in the
-                # reference): exp(s - lse) (dP - Delta), which equals
-                # dS / m inside the ramp and stays defined where m = 0.
-                # Only the edge tiles reach the ramp: the others skip this
-                # second exponential.
-                r_dist = cfg.length + (i0 + ar) - (j0 + bc)
-                raw = _span_raw(z, r_dist, cfg)
+                # reference): exp(s - lse) (dP - Delta) = free (dP - Delta),
+                # which equals dS / m inside the ramp and stays defined
+                # where m = 0. Only the edge tiles reach the ramp.
                 ramp = valid & (raw >= 0.0) & (raw <= 1.0)
-                free = jnp.exp2(jnp.minimum(s * cfg.scale_log2 - lse[:, None], 115.0))
                 contrib = jnp.where(ramp, free * (dp - delta[:, None]), 0.0)
                 dz = dz + jnp.sum(jnp.sum(contrib, axis=1), axis=0)
             return dq, dz
