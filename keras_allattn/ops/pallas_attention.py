@@ -266,56 +266,46 @@ def _span_raw(z, r, cfg):
     return raw / cfg.span_ramp
 
 
+def _tile_distances(i0, j0, shape, cfg):
+    """Distances `r = A + i - j` of the (BQ, BK) tile of queries `i0 + a`
+    and keys `j0 + b`, and `valid`: the band's scores of real queries."""
+    i = i0 + lax.broadcasted_iota(jnp.int32, shape, 0)
+    j = j0 + lax.broadcasted_iota(jnp.int32, shape, 1)
+    r = cfg.length + i - j
+    return r, (r >= 1) & (r <= cfg.length) & (i < cfg.queries)
+
+
 def _context_logits(s, i0, j0, z, cfg, edge):
-    """Scaled logits of the (BQ, BK) tile of queries `i0 + a` and keys
-    `j0 + b`, with masks; returns (t, valid): `valid` marks the band's
-    scores of real queries, and `t` is -inf outside it and where the span
-    mask is 0.
+    """The forward's base-2 logits of the (BQ, BK) tile of queries `i0 + a`
+    and keys `j0 + b`, -inf outside the band, for rows past the block and
+    where the span mask is 0.
 
     `edge` (static): whether the tile may reach past distance `z L`, where
-    the span mask acts, or None to decide per tile (a branch). The mask is
-    1 up to distance `z L + 1`, so the other tiles skip its arithmetic and
-    logarithm (a second transcendental per score next to the softmax's
-    exponential); `_edge_split` sorts the tiles."""
-    bq, bk = s.shape
-    i = i0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-    j = j0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-    r = cfg.length + i - j
-    valid = (r >= 1) & (r <= cfg.length) & (i < cfg.queries)
+    the span mask acts (`log2 m` added: the running maximum must see the
+    masked logits). The mask is 1 up to distance `z L + 1`, so the other
+    tiles skip its arithmetic and logarithm (a second transcendental per
+    score next to the softmax's exponential); `_edge_split` sorts the
+    tiles."""
+    r, valid = _tile_distances(i0, j0, s.shape, cfg)
     t = s * cfg.scale_log2
-    if cfg.has_span and edge is not False:
-
-        def masked(t):
-            raw = _span_raw(z, r, cfg)
-            return jnp.where(
-                raw > 0.0, t + jnp.log2(jnp.clip(raw, 1e-30, 1.0)), -jnp.inf
-            )
-
-        if edge is None:  # one token of slack for rounding
-            r_hi = (cfg.length + i0 + bq - 1 - j0).astype(jnp.float32)
-            t = lax.cond(r_hi > z * cfg.max_span, masked, lambda t: t, t)
-        else:
-            t = masked(t)
-    t = jnp.where(valid, t, -jnp.inf)
-    return t, valid
+    if cfg.has_span and edge:
+        raw = _span_raw(z, r, cfg)
+        t = jnp.where(raw > 0.0, t + jnp.log2(jnp.clip(raw, 1e-30, 1.0)), -jnp.inf)
+    return jnp.where(valid, t, -jnp.inf)
 
 
 def _tile_probs(s, i0, j0, z, lse, cfg, edge):
     """The backward's probabilities of the (BQ, BK) tile of queries
     `i0 + a` and keys `j0 + b` from the saved base-2 log-sum-exps `lse`.
 
-    Returns (p, valid, free, raw): `valid` as `_context_logits`'s; in the
+    Returns (p, valid, free, raw): `valid` as `_tile_distances`'s; in the
     tiles that may reach the span's edge the mask is a factor, `p = free *
     clip(raw, 0, 1)` with `free = exp2(t - lse)` the weight the key would
     have at mask 1 and `raw` the unclipped mask: no logarithm (the forward
     needs one for its running maximum, the backward knows `lse`), and
     `free` is the span gradient's weight too. `free` and `raw` are None
     unless `edge` is True (`edge` None: decided per tile, a branch)."""
-    bq, bk = s.shape
-    i = i0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-    j = j0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-    r = cfg.length + i - j
-    valid = (r >= 1) & (r <= cfg.length) & (i < cfg.queries)
+    r, valid = _tile_distances(i0, j0, s.shape, cfg)
     t = s * cfg.scale_log2
 
     def inside(t):
@@ -331,7 +321,7 @@ def _tile_probs(s, i0, j0, z, lse, cfg, edge):
     if not cfg.has_span or edge is False:
         return inside(t), valid, None, None
     if edge is None:  # one token of slack for rounding
-        r_hi = (cfg.length + i0 + bq - 1 - j0).astype(jnp.float32)
+        r_hi = (cfg.length + i0 + s.shape[0] - 1 - j0).astype(jnp.float32)
         p = lax.cond(r_hi > z * cfg.max_span, lambda t: at_edge(t)[0], inside, t)
         return p, valid, None, None
     p, free, raw = at_edge(t)
@@ -563,7 +553,7 @@ def _fwd_kernel(cfg, *refs):
             kb = _load_rows(r["k"], b, j0, h, bk, cfg.total)
             vb = _load_rows(r["v"], b, j0, h, bk, cfg.total)
             s = _dot_nt(q, kb, cfg) + _position_band(r["qp"], b, h, i0, j0, cfg)
-            t, _ = _context_logits(s, i0, j0, z, cfg, edge)
+            t = _context_logits(s, i0, j0, z, cfg, edge)
             keep = _context_dropout(rk, i0, j0, cfg, s.shape)
             return _online_update(state, t, vb, cfg, keep)
 
