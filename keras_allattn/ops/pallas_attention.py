@@ -48,10 +48,12 @@ not grow with the span.
 * forward: one program per (query-tile group, head, batch row); it loops over
   its query tiles, and for each over the key tiles inside the head's span
   (loop bounds computed in the kernel from `z_h`, so the cost follows the
-  learned span), then over the persistent tiles. Every kernel adds the
-  span mask's logarithm only in the key tiles whose distances pass the
-  mask's flat part (`r > z L`); tiles wholly inside it skip that second
-  transcendental per score.
+  learned span), then over the persistent tiles. The mask acts only in
+  the key tiles whose distances pass its flat part (`r > z L`); tiles
+  wholly inside it skip its arithmetic. The forward adds `log2 m` to those
+  tiles' logits (its running maximum must see them); the backward kernels,
+  which know the log-sum-exp, multiply the recomputed weights by `m`
+  instead (no logarithm).
 * backward, flash-attention style recomputation from the saved log-sum-exp
   (and `delta = rowsum(dO * O)`): a dK/dV kernel (key-tile programs looping
   over the query tiles that see them), a dQ kernel (query-tile programs
