@@ -1367,9 +1367,12 @@ def triton_all_attention(
         backward: None or a dict overriding the backward kernels' tiles:
             keys "dq", "dkdv", "persistent", values
             `(block_q, block_k[, num_warps[, num_stages]])`; missing
-            entries fill in as said above. "dq" needs `block_q <= block_k`
-            in the in-kernel design, where the dK/dV kernel's position band
-            costs `(block_q + block_k) / block_k` times a `Q K^T` tile.
+            entries fill in as said above. The dQ kernel runs in the
+            in-kernel design and in deterministic mode only (otherwise
+            dK/dV and the persistent kernel add dQ); "dq" needs
+            `block_q <= block_k` in the in-kernel design, where the dK/dV
+            kernel's position band costs `(block_q + block_k) / block_k`
+            times a `Q K^T` tile.
         persistent_split: batch split of the persistent-gradient kernel
             (default: about 4 programs per multiprocessor).
         position_grad_replicas: copies of the position-gradient buffer the
