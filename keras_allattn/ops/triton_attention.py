@@ -244,9 +244,10 @@ def _context_logits(x, i, j, A, M, top, span_ramp, r_tile_hi,
 
     The mask is 1 up to distance `z L + 1 = top + 1 - R`, so a tile wholly
     within it skips the mask (one logarithm per entry). `EDGE`: 0, the tile
-    stays within `z L` (sorted by `_inside_tiles`); 1, it may reach past it;
-    2, decide here, per tile, from `r_tile_hi` (a scalar, the tile's largest
-    distance `A + max i - min j`; a reduction over `i` and `j` here cost a
+    stays within `z L` (sorted by `_inside_tiles`; the dK/dV kernel's edge
+    tiles apply the mask as a factor instead); 2, decide here, per tile,
+    from `r_tile_hi` (a scalar, the tile's largest distance
+    `A + max i - min j`; a reduction over `i` and `j` here cost a
     cross-warp exchange per tile)."""
     r = A + i[:, None] - j[None, :]
     valid = (r >= 1) & (r <= A) & (i[:, None] < M)
@@ -256,10 +257,6 @@ def _context_logits(x, i, j, A, M, top, span_ramp, r_tile_hi,
                 mval = _span_mask(i, j, A, top, span_ramp)
                 valid = valid & (mval > 0.0)
                 x = x + _mask_log2(tl.maximum(mval, 1e-30))
-        elif EDGE == 1:
-            mval = _span_mask(i, j, A, top, span_ramp)
-            valid = valid & (mval > 0.0)
-            x = x + _mask_log2(tl.maximum(mval, 1e-30))
     return tl.where(valid, x, float("-inf"))
 
 
@@ -463,13 +460,13 @@ def _bwd_dq_kernel(
     H, M, A, N, max_span, span_ramp, scale_log2, scale, REPLICAS,
     keep_threshold, drop_scale,
     HAS_SPAN: tl.constexpr, HAS_PERS: tl.constexpr, NEED_DPOS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, POS_MATMUL: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, POS_MATMUL: tl.constexpr,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """dQ of a query tile: the context keys' share (unless `HAS_CONTEXT` is
-    off: the dK/dV kernel then adds it, `FUSED_DQ`) and the persistent
-    vectors' share."""
+    """dQ of a query tile, the context keys' share and the persistent
+    vectors' (the in-kernel design and deterministic mode; otherwise the
+    dK/dV and persistent kernels add them, `FUSED_DQ`)."""
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -502,76 +499,75 @@ def _bwd_dq_kernel(
     j_hi = tl.minimum(A + i0 + BQ - 1, total - 1)
 
     dq = tl.full([BQ, BD], 0.0, tl.float32)
-    if HAS_CONTEXT:
+    if POS_MATMUL:
+        qp_base = QP + b.to(tl.int64) * s_pb + h * s_ph
+        ds_base = DS + b.to(tl.int64) * s_pb + h * s_ph
+        # dS is zero at the distances beyond the span (keys before j_lo):
+        # write those entries of the band too, so that every entry of the
+        # (M, A) layout is written once (the buffer is not cleared).
+        for t in range(0, (j_lo - i0 + BK - 1) // BK):
+            jz = j_lo - (t + 1) * BK + offs_b
+            _store_band(ds_base, i, jz, s_pm, A, M, tl.full([BQ, BK], 0.0, tl.float32))
+    else:
+        # (a, u) -> key column b = a + u of the tile for distance chunk
+        # c0 + u ("cur") and b = a + u - BK for chunk c0 - BK + u ("prev").
+        c_prev = j_lo - i0 - BK
+        p_prev = _load_cols(POS, c_prev + offs_b, D, A, offs_d, D, BD).to(q.dtype)
+        qp_prev = tl.dot(q, p_prev, input_precision=PREC)
+        # The two parts of a chunk have disjoint supports, so the pending
+        # part can be kept in the operand dtype without rounding anything
+        # twice.
+        g_pend = tl.full([BQ, BK], 0.0, op_dtype)
+    for j0 in range(j_lo, j_hi, BK):
+        j = j0 + offs_b
+        c0 = j0 - i0
+        kt = _load_cols(k_base, j, s_km, total, offs_d, D, BD)
         if POS_MATMUL:
-            qp_base = QP + b.to(tl.int64) * s_pb + h * s_ph
-            ds_base = DS + b.to(tl.int64) * s_pb + h * s_ph
-            # dS is zero at the distances beyond the span (keys before j_lo):
-            # write those entries of the band too, so that every entry of the
-            # (M, A) layout is written once (the buffer is not cleared).
-            for t in range(0, (j_lo - i0 + BK - 1) // BK):
-                jz = j_lo - (t + 1) * BK + offs_b
-                _store_band(ds_base, i, jz, s_pm, A, M, tl.full([BQ, BK], 0.0, tl.float32))
+            band = _load_band(qp_base, i, j, s_pm, A, M)
         else:
-            # (a, u) -> key column b = a + u of the tile for distance chunk
-            # c0 + u ("cur") and b = a + u - BK for chunk c0 - BK + u ("prev").
-            c_prev = j_lo - i0 - BK
-            p_prev = _load_cols(POS, c_prev + offs_b, D, A, offs_d, D, BD).to(q.dtype)
-            qp_prev = tl.dot(q, p_prev, input_precision=PREC)
-            # The two parts of a chunk have disjoint supports, so the pending
-            # part can be kept in the operand dtype without rounding anything
-            # twice.
-            g_pend = tl.full([BQ, BK], 0.0, op_dtype)
-        for j0 in range(j_lo, j_hi, BK):
-            j = j0 + offs_b
-            c0 = j0 - i0
-            kt = _load_cols(k_base, j, s_km, total, offs_d, D, BD)
-            if POS_MATMUL:
-                band = _load_band(qp_base, i, j, s_pm, A, M)
-            else:
-                p_cur = _load_cols(POS, c0 + offs_b, D, A, offs_d, D, BD).to(q.dtype)
-                qp_cur = tl.dot(q, p_cur, input_precision=PREC)
-                band = _band(qp_cur, qp_prev, j, j0 + offs_a, BQ, BK, BK)
-            x = tl.dot(q, kt, input_precision=PREC) + band
-            s_raw = x * scale_log2
-            s = _context_logits(s_raw, i, j, A, M, top, span_ramp,
-                                A + i0 + BQ - 1 - j0, HAS_SPAN, 2)
-            prob = tl.math.exp2(s - lse_c[:, None])
-            vt = _load_cols(v_base, j, s_vm, total, offs_d, D, BD)
-            dp = tl.dot(do.to(vt.dtype), vt, input_precision=PREC)
-            if HAS_DROPOUT:  # d loss / d weight before dropout
-                dp = dp * _dropout_factor(rk, A + i[:, None] - j[None, :], keep_threshold, drop_scale)
-            ds = prob * (dp - del_c[:, None])  # d loss / d logit (natural units)
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
-            if POS_MATMUL:
-                # d loss / d QP: the position scores enter the logits times
-                # `scale`, as q . k does.
-                _store_band(ds_base, i, j, s_pm, A, M, ds * scale)
-            else:
-                # Unskew dS into distance chunks; the "prev" chunk is now complete.
-                ds_low = ds.to(op_dtype)
-                a_plus_u = j[None, :] + offs_a[:, None] - j0  # loop-varying on purpose
-                g_cur = tl.where(
-                    a_plus_u < BK, tl.gather(ds_low, tl.minimum(a_plus_u, BK - 1), 1), 0.0
-                )
-                g_low = tl.where(
-                    a_plus_u >= BK, tl.gather(ds_low, tl.maximum(a_plus_u - BK, 0), 1), g_pend
-                )
-                dq += tl.dot(g_low, tl.trans(p_prev), input_precision=PREC)
-                if NEED_DPOS:
-                    dpos = tl.dot(tl.trans(q), g_low, input_precision=PREC) * scale
-                    _add_position_grad(DPOS, c_prev + offs_b, offs_d, dpos, A, D, BD)
-                g_pend = g_cur.to(op_dtype)
-                p_prev = p_cur
-                qp_prev = qp_cur
-                c_prev = c0
-        if not POS_MATMUL:
-            # Flush the last chunk.
-            g_low = g_pend
+            p_cur = _load_cols(POS, c0 + offs_b, D, A, offs_d, D, BD).to(q.dtype)
+            qp_cur = tl.dot(q, p_cur, input_precision=PREC)
+            band = _band(qp_cur, qp_prev, j, j0 + offs_a, BQ, BK, BK)
+        x = tl.dot(q, kt, input_precision=PREC) + band
+        s_raw = x * scale_log2
+        s = _context_logits(s_raw, i, j, A, M, top, span_ramp,
+                            A + i0 + BQ - 1 - j0, HAS_SPAN, 2)
+        prob = tl.math.exp2(s - lse_c[:, None])
+        vt = _load_cols(v_base, j, s_vm, total, offs_d, D, BD)
+        dp = tl.dot(do.to(vt.dtype), vt, input_precision=PREC)
+        if HAS_DROPOUT:  # d loss / d weight before dropout
+            dp = dp * _dropout_factor(rk, A + i[:, None] - j[None, :], keep_threshold, drop_scale)
+        ds = prob * (dp - del_c[:, None])  # d loss / d logit (natural units)
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+        if POS_MATMUL:
+            # d loss / d QP: the position scores enter the logits times
+            # `scale`, as q . k does.
+            _store_band(ds_base, i, j, s_pm, A, M, ds * scale)
+        else:
+            # Unskew dS into distance chunks; the "prev" chunk is now complete.
+            ds_low = ds.to(op_dtype)
+            a_plus_u = j[None, :] + offs_a[:, None] - j0  # loop-varying on purpose
+            g_cur = tl.where(
+                a_plus_u < BK, tl.gather(ds_low, tl.minimum(a_plus_u, BK - 1), 1), 0.0
+            )
+            g_low = tl.where(
+                a_plus_u >= BK, tl.gather(ds_low, tl.maximum(a_plus_u - BK, 0), 1), g_pend
+            )
             dq += tl.dot(g_low, tl.trans(p_prev), input_precision=PREC)
             if NEED_DPOS:
                 dpos = tl.dot(tl.trans(q), g_low, input_precision=PREC) * scale
                 _add_position_grad(DPOS, c_prev + offs_b, offs_d, dpos, A, D, BD)
+            g_pend = g_cur.to(op_dtype)
+            p_prev = p_cur
+            qp_prev = qp_cur
+            c_prev = c0
+    if not POS_MATMUL:
+        # Flush the last chunk.
+        g_low = g_pend
+        dq += tl.dot(g_low, tl.trans(p_prev), input_precision=PREC)
+        if NEED_DPOS:
+            dpos = tl.dot(tl.trans(q), g_low, input_precision=PREC) * scale
+            _add_position_grad(DPOS, c_prev + offs_b, offs_d, dpos, A, D, BD)
 
     if HAS_PERS:
         lse_p = tl.load(LSE_P + bh * M + i, mask=row_ok, other=0.0)
@@ -1158,7 +1154,7 @@ def _register_operators(torch, triton):
                     H, M, A, N, max_span, ramp, scale_log2, scale, replicas, *drop,
                     HAS_SPAN=has_span, HAS_PERS=has_pers,
                     NEED_DPOS=need_dpos, HAS_DROPOUT=has_dropout,
-                    POS_MATMUL=pos_matmul, HAS_CONTEXT=not fused,
+                    POS_MATMUL=pos_matmul,
                     D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
                     **launch_options(tiles),
                 )
