@@ -135,9 +135,11 @@ def main():
                     result["error"] = "this kernel needs block_q <= block_k"
                 else:
                     try:
+                        tiles = dict(BQ=block_q, BK=block_k)
+                        if name.startswith("dkdv"):
+                            tiles["BQE"] = triton_attention._edge_rows(block_q, has_span)
                         result.update(resource_usage(
-                            fn, dict(constexprs, BQ=block_q, BK=block_k),
-                            warps, stages, args.arch,
+                            fn, dict(constexprs, **tiles), warps, stages, args.arch,
                         ))
                     except Exception as error:
                         result["error"] = f"{type(error).__name__}: {str(error)[:300]}"

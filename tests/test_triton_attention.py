@@ -276,6 +276,24 @@ def test_uneven_tiles_and_head_dim(position, nan_filled_ds):
     expect_design(position, nan_filled_ds)
 
 
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("dkdv", [(32, 16), (64, 32)])
+def test_dkdv_edge_tiles_of_half_height(position, dkdv, nan_filled_ds):
+    """Under a span the dK/dV kernel runs its edge tiles (span mask, span
+    gradient) at half its tiles' query rows: the loop bounds, the rows the
+    zero dS tiles start from, and the position band of the in-kernel
+    design at either height, against the float64 reference."""
+    inputs, grad = make_inputs(2, 45, 3, 16, 70, 12, seed=8)
+    args, (ref_out, ref_grads) = reference_run(inputs, grad, True, True, "joint")
+    out, grads = run(
+        triton_all_attention, args, grad, torch.float32,
+        max_span=MAX_SPAN, span_ramp=RAMP, integration="joint",
+        block_q=16, block_k=16, backward={"dkdv": dkdv}, position=position,
+    )
+    check(out, grads, ref_out, ref_grads, TOL)
+    expect_design(position, nan_filled_ds)
+
+
 PORTABLE_CASES = {
     # id: (persistent, span, integration)
     "context_only": (False, False, "joint"),

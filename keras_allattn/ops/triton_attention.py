@@ -599,9 +599,11 @@ def _bwd_dkdv_kernel(
     HAS_SPAN: tl.constexpr, NEED_DZ: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, POS_MATMUL: tl.constexpr, FUSED_DQ: tl.constexpr,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, BQE: tl.constexpr,
 ):
-    """dK, dV of a key tile (and the span gradient of its edge tiles). With
+    """dK, dV of a key tile (and the span gradient of its edge tiles, in
+    query tiles of BQE rows: fewer live registers where the mask and the
+    span gradient add theirs). With
     `FUSED_DQ` (matmul position design only) also the context keys' share
     of dQ, added into the float32 `DQ` with atomics, and dS into the band
     layout `DS`: the dQ kernel then recomputes no context tile."""
@@ -611,6 +613,7 @@ def _bwd_dkdv_kernel(
     h = bh % H
     j0 = pid_k * BK
     offs_a = tl.arange(0, BQ)
+    offs_e = tl.arange(0, BQE)
     offs_b = tl.arange(0, BK)
     offs_d = tl.arange(0, BD)
     j = j0 + offs_b
@@ -637,8 +640,10 @@ def _bwd_dkdv_kernel(
     # (the span mask, and the span gradient): neither branches in its body.
     i_mid = _inside_tiles(i_lo, i_hi, A + i_lo + BQ - 1 - j0, top, span_ramp, BQ, HAS_SPAN)
     for part in tl.static_range(2):
-        for i0 in range(i_lo + part * (i_mid - i_lo), i_mid + part * (i_hi - i_mid), BQ):
-            i = i0 + offs_a
+        TQ = BQ if part == 0 else BQE
+        offs_p = offs_a if part == 0 else offs_e
+        for i0 in range(i_lo + part * (i_mid - i_lo), i_mid + part * (i_hi - i_mid), TQ):
+            i = i0 + offs_p
             row_ok = i < M
             q = _load_rows(q_base, i, s_qm, M, offs_d, D, BD)
             do = _load_rows(do_base, i, s_om, M, offs_d, D, BD)
@@ -649,11 +654,11 @@ def _bwd_dkdv_kernel(
             else:
                 c0 = j0 - i0
                 p_hi = _load_cols(POS, c0 + offs_b, D, A, offs_d, D, BD).to(q.dtype)
-                p_lo = _load_cols(POS, c0 - BQ + offs_a, D, A, offs_d, D, BD).to(q.dtype)
+                p_lo = _load_cols(POS, c0 - TQ + offs_p, D, A, offs_d, D, BD).to(q.dtype)
                 band = _band(
                     tl.dot(q, p_hi, input_precision=PREC),
                     tl.dot(q, p_lo, input_precision=PREC),
-                    i0 + offs_b, i, BQ, BK, BQ,
+                    i0 + offs_b, i, TQ, BK, TQ,
                 )
             x = tl.dot(q, tl.trans(k), input_precision=PREC) + band
             s_raw = x * scale_log2
@@ -712,7 +717,12 @@ def _bwd_dkdv_kernel(
         # dS is zero where the span masks every key of the tile (queries
         # past i_hi that still hold the keys in their band): write those
         # entries too, so that every entry of the (M, A) layout is written.
-        i_end = i_lo + (tl.maximum(i_hi - i_lo, 0) + BQ - 1) // BQ * BQ
+        # (the last tile computed ends at i_end)
+        i_end = tl.where(
+            i_mid < i_hi,
+            i_mid + (i_hi - i_mid + BQE - 1) // BQE * BQE,
+            i_lo + (tl.maximum(i_hi - i_lo, 0) + BQ - 1) // BQ * BQ,
+        )
         for i0 in range(i_end, tl.minimum(M, j0 + BK), BQ):
             _store_band(ds_base, i0 + offs_a, j, s_pm, A, M,
                         tl.full([BQ, BK], 0.0, tl.float32))
@@ -1172,6 +1182,7 @@ def _register_operators(torch, triton):
                 HAS_SPAN=has_span, NEED_DZ=need_dz,
                 HAS_DROPOUT=has_dropout, POS_MATMUL=pos_matmul, FUSED_DQ=fused,
                 D=D, BQ=dkdv_tiles[0], BK=dkdv_tiles[1], BD=bd, PREC=prec,
+                BQE=_edge_rows(dkdv_tiles[0], has_span),
                 **launch_options(dkdv_tiles),
             )
             del qp
@@ -1258,6 +1269,13 @@ def _register_operators(torch, triton):
     return forward
 
 
+def _edge_rows(block_q, has_span):
+    """Query rows of the dK/dV kernel's edge tiles: half its tiles' under a
+    span (at least 16), where the mask and the span gradient hold registers
+    of their own."""
+    return max(16, block_q // 2) if has_span else block_q
+
+
 def _sm_count(device):
     import torch
 
@@ -1294,7 +1312,7 @@ DEFAULT_TILES = {
     },
     "span": {
         "forward": (64, 64, 4, 3), "dq": (32, 64, 4, 2),
-        "dkdv": (32, 64, 4, 2), "persistent": (64, 64, 4, 3),
+        "dkdv": (64, 64, 4, 2), "persistent": (64, 64, 4, 3),
     },
 }
 
