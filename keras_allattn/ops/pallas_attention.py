@@ -107,8 +107,11 @@ _LOG2_E = 1.4426950408889634  # log2(e)
 # Initial running maximum: finite, so that a row whose logits in a tile are
 # all -inf gives exp(-inf - _M_INIT) = 0 and never NaN.
 _M_INIT = -1e30
-# Number of programs a kernel grid aims at (several per SM of an H100).
-_DEFAULT_PROGRAMS = 1024
+# Number of programs a kernel grid aims at. At B 64, H 8 (enwik8_small) 4096
+# gives each program one forward query tile and about one backward tile: on
+# an H200 the step's kernels ran 5 to 10% faster than at 1024 (four tiles a
+# program), and 32768 gave nothing more (benchmarks/RESULTS.md).
+_DEFAULT_PROGRAMS = 4096
 # Profiling switches (read when kernels are traced; benchmarks only, the
 # results are then wrong): the dQ kernel skips its dS store, its stores of
 # the zero dS tiles beyond the span, or its span-gradient sum, to time each
