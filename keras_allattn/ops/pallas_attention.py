@@ -33,12 +33,11 @@ distance `A - c`). Outside the kernels, one XLA matmul per call computes
 the position scores `QP = Q P` (B, M, H, A) in the inputs' dtype (float32
 accumulation); a kernel reads the band of a (query tile, key tile) pair from
 it with one gather load, `QP[i, j - i]`, contiguous along the keys (the rows
-of the band are consecutive columns of QP). In the backward, the dK/dV
-kernel writes the score gradients `dS` (B, M, H, A) back in the same skewed
-layout with one masked scatter store per tile (zeros for the distances the
-span skips), the dQ kernel reads them for the context keys' share of dQ,
-and two XLA matmuls give the position term's share of dQ (`dS P^T`) and the
-gradient of position_keys (`Q^T dS`, summed over batch, heads and
+of the band are consecutive columns of QP). In the backward, the dQ kernel
+writes the score gradients `dS` (B, M, H, A) back in the same skewed layout
+with one masked scatter store per tile (zeros for the distances the span
+skips), and two XLA matmuls give the position term's share of dQ (`dS P^T`)
+and the gradient of position_keys (`Q^T dS`, summed over batch, heads and
 queries). The forward's QP is recomputed in the backward rather than kept.
 QP and dS are transients of 2 B H M A bytes each in bfloat16 (1 GiB at
 B = 64, H = 8, M = 512, A = 2048) while one layer runs; where they would
@@ -56,17 +55,14 @@ not grow with the span.
   which know the log-sum-exp, multiply the recomputed weights by `m`
   instead (no logarithm).
 * backward, flash-attention style recomputation from the saved log-sum-exp
-  (and `delta = rowsum(dO * O)`), each context tile recomputed once: a
-  dK/dV kernel (key-tile programs looping over the query tiles that see
-  them) that also writes dS and d span_ratio (per-program partials: the sum
-  of dS (L/R)/m over the ramp, computed only in the tiles whose distances
-  reach the ramp); a dQ kernel (query-tile programs looping over the key
-  tiles within the span) whose context share is `dS K` from that dS, one
-  product a tile, and whose persistent share recomputes the persistent
-  weights; and a kernel for the persistent keys/values (persistent-tile
-  programs looping over batch rows and query tiles; per-group partials
-  summed outside). Each backward kernel has its own tile shape
-  (`backward_blocks`).
+  (and `delta = rowsum(dO * O)`): a dK/dV kernel (key-tile programs looping
+  over the query tiles that see them), a dQ kernel (query-tile programs
+  looping over key tiles) that also writes dS and d span_ratio
+  (per-program partials: sum of dS (L/R)/m over the ramp, computed only in
+  the key tiles whose distances reach the ramp), and a kernel for
+  the persistent keys/values (persistent-tile programs looping over batch
+  rows and query tiles; per-group partials summed outside). Each backward
+  kernel has its own tile shape (`backward_blocks`).
 
 Determinism. Every output of a kernel is written by one program, partials
 are summed outside in a fixed order, and no kernel uses atomics: the
@@ -116,6 +112,11 @@ _M_INIT = -1e30
 # an H200 the step's kernels ran 5 to 10% faster than at 1024 (four tiles a
 # program), and 32768 gave nothing more (benchmarks/RESULTS.md).
 _DEFAULT_PROGRAMS = 4096
+# Profiling switches (read when kernels are traced; benchmarks only, the
+# results are then wrong): the dQ kernel skips its dS store, its stores of
+# the zero dS tiles beyond the span, or its span-gradient sum, to time each
+# one's share.
+_DEBUG = {"skip_ds_store": False, "skip_zero_tiles": False, "skip_ramp_sum": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +309,7 @@ def _tile_probs(s, i0, j0, z, lse, cfg, edge):
     have at mask 1 and `raw` the unclipped mask: no logarithm (the forward
     needs one for its running maximum, the backward knows `lse`), and
     `free` is the span gradient's weight too. `free` and `raw` are None
-    unless `edge` is True."""
+    unless `edge` is True (`edge` None: decided per tile, a branch)."""
     r, valid = _tile_distances(i0, j0, s.shape, cfg)
     t = s * cfg.scale_log2
 
@@ -322,8 +323,12 @@ def _tile_probs(s, i0, j0, z, lse, cfg, edge):
         p = jnp.where(valid & (raw > 0.0), free * jnp.minimum(raw, 1.0), 0.0)
         return p, free, raw
 
-    if not cfg.has_span or not edge:
+    if not cfg.has_span or edge is False:
         return inside(t), valid, None, None
+    if edge is None:  # one token of slack for rounding
+        r_hi = (cfg.length + i0 + s.shape[0] - 1 - j0).astype(jnp.float32)
+        p = lax.cond(r_hi > z * cfg.max_span, lambda t: at_edge(t)[0], inside, t)
+        return p, valid, None, None
     p, free, raw = at_edge(t)
     return p, valid, free, raw
 
@@ -415,13 +420,6 @@ def _store_band(ds_ref, b, h, i0, j0, cfg, value):
     """Writes the (BQ, BK) tile at (i0, j0) into the skewed (M, A) layout."""
     i, c, inside = _band_index(i0, j0, cfg)
     plt.store(ds_ref.at[b, i, h, c], value.astype(ds_ref.dtype), mask=inside)
-
-
-def _load_band(ds_ref, b, h, i0, j0, cfg):
-    """The (BQ, BK) tile at (i0, j0) of the skewed (M, A) layout, zeros
-    outside the band (rows past M, distances not in 1..A)."""
-    i, c, inside = _band_index(i0, j0, cfg)
-    return plt.load(ds_ref.at[b, i, h, c], mask=inside, other=0.0)
 
 
 def _key_range(i0, rmax, cfg):
@@ -612,7 +610,7 @@ def _fwd_kernel(cfg, *refs):
 
 
 def _dkdv_kernel(cfg, *refs):
-    names = _input_names(cfg) + ["do", "lse", "delta", "dk", "dv", "ds", "dz"]
+    names = _input_names(cfg) + ["do", "lse", "delta", "dk", "dv"]
     r = _unpack(refs, names)
     bq, bk, d = cfg.block_q, cfg.block_k, cfg.head_dim
     groups = cfg.groups(cfg.nk)
@@ -620,7 +618,7 @@ def _dkdv_kernel(cfg, *refs):
     z = r["z"][h].astype(jnp.float32) if cfg.has_span else None
     rmax = _span_limit(z, cfg)
 
-    def tile_body(step, dz):
+    def tile_body(step, carry):
         kt = g + step * groups
         j0 = kt * bk
         kb = _load_rows(r["k"], b, j0, h, bk, cfg.total)
@@ -631,82 +629,52 @@ def _dkdv_kernel(cfg, *refs):
         qt_lo = _idiv(i_lo, bq)
         qt_hi = jnp.where(i_hi >= i_lo, _idiv(jnp.maximum(i_hi, 0), bq) + 1, qt_lo)
 
-        def q_body(qt, state):
-            dk, dv, dz = state
+        def q_body(qt, state, edge):
+            dk, dv = state
             i0 = qt * bq
             q = _load_rows(r["q"], b, i0, h, bq, cfg.queries)
             do = _load_rows(r["do"], b, i0, h, bq, cfg.queries)
             lse = _load_vec(r["lse"], b, h, i0, bq, cfg.queries)
             delta = _load_vec(r["delta"], b, h, i0, bq, cfg.queries)
             s = _dot_nt(q, kb, cfg) + _position_band(r["qp"], b, h, i0, j0, cfg)
+            p, _, _, _ = _tile_probs(s, i0, j0, z, lse, cfg, edge)
             keep = _context_dropout(_load_keys(r, b, h, i0, cfg), i0, j0, cfg, s.shape)
-            dp = _dropped(_dot_nt(do, vb, cfg), keep)
-            if cfg.has_span:
-                # One loop that decides per tile: on the H200 (D 64,
-                # dropout 0.3, A 1280, spans 1024) splitting it at the
-                # span's edge as the forward does made this kernel slower,
-                # 1.82 against 1.31 ms a layer.
-                def inside(dz):
-                    return _tile_probs(s, i0, j0, z, lse, cfg, False)[0], dz
-
-                def at_edge(dz):
-                    # d/dz over the distances whose unclipped mask lies in
-                    # [0, 1], ends included (torch.clamp's gradient in the
-                    # reference): exp(s - lse) (dP - Delta) = free (dP -
-                    # Delta), which equals dS / m inside the ramp and stays
-                    # defined where m = 0. Only these tiles reach the ramp.
-                    p, valid, free, raw = _tile_probs(s, i0, j0, z, lse, cfg, True)
-                    ramp = valid & (raw >= 0.0) & (raw <= 1.0)
-                    contrib = jnp.where(ramp, free * (dp - delta[:, None]), 0.0)
-                    return p, dz + jnp.sum(jnp.sum(contrib, axis=1), axis=0)
-
-                r_hi = (cfg.length + i0 + bq - 1 - j0).astype(jnp.float32)
-                p, dz = lax.cond(r_hi > z * cfg.max_span, at_edge, inside, dz)
-            else:
-                p = _tile_probs(s, i0, j0, z, lse, cfg, False)[0]
             dv = dv + _dot_tn(_dropped(p, keep).astype(do.dtype), do, cfg)
+            dp = _dropped(_dot_nt(do, vb, cfg), keep)
             ds = p * (dp - delta[:, None])
             dk = dk + _dot_tn(ds.astype(q.dtype), q, cfg)
-            _store_band(r["ds"], b, h, i0, j0, cfg, ds)
-            return dk, dv, dz
+            return dk, dv
 
-        init = (jnp.zeros((bk, d), jnp.float32), jnp.zeros((bk, d), jnp.float32), dz)
-        dk, dv, dz = lax.fori_loop(qt_lo, qt_hi, q_body, init)
-
-        # dS is zero where the span masks every key of the tile (queries
-        # past i_hi whose band still holds keys of it, up to row j0 + BK -
-        # 1): write those tiles too, so that every entry of the (M, A)
-        # layout is written once (each belongs to the key tile of its key).
-        zeros = jnp.zeros((bq, bk), jnp.float32)
-
-        def zero_body(qt, carry):
-            _store_band(r["ds"], b, h, qt * bq, j0, cfg, zeros)
-            return carry
-
-        qt_end = _idiv(jnp.minimum(cfg.queries - 1, j0 + bk - 1), bq) + 1
-        lax.fori_loop(qt_hi, qt_end, zero_body, 0)
+        init = (jnp.zeros((bk, d), jnp.float32), jnp.zeros((bk, d), jnp.float32))
+        # One loop that decides per tile: on the H200 (D 64, dropout 0.3, A
+        # 1280, spans 1024) splitting it at the span's edge as the forward
+        # and dQ do made this kernel slower, 1.82 against 1.31 ms a layer.
+        edge = None if cfg.has_span else False
+        dk, dv = lax.fori_loop(
+            qt_lo, qt_hi, functools.partial(q_body, edge=edge), init
+        )
         _store_rows(r["dk"], b, j0, h, bk, cfg.total, dk * cfg.scale)
         _store_rows(r["dv"], b, j0, h, bk, cfg.total, dv)
-        return dz
+        return carry
 
     steps = _idiv(cfg.nk - g + groups - 1, groups)
-    dz = lax.fori_loop(0, steps, tile_body, jnp.float32(0.0))
-    r["dz"][g, h, b] = dz * (cfg.max_span / cfg.span_ramp if cfg.has_span else 0.0)
+    lax.fori_loop(0, steps, tile_body, 0)
 
 
 def _dq_kernel(cfg, *refs):
     names = _input_names(cfg) + ["do", "lse", "delta"]
     if cfg.separate_persistent:
         names += ["lse_p", "delta_p"]
-    names += ["ds", "dq"]
+    names += ["dq", "ds", "dz"]
     r = _unpack(refs, names)
     bq, bk, d = cfg.block_q, cfg.block_k, cfg.head_dim
     groups = cfg.groups(cfg.nq)
     g, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     z = r["z"][h].astype(jnp.float32) if cfg.has_span else None
     rmax = _span_limit(z, cfg)
+    store_ds = not _DEBUG["skip_ds_store"]
 
-    def tile_body(step, carry):
+    def tile_body(step, dz):
         qt = g + step * groups
         i0 = qt * bq
         q = _load_rows(r["q"], b, i0, h, bq, cfg.queries)
@@ -716,16 +684,47 @@ def _dq_kernel(cfg, *refs):
         rk = _load_keys(r, b, h, i0, cfg)
         kt_lo, kt_hi = _key_range(i0, rmax, cfg)
 
-        def key_body(kt, dq):
-            # The context keys' share, sum_j dS(i, j) k_j, from the dS the
-            # dK/dV kernel wrote: no recomputation of the tile. Key tiles
-            # past the span hold dS = 0 and are skipped.
+        if store_ds and not _DEBUG["skip_zero_tiles"]:
+            # dS is zero at the distances the span skips: write those tiles
+            # (all of the band that lies before kt_lo) so that every entry
+            # of the (M, A) layout is written once.
+            kt_first, _ = _key_range(i0, cfg.length, cfg)
+            zeros = jnp.zeros((bq, bk), jnp.float32)
+
+            def zero_body(kt, carry):
+                _store_band(r["ds"], b, h, i0, kt * bk, cfg, zeros)
+                return carry
+
+            lax.fori_loop(kt_first, kt_lo, zero_body, 0)
+
+        def key_body(kt, state, edge):
+            dq, dz = state
             j0 = kt * bk
             kb = _load_rows(r["k"], b, j0, h, bk, cfg.total)
-            ds = _load_band(r["ds"], b, h, i0, j0, cfg)
-            return dq + _dot_nn(ds.astype(kb.dtype), kb, cfg)
+            vb = _load_rows(r["v"], b, j0, h, bk, cfg.total)
+            s = _dot_nt(q, kb, cfg) + _position_band(r["qp"], b, h, i0, j0, cfg)
+            p, valid, free, raw = _tile_probs(s, i0, j0, z, lse, cfg, edge)
+            keep = _context_dropout(rk, i0, j0, cfg, s.shape)
+            dp = _dropped(_dot_nt(do, vb, cfg), keep)
+            ds = p * (dp - delta[:, None])
+            dq = dq + _dot_nn(ds.astype(kb.dtype), kb, cfg)
+            if store_ds:
+                _store_band(r["ds"], b, h, i0, j0, cfg, ds)
+            if edge and not _DEBUG["skip_ramp_sum"]:
+                # d/dz over the distances whose unclipped mask lies in
+                # [0, 1], ends included (torch.clamp's gradient in the
+                # reference): exp(s - lse) (dP - Delta) = free (dP - Delta),
+                # which equals dS / m inside the ramp and stays defined
+                # where m = 0. Only the edge tiles reach the ramp.
+                ramp = valid & (raw >= 0.0) & (raw <= 1.0)
+                contrib = jnp.where(ramp, free * (dp - delta[:, None]), 0.0)
+                dz = dz + jnp.sum(jnp.sum(contrib, axis=1), axis=0)
+            return dq, dz
 
-        dq = lax.fori_loop(kt_lo, kt_hi, key_body, jnp.zeros((bq, d), jnp.float32))
+        dq, dz = _split_loop(
+            kt_lo, _key_split(i0, z, cfg), kt_hi, key_body,
+            (jnp.zeros((bq, d), jnp.float32), dz),
+        )
 
         if cfg.persistent:
             lse_p, delta_p = lse, delta
@@ -745,10 +744,11 @@ def _dq_kernel(cfg, *refs):
 
             dq = lax.fori_loop(0, cfg.nn, pers_body, dq)
         _store_rows(r["dq"], b, i0, h, bq, cfg.queries, dq)
-        return carry
+        return dz
 
     steps = _idiv(cfg.nq - g + groups - 1, groups)
-    lax.fori_loop(0, steps, tile_body, 0)
+    dz = lax.fori_loop(0, steps, tile_body, jnp.float32(0.0))
+    r["dz"][g, h, b] = dz * (cfg.max_span / cfg.span_ramp if cfg.has_span else 0.0)
 
 
 def _persistent_kernel(cfg, *refs):
@@ -956,45 +956,46 @@ def _deltas(cfg, res, do):
 
 
 def _dkdv_call(cfg, res, qp, do, delta):
-    """dK, dV, the score gradients dS (B, M, H, A) and d span_ratio."""
     cfg = cfg.dkdv
     q, k, v, _, mk, mv, z, rk, _, lse, _, _, _ = res
     H, B = cfg.heads, cfg.batch
     groups = cfg.groups(cfg.nk)
-    dk, dv, ds, dz = pl.pallas_call(
+    dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg),
         grid=(groups, H, B),
-        out_shape=[
-            _sds(k.shape, k.dtype),
-            _sds(v.shape, v.dtype),
-            _sds(qp.shape, q.dtype),
-            _sds((groups, H, B), jnp.float32),
-        ],
+        out_shape=[_sds(k.shape, k.dtype), _sds(v.shape, v.dtype)],
         compiler_params=cfg.compiler_params(),
         interpret=cfg.interpret,
         name="all_attention_dkdv",
     )(*_inputs(cfg, q, k, v, qp, mk, mv, z, rk), do, lse, delta)
-    dz = jnp.sum(dz, axis=(0, 2)) if cfg.has_span else None
-    return dk, dv, ds, dz
+    return dk, dv
 
 
-def _dq_call(cfg, res, qp, do, delta, delta_p, ds):
-    """The kernel's share of dQ (context keys, from dS, and persistent keys;
-    unscaled, float32)."""
+def _dq_call(cfg, res, qp, do, delta, delta_p):
+    """The kernel's share of dQ (context keys and persistent keys, unscaled,
+    float32), the score gradients dS (B, M, H, A) and d span_ratio."""
     cfg = cfg.dq
     q, k, v, _, mk, mv, z, rk, _, lse, _, _, lse_p = res
+    H, B = cfg.heads, cfg.batch
+    f32 = jnp.float32
     groups = cfg.groups(cfg.nq)
     extra = [do, lse, delta]
     if cfg.separate_persistent:
         extra += [lse_p, delta_p]
-    return pl.pallas_call(
+    dq, ds, dz = pl.pallas_call(
         functools.partial(_dq_kernel, cfg),
-        grid=(groups, cfg.heads, cfg.batch),
-        out_shape=_sds(q.shape, jnp.float32),
+        grid=(groups, H, B),
+        out_shape=[
+            _sds(q.shape, f32),
+            _sds(qp.shape, q.dtype),
+            _sds((groups, H, B), f32),
+        ],
         compiler_params=cfg.compiler_params(),
         interpret=cfg.interpret,
         name="all_attention_dq",
-    )(*_inputs(cfg, q, k, v, qp, mk, mv, z, rk), *extra, ds)
+    )(*_inputs(cfg, q, k, v, qp, mk, mv, z, rk), *extra)
+    dz = jnp.sum(dz, axis=(0, 2)) if cfg.has_span else None
+    return dq, ds, dz
 
 
 def _position_gradients(cfg, q, pos, dq, ds):
@@ -1071,8 +1072,8 @@ def _backward_chunk(cfg, res, do):
     # merging the two matmuls (common subexpressions), which would keep
     # every layer's QP alive from its forward to its backward.
     qp = _position_scores(cfg, *lax.optimization_barrier((q, pos)))
-    dk, dv, ds, dz = _dkdv_call(cfg, res, qp, do, delta)
-    dq = _dq_call(cfg, res, qp, do, delta, delta_p, ds)
+    dk, dv = _dkdv_call(cfg, res, qp, do, delta)
+    dq, ds, dz = _dq_call(cfg, res, qp, do, delta, delta_p)
     dq, dpos = _position_gradients(cfg, q, pos, dq, ds)
     dmk = dmv = None
     if cfg.persistent:
