@@ -4,8 +4,17 @@ Compiles the all-attention Triton kernels (forward, dQ, dK/dV) for a CUDA
 architecture (default sm_90, the H100/H200) with Triton's own compiler and
 ptxas, on any machine (no GPU needed), and reads each kernel's resource
 usage from the cubin (`cuobjdump -res-usage`): registers a thread, the
-stack a thread spills to, shared memory. One JSON line per kernel, span
+stack a thread spills to, shared memory. With `--loops` it also counts the
+instructions of each loop of the kernel's machine code (`cuobjdump
+-sass`), and of the path through the loop that skips its forward branches
+(in the forward, the tiles inside a head's span), with the spill reloads
+(LDL) and predicate saves (P2R) among them. One JSON line per kernel, span
 setting and tile shape.
+
+The arguments are specialised as on the GPU: pointers 16-byte aligned and
+integers (strides, sizes) divisible by 16 where the enwik8_small geometry's
+are (M 512, A 1024, H 8, D 64, N 1024). Without that the compiler cannot
+prove alignment, and loads, registers and spills differ from the GPU's.
 
 A kernel that spills, or that holds so many registers that one program of
 `num_warps` warps fills a multiprocessor's register file, hides memory
@@ -19,6 +28,8 @@ Usage:
     KERAS_BACKEND=torch python benchmarks/triton_registers.py
     KERAS_BACKEND=torch python benchmarks/triton_registers.py \\
         --tiles 64,64,8,2 32,64,8,2 --record
+    KERAS_BACKEND=torch python benchmarks/triton_registers.py \
+        --tiles 64,64,4,2 --loops
 
 Settings: the library's defaults (dropout on, the matmul position design,
 joint persistent vectors, D = 64, bf16 inputs), with and without adaptive
@@ -30,6 +41,7 @@ import datetime
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -55,6 +67,16 @@ POINTERS = {
     "DPOS": "*fp32", "DS": "*bf16", "DZP": "*fp32", "DK": "*bf16", "DV": "*bf16",
 }
 FLOATS = {"max_span", "span_ramp", "scale_log2", "scale", "dz_coef", "drop_scale"}
+# Integer arguments at the enwik8_small geometry (B 64, M 512, A 1024, H 8,
+# D 64, N 1024): those divisible by 16 are specialised as the GPU's JIT does.
+_M, _A, _H, _D, _N = 512, 1024, 8, 64, 1024
+INTS = dict(
+    s_qb=_M * _H * _D, s_qm=_H * _D, s_qh=_D, s_kb=(_A + _M) * _H * _D,
+    s_km=_H * _D, s_kh=_D, s_vb=(_A + _M) * _H * _D, s_vm=_H * _D, s_vh=_D,
+    s_ob=_M * _H * _D, s_om=_H * _D, s_oh=_D, s_mkh=_N * _D, s_mkn=_D,
+    s_mvh=_N * _D, s_mvn=_D, s_pb=_M * _H * _A, s_pm=_H * _A, s_ph=_A,
+    H=_H, M=_M, A=_A, N=_N, B=64,
+)
 
 
 def kernels(has_span, head_dim):
@@ -73,17 +95,53 @@ def kernels(has_span, head_dim):
     }
 
 
-def resource_usage(fn, constexprs, num_warps, num_stages, arch):
+def _branch_target(op):
+    match = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", op)
+    return int(match.group(1), 16) if match else None
+
+
+def loop_counts(sass):
+    """Per loop of the machine code (a backward branch): its instructions,
+    those on the path that skips the loop's forward branches, and the spill
+    reloads (LDL) and predicate saves (P2R) on that path."""
+    code = []
+    for line in sass.splitlines():
+        match = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if match:
+            code.append((int(match.group(1), 16), match.group(2).strip()))
+    loops = []
+    for address, op in code:
+        target = _branch_target(op)
+        if target is None or target >= address:
+            continue
+        body = [(a, o) for a, o in code if target <= a <= address]
+        skips = [(a, _branch_target(o)) for a, o in body
+                 if _branch_target(o) is not None and _branch_target(o) > a]
+        path = [o for a, o in body if not any(s < a < t for s, t in skips)]
+        loops.append({
+            "instructions": len(body),
+            "main_path": len(path),
+            "main_path_ldl": sum("LDL" in o for o in path),
+            "main_path_p2r": sum("P2R" in o for o in path),
+        })
+    return loops
+
+
+def resource_usage(fn, constexprs, num_warps, num_stages, arch, loops=False):
     signature = {}
-    for name in fn.arg_names:
+    attrs = {}
+    for index, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in POINTERS:
             signature[name] = POINTERS[name]
+            attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "fp32" if name in FLOATS else "i32"
+            if name not in FLOATS and INTS.get(name, 1) % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(
-        ASTSource(fn, signature, constexprs=constexprs),
+        ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", arch, 32),
         options={"num_warps": num_warps, "num_stages": num_stages},
     )
@@ -93,13 +151,18 @@ def resource_usage(fn, constexprs, num_warps, num_stages, arch):
         cubin.flush()
         text = subprocess.run([str(tool), "-res-usage", cubin.name],
                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([str(tool), "-sass", cubin.name], capture_output=True,
+                              text=True, check=True).stdout if loops else ""
     line = next(line for line in text.splitlines() if "REG:" in line)
     fields = dict(item.split(":", 1) for item in line.split() if ":" in item)
-    return {
+    usage = {
         "registers": int(fields["REG"]),
         "spill_stack_bytes": int(fields["STACK"]),
         "shared_bytes": compiled.metadata.shared,
     }
+    if loops:
+        usage["loops"] = loop_counts(sass)
+    return usage
 
 
 def parse_tiles(text):
@@ -120,6 +183,8 @@ def main():
     parser.add_argument("--arch", type=int, default=90,
                         help="CUDA compute capability x 10 (default 90, sm_90)")
     parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--loops", action="store_true",
+                        help="also count each loop's instructions (cuobjdump -sass)")
     parser.add_argument("--record", action="store_true",
                         help="append one row per line to benchmarks/RESULTS.md")
     args = parser.parse_args()
@@ -140,6 +205,7 @@ def main():
                             tiles["BQE"] = triton_attention._edge_rows(block_q, has_span)
                         result.update(resource_usage(
                             fn, dict(constexprs, **tiles), warps, stages, args.arch,
+                            loops=args.loops,
                         ))
                     except Exception as error:
                         result["error"] = f"{type(error).__name__}: {str(error)[:300]}"
@@ -150,13 +216,18 @@ def main():
             for r in rows:
                 usage = (r.get("error") or f"{r['registers']} registers, spills "
                          f"{r['spill_stack_bytes']} B, shared {r['shared_bytes']} B")
+                if r.get("loops"):
+                    usage += "; loops (instructions, main path, its LDL, P2R): " + ", ".join(
+                        f"{x['instructions']}/{x['main_path']}/{x['main_path_ldl']}/"
+                        f"{x['main_path_p2r']}" for x in r["loops"]
+                    )
                 f.write(
                     f"| {datetime.date.today()} | triton_registers | "
                     f"{r['arch']} (compiled, no GPU) | torch | {commit()} | "
                     f"{usage} | kernel {r['kernel']}, adaptive span "
                     f"{r['adaptive_span']}, tiles {tuple(r['tiles'])}, triton "
                     f"{r['triton']}, D {args.head_dim}, bf16, dropout, matmul "
-                    f"position design |\n"
+                    f"position design, arguments specialised as at enwik8_small |\n"
                 )
 
 
