@@ -131,6 +131,7 @@ _JIT_NAMES = (
     "_band",
     "_mask_log2_exact",
     "_mask_log2_fast",
+    "_band_mask",
     "_context_logits",
     "_inside_tiles",
     "_mix32",
@@ -238,23 +239,42 @@ def _mask_log2_fast(m):
     return libdevice.fast_log2f(m)
 
 
-def _context_logits(x, i, j, A, M, top, span_ramp, r_tile_hi,
-                    HAS_SPAN: tl.constexpr, EDGE: tl.constexpr):
+def _band_mask(x, i, j, A, M):
+    """`x` where the distance `A + i - j` lies in 1..A for rows below M,
+    -inf elsewhere."""
+    r = A + i[:, None] - j[None, :]
+    return tl.where((r >= 1) & (r <= A) & (i[:, None] < M), x, float("-inf"))
+
+
+def _context_logits(x, i, j, A, M, top, span_ramp, r_tile_lo, r_tile_hi,
+                    HAS_SPAN: tl.constexpr, EDGE: tl.constexpr,
+                    SKIP_INSIDE: tl.constexpr):
     """Masked logits in log2 units: `x` plus `log2 m(r)`, -inf off band.
 
-    The mask is 1 up to distance `z L + 1 = top + 1 - R`, so a tile wholly
+    `r_tile_lo`, `r_tile_hi`: the tile's smallest and largest distance
+    (`A + min i - max j`, `A + max i - min j`), scalars. With
+    `SKIP_INSIDE` a tile inside the band (every distance in 1..A) skips the
+    band's mask, most tiles of a long band: on sm_90 the forward's loop
+    takes about 12% fewer instructions; the backward kernels, at their
+    register limit, spill where they branch, so they mask every tile. Rows
+    past M need no mask: their queries and output gradients load as zeros
+    and their results are not stored.
+
+    The span's mask is 1 up to distance `z L + 1 = top + 1 - R`, so a tile wholly
     within it skips the mask (one logarithm per entry). `EDGE`: 0, the tile
     stays within `z L` (sorted by `_inside_tiles`; the dK/dV kernel's edge
     tiles apply the mask as a factor instead); 2, decide here, per tile,
     from `r_tile_hi` (a scalar, the tile's largest distance
     `A + max i - min j`; a reduction over `i` and `j` here cost a
     cross-warp exchange per tile)."""
-    r = A + i[:, None] - j[None, :]
-    valid = (r >= 1) & (r <= A) & (i[:, None] < M)
-    # The band's mask before the branch: nothing but `x` is live across it
-    # (a boolean tile live across a branch is saved and restored as
-    # predicate bits, about 250 instructions a tile on sm_90).
-    x = tl.where(valid, x, float("-inf"))
+    # The band's mask before the span's branch, so that nothing but `x` is
+    # live across it (a boolean tile live across a branch is saved and
+    # restored as predicate bits, about 250 instructions a tile on sm_90).
+    if SKIP_INSIDE:
+        if (r_tile_lo < 1) | (r_tile_hi > A):
+            x = _band_mask(x, i, j, A, M)
+    else:
+        x = _band_mask(x, i, j, A, M)
     if HAS_SPAN:
         if EDGE == 2:
             if r_tile_hi * 1.0 > top + 1.0 - span_ramp:
@@ -414,7 +434,7 @@ def _fwd_kernel(
             qp_prev = qp_cur
         x = tl.dot(q, kt, input_precision=PREC) + band
         s = _context_logits(x * scale_log2, i, j, A, M, top, span_ramp,
-                            A + i0 + BQ - 1 - j0, HAS_SPAN, 2)
+                            A + i0 - j0 - (BK - 1), A + i0 + BQ - 1 - j0, HAS_SPAN, 2, True)
         v = _load_rows(v_base, j, s_vm, total, offs_d, D, BD)
         keep = s
         if HAS_DROPOUT:  # column id: the distance
@@ -534,7 +554,7 @@ def _bwd_dq_kernel(
         x = tl.dot(q, kt, input_precision=PREC) + band
         s_raw = x * scale_log2
         s = _context_logits(s_raw, i, j, A, M, top, span_ramp,
-                            A + i0 + BQ - 1 - j0, HAS_SPAN, 2)
+                            A + i0 - j0 - (BK - 1), A + i0 + BQ - 1 - j0, HAS_SPAN, 2, False)
         prob = tl.math.exp2(s - lse_c[:, None])
         vt = _load_cols(v_base, j, s_vm, total, offs_d, D, BD)
         dp = tl.dot(do.to(vt.dtype), vt, input_precision=PREC)
@@ -677,7 +697,9 @@ def _bwd_dkdv_kernel(
                 # not meet an infinity)
                 prob = tl.where(x_mask > 0.0, p_raw * tl.minimum(x_mask, 1.0), 0.0)
             else:
-                s = _context_logits(s_raw, i, j, A, M, top, span_ramp, 0, HAS_SPAN, 0)
+                s = _context_logits(s_raw, i, j, A, M, top, span_ramp,
+                                    A + i0 - j0 - (BK - 1), A + i0 + TQ - 1 - j0,
+                                    HAS_SPAN, 0, False)
                 prob = tl.math.exp2(s - lse[:, None])
             dropped = prob
             if HAS_DROPOUT:
