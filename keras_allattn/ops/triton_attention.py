@@ -260,8 +260,8 @@ def _context_logits(x, i, j, A, M, top, span_ramp, r_tile_lo, r_tile_hi,
     past M need no mask: their queries and output gradients load as zeros
     and their results are not stored.
 
-    The span's mask is 1 up to distance `z L + 1 = top + 1 - R`, so a tile wholly
-    within it skips the mask (one logarithm per entry). `EDGE`: 0, the tile
+    The span's mask is 1 up to distance `z L + 1 = top + 1 - R`, so a tile
+    wholly within it skips the mask (one logarithm per entry). `EDGE`: 0, the tile
     stays within `z L` (sorted by `_inside_tiles`; the dK/dV kernel's edge
     tiles apply the mask as a factor instead); 2, decide here, per tile,
     from `r_tile_hi` (a scalar, the tile's largest distance
@@ -269,7 +269,7 @@ def _context_logits(x, i, j, A, M, top, span_ramp, r_tile_lo, r_tile_hi,
     cross-warp exchange per tile)."""
     # The band's mask before the span's branch, so that nothing but `x` is
     # live across it (a boolean tile live across a branch is saved and
-    # restored as predicate bits, about 250 instructions a tile on sm_90).
+    # restored as predicate bits, about 220 instructions a tile on sm_90).
     if SKIP_INSIDE:
         if (r_tile_lo < 1) | (r_tile_hi > A):
             x = _band_mask(x, i, j, A, M)
