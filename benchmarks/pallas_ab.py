@@ -81,36 +81,26 @@ def kernel_calls(pa, cfg, tiles):
     qp = jax.jit(lambda q, p: pa._position_scores(kcfg, q, p))(prepared[0], prepared[3])
     do = ct.astype(q.dtype)
     delta, delta_p = jax.jit(lambda r, d: pa._deltas(kcfg, r, d))(res, do)
-    if "ds" in inspect.signature(pa._dq_call).parameters:
-        # The dK/dV kernel writes dS; the dQ kernel reads it.
-        dkdv = jax.jit(lambda r, p, d, dl: pa._dkdv_call(kcfg, r, p, d, dl))
-        dkdv_args = (res, qp, do, delta)
-        ds = dkdv(*dkdv_args)[2]
-        dq = jax.jit(lambda r, p, d, dl, dp, s: pa._dq_call(kcfg, r, p, d, dl, dp, s))
-        bwd = jax.jit(lambda r, d: pa._backward(kcfg, r, d))
-        return {
-            "fwd": (fwd, tuple(prepared)),
-            "dkdv": (dkdv, dkdv_args),
-            "dq": (dq, (res, qp, do, delta, delta_p, ds)),
-            "bwd": (bwd, (res, do)),
-        }
-    dq = jax.jit(lambda r, p, d, dl, dp: pa._dq_call(kcfg, r, p, d, dl, dp))
+    dq = jax.jit(lambda *a: pa._dq_call(kcfg, *a))
+    dq_args = (res, qp, do, delta, delta_p)
     if getattr(kcfg, "fused_dq", False):
         # The dK/dV kernel adds the context share into the dQ kernel's
         # (persistent) share.
         dkdv = jax.jit(lambda r, p, d, dl, q_: pa._dkdv_call(kcfg, r, p, d, dl, q_))
-        dkdv_args = (res, qp, do, delta, dq(res, qp, do, delta, delta_p))
+        dkdv_args = (res, qp, do, delta, dq(*dq_args))
     else:
         dkdv = jax.jit(lambda r, p, d, dl: pa._dkdv_call(kcfg, r, p, d, dl))
         dkdv_args = (res, qp, do, delta)
+    if "ds" in inspect.signature(pa._dq_call).parameters:
+        # The dK/dV kernel writes dS (its third output); the dQ kernel reads it.
+        dq_args += (dkdv(*dkdv_args)[2],)
     bwd = jax.jit(lambda r, d: pa._backward(kcfg, r, d))
     return {
         "fwd": (fwd, tuple(prepared)),
         "dkdv": (dkdv, dkdv_args),
-        "dq": (dq, (res, qp, do, delta, delta_p)),
+        "dq": (dq, dq_args),
         "bwd": (bwd, (res, do)),
     }
-
 
 def per_call_ms(fn, args, calls):
     jax.block_until_ready(fn(*args))

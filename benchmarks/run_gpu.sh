@@ -65,9 +65,9 @@
 #          kernel in alternating rounds (pallas_ab.py --tiles), at fixed
 #          2048 and the trimmed adaptive shape, dropout 0.3
 #   pallasprograms how many programs the Pallas grids aim at (each program
-#          loops over ceil(tiles / groups) tiles; 1024 by default, never
-#          measured) against one tile a program, fixed 2048 and trimmed
-#          adaptive, dropout 0.3
+#          loops over ceil(tiles / groups) tiles; 4096 by default, one tile a
+#          program at enwik8_small) against 1024, 32768 and 512, fixed 2048
+#          and trimmed adaptive, dropout 0.3
 #   pallasab the Pallas kernels against each file of PALLAS_BASELINES
 #          (pallas_ab.py), fixed 2048 and trimmed adaptive, dropout 0.3
 #   tritonab the Triton kernels against each file of TRITON_BASELINES
@@ -537,15 +537,14 @@ pallassweep)
     step "pallas_tiles_$n" 150 env KERAS_BACKEND=jax $pab --tiles "$t"
   done ;;
 pallasprograms)
-  # The Pallas grids aim at `num_programs` programs (default 1024: at B 64,
-  # H 8 a program of the forward runs 4 query tiles one after the other,
-  # and the programs in flight hold 4 times as many (batch row, head) pairs'
-  # keys and values as with one tile a program, the Triton kernels' grid).
+  # The Pallas grids aim at `num_programs` programs (default 4096: at B 64,
+  # H 8 one forward query tile a program, the Triton kernels' grid; 1024,
+  # four tiles a program, ran 5 to 10% slower on an H200, RESULTS.md).
   # baseline_over_current > 1: the variant (the baseline's tiles) is slower.
   pab="python3 benchmarks/pallas_ab.py --baseline keras_allattn/ops/pallas_attention.py
        --configs enwik8_small_bf16,adaptive_A1280_span1k_bf16 --dropout 0.3 --record"
   n=0
-  for t in '{"num_programs": 4096}' '{"num_programs": 32768}' '{"num_programs": 512}'; do
+  for t in '{"num_programs": 1024}' '{"num_programs": 32768}' '{"num_programs": 512}'; do
     n=$((n + 1))
     step "pallas_programs_$n" 150 env KERAS_BACKEND=jax $pab --baseline-tiles "$t"
   done ;;

@@ -28,7 +28,7 @@ Usage:
     KERAS_BACKEND=torch python benchmarks/triton_registers.py
     KERAS_BACKEND=torch python benchmarks/triton_registers.py \\
         --tiles 64,64,8,2 32,64,8,2 --record
-    KERAS_BACKEND=torch python benchmarks/triton_registers.py \
+    KERAS_BACKEND=torch python benchmarks/triton_registers.py \\
         --tiles 64,64,4,2 --loops
 
 Settings: the library's defaults (dropout on, the matmul position design,
@@ -109,15 +109,14 @@ def loop_counts(sass):
         match = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
         if match:
             code.append((int(match.group(1), 16), match.group(2).strip()))
+    targets = [_branch_target(op) for _, op in code]
     loops = []
-    for address, op in code:
-        target = _branch_target(op)
+    for (address, _), target in zip(code, targets):
         if target is None or target >= address:
             continue
-        body = [(a, o) for a, o in code if target <= a <= address]
-        skips = [(a, _branch_target(o)) for a, o in body
-                 if _branch_target(o) is not None and _branch_target(o) > a]
-        path = [o for a, o in body if not any(s < a < t for s, t in skips)]
+        body = [(a, o, t) for (a, o), t in zip(code, targets) if target <= a <= address]
+        skips = [(a, t) for a, _, t in body if t is not None and t > a]
+        path = [o for a, o, _ in body if not any(s < a < t for s, t in skips)]
         loops.append({
             "instructions": len(body),
             "main_path": len(path),
