@@ -294,20 +294,22 @@ def test_dkdv_edge_tiles_of_half_height(position, dkdv, nan_filled_ds):
     expect_design(position, nan_filled_ds)
 
 
+@pytest.mark.parametrize("span", [False, True], ids=["no_span", "span"])
 @pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("a", [47, 48, 49])
-def test_tiles_on_the_band_edges(a, position, nan_filled_ds):
-    """The kernels skip the band's mask in tiles wholly inside it (every
-    distance in 1..A): with 16 x 16 tiles and A = 47, 48, 49 the dK/dV
-    loop's tiles (largest distances multiples of 16 once their first row is
-    past 0) end one past, on and one short of A in rows below M = 70, and
-    the forward's smallest distances fall on 1; against the float64
-    reference, no span."""
+def test_tiles_on_the_band_edges(a, position, span, nan_filled_ds):
+    """Tiles on the band's edges: with 16 x 16 tiles and A = 47, 48, 49 the
+    dK/dV loop's tiles (largest distances multiples of 16 once their first
+    row is past 0) end one past, on and one short of A in rows below M = 70,
+    and the forward's smallest distances fall on 1; against the float64
+    reference. Under a span the forward skips the band's mask in tiles
+    wholly inside it (every distance in 1..A); head 0's span (26) ends
+    inside the band, head 1's (66) past it."""
     inputs, grad = make_inputs(2, 70, 2, 16, a, 8, seed=a)
-    args, (ref_out, ref_grads) = reference_run(inputs, grad, True, False, "joint")
+    args, (ref_out, ref_grads) = reference_run(inputs, grad, True, span, "joint")
     out, grads = run(
         triton_all_attention, args, grad, torch.float32,
-        max_span=None, span_ramp=RAMP, integration="joint",
+        max_span=MAX_SPAN if span else None, span_ramp=RAMP, integration="joint",
         block_q=16, block_k=16, position=position,
     )
     check(out, grads, ref_out, ref_grads, TOL)
