@@ -53,11 +53,19 @@ def dropout_keys(seed, batch, heads, queries):
 
 
 def dropout_factors(keys, columns, rate):
-    """0 or 1 / (1 - rate) for row keys (..., 1) and column ids `u`."""
-    u = np.asarray(columns, np.int64) & 0xFFFFFFFF
-    x = _mix(keys ^ ((u.astype(np.uint64) * 0x85EBCA6B) & 0xFFFFFFFF))
-    threshold = int(round((1.0 - rate) * 2**24))
-    return np.where((x >> 8) < threshold, 1.0 / (1.0 - rate), 0.0)
+    """0 or 1 / (1 - rate) for row keys (..., 1) and column ids `u`: the
+    hash of the pair `u >> 1`, its 16-bit half `u & 1`."""
+    u = (np.asarray(columns, np.int64) & 0xFFFFFFFF).astype(np.uint64)
+    x = _mix(keys ^ (((u >> 1) * 0x85EBCA6B) & 0xFFFFFFFF))
+    bits = (x >> (16 * (u & 1))) & 0xFFFF
+    threshold = int(round((1.0 - rate) * 2**16))
+    return np.where(bits < threshold, 1.0 / (1.0 - rate), 0.0)
+
+
+def context_column_ids(queries, length):
+    """(M, A) column ids of the context weights by distance `r = 1 .. A`
+    (axis 1 is `r - 1`): the key's place from the last key, M - 1 - i + r."""
+    return (queries - 1 - np.arange(queries))[:, None] + np.arange(1, length + 1)[None, :]
 
 
 def attention_probabilities(x, memory, w, num_heads, max_span, ramp=32,
@@ -143,7 +151,7 @@ def attention(x, memory, w, num_heads, max_span, ramp=32, integration="joint",
     if dropout is not None:
         rate, seed = dropout
         keys = dropout_keys(seed, batch, num_heads, block)[..., None]
-        a_ctx = a_ctx * dropout_factors(keys, r, rate)
+        a_ctx = a_ctx * dropout_factors(keys, context_column_ids(block, max_span), rate)
         if has_persistent:
             a_pers = a_pers * dropout_factors(keys, -1 - np.arange(n), rate)
 

@@ -38,6 +38,37 @@ def test_row_keys_and_factors_match_numpy(seed):
         np.testing.assert_array_equal(got, expected.astype(np.float32))
 
 
+def test_context_columns_count_keys_from_the_last():
+    """Column ids of the layout by distance: query i's key at distance r is
+    the (M - 1 - i + r)-th key before the last, the same key for every
+    query (so adjacent keys of a row pair up alike in every row)."""
+    m, a = 5, 7
+    ids = _np(dropout_hash.context_columns(m, a))
+    assert ids.shape == (m, a)
+    for i in range(m):
+        for c in range(a):
+            r = a - c
+            key = a + i - r  # row of the key in [memory; block]
+            assert ids[i, c] == (a + m - 1) - key
+
+
+def test_two_weights_share_one_hash():
+    """Ids 2p and 2p + 1 take the low and high halves of one hash."""
+    keys = np.asarray([[123456789], [-5]], "int32")
+    rate = 0.3
+    u = np.arange(0, 64, dtype="int32")
+    got = _np(dropout_hash.dropout_multiplier(keys, u, rate))
+    keys64 = (np.asarray(keys, np.int64) & 0xFFFFFFFF).astype(np.uint64)
+    want = reference.dropout_factors(keys64, u, rate)
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+    x = reference._mix(keys64 ^ (((u >> 1).astype(np.uint64) * 0x85EBCA6B) & 0xFFFFFFFF))
+    low = (x & 0xFFFF)[:, 0::2]
+    high = (x >> 16)[:, 1::2]
+    threshold = round(0.7 * 2**16)
+    np.testing.assert_array_equal(got[:, 0::2] > 0, low < threshold)
+    np.testing.assert_array_equal(got[:, 1::2] > 0, high < threshold)
+
+
 def test_seed_from_a_seed_generator_draws_a_new_mask_each_step():
     generator = keras.random.SeedGenerator(3)
     first = _np(dropout_hash.attention_dropout_keys(generator.next(), 2, 2, 4))
@@ -49,7 +80,7 @@ def test_seed_from_a_seed_generator_draws_a_new_mask_each_step():
 def test_keep_rate_and_independence(rate):
     b, h, m, a = 2, 4, 64, 1024
     keys = dropout_hash.attention_dropout_keys(np.asarray((7, 11)), b, h, m)
-    columns = dropout_hash.context_columns(a)
+    columns = dropout_hash.context_columns(m, a)
     kept = _np(dropout_hash.dropout_multiplier(keys[..., None], columns, rate)) > 0
     n = kept.size
     keep = 1.0 - rate

@@ -285,7 +285,7 @@ def portable_all_attention(
     keys = _dropout_keys(query, dropout_rate, dropout_seed)
     if keys is not None:
         context = context * dropout_multiplier(
-            keys, context_columns(length), dropout_rate
+            keys, context_columns(ops.shape(query)[1], length), dropout_rate
         )
     out = ops.matmul(ops.cast(skew(context), v.dtype), v)  # (B, H, M, D)
     if persistent is not None:

@@ -12,13 +12,21 @@ The function, in unsigned 32-bit arithmetic (all products modulo 2^32):
              x *= 0x846CA68B; x ^= x >> 16          (a bijection of uint32)
     call key   k = mix(s0 ^ mix(s1 + 0x9E3779B9))   (seed (s0, s1))
     row key    K[b, h, i] = mix(k + ((b H + h) M + i) * 0x9E3779B9)
-    weight     x = mix(K[b, h, i] ^ (u * 0x85EBCA6B))
-    kept       iff (x >> 8) < round((1 - rate) 2^24)
+    weight     x = mix(K[b, h, i] ^ ((u >> 1) * 0x85EBCA6B))
+               bits = (x >> 16 (u & 1)) & 0xFFFF
+    kept       iff bits < round((1 - rate) 2^16)
 
-with `u` the distance `r = 1 .. A` of a context key (so a key keeps its
-mask when the attended length is trimmed) and `u = 2^32 - 1 - n` for the
-persistent vector `n = 0 .. N-1`. Kept weights are scaled by
-`1 / (1 - rate)`. The seed is a `keras.random.SeedGenerator` draw, which
+with `u` the column id of the weight. For a context key it is the key's
+place counted from the last key, `e = M - 1 - i + r` for the query `i`
+(0-based in its block of M) at distance `r = 1 .. A`: it does not change
+when the attended length A is trimmed, so a key keeps its mask. For the
+persistent vector `n = 0 .. N-1` it is `u = 2^32 - 1 - n`. Two weights of
+a row whose ids differ only in the last bit (adjacent keys, adjacent
+persistent vectors) share one hash and take its two 16-bit halves, so a
+kernel hashes once for two weights. Kept weights are scaled by
+`1 / (1 - rate)`; a weight is kept with probability `round((1 - rate)
+2^16) / 2^16` (0.7000122 for the recipe's rate 0.3).
+The seed is a `keras.random.SeedGenerator` draw, which
 differs per layer (the generator's own seed) and per step (its counter).
 The row keys (B, H, M) are computed once per call with `keras.ops`
 (`attention_dropout_keys`); the kernels receive them as a tensor, so a
@@ -37,12 +45,12 @@ MIX_1 = 0x7FEB352D
 MIX_2 = 0x846CA68B - 2**32
 GOLDEN = 0x9E3779B9 - 2**32
 COLUMN = 0x85EBCA6B - 2**32
-# Uniform bits compared with the keep threshold.
-KEEP_BITS = 24
+# Uniform bits compared with the keep threshold: a hash's half.
+KEEP_BITS = 16
 
 
 def keep_threshold(rate):
-    """The integer threshold of `(x >> 8) < threshold` for a dropout rate."""
+    """The integer threshold of `bits < threshold` for a dropout rate."""
     if not 0.0 <= rate < 1.0:
         raise ValueError(
             f"`rate` must be in [0, 1). Received: rate={rate!r}"
@@ -92,23 +100,30 @@ def dropout_multiplier(keys, columns, rate):
     Args:
         keys: int32 row keys broadcastable against `columns`, e.g.
             (B, H, M, 1).
-        columns: int32 column ids `u` (distances, or `-1 - n` for the
-            persistent vector `n`), e.g. (A,).
+        columns: int32 column ids `u` (`context_columns`,
+            `persistent_columns`), broadcastable against `keys`.
         rate: float in [0, 1).
 
     Returns:
         A float32 tensor of the broadcast shape.
     """
-    x = mix32(ops.bitwise_xor(keys, columns * COLUMN))
-    kept = ops.less(_srl(x, 32 - KEEP_BITS), keep_threshold(rate))
+    columns = ops.convert_to_tensor(columns, "int32")
+    x = mix32(ops.bitwise_xor(keys, _srl(columns, 1) * COLUMN))
+    high = ops.equal(ops.bitwise_and(columns, 1), 1)
+    bits = ops.bitwise_and(ops.where(high, _srl(x, KEEP_BITS), x), (1 << KEEP_BITS) - 1)
+    kept = ops.less(bits, keep_threshold(rate))
     return ops.cast(ops.where(kept, 1.0 / (1.0 - rate), 0.0), "float32")
 
 
-def context_columns(length):
-    """Column ids of the context scores: column `c` holds distance `A - c`."""
-    return ops.arange(length, 0, -1, dtype="int32")
+def context_columns(queries, length):
+    """Column ids (M, A) of the context scores in the layout by distance
+    (column `c` holds distance `A - c`): the key's place from the last key,
+    `M - 1 - i + A - c` for query `i`."""
+    rows = ops.arange(queries - 1, -1, -1, dtype="int32")[:, None]
+    return rows + ops.arange(length, 0, -1, dtype="int32")[None, :]
 
 
 def persistent_columns(count):
-    """Column ids of the persistent scores: `-1 - n` for vector `n`."""
+    """Column ids of the persistent scores: `-1 - n` (2^32 - 1 - n as
+    uint32) for vector `n`."""
     return -1 - ops.arange(count, dtype="int32")
