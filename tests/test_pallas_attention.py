@@ -56,6 +56,13 @@ CONFIGS = {
         2, 37, 100, 3, 16, 20, True, "separate",
         dict(block_q=32, block_k=16, num_programs=1, num_stages=1),
     ),
+    # A + M even: the context tiles' dropout columns pair up (one hash for
+    # two keys); the other configurations hash one key at a time.
+    "even_keys_span_persistent": (
+        2, 36, 100, 3, 16, 20, True, "joint",
+        dict(block_q=16, block_k=16, num_programs=12,
+             backward_blocks=((32, 16), (32, 16, 4, 3))),
+    ),
     # Context only, no span; block_k > block_q; head width 32.
     "context_only": (
         2, 45, 70, 2, 32, 0, False, "joint",
@@ -364,7 +371,9 @@ def test_batch_chunks_fill_no_key_sized_buffer(monkeypatch):
 
 # (The joint configuration with dropout runs in
 # test_batch_chunks_match_portable_path.)
-@pytest.mark.parametrize("name", ["context_only", "separate_span_persistent"])
+@pytest.mark.parametrize(
+    "name", ["context_only", "separate_span_persistent", "even_keys_span_persistent"]
+)
 def test_dropout_matches_portable_path_exactly(name):
     """With attention dropout the kernels draw the portable path's mask
     (same seed, same counter-based function): outputs and every gradient

@@ -460,26 +460,54 @@ def _mix32(x):
 
 
 def _dropout_factor(rk, u, cfg):
-    """Dropout factors (0 or 1 / keep) of row keys rk (BQ,) and columns u.
-
-    The counter-based mask of `keras_allattn.ops.random`; None without
-    dropout."""
+    """Dropout factors (0 or 1 / keep) of row keys rk (BQ,) and column ids
+    u, one hash a weight: the counter-based mask of
+    `keras_allattn.ops.random`; None without dropout."""
     if not cfg.has_dropout:
         return None
-    x = _mix32(rk[:, None] ^ (u * jnp.int32(dropout_hash.COLUMN)))
-    bits = lax.shift_right_logical(x, jnp.int32(32 - dropout_hash.KEEP_BITS))
+    x = _mix32(rk[:, None] ^ (lax.shift_right_logical(u, jnp.int32(1))
+                              * jnp.int32(dropout_hash.COLUMN)))
+    half = jnp.where((u & 1) == 1, lax.shift_right_logical(x, jnp.int32(16)), x)
+    bits = half & jnp.int32((1 << dropout_hash.KEEP_BITS) - 1)
     return jnp.where(bits < cfg.keep_threshold, 1.0 / (1.0 - cfg.dropout), 0.0)
 
 
+def _paired_dropout(rk, u_first, cfg, shape):
+    """Dropout factors of a (rows, 2 P) tile whose column ids run down from
+    the odd id `u_first` (column 2c has id u_first - 2c, column 2c + 1 the
+    next lower one): the two columns of a pair share the hash of
+    `u_first >> 1 - c`, the first the high half, the second the low."""
+    rows, cols = shape
+    pair = lax.shift_right_logical(u_first, jnp.int32(1)) - lax.broadcasted_iota(
+        jnp.int32, (rows, cols // 2), 1
+    )
+    x = _mix32(rk[:, None] ^ (pair * jnp.int32(dropout_hash.COLUMN)))
+    scale = 1.0 / (1.0 - cfg.dropout)
+    mask = jnp.int32((1 << dropout_hash.KEEP_BITS) - 1)
+    high = jnp.where(lax.shift_right_logical(x, jnp.int32(16)) < cfg.keep_threshold, scale, 0.0)
+    low = jnp.where((x & mask) < cfg.keep_threshold, scale, 0.0)
+    return jnp.stack([high, low], axis=-1).reshape(rows, cols)
+
+
 def _context_dropout(rk, i0, j0, cfg, shape):
-    """Dropout factors of the (BQ, BK) context tile: column id = distance."""
-    i = i0 + lax.broadcasted_iota(jnp.int32, shape, 0)
+    """Dropout factors of the (BQ, BK) context tile: column id = the key's
+    place from the last key, `A + M - 1 - j`. Key tiles start at even j0,
+    so with A + M even (and BK even) the tile's columns pair up."""
+    if not cfg.has_dropout:
+        return None
+    if cfg.total % 2 == 0 and shape[1] % 2 == 0:
+        return _paired_dropout(rk, cfg.total - 1 - j0, cfg, shape)
     j = j0 + lax.broadcasted_iota(jnp.int32, shape, 1)
-    return _dropout_factor(rk, cfg.length + i - j, cfg)
+    return _dropout_factor(rk, cfg.total - 1 - j, cfg)
 
 
 def _persistent_dropout(rk, n0, cfg, shape):
-    """Dropout factors of a (BQ, BN) persistent tile: column id = -1 - n."""
+    """Dropout factors of a (BQ, BN) persistent tile: column id = -1 - n
+    (odd as uint32 for even n0, so the columns pair up)."""
+    if not cfg.has_dropout:
+        return None
+    if shape[1] % 2 == 0:
+        return _paired_dropout(rk, -1 - n0, cfg, shape)
     n = n0 + lax.broadcasted_iota(jnp.int32, shape, 1)
     return _dropout_factor(rk, -1 - n, cfg)
 
