@@ -63,8 +63,8 @@ def reference_all_attention(
     """SPEC §1 by gathering keys per distance, log-space span mask.
 
     `dropout`: None or (rate, seed), the mask of tests/reference.py applied
-    to the normalised weights (context column `r - 1` has id `r`,
-    persistent vector `n` the id `-1 - n`).
+    to the normalised weights (query i's context column `r - 1` has id
+    `M - 1 - i + r`, persistent vector `n` the id `-1 - n`).
     """
     drop_ctx = drop_pers = None
     if dropout is not None:
@@ -76,7 +76,7 @@ def reference_all_attention(
             f = reference.dropout_factors(keys, columns, rate)
             return torch.as_tensor(f, dtype=q.dtype, device=q.device)
 
-        drop_ctx = factors(range(1, pos.shape[1] + 1))
+        drop_ctx = factors(reference.context_column_ids(m, pos.shape[1]))
         if mk is not None:
             drop_pers = factors([-1 - n for n in range(mk.shape[1])])
     _, m, _, d = q.shape
@@ -618,6 +618,38 @@ def test_rejects_bad_arguments():
             dropout_keys=torch.zeros((1, 1, 8), dtype=torch.int64),
         )
 
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_dropout_key_pairs(position, deterministic, monkeypatch, nan_filled_ds):
+    """With A + M even the kernels hash once for two adjacent keys (and two
+    adjacent persistent vectors): the portable path's mask, in the forward,
+    dK/dV, the persistent kernel and (deterministic mode, or the in-kernel
+    design) the dQ kernel, whose key loops then start at an even key. The
+    spans put the loops' first keys at odd and even rows."""
+    from keras_allattn.ops import kernel_settings
+
+    monkeypatch.setattr(kernel_settings, "_deterministic", None)
+    kernel_settings.set_deterministic(deterministic)
+    b, m, h, a = 2, 22, 3, 50  # A + M = 72
+    inputs, grad = make_inputs(b, m, h, 16, a, 12, seed=4)
+    inputs["span_ratio"] = torch.tensor([0.1137, 0.27, 0.43], dtype=torch.float64)
+    args, _ = reference_run(inputs, grad, True, True, "joint")
+    seed = dropout_seed()
+    keys = attention_dropout_keys(seed, b, h, m).to(DEVICE)
+    options = dict(max_span=MAX_SPAN, span_ramp=RAMP, integration="joint")
+    want = run(
+        portable_all_attention, args, grad, torch.float32,
+        dropout_rate=DROPOUT_RATE, dropout_seed=seed, **options,
+    )
+    out, grads = run(
+        triton_all_attention, args, grad, torch.float32,
+        dropout_rate=DROPOUT_RATE, dropout_keys=keys, position=position,
+        block_q=16, block_k=16, **options,
+    )
+    check(out, grads, *want, TOL)
+    expect_design(position, nan_filled_ds)
 
 
 def test_deterministic_mode(monkeypatch):

@@ -78,10 +78,14 @@ materialising any (B, H, M, A) tensor in device memory:
   tiles wholly inside it (`m = 1`) skip the mask's logarithm.
 * attention dropout: the counter-based mask of `keras_allattn.ops.random`.
   Every kernel hashes the row keys of its query rows (an int32 (B, H, M)
-  input computed from the call's seed) with the column ids (the distance
-  `r = A + i - j` of a context key, `-1 - n` for persistent vector `n`) in
-  uint32 arithmetic, so the backward kernels regenerate the forward's mask
-  and nothing of size (B, H, M, A) is stored. The softmax normaliser (the
+  input computed from the call's seed) with the column ids (a context
+  key's place from the last key, `A + M - 1 - j`; `-1 - n` for persistent
+  vector `n`) in uint32 arithmetic, so the backward kernels regenerate the
+  forward's mask and nothing of size (B, H, M, A) is stored. Two adjacent
+  keys (ids 2p + 1, 2p) share one hash, its two 16-bit halves: with A + M
+  even (`PAIRS`) the key loops start at even keys and a (rows, BK) tile
+  needs BK / 2 hashes a row (one hash a key otherwise); persistent tiles
+  always pair. The softmax normaliser (the
   saved log-sum-exp) sums the weights before dropout, the outputs use the
   dropped weights; in the backward `dV += (P f)^T dO`, `dP = f (dO V^T)`
   and `dS = P (dP - Delta)` with `Delta = rowsum(dO O)` of the dropped
@@ -136,6 +140,8 @@ _JIT_NAMES = (
     "_inside_tiles",
     "_mix32",
     "_dropout_factor",
+    "_dropout_pairs",
+    "_context_keep",
     "_load_row_keys",
     "_online",
     "_load_rows",
@@ -326,11 +332,39 @@ def _mix32(x):
 
 def _dropout_factor(rk, u, keep_threshold, drop_scale):
     """Dropout factors (0 or `drop_scale`) of the weights at row keys `rk`
-    (uint32 (rows, 1)) and column ids `u` (int32, broadcastable): the
-    counter-based mask of `keras_allattn.ops.random`, float32."""
-    x = _mix32(rk ^ (u.to(tl.uint32, bitcast=True) * tl.full([], 0x85EBCA6B, tl.uint32)))
-    kept = (x >> 8).to(tl.int32) < keep_threshold
-    return tl.where(kept, drop_scale, 0.0)
+    (uint32 (rows, 1)) and column ids `u` (int32, broadcastable), one hash
+    a weight: the counter-based mask of `keras_allattn.ops.random`,
+    float32."""
+    uu = u.to(tl.uint32, bitcast=True)
+    x = _mix32(rk ^ ((uu >> 1) * tl.full([], 0x85EBCA6B, tl.uint32)))
+    bits = tl.where((uu & 1) == 1, x >> 16, x & 0xFFFF)
+    return tl.where(bits.to(tl.int32) < keep_threshold, drop_scale, 0.0)
+
+
+def _dropout_pairs(rk, u_first, BK: tl.constexpr, keep_threshold, drop_scale):
+    """Dropout factors of a (rows, BK) tile whose column ids run down from
+    the odd id `u_first` (column 2c has id `u_first - 2c`, column 2c + 1 the
+    next lower one): the columns of a pair share the hash of `(u_first >>
+    1) - c`, the first takes its high half, the second its low half. One
+    hash for two weights; the halves are interleaved with `tl.join`."""
+    first = tl.cast(u_first, tl.int32).to(tl.uint32, bitcast=True)
+    pair = (first >> 1) - tl.arange(0, BK // 2).to(tl.uint32)
+    x = _mix32(rk ^ (pair[None, :] * tl.full([], 0x85EBCA6B, tl.uint32)))
+    high = tl.where((x >> 16).to(tl.int32) < keep_threshold, drop_scale, 0.0)
+    low = tl.where((x & 0xFFFF).to(tl.int32) < keep_threshold, drop_scale, 0.0)
+    return tl.reshape(tl.join(high, low), (rk.shape[0], BK))
+
+
+def _context_keep(rk, j0, A, M, BK: tl.constexpr, keep_threshold, drop_scale,
+                  PAIRS: tl.constexpr):
+    """Dropout factors of a (rows, BK) context tile of keys `j0 + b`:
+    column id = the key's place from the last key, `A + M - 1 - j`. With
+    `PAIRS` (A + M even and j0 even: the first id is odd) adjacent keys
+    share a hash."""
+    if PAIRS:
+        return _dropout_pairs(rk, A + M - 1 - j0, BK, keep_threshold, drop_scale)
+    j = j0 + tl.arange(0, BK)
+    return _dropout_factor(rk, (A + M - 1 - j)[None, :], keep_threshold, drop_scale)
 
 
 def _load_row_keys(RK, bh, i, M):
@@ -393,7 +427,7 @@ def _fwd_kernel(
     HAS_SPAN: tl.constexpr, HAS_PERS: tl.constexpr, SEPARATE: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, POS_MATMUL: tl.constexpr,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, PAIRS: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
@@ -412,8 +446,12 @@ def _fwd_kernel(
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     top, r_bound = _span_setup(Z, h, A, max_span, span_ramp, HAS_SPAN)
-    # Keys seen by some query of the tile: j >= i0 and r = A + i - j <= r_bound.
+    # Keys seen by some query of the tile: j >= i0 and r = A + i - j <= r_bound
+    # (from an even key with PAIRS: the dropout hashes key pairs (2t, 2t+1);
+    # the extra key is past the span, its weight 0).
     j_lo = tl.maximum(i0, A + i0 - r_bound)
+    if PAIRS:
+        j_lo -= j_lo % 2
     j_hi = tl.minimum(A + i0 + BQ - 1, total - 1)
 
     if POS_MATMUL:
@@ -440,7 +478,7 @@ def _fwd_kernel(
         v = _load_rows(v_base, j, s_vm, total, offs_d, D, BD)
         keep = s
         if HAS_DROPOUT:  # column id: the distance
-            keep = _dropout_factor(rk, A + i[:, None] - j[None, :], keep_threshold, drop_scale)
+            keep = _context_keep(rk, j0, A, M, BK, keep_threshold, drop_scale, PAIRS)
         m_i, l_i, acc = _online(m_i, l_i, acc, s, v, keep, PREC, HAS_DROPOUT)
 
     m2 = tl.full([BQ], -1.0e30, tl.float32)
@@ -455,7 +493,7 @@ def _fwd_kernel(
             mv = _load_rows(MV + h * s_mvh, n, s_mvn, N, offs_d, D, BD).to(V.dtype.element_ty)
             keep = s
             if HAS_DROPOUT:  # column id: -1 - n
-                keep = _dropout_factor(rk, -1 - n[None, :], keep_threshold, drop_scale)
+                keep = _dropout_pairs(rk, -1 - n0, BK, keep_threshold, drop_scale)
             if SEPARATE:
                 m2, l2, acc2 = _online(m2, l2, acc2, s, mv, keep, PREC, HAS_DROPOUT)
             else:
@@ -487,7 +525,7 @@ def _bwd_dq_kernel(
     HAS_SPAN: tl.constexpr, HAS_PERS: tl.constexpr, NEED_DPOS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, POS_MATMUL: tl.constexpr,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, PAIRS: tl.constexpr,
 ):
     """dQ of a query tile, the context keys' share and the persistent
     vectors' (the in-kernel design and deterministic mode; otherwise the
@@ -521,6 +559,8 @@ def _bwd_dq_kernel(
     v_base = V + b * s_vb + h * s_vh
     top, r_bound = _span_setup(Z, h, A, max_span, span_ramp, HAS_SPAN)
     j_lo = tl.maximum(i0, A + i0 - r_bound)
+    if PAIRS:  # from an even key, as in the forward
+        j_lo -= j_lo % 2
     j_hi = tl.minimum(A + i0 + BQ - 1, total - 1)
 
     dq = tl.full([BQ, BD], 0.0, tl.float32)
@@ -561,7 +601,7 @@ def _bwd_dq_kernel(
         vt = _load_cols(v_base, j, s_vm, total, offs_d, D, BD)
         dp = tl.dot(do.to(vt.dtype), vt, input_precision=PREC)
         if HAS_DROPOUT:  # d loss / d weight before dropout
-            dp = dp * _dropout_factor(rk, A + i[:, None] - j[None, :], keep_threshold, drop_scale)
+            dp = dp * _context_keep(rk, j0, A, M, BK, keep_threshold, drop_scale, PAIRS)
         ds = prob * (dp - del_c[:, None])  # d loss / d logit (natural units)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
         if POS_MATMUL:
@@ -606,7 +646,7 @@ def _bwd_dq_kernel(
             mvt = _load_cols(MV + h * s_mvh, n, s_mvn, N, offs_d, D, BD).to(V.dtype.element_ty)
             dp = tl.dot(do.to(mvt.dtype), mvt, input_precision=PREC)
             if HAS_DROPOUT:
-                dp = dp * _dropout_factor(rk, -1 - n[None, :], keep_threshold, drop_scale)
+                dp = dp * _dropout_pairs(rk, -1 - n0, BK, keep_threshold, drop_scale)
             ds = prob * (dp - del_p[:, None])
             dq += tl.dot(ds.to(q.dtype), tl.trans(mkt), input_precision=PREC)
 
@@ -624,7 +664,7 @@ def _bwd_dkdv_kernel(
     HAS_SPAN: tl.constexpr, NEED_DZ: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, POS_MATMUL: tl.constexpr, FUSED_DQ: tl.constexpr,
     D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-    PREC: tl.constexpr, BQE: tl.constexpr,
+    PREC: tl.constexpr, BQE: tl.constexpr, PAIRS: tl.constexpr,
 ):
     """dK, dV of a key tile (and the span gradient of its edge tiles, in
     query tiles of BQE rows: fewer live registers where the mask and the
@@ -705,9 +745,9 @@ def _bwd_dkdv_kernel(
                 prob = tl.math.exp2(s - lse[:, None])
             dropped = prob
             if HAS_DROPOUT:
-                keep = _dropout_factor(
-                    _load_row_keys(RK, bh, i, M), A + i[:, None] - j[None, :],
-                    keep_threshold, drop_scale,
+                keep = _context_keep(
+                    _load_row_keys(RK, bh, i, M), j0, A, M, BK,
+                    keep_threshold, drop_scale, PAIRS,
                 )
                 dropped = prob * keep
             dv += tl.dot(tl.trans(dropped.to(v.dtype)), do.to(v.dtype), input_precision=PREC)
@@ -800,9 +840,9 @@ def _bwd_persistent_kernel(
             s = tl.where(row_ok[:, None] & (n[None, :] < N), s, float("-inf"))
             prob = tl.math.exp2(s - lse[:, None])
             dropped = prob
-            if HAS_DROPOUT:  # column id: -1 - n
-                keep = _dropout_factor(
-                    _load_row_keys(RK, bh, i, M), -1 - n[None, :], keep_threshold, drop_scale
+            if HAS_DROPOUT:  # column ids -1 - n: adjacent vectors share a hash
+                keep = _dropout_pairs(
+                    _load_row_keys(RK, bh, i, M), -1 - pid_n * BN, BN, keep_threshold, drop_scale
                 )
                 dropped = prob * keep
             dmv += tl.dot(tl.trans(dropped.to(mv.dtype)), do.to(mv.dtype), input_precision=PREC)
@@ -953,7 +993,7 @@ def _config(integration, max_span, span_ramp, dropout_rate, forward_tiles,
         "prec": _precision(fp32_precision),
         "deterministic": deterministic,
         "dropout": dropout_rate,
-        # `(x >> 8) < keep_threshold` keeps a weight (keras_allattn.ops.random).
+        # `bits < keep_threshold` keeps a weight (keras_allattn.ops.random).
         "keep_threshold": dropout_hash.keep_threshold(dropout_rate),
         "drop_scale": 1.0 / (1.0 - dropout_rate),
     }
@@ -1069,6 +1109,7 @@ def _register_operators(torch, triton):
                 HAS_SPAN=has_span, HAS_PERS=has_pers, SEPARATE=separate,
                 HAS_DROPOUT=has_dropout, POS_MATMUL=cfg["pos_matmul"],
                 D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=cfg["prec"](q.dtype),
+                PAIRS=(A + M) % 2 == 0,
                 **launch_options(tiles),
             )
             del qp
@@ -1193,6 +1234,7 @@ def _register_operators(torch, triton):
                     NEED_DPOS=need_dpos, HAS_DROPOUT=has_dropout,
                     POS_MATMUL=pos_matmul,
                     D=D, BQ=tiles[0], BK=tiles[1], BD=bd, PREC=prec,
+                    PAIRS=(A + M) % 2 == 0,
                     **launch_options(tiles),
                 )
             _bwd_dkdv_kernel[(nk, nbh)](
@@ -1209,7 +1251,7 @@ def _register_operators(torch, triton):
                 HAS_SPAN=has_span, NEED_DZ=need_dz,
                 HAS_DROPOUT=has_dropout, POS_MATMUL=pos_matmul, FUSED_DQ=fused,
                 D=D, BQ=dkdv_tiles[0], BK=dkdv_tiles[1], BD=bd, PREC=prec,
-                BQE=_edge_rows(dkdv_tiles[0], has_span),
+                BQE=_edge_rows(dkdv_tiles[0], has_span), PAIRS=(A + M) % 2 == 0,
                 **launch_options(dkdv_tiles),
             )
             del qp
