@@ -81,8 +81,9 @@ INTS = dict(
 
 def kernels(has_span, head_dim):
     """name -> (jit function, constexprs besides the tiles)."""
+    # PAIRS: A + M even (the enwik8 geometries), one dropout hash for two keys.
     base = dict(HAS_SPAN=has_span, HAS_DROPOUT=True, POS_MATMUL=True,
-                D=head_dim, BD=head_dim, PREC="ieee")
+                D=head_dim, BD=head_dim, PREC="ieee", PAIRS=True)
     return {
         "forward": (triton_attention._fwd_kernel,
                     dict(base, HAS_PERS=True, SEPARATE=False)),
