@@ -309,26 +309,32 @@ def _tile_probs(s, i0, j0, z, lse, cfg, edge):
     have at mask 1 and `raw` the unclipped mask: no logarithm (the forward
     needs one for its running maximum, the backward knows `lse`), and
     `free` is the span gradient's weight too. `free` and `raw` are None
-    unless `edge` is True (`edge` None: decided per tile, a branch)."""
-    r, valid = _tile_distances(i0, j0, s.shape, cfg)
+    unless `edge` is True (`edge` None: decided per tile, a branch; then
+    `valid` is None too)."""
     t = s * cfg.scale_log2
 
+    # Each branch computes the distances and the band's mask itself: a
+    # boolean tile computed before a `lax.cond` and used inside it is saved
+    # and restored as predicate bits (as the Triton forward's was).
     def inside(t):
+        _, valid = _tile_distances(i0, j0, t.shape, cfg)
         return jnp.where(valid, jnp.exp2(t - lse[:, None]), 0.0)
 
     def at_edge(t):
+        r, valid = _tile_distances(i0, j0, t.shape, cfg)
         raw = _span_raw(z, r, cfg)
         # (an argument below 115 keeps `free` finite where the mask is 0)
         free = jnp.exp2(jnp.minimum(t - lse[:, None], 115.0))
         p = jnp.where(valid & (raw > 0.0), free * jnp.minimum(raw, 1.0), 0.0)
         return p, free, raw
 
-    if not cfg.has_span or edge is False:
-        return inside(t), valid, None, None
-    if edge is None:  # one token of slack for rounding
+    if edge is None and cfg.has_span:  # one token of slack for rounding
         r_hi = (cfg.length + i0 + s.shape[0] - 1 - j0).astype(jnp.float32)
         p = lax.cond(r_hi > z * cfg.max_span, lambda t: at_edge(t)[0], inside, t)
-        return p, valid, None, None
+        return p, None, None, None
+    _, valid = _tile_distances(i0, j0, s.shape, cfg)
+    if not cfg.has_span or edge is False:
+        return inside(t), valid, None, None
     p, free, raw = at_edge(t)
     return p, valid, free, raw
 
