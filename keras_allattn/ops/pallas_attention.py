@@ -112,6 +112,10 @@ _M_INIT = -1e30
 # an H200 the step's kernels ran 5 to 10% faster than at 1024 (four tiles a
 # program), and 32768 gave nothing more (benchmarks/RESULTS.md).
 _DEFAULT_PROGRAMS = 4096
+# The forward hashes each column of a tile (`_dropout_factor`) rather than
+# once for two (`_paired_dropout`, whose interleaving of the two halves costs
+# layout shuffles); the backward kernels pair. Same factors either way.
+_FWD_PAIRED = False
 # Profiling switches (read when kernels are traced; benchmarks only, the
 # results are then wrong): the dQ kernel skips its dS store, its stores of
 # the zero dS tiles beyond the span, or its span-gradient sum, to time each
@@ -495,24 +499,27 @@ def _paired_dropout(rk, u_first, cfg, shape):
     return jnp.stack([high, low], axis=-1).reshape(rows, cols)
 
 
-def _context_dropout(rk, i0, j0, cfg, shape):
+def _context_dropout(rk, i0, j0, cfg, shape, paired=True):
     """Dropout factors of the (BQ, BK) context tile: column id = the key's
     place from the last key, `A + M - 1 - j`. Key tiles start at even j0,
-    so with A + M even (and BK even) the tile's columns pair up."""
+    so with A + M even (and BK even) the tile's columns pair up; `paired`
+    False hashes each column (the same factors, twice the hashing, no
+    interleaving of the halves)."""
     if not cfg.has_dropout:
         return None
-    if cfg.total % 2 == 0 and shape[1] % 2 == 0:
+    if paired and cfg.total % 2 == 0 and shape[1] % 2 == 0:
         return _paired_dropout(rk, cfg.total - 1 - j0, cfg, shape)
     j = j0 + lax.broadcasted_iota(jnp.int32, shape, 1)
     return _dropout_factor(rk, cfg.total - 1 - j, cfg)
 
 
-def _persistent_dropout(rk, n0, cfg, shape):
+def _persistent_dropout(rk, n0, cfg, shape, paired=True):
     """Dropout factors of a (BQ, BN) persistent tile: column id = -1 - n
-    (odd as uint32 for even n0, so the columns pair up)."""
+    (odd as uint32 for even n0, so the columns pair up); `paired` as in
+    `_context_dropout`."""
     if not cfg.has_dropout:
         return None
-    if shape[1] % 2 == 0:
+    if paired and shape[1] % 2 == 0:
         return _paired_dropout(rk, -1 - n0, cfg, shape)
     n = n0 + lax.broadcasted_iota(jnp.int32, shape, 1)
     return _dropout_factor(rk, -1 - n, cfg)
@@ -593,7 +600,7 @@ def _fwd_kernel(cfg, *refs):
             vb = _load_rows(r["v"], b, j0, h, bk, cfg.total)
             s = _dot_nt(q, kb, cfg) + _position_band(r["qp"], b, h, i0, j0, cfg)
             t = _context_logits(s, i0, j0, z, cfg, edge)
-            keep = _context_dropout(rk, i0, j0, cfg, s.shape)
+            keep = _context_dropout(rk, i0, j0, cfg, s.shape, paired=_FWD_PAIRED)
             return _online_update(state, t, vb, cfg, keep)
 
         init = (
@@ -610,7 +617,7 @@ def _fwd_kernel(cfg, *refs):
             mk = _load_persistent(r["mk"], h, n0, cfg)
             mv = _load_persistent(r["mv"], h, n0, cfg)
             u = _persistent_logits(q, mk, n0, cfg)
-            keep = _persistent_dropout(rk, n0, cfg, u.shape)
+            keep = _persistent_dropout(rk, n0, cfg, u.shape, paired=_FWD_PAIRED)
             return _online_update(state, u, mv, cfg, keep)
 
         if cfg.persistent and cfg.joint:
