@@ -80,9 +80,13 @@ def parse_args():
                         "except on PyTorch where the step cannot be traced "
                         "(Keras's seeded Dropout: --dropout recipe's "
                         "embedding dropout), which then runs eagerly")
-    parser.add_argument("--span-granularity", type=int, default=None,
-                        help="adaptive span: the model's span_granularity "
-                             "(memory trimming step; default the model's, 256)")
+    parser.add_argument("--span-granularity", type=parse_granularity,
+                        default=None, metavar="auto|S",
+                        help="adaptive span: the model's span_granularity, "
+                             "how the attended memory length is rounded up: "
+                             "auto (a step relative to the length, 1088 -> "
+                             "1152) or a fixed step S in tokens; default the "
+                             "model's, auto")
     parser.add_argument("--compare-transformer", action="store_true",
                         help="also time the Transformer baseline (12 layers, "
                         "feed-forward 2048, no persistent vectors)")
@@ -99,6 +103,18 @@ def parse_args():
         parser.error("--profile-steps must be positive. Received: "
                      f"--profile-steps={args.profile_steps}")
     return args
+
+
+def parse_granularity(text):
+    """`--span-granularity`: "auto" or a positive int."""
+    if text == "auto":
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(
+        '`--span-granularity` must be "auto" or a positive integer. '
+        f"Received: --span-granularity={text!r}"
+    )
 
 
 def parse_span(text):

@@ -262,14 +262,16 @@ def torch_train_step(model):
 
     A graph is compiled per shape and dtype of the batch, per attended
     span of the layers (`compiling.cached`: a span change, rare and
-    bounded by `max_span / span_granularity`, compiles once more) and per
-    deterministic mode of the fused kernels (`set_deterministic`, read when
-    tracing). The attention is the one eager training runs: the fused
-    Triton kernels where they apply (CUDA tensors; they are PyTorch custom
-    operators, so the graph holds their forward and backward as nodes),
-    else the portable path. Where the step cannot be traced (Keras's seeded
-    `Dropout`, i.e. `embedding_dropout` or the feed-forward sublayer's
-    dropout, seeds a `torch.Generator` on the host at every call), on CUDA
+    bounded by the model's `span_granularity`, at most 8 lengths per
+    doubling with "auto" and `max_span / s` with an int `s`, compiles once
+    more) and per deterministic mode of the fused kernels
+    (`set_deterministic`, read when tracing). The attention is the one
+    eager training runs: the fused Triton kernels where they apply (CUDA
+    tensors; they are PyTorch custom operators, so the graph holds their
+    forward and backward as nodes), else the portable path. Where the
+    step cannot be traced (Keras's seeded `Dropout`, i.e.
+    `embedding_dropout` or the feed-forward sublayer's dropout, seeds a
+    `torch.Generator` on the host at every call), on CUDA
     with whole-layer recomputation (`remat="layer"`: compiled, it needed
     more memory than the plan counts, see `_unmeasured_memory_reason`),
     or should tracing, compiling or the compiled call fail (the warning

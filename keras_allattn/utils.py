@@ -34,6 +34,23 @@ def check_positive(name, value):
     return int(value)
 
 
+def check_positive_or_auto(name, value):
+    """Returns `value` if it is "auto" or an integer >= 1 (as an int),
+    else raises ValueError."""
+    if isinstance(value, str) and value == "auto":
+        return value
+    if (
+        isinstance(value, numbers.Integral)
+        and not isinstance(value, bool)
+        and value >= 1
+    ):
+        return int(value)
+    raise ValueError(
+        f'`{name}` must be "auto" or a positive integer. '
+        f"Received: {name}={value!r}"
+    )
+
+
 def check_non_negative(name, value):
     """Returns `value` if it is an integer >= 0, else raises ValueError."""
     if (

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from keras_allattn import AllAttentionLM
+from keras_allattn.models.backbone import trimmed_length
 from tests import reference
 from tests.conftest import randomize
 
@@ -130,6 +131,73 @@ def test_trimming_to_learned_spans_is_exact(rng):
     model.attention_layers[0].span.span_ratio.assign(np.full((4,), 0.9))
     assert model.update_span_trimming()
     assert model.attended_spans()[0] == 160
+
+
+@pytest.mark.parametrize(
+    "target, granularity, max_span, expected",
+    [
+        (1088, "auto", 8192, 1152),  # span 1024 + margin 64: step 128
+        (1024, "auto", 8192, 1024),
+        (1025, "auto", 8192, 1152),
+        (100, "auto", 8192, 128),  # step at least 64, not 8
+        (2100, "auto", 8192, 2304),  # step 256, a power of two
+        (9000, "auto", 8192, 8192),  # capped
+        (100.5, "auto", 8192, 128),
+        (1088, 256, 8192, 1280),  # a fixed step, as before
+        (1088, 64, 8192, 1088),
+        (9000, 256, 8192, 8192),
+    ],
+)
+def test_trimmed_length(target, granularity, max_span, expected):
+    length = trimmed_length(target, granularity, max_span)
+    assert length == expected and isinstance(length, int)
+
+
+def test_trimmed_length_auto_bounds():
+    """"auto": never below the target, at most 8 lengths per doubling and
+    at most 12.5% over the target from 512 rows on (about 40 lengths up to
+    8192)."""
+    targets = np.arange(1, 9001)
+    lengths = np.array([trimmed_length(t, "auto", 8192) for t in targets])
+    assert np.all(lengths >= np.minimum(targets, 8192))
+    assert np.all(lengths[targets >= 512] <= 1.125 * targets[targets >= 512])
+    distinct = np.unique(lengths)
+    assert len(distinct) == 40
+    for low in (64, 128, 256, 512, 1024, 2048, 4096):
+        assert np.sum((distinct > low) & (distinct <= 2 * low)) <= 8
+
+
+def test_trimming_auto_sets_relative_lengths(rng):
+    model = make_model(rng, max_span=2400, adaptive_span=True, span_ramp=4)
+    assert model.span_granularity == "auto"
+    assert model.update_span_trimming(
+        spans=np.array([[1024, 3, 500, 1000], [2036, 7, 0, 1]])
+    )
+    assert model.attended_spans() == [1152, 2304]
+    # Spans a little lower keep their lengths (no retrace).
+    assert not model.update_span_trimming(
+        spans=np.array([[1000, 3, 500, 1000], [2000, 7, 0, 1]])
+    )
+    assert model.update_span_trimming(
+        spans=np.array([[36, 3, 0, 1], [2400, 7, 0, 1]])
+    )
+    assert model.attended_spans() == [128, 2400]
+    spans = model.current_spans()
+    assert model.update_span_trimming()
+    assert model.attended_spans() == [
+        trimmed_length(largest + 64, "auto", 2400)
+        for largest in spans.max(axis=1)
+    ]
+
+
+@pytest.mark.parametrize("granularity", ["auto", 16])
+def test_config_keeps_span_granularity(rng, granularity):
+    model = make_model(rng, adaptive_span=True, span_granularity=granularity)
+    config = json.loads(json.dumps(model.get_config()))
+    assert config["span_granularity"] == granularity
+    rebuilt = AllAttentionLM.from_config(config)
+    assert rebuilt.span_granularity == granularity
+    assert rebuilt.get_config() == model.get_config()
 
 
 def test_save_and_load_keras_file(rng, tmp_path):

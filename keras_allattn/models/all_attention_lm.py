@@ -24,6 +24,7 @@ from keras_allattn.utils import check_choice
 from keras_allattn.utils import check_known_arguments
 from keras_allattn.utils import check_non_negative
 from keras_allattn.utils import check_positive
+from keras_allattn.utils import check_positive_or_auto
 from keras_allattn.utils import check_rate
 from keras_allattn.utils import check_remat
 from keras_allattn.utils import check_token_ids
@@ -98,14 +99,17 @@ class AllAttentionLM(AllAttentionBackbone):
 
     Memory trimming: with adaptive span, attention only looks at the most
     recent `attended_span` memory rows of each layer, the largest current
-    span of its heads plus a margin of 64, rounded up to a multiple of
-    `span_granularity` (so at most `max_span / span_granularity` distinct
-    lengths, hence retraces of compiled functions). `fit` keeps it up to
-    date from spans read one step late, without waiting for the step in
-    flight (`SpanTrimming` callback, added automatically: a step whose
-    spans outgrew its length by more than the headroom is reported), and
-    `evaluate` and `predict` update it before they start. It changes no
-    result: the rows left out all have a span mask of zero.
+    span of its heads plus a margin of 64, rounded up by
+    `span_granularity` and capped at `max_span`. Each distinct length costs
+    a retrace of compiled functions: "auto" (the default) rounds to a step
+    relative to the length (at most 8 lengths per doubling, about 40 up to
+    8192), an int `s` to a multiple of `s` (at most `max_span / s`
+    lengths). `fit` keeps it up to date from spans read one step late,
+    without waiting for the step in flight (`SpanTrimming` callback, added
+    automatically: a step whose spans outgrew its length by more than the
+    headroom is reported), and `evaluate` and `predict` update it before
+    they start. It changes no result: the rows left out all have a span
+    mask of zero.
 
     Args:
         vocabulary_size: int, number of token ids `V`.
@@ -130,7 +134,16 @@ class AllAttentionLM(AllAttentionBackbone):
             `PersistentMemoryAttention`.
         implementation: "auto" or "portable"; see
             `keras_allattn.ops.all_attention`.
-        span_granularity: int, the memory trimming step in tokens.
+        span_granularity: "auto" (default) or a positive int, how the
+            attended memory length (the largest span plus 64) is rounded
+            up, as every distinct length costs a retrace. "auto": to a
+            multiple of a step relative to the length, the largest power
+            of two at most an eighth of it and at least 64 (1088 -> 1152,
+            2100 -> 2304), so at most 8 distinct lengths per doubling
+            (about 40 for `max_span` 8192) and, from 512 rows on, at most
+            12.5% more rows than needed. An int `s`: to a multiple of `s`
+            (at most `max_span / s` distinct lengths). See
+            `keras_allattn.models.backbone.trimmed_length`.
         remat: what the backward pass recomputes instead of keeping
             (gradient checkpointing): "auto" (default), False, "attention"
             (or True) or "layer"; see `PersistentMemoryAttention`. "auto"
@@ -202,7 +215,7 @@ class AllAttentionLM(AllAttentionBackbone):
         feedforward_dim=None,
         integration="joint",
         implementation="auto",
-        span_granularity=256,
+        span_granularity="auto",
         remat="auto",
         adaptive_cutoffs=None,
         adaptive_div_val=4,
@@ -240,7 +253,9 @@ class AllAttentionLM(AllAttentionBackbone):
         check_choice("integration", integration, INTEGRATIONS)
         check_choice("implementation", implementation, IMPLEMENTATIONS)
         remat = check_remat(remat, allow_auto=True)
-        check_positive("span_granularity", span_granularity)
+        span_granularity = check_positive_or_auto(
+            "span_granularity", span_granularity
+        )
         if adaptive_cutoffs is not None:
             adaptive_cutoffs = check_cutoffs(
                 adaptive_cutoffs, vocabulary_size, "adaptive_cutoffs"

@@ -19,6 +19,35 @@ from keras_allattn.layers.segment_memory import SegmentMemory
 from keras_allattn.utils import sync_jax_state
 
 
+def trimmed_length(target, granularity, max_span):
+    """The attended memory length for `target` rows: rounded up, capped.
+
+    With an int `granularity` the step is fixed: `target` is rounded up to
+    a multiple of it (at most `max_span / granularity` distinct lengths).
+    With "auto" the step is relative to the length: the largest power of
+    two at most `target / 8`, and at least 64, so there are at most 8
+    distinct lengths per doubling (about 40 up to 8192) and, from a target
+    of 512 on, a length is at most 12.5% over its target (a fixed step of
+    256 gives 1280 rows for a span of 1024 plus its margin of 64: 25% more
+    attention work than needed; "auto" gives 1152).
+
+    Args:
+        target: number, the rows needed (largest span plus margin).
+        granularity: a positive int, or "auto".
+        max_span: int, the cap.
+
+    Returns:
+        int, `min(max_span, ceil(target / step) * step)`.
+    """
+    rows = math.ceil(target)
+    if granularity == "auto":
+        # 2 ** floor(log2(rows / 8)) in integers (rows is an int).
+        step = max(64, 1 << max(0, rows.bit_length() - 4))
+    else:
+        step = granularity
+    return min(max_span, -(-rows // step) * step)
+
+
 class AllAttentionBackbone(keras.Model):
     """The network and its state: what `AllAttentionLM` puts a head on.
 
@@ -198,11 +227,11 @@ class AllAttentionBackbone(keras.Model):
         """Sets each layer's attended memory length from its learned spans.
 
         The length is the layer's largest current span plus `margin`,
-        rounded up to a multiple of `span_granularity` and capped at
-        `max_span`. It grows as soon as a span comes within `headroom` of
-        it and shrinks only when the target falls below it, so spans that
-        hover near a boundary do not cause repeated retraces. Compiled
-        functions are rebuilt when a length changes.
+        rounded up by `span_granularity` and capped at `max_span` (see
+        `trimmed_length`). It grows as soon as a span comes within
+        `headroom` of it and shrinks only when the target falls below it,
+        so spans that hover near a boundary do not cause repeated
+        retraces. Compiled functions are rebuilt when a length changes.
 
         Args:
             margin: int, tokens added to the largest span.
@@ -222,8 +251,9 @@ class AllAttentionBackbone(keras.Model):
         for attention, largest in zip(
             self.attention_layers, np.asarray(spans).max(axis=1)
         ):
-            step = self.span_granularity
-            target = min(self.max_span, math.ceil((largest + margin) / step) * step)
+            target = trimmed_length(
+                largest + margin, self.span_granularity, self.max_span
+            )
             attended = attention.attended_span
             if attended < largest + headroom or target < attended:
                 if target != attended:
