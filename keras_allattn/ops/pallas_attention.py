@@ -112,10 +112,6 @@ _M_INIT = -1e30
 # an H200 the step's kernels ran 5 to 10% faster than at 1024 (four tiles a
 # program), and 32768 gave nothing more (benchmarks/RESULTS.md).
 _DEFAULT_PROGRAMS = 4096
-# The forward hashes each column of a tile (`_dropout_factor`) rather than
-# once for two (`_paired_dropout`, whose interleaving of the two halves costs
-# layout shuffles); the backward kernels pair. Same factors either way.
-_FWD_PAIRED = False
 # Profiling switches (read when kernels are traced; benchmarks only, the
 # results are then wrong): the dQ kernel skips its dS store, its stores of
 # the zero dS tiles beyond the span, or its span-gradient sum, to time each
@@ -592,6 +588,12 @@ def _fwd_kernel(cfg, *refs):
         i0 = qt * bq
         q = _load_rows(r["q"], b, i0, h, bq, cfg.queries)
         rk = _load_keys(r, b, h, i0, cfg)
+        # Dropout: without a span the forward hashes each column of a tile
+        # (on an H200, fixed 2048, 2.094 -> 1.980 ms a layer), under a span
+        # once for two columns (adaptive A 1280, 1.409 -> 1.357 ms): the
+        # interleaving of the two halves costs the forward shuffles that
+        # the span's own work hides. Same factors either way; the
+        # backward kernels always pair.
         kt_lo, kt_hi = _key_range(i0, rmax, cfg)
 
         def key_body(kt, state, edge):
@@ -600,7 +602,7 @@ def _fwd_kernel(cfg, *refs):
             vb = _load_rows(r["v"], b, j0, h, bk, cfg.total)
             s = _dot_nt(q, kb, cfg) + _position_band(r["qp"], b, h, i0, j0, cfg)
             t = _context_logits(s, i0, j0, z, cfg, edge)
-            keep = _context_dropout(rk, i0, j0, cfg, s.shape, paired=_FWD_PAIRED)
+            keep = _context_dropout(rk, i0, j0, cfg, s.shape, paired=cfg.has_span)
             return _online_update(state, t, vb, cfg, keep)
 
         init = (
@@ -617,7 +619,7 @@ def _fwd_kernel(cfg, *refs):
             mk = _load_persistent(r["mk"], h, n0, cfg)
             mv = _load_persistent(r["mv"], h, n0, cfg)
             u = _persistent_logits(q, mk, n0, cfg)
-            keep = _persistent_dropout(rk, n0, cfg, u.shape, paired=_FWD_PAIRED)
+            keep = _persistent_dropout(rk, n0, cfg, u.shape, paired=cfg.has_span)
             return _online_update(state, u, mv, cfg, keep)
 
         if cfg.persistent and cfg.joint:
