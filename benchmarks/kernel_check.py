@@ -101,8 +101,15 @@ CONFIGS = {
         span=tuple(float(x) for x in (np.linspace(0.088, 0.16, 8) + 1.37e-5).round(7)),
         integration="joint", dtypes=("bfloat16",), check_batch=2,
     ),
-    # What training at spans near 1024 runs: the memory trimmed to 1280 rows
-    # (granularity 256), every head at span 1024 (z L = 992.05).
+    # What training at spans near 1024 runs: the memory trimmed to 1152 rows
+    # (span_granularity "auto", the default), every head at span 1024
+    # (z L = 992.05); and to 1280 rows (span_granularity 256, the default
+    # until f3c2cbf).
+    "adaptive_A1152_span1k_bf16": dict(
+        batch=64, queries=512, length=1152, heads=8, head_dim=64,
+        persistent=1024, max_span=8192, span=(0.1211,) * 8,
+        integration="joint", dtypes=("bfloat16",), check_batch=2,
+    ),
     "adaptive_A1280_span1k_bf16": dict(
         batch=64, queries=512, length=1280, heads=8, head_dim=64,
         persistent=1024, max_span=8192, span=(0.1211,) * 8,

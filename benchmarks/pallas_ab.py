@@ -19,7 +19,7 @@ Usage (on the GPU machine, Keras importable):
 
     git show 0737ba2:keras_allattn/ops/pallas_attention.py > /tmp/baseline.py
     KERAS_BACKEND=jax python3 benchmarks/pallas_ab.py --baseline /tmp/baseline.py \\
-        --configs adaptive_A1280_span1k_bf16,fixed_A1024_bf16 --dropout 0.3 --record
+        --configs adaptive_A1152_span1k_bf16,fixed_A1024_bf16 --dropout 0.3 --record
 
 `--tiles JSON` and `--baseline-tiles JSON` set each version's tiles
 (kernel_check's `kernel` options, e.g. '{"backward_blocks": [[64, 64],
@@ -152,7 +152,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_ab_arguments(
         parser, "pallas_attention.py", kernel_check.CONFIGS,
-        "adaptive_A1280_span1k_bf16,fixed_A1024_bf16", 20,
+        "adaptive_A1152_span1k_bf16,fixed_A1024_bf16", 20,
         "tile options (kernel_check `kernel` keys: block_q, block_k, num_warps, "
         "num_stages, backward_blocks)",
     )

@@ -23,7 +23,7 @@ Usage (on the GPU machine):
 
     git show 1e3cb1c:keras_allattn/ops/triton_attention.py > /tmp/baseline.py
     KERAS_BACKEND=torch python3 benchmarks/triton_ab.py --baseline /tmp/baseline.py \\
-        --configs trimmed,fixed1024 --dropout 0.3 --record
+        --configs trimmed1152,fixed1024 --dropout 0.3 --record
 
 Configurations are `triton_kernel_check.py`'s; each version runs its own
 default tiles unless `--tiles` (a JSON dict of `triton_all_attention`
@@ -152,7 +152,7 @@ def record(result, baseline_path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_ab_arguments(
-        parser, "triton_attention.py", tkc.CONFIGS, "trimmed,fixed1024", 5,
+        parser, "triton_attention.py", tkc.CONFIGS, "trimmed1152,fixed1024", 5,
         "keyword arguments of triton_all_attention",
     )
     parser.add_argument("--smoke", action="store_true",

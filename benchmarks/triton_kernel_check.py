@@ -29,8 +29,9 @@ matmul design) and the rest.
 Configurations: "fixed" (A = 2048 attended distances, no adaptive span) and
 "adaptive" (L = A = 8192, span ratios chosen so that the heads' spans are
 about 768..1280, ~1024 on average: the kernel skips the key tiles beyond
-each head's span), "trimmed" (what training at spans of 1024 attends: A =
-1280 rows, every head at 1024), "fixed1024", and two probes of the
+each head's span), "trimmed1152" and "trimmed" (what training at spans of
+1024 attends, every head at 1024: A = 1152 rows with span_granularity
+"auto", the default, 1280 with 256), "fixed1024", and two probes of the
 difference: "fixed1280" (1280 rows, no span) and "spanfull" (every head at
 1024 = A). One JSON line per configuration (and per tile variant);
 errors are caught and printed per configuration.
@@ -65,10 +66,13 @@ CONFIGS = {
     "fixed": dict(B=64, M=512, H=8, D=64, A=2048, N=1024, max_span=None, span=None),
     "adaptive": dict(B=64, M=512, H=8, D=64, A=8192, N=1024, max_span=8192, span=1024),
     # What training at spans near 1024 runs: the memory trimmed to 1280 rows
-    # (granularity 256), every head at span 1024 (`uniform`), against fixed
+    # (span_granularity 256, the default until f3c2cbf) or 1152 (its default
+    # since, "auto"), every head at span 1024 (`uniform`), against fixed
     # spans of 1024.
     "trimmed": dict(B=64, M=512, H=8, D=64, A=1280, N=1024, max_span=8192, span=1024,
                     uniform=True),
+    "trimmed1152": dict(B=64, M=512, H=8, D=64, A=1152, N=1024, max_span=8192, span=1024,
+                        uniform=True),
     "fixed1024": dict(B=64, M=512, H=8, D=64, A=1024, N=1024, max_span=None, span=None),
     # Probes of what "trimmed" adds to "fixed1024": its 1280-row memory
     # without a span, and a span without the extra rows (every head at
