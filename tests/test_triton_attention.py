@@ -404,6 +404,27 @@ DROPOUT_CASES = [
 ]
 
 
+def check_dropout_against_portable(args, grad, options, tiles, position, nan_filled_ds):
+    """The kernels at `tiles` with dropout (keys from a fresh seed) against
+    the portable path drawing the same mask, both with attention `options`.
+    Returns the portable path's and the kernels' (output, gradients)."""
+    b, m, h, _ = args["query"].shape
+    seed = dropout_seed()
+    keys = attention_dropout_keys(seed, b, h, m).to(DEVICE)
+    want = run(
+        portable_all_attention, args, grad, torch.float32,
+        dropout_rate=DROPOUT_RATE, dropout_seed=seed, **options,
+    )
+    got = run(
+        triton_all_attention, args, grad, torch.float32,
+        dropout_rate=DROPOUT_RATE, dropout_keys=keys, position=position,
+        **tiles, **options,
+    )
+    check(*got, *want, TOL)
+    expect_design(position, nan_filled_ds)
+    return want, got
+
+
 @pytest.mark.parametrize("case,position", DROPOUT_CASES)
 def test_dropout_matches_portable_path_and_reference(case, position, nan_filled_ds):
     """With attention dropout the kernels draw the portable path's mask
@@ -422,21 +443,10 @@ def test_dropout_matches_portable_path_and_reference(case, position, nan_filled_
         inputs, grad, persistent, bool(span), integration,
         dropout=(DROPOUT_RATE, DROPOUT_SEED),
     )
-    b, m, h, _ = inputs["query"].shape
-    seed = dropout_seed()
-    keys = attention_dropout_keys(seed, b, h, m).to(DEVICE)
     options = dict(max_span=MAX_SPAN, span_ramp=RAMP, integration=integration)
-    want = run(
-        portable_all_attention, args, grad, torch.float32,
-        dropout_rate=DROPOUT_RATE, dropout_seed=seed, **options,
+    want, (out, grads) = check_dropout_against_portable(
+        args, grad, options, tiles, position, nan_filled_ds
     )
-    out, grads = run(
-        triton_all_attention, args, grad, torch.float32,
-        dropout_rate=DROPOUT_RATE, dropout_keys=keys, position=position,
-        **tiles, **options,
-    )
-    check(out, grads, *want, TOL)
-    expect_design(position, nan_filled_ds)
     if span == "boundaries":
         # The log-space reference has no gradient at m = 0 and the one-sided
         # one at m = 1 (the module docstring of triton_attention says why):
@@ -636,20 +646,10 @@ def test_dropout_key_pairs(position, deterministic, monkeypatch, nan_filled_ds):
     inputs, grad = make_inputs(b, m, h, 16, a, 12, seed=4)
     inputs["span_ratio"] = torch.tensor([0.1137, 0.27, 0.43], dtype=torch.float64)
     args, _ = reference_run(inputs, grad, True, True, "joint")
-    seed = dropout_seed()
-    keys = attention_dropout_keys(seed, b, h, m).to(DEVICE)
-    options = dict(max_span=MAX_SPAN, span_ramp=RAMP, integration="joint")
-    want = run(
-        portable_all_attention, args, grad, torch.float32,
-        dropout_rate=DROPOUT_RATE, dropout_seed=seed, **options,
+    check_dropout_against_portable(
+        args, grad, dict(max_span=MAX_SPAN, span_ramp=RAMP, integration="joint"),
+        dict(block_q=16, block_k=16), position, nan_filled_ds,
     )
-    out, grads = run(
-        triton_all_attention, args, grad, torch.float32,
-        dropout_rate=DROPOUT_RATE, dropout_keys=keys, position=position,
-        block_q=16, block_k=16, **options,
-    )
-    check(out, grads, *want, TOL)
-    expect_design(position, nan_filled_ds)
 
 
 def test_deterministic_mode(monkeypatch):
