@@ -145,6 +145,12 @@ def resource_usage(fn, constexprs, num_warps, num_stages, arch, loops=False):
         target=GPUTarget("cuda", arch, 32),
         options={"num_warps": num_warps, "num_stages": num_stages},
     )
+    return cubin_usage(compiled, loops)
+
+
+def cubin_usage(compiled, loops=False):
+    """Registers, spill stack and shared memory of a compiled kernel (and
+    with `loops` its `loop_counts`), read from its cubin with cuobjdump."""
     tool = pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
@@ -162,6 +168,18 @@ def resource_usage(fn, constexprs, num_warps, num_stages, arch, loops=False):
     }
     if loops:
         usage["loops"] = loop_counts(sass)
+    return usage
+
+
+def usage_text(r):
+    """A result line's usage column in RESULTS.md."""
+    usage = (r.get("error") or f"{r['registers']} registers, spills "
+             f"{r['spill_stack_bytes']} B, shared {r['shared_bytes']} B")
+    if r.get("loops"):
+        usage += "; loops (instructions, main path, its LDL, P2R): " + ", ".join(
+            f"{x['instructions']}/{x['main_path']}/{x['main_path_ldl']}/"
+            f"{x['main_path_p2r']}" for x in r["loops"]
+        )
     return usage
 
 
@@ -214,13 +232,7 @@ def main():
     if args.record:
         with open(HERE / "RESULTS.md", "a") as f:
             for r in rows:
-                usage = (r.get("error") or f"{r['registers']} registers, spills "
-                         f"{r['spill_stack_bytes']} B, shared {r['shared_bytes']} B")
-                if r.get("loops"):
-                    usage += "; loops (instructions, main path, its LDL, P2R): " + ", ".join(
-                        f"{x['instructions']}/{x['main_path']}/{x['main_path_ldl']}/"
-                        f"{x['main_path_p2r']}" for x in r["loops"]
-                    )
+                usage = usage_text(r)
                 f.write(
                     f"| {datetime.date.today()} | triton_registers | "
                     f"{r['arch']} (compiled, no GPU) | torch | {commit()} | "
