@@ -446,13 +446,21 @@ def _key_split(i0, z, cfg):
 
 def _online_update(state, t, vals, cfg, keep=None):
     """One tile of the online softmax; `keep`: dropout factors or None (the
-    normaliser sums the weights before dropout, the output after)."""
+    normaliser sums the weights before dropout, the output after).
+
+    The running maximum and sum are (BQ, 1) columns, not (BQ,) vectors: with
+    vectors, Triton's layout pass kept them in another layout than the
+    logits (whose tile adds the position band, a gathered load) and so
+    computed the maximum, the exponentials and the sum twice, once in each
+    (sm_90, `benchmarks/pallas_registers.py`: 70 exponentials a thread a
+    64 x 64 tile instead of 34, and 1,311 instructions a tile instead of
+    1,006)."""
     m_i, l_i, acc = state
-    m_new = jnp.maximum(m_i, jnp.max(t, axis=1))
+    m_new = jnp.maximum(m_i, jnp.max(t, axis=1, keepdims=True))
     alpha = jnp.exp2(m_i - m_new)
-    p = jnp.exp2(t - m_new[:, None])
-    l_new = l_i * alpha + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot_nn(_dropped(p, keep).astype(vals.dtype), vals, cfg)
+    p = jnp.exp2(t - m_new)
+    l_new = l_i * alpha + jnp.sum(p, axis=1, keepdims=True)
+    acc = acc * alpha + _dot_nn(_dropped(p, keep).astype(vals.dtype), vals, cfg)
     return m_new, l_new, acc
 
 
@@ -606,8 +614,8 @@ def _fwd_kernel(cfg, *refs):
             return _online_update(state, t, vb, cfg, keep)
 
         init = (
-            jnp.full((bq,), _M_INIT, jnp.float32),
-            jnp.zeros((bq,), jnp.float32),
+            jnp.full((bq, 1), _M_INIT, jnp.float32),
+            jnp.zeros((bq, 1), jnp.float32),
             jnp.zeros((bq, d), jnp.float32),
         )
         state = _split_loop(
@@ -625,19 +633,19 @@ def _fwd_kernel(cfg, *refs):
         if cfg.persistent and cfg.joint:
             state = lax.fori_loop(0, cfg.nn, pers_body, state)
         m_i, l_i, acc = state
-        out = acc / l_i[:, None]
-        lse = m_i + jnp.log2(l_i)
+        out = acc / l_i
+        lse = (m_i + jnp.log2(l_i))[:, 0]
         if cfg.separate_persistent:
             init = (
-                jnp.full((bq,), _M_INIT, jnp.float32),
-                jnp.zeros((bq,), jnp.float32),
+                jnp.full((bq, 1), _M_INIT, jnp.float32),
+                jnp.zeros((bq, 1), jnp.float32),
                 jnp.zeros((bq, d), jnp.float32),
             )
             m_p, l_p, acc_p = lax.fori_loop(0, cfg.nn, pers_body, init)
-            out_p = acc_p / l_p[:, None]
+            out_p = acc_p / l_p
             _store_rows(r["o_ctx"], b, i0, h, bq, cfg.queries, out)
             _store_rows(r["o_pers"], b, i0, h, bq, cfg.queries, out_p)
-            _store_vec(r["lse_p"], b, h, i0, bq, cfg.queries, m_p + jnp.log2(l_p))
+            _store_vec(r["lse_p"], b, h, i0, bq, cfg.queries, (m_p + jnp.log2(l_p))[:, 0])
             out = out + out_p
         _store_rows(r["o"], b, i0, h, bq, cfg.queries, out)
         _store_vec(r["lse"], b, h, i0, bq, cfg.queries, lse)
