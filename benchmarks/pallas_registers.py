@@ -52,7 +52,6 @@ Usage:
 """
 
 import argparse
-import datetime
 import inspect
 import json
 import os
@@ -75,10 +74,10 @@ from jax._src.pallas.triton import lowering  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from _common import commit  # noqa: E402
 from keras_allattn.ops import pallas_attention  # noqa: E402
 from triton_registers import cubin_usage  # noqa: E402
-from triton_registers import usage_text  # noqa: E402
+from triton_registers import measured  # noqa: E402
+from triton_registers import record_rows  # noqa: E402
 
 # The enwik8_small layer geometry.
 BATCH, QUERIES, HEADS, HEAD_DIM, PERSISTENT = 64, 512, 8, 64, 1024
@@ -235,36 +234,29 @@ def main():
                           "triton": triton.__version__, "jax": jax.__version__}
                 if isinstance(eqn, str):
                     result["error"] = eqn
+                    print(json.dumps(result), flush=True)
                 else:
-                    try:
+                    def measure(eqn=eqn, name=name, spans=spans, length=length,
+                                kernel_tiles=kernel_tiles):
                         ttir = triton_module(eqn, args.arch)
                         if args.dump_ir:
                             args.dump_ir.mkdir(parents=True, exist_ok=True)
                             shape = "_".join(str(t) for t in kernel_tiles)
                             (args.dump_ir / f"{name}_{spans}_A{length}_{shape}.ttir"
                              ).write_text(ttir)
-                        result.update(resource_usage(
-                            ttir, kernel_tiles[2], kernel_tiles[3], args.arch,
-                            loops=args.loops,
-                        ))
-                    except Exception as error:
-                        result["error"] = f"{type(error).__name__}: {str(error)[:300]}"
-                print(json.dumps(result), flush=True)
+                        return resource_usage(ttir, kernel_tiles[2], kernel_tiles[3],
+                                              args.arch, loops=args.loops)
+
+                    measured(result, measure)
                 rows.append(result)
     if args.record:
-        with open(HERE / "RESULTS.md", "a") as f:
-            for r in rows:
-                usage = usage_text(r)
-                f.write(
-                    f"| {datetime.date.today()} | pallas_registers | "
-                    f"{r['arch']} (compiled, no GPU) | jax | {commit()} | "
-                    f"{usage} | kernel {r['kernel']}, adaptive span "
-                    f"{r['adaptive_span']}, A {r['length']}, tiles "
-                    f"{tuple(r['tiles'])}, Pallas lowering of jax {r['jax']} "
-                    f"compiled by the local triton {r['triton']} (not jaxlib's), "
-                    f"B {BATCH}, M {QUERIES}, H {HEADS}, D {HEAD_DIM}, "
-                    f"N {PERSISTENT}, bf16, dropout {args.dropout}, joint |\n"
-                )
+        record_rows("pallas_registers", "jax", rows, lambda r: (
+            f"kernel {r['kernel']}, adaptive span {r['adaptive_span']}, A "
+            f"{r['length']}, tiles {tuple(r['tiles'])}, Pallas lowering of jax "
+            f"{r['jax']} compiled by the local triton {r['triton']} (not "
+            f"jaxlib's), B {BATCH}, M {QUERIES}, H {HEADS}, D {HEAD_DIM}, "
+            f"N {PERSISTENT}, bf16, dropout {args.dropout}, joint"
+        ))
 
 
 if __name__ == "__main__":

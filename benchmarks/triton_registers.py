@@ -183,6 +183,28 @@ def usage_text(r):
     return usage
 
 
+def measured(result, measure):
+    """`result` updated with `measure()` (a dict), or with the error it
+    raised; printed as one JSON line and returned."""
+    try:
+        result.update(measure())
+    except Exception as error:
+        result["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def record_rows(tool, backend, rows, settings):
+    """Appends a RESULTS.md row per result; `settings(r)`: its last column."""
+    with open(HERE / "RESULTS.md", "a") as f:
+        for r in rows:
+            f.write(
+                f"| {datetime.date.today()} | {tool} | {r['arch']} (compiled, "
+                f"no GPU) | {backend} | {commit()} | {usage_text(r)} | "
+                f"{settings(r)} |\n"
+            )
+
+
 def parse_tiles(text):
     try:
         block_q, block_k, warps, stages = (int(x) for x in text.split(","))
@@ -216,31 +238,23 @@ def main():
                           "arch": f"sm_{args.arch}", "triton": triton.__version__}
                 if block_q > block_k and name != "dkdv":
                     result["error"] = "this kernel needs block_q <= block_k"
+                    print(json.dumps(result), flush=True)
                 else:
-                    try:
-                        tiles = dict(BQ=block_q, BK=block_k)
-                        if name.startswith("dkdv"):
-                            tiles["BQE"] = triton_attention._edge_rows(block_q, has_span)
-                        result.update(resource_usage(
-                            fn, dict(constexprs, **tiles), warps, stages, args.arch,
-                            loops=args.loops,
-                        ))
-                    except Exception as error:
-                        result["error"] = f"{type(error).__name__}: {str(error)[:300]}"
-                print(json.dumps(result), flush=True)
+                    tiles = dict(BQ=block_q, BK=block_k)
+                    if name.startswith("dkdv"):
+                        tiles["BQE"] = triton_attention._edge_rows(block_q, has_span)
+                    measured(result, lambda: resource_usage(
+                        fn, dict(constexprs, **tiles), warps, stages, args.arch,
+                        loops=args.loops,
+                    ))
                 rows.append(result)
     if args.record:
-        with open(HERE / "RESULTS.md", "a") as f:
-            for r in rows:
-                usage = usage_text(r)
-                f.write(
-                    f"| {datetime.date.today()} | triton_registers | "
-                    f"{r['arch']} (compiled, no GPU) | torch | {commit()} | "
-                    f"{usage} | kernel {r['kernel']}, adaptive span "
-                    f"{r['adaptive_span']}, tiles {tuple(r['tiles'])}, triton "
-                    f"{r['triton']}, D {args.head_dim}, bf16, dropout, matmul "
-                    f"position design, arguments specialised as at enwik8_small |\n"
-                )
+        record_rows("triton_registers", "torch", rows, lambda r: (
+            f"kernel {r['kernel']}, adaptive span {r['adaptive_span']}, tiles "
+            f"{tuple(r['tiles'])}, triton {r['triton']}, D {args.head_dim}, "
+            f"bf16, dropout, matmul position design, arguments specialised as "
+            f"at enwik8_small"
+        ))
 
 
 if __name__ == "__main__":
