@@ -77,6 +77,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from keras_allattn.ops import pallas_attention  # noqa: E402
 from triton_registers import cubin_usage  # noqa: E402
 from triton_registers import measured  # noqa: E402
+from triton_registers import parse_tiles  # noqa: E402
 from triton_registers import record_rows  # noqa: E402
 
 # The enwik8_small layer geometry.
@@ -169,16 +170,6 @@ def resource_usage(ttir, num_warps, num_stages, arch, loops=False):
             options={"num_warps": num_warps, "num_stages": num_stages},
         )
     return cubin_usage(compiled, loops)
-
-
-def parse_tiles(text):
-    try:
-        block_q, block_k, warps, stages = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"tiles are block_q,block_k,num_warps,num_stages. Received: {text!r}"
-        ) from None
-    return block_q, block_k, warps, stages
 
 
 def main():
