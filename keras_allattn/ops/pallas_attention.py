@@ -444,6 +444,16 @@ def _key_split(i0, z, cfg):
     return _edge_split(cfg.length + i0 + cfg.block_q - 1, z, cfg, cfg.block_k)
 
 
+def _online_init(rows, d):
+    """The online softmax's state before its first tile: running maximum
+    and sum as (rows, 1) columns (see `_online_update`), output (rows, d)."""
+    return (
+        jnp.full((rows, 1), _M_INIT, jnp.float32),
+        jnp.zeros((rows, 1), jnp.float32),
+        jnp.zeros((rows, d), jnp.float32),
+    )
+
+
 def _online_update(state, t, vals, cfg, keep=None):
     """One tile of the online softmax; `keep`: dropout factors or None (the
     normaliser sums the weights before dropout, the output after).
@@ -596,14 +606,14 @@ def _fwd_kernel(cfg, *refs):
         i0 = qt * bq
         q = _load_rows(r["q"], b, i0, h, bq, cfg.queries)
         rk = _load_keys(r, b, h, i0, cfg)
+        kt_lo, kt_hi = _key_range(i0, rmax, cfg)
+
         # Dropout: without a span the forward hashes each column of a tile
         # (on an H200, fixed 2048, 2.094 -> 1.980 ms a layer), under a span
         # once for two columns (adaptive A 1280, 1.409 -> 1.357 ms): the
         # interleaving of the two halves costs the forward shuffles that
         # the span's own work hides. Same factors either way; the
         # backward kernels always pair.
-        kt_lo, kt_hi = _key_range(i0, rmax, cfg)
-
         def key_body(kt, state, edge):
             j0 = kt * bk
             kb = _load_rows(r["k"], b, j0, h, bk, cfg.total)
@@ -613,11 +623,7 @@ def _fwd_kernel(cfg, *refs):
             keep = _context_dropout(rk, i0, j0, cfg, s.shape, paired=cfg.has_span)
             return _online_update(state, t, vb, cfg, keep)
 
-        init = (
-            jnp.full((bq, 1), _M_INIT, jnp.float32),
-            jnp.zeros((bq, 1), jnp.float32),
-            jnp.zeros((bq, d), jnp.float32),
-        )
+        init = _online_init(bq, d)
         state = _split_loop(
             kt_lo, _key_split(i0, z, cfg), kt_hi, key_body, init
         )
@@ -636,11 +642,7 @@ def _fwd_kernel(cfg, *refs):
         out = acc / l_i
         lse = (m_i + jnp.log2(l_i))[:, 0]
         if cfg.separate_persistent:
-            init = (
-                jnp.full((bq, 1), _M_INIT, jnp.float32),
-                jnp.zeros((bq, 1), jnp.float32),
-                jnp.zeros((bq, d), jnp.float32),
-            )
+            init = _online_init(bq, d)
             m_p, l_p, acc_p = lax.fori_loop(0, cfg.nn, pers_body, init)
             out_p = acc_p / l_p
             _store_rows(r["o_ctx"], b, i0, h, bq, cfg.queries, out)
