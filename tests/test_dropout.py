@@ -76,6 +76,42 @@ def test_seed_from_a_seed_generator_draws_a_new_mask_each_step():
     assert not np.array_equal(first, second)
 
 
+def test_next_seed_draws_as_the_seed_generator_does():
+    """`next_seed` gives `SeedGenerator.next()`'s draws and leaves the
+    generator's state where `next()` would."""
+    ours, keras_own = keras.random.SeedGenerator(7), keras.random.SeedGenerator(7)
+    for _ in range(3):
+        np.testing.assert_array_equal(
+            _np(dropout_hash.next_seed(ours)), _np(keras_own.next())
+        )
+        np.testing.assert_array_equal(_np(ours.state), _np(keras_own.state))
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "torch", reason="a PyTorch trace's constants"
+)
+def test_next_seed_traces_without_a_host_constant():
+    """Traced (as the compiled PyTorch step is), `next_seed` holds no
+    tensor constant: each would be a host tensor copied to the device at
+    every step (Keras's `next()` adds its step `[0, 1]` as one)."""
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    generator = keras.random.SeedGenerator(7)
+    variable = generator.state
+
+    def step(value):
+        with keras.StatelessScope(state_mapping=[(variable, value)]) as scope:
+            seed = dropout_hash.next_seed(generator)
+            return seed, scope.get_current_value(variable)
+
+    traced = make_fx(step)(torch.clone(variable.value))
+    constants = [n.target for n in traced.graph.nodes if n.op == "get_attr"]
+    assert constants == []
+    seed, state = traced(torch.tensor([7, 5], dtype=variable.value.dtype))
+    assert seed.tolist() == [7, 5] and state.tolist() == [7, 6]
+
+
 @pytest.mark.parametrize("rate", [0.1, 0.3, 0.5])
 def test_keep_rate_and_independence(rate):
     b, h, m, a = 2, 4, 64, 1024

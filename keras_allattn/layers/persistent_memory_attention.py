@@ -6,6 +6,7 @@ from keras import ops
 from keras_allattn.layers.adaptive_span import AdaptiveSpan
 from keras_allattn.ops.attention import IMPLEMENTATIONS
 from keras_allattn.ops.kernel_settings import INTEGRATIONS
+from keras_allattn.ops.random import next_seed
 from keras_allattn.ops.attention import all_attention
 from keras_allattn.ops.attention import attention_probabilities
 from keras_allattn.utils import check_choice
@@ -256,7 +257,7 @@ class PersistentMemoryAttention(keras.layers.Layer):
             self.span.add_span_loss()
         dropout = bool(training) and self.dropout > 0
         # A seed drawn outside keeps recomputation (remat) identical.
-        seeds = (self.seed_generator.next(),) if dropout else ()
+        seeds = (next_seed(self.seed_generator),) if dropout else ()
         if self.remat != "layer":
             return self._layer(inputs, memory, positions, *seeds)
         if keras.backend.backend() != "torch":

@@ -31,6 +31,7 @@ from keras_allattn.ops.kernel_settings import tile_size_reason
 from keras_allattn.ops.random import attention_dropout_keys
 from keras_allattn.ops.random import context_columns
 from keras_allattn.ops.random import dropout_multiplier
+from keras_allattn.ops.random import next_seed
 from keras_allattn.ops.random import persistent_columns
 
 IMPLEMENTATIONS = ("auto", "portable", "fused")
@@ -149,7 +150,7 @@ def _dropout_keys(query, rate, seed):
             f"dropout_rate={rate}, dropout_seed=None"
         )
     if isinstance(seed, random.SeedGenerator):
-        seed = seed.next()
+        seed = next_seed(seed)
     batch, queries, heads = _leading_dims(query, 3)
     return attention_dropout_keys(seed, batch, heads, queries)[..., None]
 

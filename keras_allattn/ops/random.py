@@ -74,12 +74,34 @@ def mix32(x):
     return ops.bitwise_xor(x, _srl(x, 16))
 
 
+def next_seed(generator):
+    """The next seed of a `keras.random.SeedGenerator`, as its `next()`.
+
+    The same draw and the same step of the generator's state (`[s, c]` ->
+    `[s, c + 1]`), with the step `[0, 1]` made by `ops.arange` instead of
+    a NumPy constant: in a traced PyTorch training step
+    (`keras_allattn.compiling.torch_train_step`) the constant would be a
+    host tensor copied to the device at every step, one synchronising
+    copy a layer; `arange` is computed on the device.
+
+    Args:
+        generator: a `keras.random.SeedGenerator`.
+
+    Returns:
+        An integer tensor of shape (2,), the state before the step.
+    """
+    state = generator.state
+    seed = state.value * 1
+    state.assign(ops.add(state.value, ops.arange(2, dtype=state.dtype)))
+    return seed
+
+
 def attention_dropout_keys(seed, batch, heads, queries):
     """Row keys of the attention dropout of one call.
 
     Args:
         seed: an integer tensor of shape (2,), e.g.
-            `keras.random.SeedGenerator().next()`.
+            `next_seed(keras.random.SeedGenerator())`.
         batch: int, `B`.
         heads: int, `H`.
         queries: int, `M`.
