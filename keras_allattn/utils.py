@@ -255,6 +255,51 @@ def sync_jax_state(model):
         sync()
 
 
+class HostRead:
+    """A device-to-host read of tensors, started now, waited for later.
+
+    `HostRead(values).result()` is `np.stack` of the values as they are
+    when the read starts, stacked on the device (one copy, not one per
+    value). Starting a read queues it behind the work already queued and
+    nothing else; `result()` waits for that copy only. On PyTorch with
+    CUDA tensors the copy goes to pinned host memory without blocking,
+    and `result()` waits for its event: a plain `.cpu()` when reading
+    would be queued behind every step launched since, so the host would
+    wait for the step in flight. On JAX the copy to the host starts
+    asynchronously (`copy_to_host_async`); an array waits for its own
+    computation only. Elsewhere the values are read when `result()` is
+    called.
+
+    Args:
+        values: a list of tensors of one shape and dtype.
+    """
+
+    def __init__(self, values):
+        self._event = None
+        stacked = ops.stack([ops.convert_to_tensor(v) for v in values])
+        backend = keras.backend.backend()
+        if backend == "torch" and stacked.is_cuda:
+            import torch
+
+            host = torch.empty(
+                stacked.shape, dtype=stacked.dtype, pin_memory=True
+            )
+            host.copy_(stacked, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            stacked = host
+        elif backend == "jax":
+            stacked.copy_to_host_async()
+        self._value = stacked
+
+    def result(self):
+        """The values read, a NumPy array (the host waits for them)."""
+        if self._event is not None:
+            self._event.synchronize()
+            return self._value.numpy()
+        return ops.convert_to_numpy(self._value)
+
+
 REMAT_MODES = ("attention", "layer")
 
 

@@ -218,6 +218,46 @@ def test_fit_lowers_loss_on_real_text(data_dir):
     assert np.any(keras.ops.convert_to_numpy(model.segment_memories[0].memory))
 
 
+def test_host_read_keeps_the_values_it_started_with():
+    """`HostRead` returns the values stacked when it started, not those
+    assigned after."""
+    from keras_allattn.utils import HostRead
+
+    first = keras.Variable(np.array([1.5, 2.0], "float32"))
+    second = keras.Variable(np.array([3.0, -1.0], "float32"))
+    read = HostRead([first.value, second.value])
+    first.assign(np.zeros(2, "float32"))
+    got = read.result()
+    assert isinstance(got, np.ndarray)
+    np.testing.assert_array_equal(got, [[1.5, 2.0], [3.0, -1.0]])
+
+
+def test_span_trimming_reads_every_layer_at_once(monkeypatch, rng):
+    """One read of all the layers' span ratios a step (a read a layer
+    made the host wait once a layer for the step in flight on PyTorch),
+    each taken before the next step."""
+    from keras_allattn.training import callbacks
+    from keras_allattn.utils import HostRead
+
+    reads = []
+
+    class CountedRead(HostRead):
+        def __init__(self, values):
+            super().__init__(values)
+            reads.append([len(values), False])
+
+        def result(self):
+            reads[-1][1] = True
+            return super().result()
+
+    monkeypatch.setattr(callbacks, "HostRead", CountedRead)
+    model = tiny_model(rng, num_layers=3, max_span=40, span_granularity=8)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+    x = rng.integers(0, 19, (4 * 3, 5)).astype("int32")
+    model.fit(x, x, shuffle=False, verbose=0, callbacks=[SpanTrimming()])
+    assert reads == [[3, True]] * 4
+
+
 def test_span_trimming_reads_spans_late_and_checks_every_step(rng):
     """`SpanTrimming` sets the trimmed lengths from spans one step old.
 

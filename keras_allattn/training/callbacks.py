@@ -12,6 +12,7 @@ from keras import ops
 
 from keras_allattn.data.evaluation import evaluate_stream
 from keras_allattn.layers.adaptive_span import spans_from_ratios
+from keras_allattn.utils import HostRead
 from keras_allattn.utils import check_non_negative
 from keras_allattn.utils import check_positive
 from keras_allattn.utils import sync_jax_state
@@ -284,13 +285,14 @@ class SpanTrimming(keras.callbacks.Callback):
 
     `AllAttentionLM.fit` adds it for models with adaptive span. When
     training starts it sets the attended lengths from the spans; then,
-    every `update_every` batches, it reads the spans one step late: it
-    keeps a device copy of the span ratios a step is about to use, and
-    reads that copy to the host before the next-but-one batch, when the
-    step after it is already queued. So the device never waits for the
-    host (no host sync on the step in flight), and the lengths are set
-    from spans one step old, with `headroom` tokens to spare (the length
-    grows when a span comes closer than that to it).
+    every `update_every` batches, it reads the spans one step late: before
+    a step it starts one read of every layer's span ratios, as that step
+    will use them (`keras_allattn.utils.HostRead`: one copy queued behind
+    the steps already queued), and takes its result before the next
+    batch, when the step after it is already queued. So the host waits
+    only for the step before (not for the one in flight), and the lengths
+    are set from spans one step old, with `headroom` tokens to spare (the
+    length grows when a span comes closer than that to it).
 
     The spans read are exactly those the previous step used, so every
     step whose spans were read is checked: if a span outgrew the length
@@ -342,13 +344,13 @@ class SpanTrimming(keras.callbacks.Callback):
         if self._pending is not None:
             self._check_and_update()
         if step % self.update_every == 0:
-            # The ratios step `step` will use, copied on the device.
+            # The ratios step `step` will use, read while it runs.
             sync_jax_state(self.model)
             self._pending = (
                 step,
                 self.model.attended_spans(),
-                [ops.copy(a.span.span_ratio.value)
-                 for a in self.model.attention_layers],
+                HostRead([a.span.span_ratio.value
+                          for a in self.model.attention_layers]),
             )
 
     def on_train_end(self, logs=None):
@@ -356,16 +358,13 @@ class SpanTrimming(keras.callbacks.Callback):
             self._check_and_update(update=False)
 
     def _check_and_update(self, update=True):
-        step, attended, ratios = self._pending
+        step, attended, read = self._pending
         self._pending = None
         model = self.model
-        spans = np.stack([
-            spans_from_ratios(
-                np.asarray(ops.convert_to_numpy(ratio), "float64"),
-                model.max_span, model.span_ramp,
-            )
-            for ratio in ratios
-        ])
+        spans = spans_from_ratios(
+            np.asarray(read.result(), "float64"), model.max_span,
+            model.span_ramp,
+        )
         largest = spans.max(axis=1)
         if np.any(largest > np.asarray(attended)):
             self.inexact_steps.append(step)
