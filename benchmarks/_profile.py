@@ -60,10 +60,12 @@ def category(name):
     return OTHER
 
 
-def profile(run, directory, steps, backend):
+def profile(run, directory, steps, backend, python_stacks=False):
     """Runs `run()` (`steps` training steps, waited for) under the
     `backend`'s profiler; returns `summarise` of the trace written under
-    `directory` (created if missing)."""
+    `directory` (created if missing). `python_stacks`: on PyTorch, the
+    trace also holds the Python calls (`with_stack`, where the host's
+    time between steps goes; slower)."""
     os.makedirs(directory, exist_ok=True)
     if backend == "jax":
         import jax
@@ -83,7 +85,9 @@ def profile(run, directory, steps, backend):
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(
+            activities=activities, with_stack=python_stacks
+        ) as prof:
             start = time.perf_counter()
             run()
             wall = time.perf_counter() - start

@@ -97,6 +97,9 @@ def parse_args():
                         "to the JSON line (`profile`: by category and the "
                         "top kernels, per step; see benchmarks/_profile.py)")
     parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--profile-python", action="store_true",
+                        help="PyTorch: the profile also records the Python "
+                        "calls (where the host's time between steps goes)")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     if args.profile_steps < 1:
@@ -277,7 +280,8 @@ def measure(args, transformer=False):
             synchronize(model)
 
         profile = _profile.profile(run, args.profile, profiled,
-                                   keras.backend.backend())
+                                   keras.backend.backend(),
+                                   python_stacks=getattr(args, "profile_python", False))
     tokens_per_s = args.steps * batch * block / elapsed
     flops = flops_per_token(model, float(spans.mean()))
     device = device_name()
