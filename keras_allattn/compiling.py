@@ -341,14 +341,21 @@ def torch_train_step(model):
                         if new is not None and new is not old:
                             old.copy_(new)
 
-        graph = []
+        graph, held = [], []
 
         def run(batch):
-            values = (
-                [v.value.detach() for v in trainable],
-                [v.value for v in others],
-                [v.value for v in optimizer_variables],
-            )
+            if not held:
+                # Read once: a Keras PyTorch variable keeps its tensor for
+                # life (`assign` copies into it) and the step updates them
+                # in place. Reading every value at every step took about a
+                # millisecond of host time a step (about 400 variables),
+                # time in which the device waited for the next step.
+                held.append((
+                    [v.value.detach() for v in trainable],
+                    [v.value for v in others],
+                    [v.value for v in optimizer_variables],
+                ))
+            values = held[0]
             if not graph:
                 with torch.enable_grad():
                     traced = make_fx(step, tracing_mode="fake")(*values, batch)
@@ -369,14 +376,22 @@ def torch_train_step(model):
 
         return run
 
+    tracked = []
+
     def train_function(data):
         batch = _batch_tensors(data)
         if not failed:
             # What `build` captures: a new compile (optimizer, metrics) or
-            # a change of trainable flags needs a graph of its own.
+            # a change of trainable flags needs a graph of its own. The
+            # flags are read from the model's variables listed once
+            # (`Layer.trainable` sets its variables' flags): walking the
+            # layers for `trainable_variables` at every step took host
+            # time while the device waited.
+            if not tracked:
+                tracked.extend(model.variables)
             key = _step_key(
                 model, batch, "train", id(model.optimizer),
-                *(id(v) for v in model.trainable_variables),
+                tuple(v.trainable for v in tracked),
             )
             run = cached(model, "_torch_train_steps", key, build)
             try:

@@ -276,27 +276,33 @@ class HostRead:
 
     def __init__(self, values):
         self._event = None
-        stacked = ops.stack([ops.convert_to_tensor(v) for v in values])
         backend = keras.backend.backend()
-        if backend == "torch" and stacked.is_cuda:
+        if backend == "torch":
+            # torch's own stack, outside autograd: Keras's `ops.stack` and
+            # conversions cost more host time than the read itself, and
+            # this runs between two steps while the device waits.
             import torch
 
-            host = torch.empty(
-                stacked.shape, dtype=stacked.dtype, pin_memory=True
-            )
-            host.copy_(stacked, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-            stacked = host
-        elif backend == "jax":
-            stacked.copy_to_host_async()
+            with torch.no_grad():
+                stacked = torch.stack([torch.as_tensor(v) for v in values])
+            if stacked.is_cuda:
+                host = torch.empty(
+                    stacked.shape, dtype=stacked.dtype, pin_memory=True
+                )
+                host.copy_(stacked, non_blocking=True)
+                self._event = torch.cuda.Event()
+                self._event.record()
+                stacked = host
+        else:
+            stacked = ops.stack([ops.convert_to_tensor(v) for v in values])
+            if backend == "jax":
+                stacked.copy_to_host_async()
         self._value = stacked
 
     def result(self):
         """The values read, a NumPy array (the host waits for them)."""
         if self._event is not None:
             self._event.synchronize()
-            return self._value.numpy()
         return ops.convert_to_numpy(self._value)
 
 

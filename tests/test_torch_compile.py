@@ -147,6 +147,44 @@ def test_one_graph_per_attended_span(rng):
     assert graphs_compiled() - before == 2  # 96 rows: compiled before
 
 
+def test_freezing_a_layer_between_fits_takes_effect(rng):
+    """A layer frozen after some compiled steps (no new `compile`) keeps
+    its weights from then on, as eagerly. The compiled step's optimizer
+    was built for the old variables, so the step says so and runs
+    eagerly."""
+    tokens = rng.integers(0, V, (4 * B, M + 1)).astype("int32")
+    compiled, eager, _ = compiled_and_eager(8, rng)
+    for model in (compiled, eager):
+        fit_losses(model, tokens[: 2 * B])
+        model.attention_layers[0].trainable = False
+    frozen = [np.array(w) for w in compiled.attention_layers[0].get_weights()]
+    with pytest.warns(UserWarning, match="optimizer was built with"):
+        losses = fit_losses(compiled, tokens[2 * B:])
+    np.testing.assert_allclose(losses, fit_losses(eager, tokens[2 * B:]), rtol=1e-5)
+    for got, want in zip(compiled.attention_layers[0].get_weights(), frozen):
+        np.testing.assert_array_equal(got, want)
+    assert_trained_alike(compiled, eager)
+
+
+def test_weights_set_between_fits_are_the_ones_trained(rng):
+    """Weights set between compiled fits (the step keeps the variables'
+    tensors, which `set_weights` copies into) are what the next steps
+    start from, as eagerly."""
+    tokens = rng.integers(0, V, (4 * B, M + 1)).astype("int32")
+    compiled, eager, _ = compiled_and_eager(9, rng)
+    for model in (compiled, eager):
+        fit_losses(model, tokens[: 2 * B])
+    weights = [w + rng.normal(0.0, 0.1, w.shape).astype(w.dtype)
+               if w.dtype.kind == "f" else w for w in eager.get_weights()]
+    for model in (compiled, eager):
+        model.set_weights(weights)
+    np.testing.assert_allclose(
+        fit_losses(compiled, tokens[2 * B:]), fit_losses(eager, tokens[2 * B:]),
+        rtol=1e-5,
+    )
+    assert_trained_alike(compiled, eager)
+
+
 def test_compiled_steps_match_eager_steps(rng):
     """Losses, weights and the carried segment memory equal eager's."""
     compiled, eager, _ = compiled_and_eager(2, rng)
