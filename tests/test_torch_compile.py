@@ -185,6 +185,42 @@ def test_weights_set_between_fits_are_the_ones_trained(rng):
     assert_trained_alike(compiled, eager)
 
 
+def test_pinned_batches_are_the_rows_in_order():
+    """`pinned_batches` yields every row once, in order, `batch_size` at a
+    time (the last batch shorter)."""
+    x = np.arange(7 * 3, dtype="int32").reshape(7, 3)
+    y = -x
+    batches = list(compiling.pinned_batches((x, y), 3, pin_memory=False))
+    assert [len(b[0]) for b in batches] == [3, 3, 1]
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in batches]), x)
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), y)
+
+
+def test_fit_from_pinned_batches_trains_as_from_arrays(monkeypatch, rng):
+    """`fit` on arrays through `pinned_batches` (what it does on CUDA)
+    trains as Keras's own array loader does: losses, weights, memory."""
+    from keras_allattn.models import all_attention_lm
+
+    tokens = rng.integers(0, V, (3 * B, M + 1)).astype("int32")
+    pinned, plain, _ = compiled_and_eager(10, rng)
+    plain.compile(optimizer=keras.optimizers.Adam(0.05), jit_compile=True,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    used = []
+    original = compiling.pinned_batches
+
+    def spy(arrays, batch_size, pin_memory=True):
+        used.append(batch_size)
+        return original(arrays, batch_size, pin_memory)
+
+    monkeypatch.setattr(compiling, "pinned_batches", spy)
+    monkeypatch.setattr(all_attention_lm, "_pins_batches", lambda *a: True)
+    losses = fit_losses(pinned, tokens)
+    assert used == [B]
+    monkeypatch.setattr(all_attention_lm, "_pins_batches", lambda *a: False)
+    np.testing.assert_allclose(losses, fit_losses(plain, tokens), rtol=1e-6)
+    assert_trained_alike(pinned, plain)
+
+
 def test_compiled_steps_match_eager_steps(rng):
     """Losses, weights and the carried segment memory equal eager's."""
     compiled, eager, _ = compiled_and_eager(2, rng)

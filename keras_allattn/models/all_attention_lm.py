@@ -10,6 +10,7 @@ import inspect
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_allattn import presets as preset_table
@@ -556,7 +557,12 @@ class AllAttentionLM(AllAttentionBackbone):
         a warning), `batch_size` defaults to the model's `batch_size` (the
         only one it accepts), and array inputs (and `validation_data`) must
         hold a whole number of batches. Validation runs on a memory of its
-        own (see `evaluate`): the training memory is left as it was.
+        own (see `evaluate`): the training memory is left as it was. On
+        PyTorch with a CUDA device, NumPy arrays (without sample or class
+        weights or `validation_split`) are read through a loader of pinned
+        batches (`keras_allattn.compiling.pinned_batches`), the same rows
+        in the same order, whose copies to the device do not make the
+        host wait for the step in flight.
         """
         self.resolve_remat()
         shuffle = self._stream_shuffle(x, shuffle)
@@ -586,6 +592,13 @@ class AllAttentionLM(AllAttentionBackbone):
             isinstance(c, SpanTrimming) for c in callbacks
         ):
             callbacks.append(SpanTrimming())
+        if _pins_batches(self, x, y, validation_split, kwargs):
+            from keras_allattn.compiling import pinned_batches
+
+            arrays = (x,) if y is None else (x, y)
+            on_cuda = self.variables[0].value.device.type == "cuda"
+            x, y = pinned_batches(arrays, batch_size, pin_memory=on_cuda), None
+            batch_size = None
         parent = super().fit
         return _leave_usable(self, lambda: parent(
             x, y, batch_size=batch_size, epochs=epochs, verbose=verbose,
@@ -755,6 +768,22 @@ class AllAttentionLM(AllAttentionBackbone):
         if isinstance(config.get("dtype"), dict):
             config["dtype"] = keras.dtype_policies.deserialize(config["dtype"])
         return cls(**config)
+
+
+def _pins_batches(model, x, y, validation_split, kwargs):
+    """Whether `fit` trains from `compiling.pinned_batches`: on PyTorch
+    with the model on a CUDA device, NumPy arrays `x` (and `y`), no
+    sample or class weights and no `validation_split` (Keras splits
+    arrays only)."""
+    if keras.backend.backend() != "torch" or not model.variables:
+        return False
+    if model.variables[0].value.device.type != "cuda":
+        return False
+    if not isinstance(x, np.ndarray) or not (y is None or isinstance(y, np.ndarray)):
+        return False
+    return not validation_split and not any(
+        kwargs.get(name) is not None for name in ("sample_weight", "class_weight")
+    )
 
 
 def _array_rows(x):
