@@ -57,7 +57,8 @@ class PersistentMemoryAttention(keras.layers.Layer):
             scores, the paper's model) or "separate" (two softmaxes whose
             outputs are summed, the paper's ablation).
         dropout: float in [0, 1), dropout rate on the attention weights.
-        implementation: "auto" or "portable"; see
+        implementation: "auto" (the fused kernel where one applies),
+            "portable" or "fused" (raises where none applies); see
             `keras_allattn.ops.all_attention`.
         remat: what the backward pass recomputes instead of keeping:
             False (nothing), "attention" (or True: the attention scores,

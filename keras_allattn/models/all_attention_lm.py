@@ -133,7 +133,8 @@ class AllAttentionLM(AllAttentionBackbone):
             the baseline Transformer layer with a feed-forward sublayer.
         integration: "joint" (default) or "separate"; see
             `PersistentMemoryAttention`.
-        implementation: "auto" or "portable"; see
+        implementation: "auto" (the fused kernel where one applies),
+            "portable" or "fused" (raises where none applies); see
             `keras_allattn.ops.all_attention`.
         span_granularity: "auto" (default) or a positive int, how the
             attended memory length (the largest span plus 64) is rounded
