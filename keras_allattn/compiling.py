@@ -592,6 +592,35 @@ def pinned_batches(arrays, batch_size, pin_memory=True):
     )
 
 
+def pinned_stream(dataset, pin_memory=True):
+    """A PyTorch `DataLoader` of the batches of an endless
+    `keras_allattn.data.StreamDataset`, item 0, 1, 2, ... in order, in
+    pinned host memory: `pinned_batches` for the streams (what
+    `AllAttentionLM.fit` trains from on CUDA where it is given one).
+
+    Args:
+        dataset: the `StreamDataset`.
+        pin_memory: whether to pin the batches (False on a CPU).
+
+    Returns:
+        A `torch.utils.data.DataLoader` yielding a list of tensors a
+        batch (inputs, targets), endlessly.
+    """
+    import itertools
+
+    import torch
+
+    class Items(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for index in itertools.count():
+                yield [torch.from_numpy(np.ascontiguousarray(a))
+                       for a in dataset[index]]
+
+    return torch.utils.data.DataLoader(
+        Items(), batch_size=None, pin_memory=pin_memory
+    )
+
+
 def _step_key(model, batch, *extra):
     """The key of a traced step's graph: `extra`, the model's metrics, the
     shape, dtype and device of every batch tensor and the kernels'

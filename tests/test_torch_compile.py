@@ -196,29 +196,75 @@ def test_pinned_batches_are_the_rows_in_order():
     np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), y)
 
 
+def pinned_fit_spy(monkeypatch):
+    """Makes `fit` take its pinned loaders as on CUDA (unpinned here) and
+    returns the list of the loaders' kinds it built."""
+    from keras_allattn.models import all_attention_lm
+
+    used = []
+    batches, stream = compiling.pinned_batches, compiling.pinned_stream
+
+    def spy_batches(arrays, batch_size, pin_memory=True):
+        used.append(("arrays", batch_size))
+        return batches(arrays, batch_size, pin_memory=False)
+
+    def spy_stream(dataset, pin_memory=True):
+        used.append(("stream", None))
+        return stream(dataset, pin_memory=False)
+
+    monkeypatch.setattr(compiling, "pinned_batches", spy_batches)
+    monkeypatch.setattr(compiling, "pinned_stream", spy_stream)
+    monkeypatch.setattr(all_attention_lm, "_on_cuda", lambda model: True)
+    return used
+
+
 def test_fit_from_pinned_batches_trains_as_from_arrays(monkeypatch, rng):
     """`fit` on arrays through `pinned_batches` (what it does on CUDA)
     trains as Keras's own array loader does: losses, weights, memory."""
-    from keras_allattn.models import all_attention_lm
-
     tokens = rng.integers(0, V, (3 * B, M + 1)).astype("int32")
     pinned, plain, _ = compiled_and_eager(10, rng)
     plain.compile(optimizer=keras.optimizers.Adam(0.05), jit_compile=True,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    used = []
-    original = compiling.pinned_batches
-
-    def spy(arrays, batch_size, pin_memory=True):
-        used.append(batch_size)
-        return original(arrays, batch_size, pin_memory)
-
-    monkeypatch.setattr(compiling, "pinned_batches", spy)
-    monkeypatch.setattr(all_attention_lm, "_pins_batches", lambda *a: True)
-    losses = fit_losses(pinned, tokens)
-    assert used == [B]
-    monkeypatch.setattr(all_attention_lm, "_pins_batches", lambda *a: False)
-    np.testing.assert_allclose(losses, fit_losses(plain, tokens), rtol=1e-6)
+    expected = fit_losses(plain, tokens)
+    used = pinned_fit_spy(monkeypatch)
+    np.testing.assert_allclose(fit_losses(pinned, tokens), expected, rtol=1e-6)
+    assert used == [("arrays", B)]
     assert_trained_alike(pinned, plain)
+
+
+def test_fit_from_a_pinned_stream_trains_as_from_the_dataset(monkeypatch, rng):
+    """`fit` on a `StreamDataset` through `pinned_stream` (what it does on
+    CUDA) reads the same batches in the same order, across epochs, as
+    Keras's `PyDataset` loader: the same losses, weights and memory."""
+    from keras_allattn.data.stream import StreamBatcher
+
+    tokens = rng.integers(0, V, 40 * B * M).astype("int32")
+    pinned, plain, _ = compiled_and_eager(11, rng)
+    plain.compile(optimizer=keras.optimizers.Adam(0.05), jit_compile=True,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    runs = []
+    for model in (plain, pinned):
+        if model is pinned:
+            used = pinned_fit_spy(monkeypatch)
+        dataset = StreamBatcher(tokens, batch_size=B, block_size=M).as_dataset(start_step=2)
+        history = model.fit(dataset, steps_per_epoch=2, epochs=2, verbose=0)
+        runs.append(history.history["loss"])
+    assert used == [("stream", None)]
+    np.testing.assert_allclose(runs[1], runs[0], rtol=1e-6)
+    assert_trained_alike(pinned, plain)
+
+
+def test_pinned_stream_is_the_dataset_in_order():
+    """`pinned_stream` yields items 0, 1, 2, ... of the dataset."""
+    from keras_allattn.data.stream import StreamBatcher
+
+    tokens = np.arange(3 * 4 * 6, dtype="int32")
+    dataset = StreamBatcher(tokens, batch_size=3, block_size=4).as_dataset(start_step=1)
+    loader = iter(compiling.pinned_stream(dataset, pin_memory=False))
+    for index in range(5):
+        got = next(loader)
+        for tensor, want in zip(got, dataset[index]):
+            np.testing.assert_array_equal(tensor.numpy(), want)
 
 
 def test_compiled_steps_match_eager_steps(rng):

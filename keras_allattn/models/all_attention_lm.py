@@ -560,10 +560,11 @@ class AllAttentionLM(AllAttentionBackbone):
         hold a whole number of batches. Validation runs on a memory of its
         own (see `evaluate`): the training memory is left as it was. On
         PyTorch with a CUDA device, NumPy arrays (without sample or class
-        weights or `validation_split`) are read through a loader of pinned
-        batches (`keras_allattn.compiling.pinned_batches`), the same rows
-        in the same order, whose copies to the device do not make the
-        host wait for the step in flight.
+        weights or `validation_split`) and a `StreamDataset` are read
+        through a loader of pinned batches (`keras_allattn.compiling.
+        pinned_batches`, `pinned_stream`): the same batches in the same
+        order, whose copies to the device do not make the host wait for
+        the step in flight.
         """
         self.resolve_remat()
         shuffle = self._stream_shuffle(x, shuffle)
@@ -593,13 +594,9 @@ class AllAttentionLM(AllAttentionBackbone):
             isinstance(c, SpanTrimming) for c in callbacks
         ):
             callbacks.append(SpanTrimming())
-        if _pins_batches(self, x, y, validation_split, kwargs):
-            from keras_allattn.compiling import pinned_batches
-
-            arrays = (x,) if y is None else (x, y)
-            on_cuda = self.variables[0].value.device.type == "cuda"
-            x, y = pinned_batches(arrays, batch_size, pin_memory=on_cuda), None
-            batch_size = None
+        pinned = _pinned_input(self, x, y, batch_size, validation_split, kwargs)
+        if pinned is not None:
+            x, y, batch_size = pinned, None, None
         parent = super().fit
         return _leave_usable(self, lambda: parent(
             x, y, batch_size=batch_size, epochs=epochs, verbose=verbose,
@@ -771,20 +768,32 @@ class AllAttentionLM(AllAttentionBackbone):
         return cls(**config)
 
 
-def _pins_batches(model, x, y, validation_split, kwargs):
-    """Whether `fit` trains from `compiling.pinned_batches`: on PyTorch
-    with the model on a CUDA device, NumPy arrays `x` (and `y`), no
-    sample or class weights and no `validation_split` (Keras splits
-    arrays only)."""
-    if keras.backend.backend() != "torch" or not model.variables:
-        return False
-    if model.variables[0].value.device.type != "cuda":
-        return False
-    if not isinstance(x, np.ndarray) or not (y is None or isinstance(y, np.ndarray)):
-        return False
-    return not validation_split and not any(
-        kwargs.get(name) is not None for name in ("sample_weight", "class_weight")
-    )
+def _pinned_input(model, x, y, batch_size, validation_split, kwargs):
+    """What `fit` trains from instead of `x` and `y` on PyTorch with the
+    model on a CUDA device, or None to keep them: NumPy arrays (without
+    sample or class weights or `validation_split`, which Keras applies to
+    arrays) as `compiling.pinned_batches`, a `StreamDataset` as
+    `compiling.pinned_stream`; the same batches in the same order, in
+    pinned host memory."""
+    from keras_allattn import compiling
+    from keras_allattn.data.stream import StreamDataset
+
+    if keras.backend.backend() != "torch" or not _on_cuda(model):
+        return None
+    if any(kwargs.get(k) is not None for k in ("sample_weight", "class_weight")):
+        return None
+    if isinstance(x, StreamDataset) and y is None:
+        return compiling.pinned_stream(x)
+    arrays = isinstance(x, np.ndarray) and (y is None or isinstance(y, np.ndarray))
+    if not arrays or validation_split:
+        return None
+    return compiling.pinned_batches((x,) if y is None else (x, y), batch_size)
+
+
+def _on_cuda(model):
+    """Whether `model`'s variables are on a CUDA device (PyTorch)."""
+    variables = model.variables
+    return bool(variables) and variables[0].value.device.type == "cuda"
 
 
 def _array_rows(x):
