@@ -16,7 +16,9 @@ of the events nested in it on the same thread). `busy_ms_per_step` is
 their sum per step; next to the wall time of a step (`wall_ms_per_step`),
 the difference is time the device waited (launch-bound steps, host work,
 synchronisation); with several streams busy at once the sum may exceed the
-wall time.
+wall time. On a GPU, `idle_ms_per_step` is that wait measured: the time
+between the first event and the last in which no event ran on any stream
+(between the profiled steps too, not before the first or after the last).
 
 Categories, by kernel name (the first that matches, case-insensitive):
 the all-attention kernels (Pallas `all_attention_*`, Triton `_fwd_kernel`,
@@ -118,16 +120,18 @@ def load_events(path):
 
 
 def device_events(events, backend):
-    """`(source, [(name, microseconds)])`: the events that are the
-    step's work (see module doc), with their own (self) durations."""
+    """`(source, [(name, microseconds)], gpu)`: the events that are the
+    step's work (see module doc), with their own (self) durations, and
+    on a GPU those events themselves (None without a GPU)."""
     complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
     if backend == "torch":
         gpu = [e for e in complete
                if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
         if gpu:
-            return "GPU kernels", [(e["name"], float(e["dur"])) for e in gpu]
+            return ("GPU kernels", [(e["name"], float(e["dur"])) for e in gpu],
+                    gpu)
         ops = [e for e in complete if e.get("cat") == "cpu_op"]
-        return "host ops (no GPU)", _self_times(ops)
+        return "host ops (no GPU)", _self_times(ops), None
     meta = [e for e in events if e.get("ph") == "M"]
     processes = {e["pid"]: e["args"].get("name", "") for e in meta
                  if e.get("name") == "process_name"}
@@ -140,12 +144,27 @@ def device_events(events, backend):
         streams = [e for e in on_gpu
                    if threads.get((e["pid"], e.get("tid")), "").startswith("Stream")]
         chosen = streams or on_gpu
-        return "GPU kernels", [(e["name"], float(e["dur"])) for e in chosen]
+        return ("GPU kernels", [(e["name"], float(e["dur"])) for e in chosen],
+                chosen)
     work = [e for e in complete
             if threads.get((e["pid"], e.get("tid")), "").startswith(
                 ("tf_XLAPjRtCpuClient", "tf_XLAEigen"))
             and not _JAX_CPU_SKIP.match(e["name"])]
-    return "host ops (no GPU)", _self_times(work)
+    return "host ops (no GPU)", _self_times(work), None
+
+
+def idle_time(events):
+    """Microseconds between the first event's start and the last one's
+    end in which none of `events` ran (on any stream): the time the GPU
+    waited, for the host or for a copy."""
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+                   for e in events)
+    idle, end = 0.0, spans[0][1]
+    for start, stop in spans[1:]:
+        if start > end:
+            idle += start - end
+        end = max(end, stop)
+    return idle
 
 
 def _self_times(events):
@@ -175,7 +194,7 @@ def summarise(events, steps, backend, top=12):
     doc) from a trace's events covering `steps` training steps."""
     if steps < 1:
         raise ValueError(f"`steps` must be positive. Received: steps={steps}")
-    source, timed = device_events(events, backend)
+    source, timed, gpu = device_events(events, backend)
     if not timed:
         raise RuntimeError("The trace holds no kernel or op events to summarise")
     total = sum(us for _, us in timed)
@@ -194,10 +213,14 @@ def summarise(events, steps, backend, top=12):
                 "launches_per_step": round(count / steps, 2)}
 
     order = [label for label, _ in CATEGORIES] + [OTHER]
+    idle = {} if gpu is None else {
+        "idle_ms_per_step": round(idle_time(gpu) / 1000 / steps, 3)
+    }
     return {
         "source": source,
         "profile_steps": steps,
         "busy_ms_per_step": round(total / 1000 / steps, 3),
+        **idle,
         "categories": [row(label, *per_category[label]) for label in order
                        if label in per_category],
         "top": [row(name, us, count) for name, (us, count) in sorted(

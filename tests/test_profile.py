@@ -64,6 +64,8 @@ def test_summary_of_jax_gpu_streams():
     summary = _profile.summarise(events, 2, "jax")
     assert summary["source"] == "GPU kernels"
     assert summary["busy_ms_per_step"] == pytest.approx(10.5)
+    # Overlapping events (two streams' worth) leave no idle time.
+    assert summary["idle_ms_per_step"] == 0.0
     by_name = {c["name"]: c for c in summary["categories"]}
     assert list(by_name) == ["attention kernels", "matmuls", _profile.OTHER]
     assert by_name["attention kernels"]["ms_per_step"] == pytest.approx(8.0)
@@ -85,6 +87,8 @@ def test_summary_of_torch_gpu_kernels_and_host_self_times():
     summary = _profile.summarise(gpu, 1, "torch")
     assert summary["source"] == "GPU kernels"
     assert summary["busy_ms_per_step"] == pytest.approx(4.75)
+    # The GPU waited 4.0 -> 5.0 and 5.5 -> 6.0 ms.
+    assert summary["idle_ms_per_step"] == pytest.approx(1.5)
     assert [t["name"] for t in summary["top"]] == [
         "_fwd_kernel", "triton_poi_fused_mul_0", "Memcpy HtoD (Pageable -> Device)"]
     # Without a GPU: host ops, each its self time (nested ops subtracted).
@@ -97,6 +101,7 @@ def test_summary_of_torch_gpu_kernels_and_host_self_times():
     ]
     summary = _profile.summarise(host, 1, "torch")
     assert summary["source"] == "host ops (no GPU)"
+    assert "idle_ms_per_step" not in summary
     assert summary["busy_ms_per_step"] == pytest.approx(1.4)
     times = {t["name"]: t["ms_per_step"] for t in summary["top"]}
     assert times == pytest.approx({"aten::linear": 0.2, "aten::matmul": 0.1,
