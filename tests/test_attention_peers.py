@@ -1,0 +1,64 @@
+"""benchmarks/attention_peers.py: the fused kernels beside PyTorch's own
+fused attention (the script's flop count and a CPU run of it)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import keras
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "torch",
+    reason="the script times PyTorch's kernels",
+)
+
+
+def _script():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import attention_peers
+
+    return attention_peers
+
+
+def test_useful_flops_count_the_layer_and_the_peer():
+    peers = _script()
+    shape = dict(B=2, M=8, H=3, D=4, A=20, N=5, max_span=None, span=None)
+    # Forward multiply-adds: Q K^T and A V over A + N keys, plus Q P over
+    # the A distances for the library; 2 flops each, backward 2.5 times.
+    assert peers.useful_flops(shape, peer=True) == 3.5 * 2 * (2 * 3 * 8 * 4) * 2 * 25
+    assert peers.useful_flops(shape, peer=False) == 3.5 * 2 * (2 * 3 * 8 * 4) * (2 * 25 + 20)
+    # Under a span only the distances it reaches count (span + ramp).
+    spanned = dict(shape, A=100, max_span=200, span=10)
+    reach = 10 + 32
+    assert peers.useful_flops(spanned, peer=True) == 3.5 * 2 * (2 * 3 * 8 * 4) * 2 * (reach + 5)
+
+
+def test_smoke_run_prints_both_implementations():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "attention_peers.py"),
+         "--smoke", "--rounds", "1", "--calls", "1"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads([line for line in out.stdout.splitlines()
+                         if line.startswith("{")][-1])
+    assert record["config"] == "tiny" and record["dropout"] == 0.3
+    for name in ("library", "math"):
+        assert f"{name}_error" not in record, record
+        assert record[f"{name}_fwd_bwd_ms"] > 0 and record[f"{name}_fwd_ms"] > 0
+
+
+def test_bad_arguments_name_the_flag():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "attention_peers.py"),
+         "--smoke", "--configs", "nope"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert out.returncode != 0 and "nope" in out.stderr
