@@ -127,7 +127,8 @@ def append_row(record, peers):
         f"| {datetime.date.today()} | attention_peers_jax | {record['device']} | jax | "
         f"{commit()} | forward+backward a layer: {', '.join(parts)} | config "
         f"{record['config']}, batch {record['batch']}, {record['dtype']}, library "
-        f"dropout {record['dropout']}; peers over A + N dense keys without dropout "
+        f"dropout {record['dropout']}; {'mosaic in float16; ' if 'mosaic' in peers else ''}"
+        f"peers over A + N dense keys without dropout "
         f"(no position term, band or span) |\n"
     )
     with open(HERE / "RESULTS.md", "a") as f:
