@@ -12,9 +12,13 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(
+torch_only = pytest.mark.skipif(
     keras.backend.backend() != "torch",
     reason="the script times PyTorch's kernels",
+)
+jax_only = pytest.mark.skipif(
+    keras.backend.backend() != "jax",
+    reason="the script times JAX's kernels",
 )
 
 
@@ -25,6 +29,7 @@ def _script():
     return attention_peers
 
 
+@torch_only
 def test_useful_flops_count_the_layer_and_the_peer():
     peers = _script()
     shape = dict(B=2, M=8, H=3, D=4, A=20, N=5, max_span=None, span=None)
@@ -38,6 +43,7 @@ def test_useful_flops_count_the_layer_and_the_peer():
     assert peers.useful_flops(spanned, peer=True) == 3.5 * 2 * (2 * 3 * 8 * 4) * 2 * (reach + 5)
 
 
+@torch_only
 def test_smoke_run_prints_both_implementations():
     env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
     out = subprocess.run(
@@ -54,6 +60,7 @@ def test_smoke_run_prints_both_implementations():
         assert record[f"{name}_fwd_bwd_ms"] > 0 and record[f"{name}_fwd_ms"] > 0
 
 
+@torch_only
 def test_bad_arguments_name_the_flag():
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "attention_peers.py"),
@@ -62,3 +69,31 @@ def test_bad_arguments_name_the_flag():
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )
     assert out.returncode != 0 and "nope" in out.stderr
+
+
+
+@jax_only
+def test_jax_script_counts_flops_as_the_torch_script():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import attention_peers_jax
+
+    cfg = dict(batch=2, queries=8, heads=3, head_dim=4, length=20, persistent=5)
+    assert attention_peers_jax.useful_flops(cfg, 2, peer=True) == 3.5 * 2 * (2 * 3 * 8 * 4) * 2 * 25
+    assert attention_peers_jax.useful_flops(cfg, 2, peer=False) == (
+        3.5 * 2 * (2 * 3 * 8 * 4) * (2 * 25 + 20))
+
+
+@jax_only
+def test_jax_smoke_run_prints_both_implementations():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "attention_peers_jax.py"),
+         "--smoke", "--repeats", "1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads([line for line in out.stdout.splitlines()
+                         if line.startswith("{")][-1])
+    for name in ("library", "xla"):
+        assert f"{name}_error" not in record, record
+        assert record[f"{name}_fwd_bwd_ms"] > 0
