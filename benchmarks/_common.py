@@ -111,3 +111,33 @@ def load_module_file(path, name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def check_names(parser, flag, text, allowed):
+    """The comma-separated names of `text` (an argument `flag`), each one
+    of `allowed`, else a parser error naming the flag and the value."""
+    names = [n for n in text.split(",") if n]
+    for name in names:
+        if name not in allowed:
+            parser.error(f"{flag} takes names among {sorted(allowed)}. Received: {name!r}")
+    return names
+
+
+def append_peers_row(benchmark, device, backend, record, names, details):
+    """Appends a peers script's row to RESULTS.md: each implementation of
+    `names` with its forward+backward ms and TFLOP/s (or "failed"), then
+    `details`."""
+    parts = []
+    for name in names:
+        if f"{name}_fwd_bwd_ms" in record:
+            parts.append(f"{name} {record[f'{name}_fwd_bwd_ms']} ms "
+                         f"({record[f'{name}_tflops']} TFLOP/s)")
+        else:
+            parts.append(f"{name} failed")
+    row = (
+        f"| {datetime.date.today()} | {benchmark} | {device} | {backend} | {commit()} | "
+        f"forward+backward a layer: {', '.join(parts)} | {details} |\n"
+    )
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
+              "a") as f:
+        f.write(row)

@@ -32,7 +32,6 @@ nothing.
 """
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
@@ -51,7 +50,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import triton_kernel_check as tkc  # noqa: E402
-from _common import commit  # noqa: E402
+from _common import append_peers_row  # noqa: E402
+from _common import check_names  # noqa: E402
 from _common import device_name  # noqa: E402
 
 # The peers: scaled_dot_product_attention restricted to one backend each.
@@ -177,22 +177,12 @@ def measure(name, shape, batch, steps, args, peer):
     return record
 
 
-def append_row(record):
-    parts = [f"library {record['library_fwd_bwd_ms']} ms ({record['library_tflops']} TFLOP/s)"
-             if "library_fwd_bwd_ms" in record else "library failed"]
-    for peer in PEERS:
-        if f"{peer}_fwd_bwd_ms" in record:
-            parts.append(f"{peer} {record[f'{peer}_fwd_bwd_ms']} ms "
-                         f"({record[f'{peer}_tflops']} TFLOP/s)")
-    row = (
-        f"| {datetime.date.today()} | attention_peers | {record['device']} | torch | "
-        f"{commit()} | forward+backward a layer: {', '.join(parts)} | config "
-        f"{record['config']}, batch {record['batch']}, {record['dtype']}, dropout "
-        f"{record['dropout']}; peers: scaled_dot_product_attention over A + N keys "
-        f"(no position term, band or span) |\n"
-    )
-    with open(HERE / "RESULTS.md", "a") as f:
-        f.write(row)
+def append_row(record, peers):
+    append_peers_row(
+        "attention_peers", record["device"], "torch", record, ["library"] + peers,
+        f"config {record['config']}, batch {record['batch']}, {record['dtype']}, "
+        f"dropout {record['dropout']}; peers: scaled_dot_product_attention over "
+        f"A + N keys (no position term, band or span)")
 
 
 def main():
@@ -216,15 +206,8 @@ def main():
     for flag in ("rounds", "calls"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1. Received: --{flag} {getattr(args, flag)}")
-    names = [n for n in args.configs.split(",") if n]
-    for name in names:
-        if name not in tkc.CONFIGS:
-            parser.error(f"--configs takes names among {sorted(tkc.CONFIGS)}. "
-                         f"Received: {name!r}")
-    peers = [p for p in args.peers.split(",") if p]
-    for peer in peers:
-        if peer not in PEERS:
-            parser.error(f"--peers takes names among {list(PEERS)}. Received: {peer!r}")
+    names = check_names(parser, "--configs", args.configs, tkc.CONFIGS)
+    peers = check_names(parser, "--peers", args.peers, PEERS)
     if args.smoke:
         names, peers, device, dtype = ["tiny"], ["math"], "cpu", torch.float32
     else:
@@ -247,7 +230,7 @@ def main():
                 args, True))
         print(json.dumps(record), flush=True)
         if args.record and not args.smoke:
-            append_row(record)
+            append_row(record, peers)
         tkc.empty_cache()
 
 

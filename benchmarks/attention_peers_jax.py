@@ -32,7 +32,6 @@ library and an XLA dense attention only): a check of the script.
 """
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
@@ -48,7 +47,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import kernel_check as kc  # noqa: E402
-from _common import commit  # noqa: E402
+from _common import append_peers_row  # noqa: E402
+from _common import check_names  # noqa: E402
 from _common import device_name  # noqa: E402
 
 PEERS = ("cudnn", "mosaic")
@@ -116,23 +116,12 @@ def measure(name, cfg, batch, dtype, repeats, peer):
 
 
 def append_row(record, peers):
-    parts = []
-    for name in ["library"] + peers:
-        if f"{name}_fwd_bwd_ms" in record:
-            parts.append(f"{name} {record[f'{name}_fwd_bwd_ms']} ms "
-                         f"({record[f'{name}_tflops']} TFLOP/s)")
-        else:
-            parts.append(f"{name} failed")
-    row = (
-        f"| {datetime.date.today()} | attention_peers_jax | {record['device']} | jax | "
-        f"{commit()} | forward+backward a layer: {', '.join(parts)} | config "
-        f"{record['config']}, batch {record['batch']}, {record['dtype']}, library "
-        f"dropout {record['dropout']}; {'mosaic in float16; ' if 'mosaic' in peers else ''}"
-        f"peers over A + N dense keys without dropout "
-        f"(no position term, band or span) |\n"
-    )
-    with open(HERE / "RESULTS.md", "a") as f:
-        f.write(row)
+    mosaic = "mosaic in float16; " if "mosaic" in peers else ""
+    append_peers_row(
+        "attention_peers_jax", record["device"], "jax", record, ["library"] + peers,
+        f"config {record['config']}, batch {record['batch']}, {record['dtype']}, "
+        f"library dropout {record['dropout']}; {mosaic}peers over A + N dense keys "
+        f"without dropout (no position term, band or span)")
 
 
 def main():
@@ -153,15 +142,8 @@ def main():
         parser.error(f"--dropout must be in [0, 1). Received: --dropout {args.dropout}")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1. Received: --repeats {args.repeats}")
-    names = [n for n in args.configs.split(",") if n]
-    for name in names:
-        if name not in kc.CONFIGS:
-            parser.error(f"--configs takes names among {sorted(kc.CONFIGS)}. "
-                         f"Received: {name!r}")
-    peers = [p for p in args.peers.split(",") if p]
-    for peer in peers:
-        if peer not in PEERS:
-            parser.error(f"--peers takes names among {list(PEERS)}. Received: {peer!r}")
+    names = check_names(parser, "--configs", args.configs, kc.CONFIGS)
+    peers = check_names(parser, "--peers", args.peers, PEERS)
     kc.DROPOUT[0] = args.dropout
     configs = [(n, kc.CONFIGS[n]) for n in names]
     if args.smoke:

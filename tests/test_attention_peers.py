@@ -1,5 +1,5 @@
-"""benchmarks/attention_peers.py: the fused kernels beside PyTorch's own
-fused attention (the script's flop count and a CPU run of it)."""
+"""benchmarks/attention_peers.py and attention_peers_jax.py: the fused kernels
+beside the fastest attention kernels (flop counts, CPU runs, arguments)."""
 
 import json
 import os
@@ -20,6 +20,17 @@ jax_only = pytest.mark.skipif(
     keras.backend.backend() != "jax",
     reason="the script times JAX's kernels",
 )
+
+
+def _run(script, *args, **env):
+    """Runs benchmarks/`script` with `args`: (return code, stderr, last JSON line)."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(ROOT), **env),
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    return out.returncode, out.stderr, json.loads(lines[-1]) if lines else None
 
 
 def _script():
@@ -45,15 +56,9 @@ def test_useful_flops_count_the_layer_and_the_peer():
 
 @torch_only
 def test_smoke_run_prints_both_implementations():
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "attention_peers.py"),
-         "--smoke", "--rounds", "1", "--calls", "1"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    record = json.loads([line for line in out.stdout.splitlines()
-                         if line.startswith("{")][-1])
+    code, err, record = _run("attention_peers.py", "--smoke", "--rounds", "1",
+                             "--calls", "1", TRITON_INTERPRET="1")
+    assert code == 0, err[-3000:]
     assert record["config"] == "tiny" and record["dropout"] == 0.3
     for name in ("library", "math"):
         assert f"{name}_error" not in record, record
@@ -62,13 +67,10 @@ def test_smoke_run_prints_both_implementations():
 
 @torch_only
 def test_bad_arguments_name_the_flag():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "attention_peers.py"),
-         "--smoke", "--configs", "nope"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
-    assert out.returncode != 0 and "nope" in out.stderr
+    code, err, _ = _run("attention_peers.py", "--smoke", "--configs", "nope")
+    assert code != 0 and "--configs" in err and "'nope'" in err
+    code, err, _ = _run("attention_peers.py", "--peers", "flash,nope")
+    assert code != 0 and "--peers" in err and "'nope'" in err
 
 
 
@@ -85,15 +87,8 @@ def test_jax_script_counts_flops_as_the_torch_script():
 
 @jax_only
 def test_jax_smoke_run_prints_both_implementations():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "attention_peers_jax.py"),
-         "--smoke", "--repeats", "1"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    record = json.loads([line for line in out.stdout.splitlines()
-                         if line.startswith("{")][-1])
+    code, err, record = _run("attention_peers_jax.py", "--smoke", "--repeats", "1")
+    assert code == 0, err[-3000:]
     for name in ("library", "xla"):
         assert f"{name}_error" not in record, record
         assert record[f"{name}_fwd_bwd_ms"] > 0
