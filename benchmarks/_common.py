@@ -123,10 +123,10 @@ def check_names(parser, flag, text, allowed):
     return names
 
 
-def append_peers_row(benchmark, device, backend, record, names, details):
-    """Appends a peers script's row to RESULTS.md: each implementation of
-    `names` with its forward+backward ms and TFLOP/s (or "failed"), then
-    `details`."""
+def append_peers_row(benchmark, device, backend, record, names, details, path=None):
+    """Appends a peers script's row to RESULTS.md (or `path`): each
+    implementation of `names` with its forward+backward ms and TFLOP/s (or
+    "failed"), then `details`."""
     parts = []
     for name in names:
         if f"{name}_fwd_bwd_ms" in record:
@@ -138,6 +138,7 @@ def append_peers_row(benchmark, device, backend, record, names, details):
         f"| {datetime.date.today()} | {benchmark} | {device} | {backend} | {commit()} | "
         f"forward+backward a layer: {', '.join(parts)} | {details} |\n"
     )
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
-              "a") as f:
+    if path is None:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+    with open(path, "a") as f:
         f.write(row)

@@ -92,3 +92,22 @@ def test_jax_smoke_run_prints_both_implementations():
     for name in ("library", "xla"):
         assert f"{name}_error" not in record, record
         assert record[f"{name}_fwd_bwd_ms"] > 0
+
+
+def test_row_names_each_implementation_and_its_failures(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _common
+
+    monkeypatch.setenv("BENCHMARK_COMMIT", "abc1234")
+    record = {"library_fwd_bwd_ms": 6.5, "library_tflops": 144.5,
+              "flash_fwd_bwd_ms": 3.4, "flash_tflops": 208.7,
+              "cudnn_error": "RuntimeError('no kernel')"}
+    path = tmp_path / "RESULTS.md"
+    _common.append_peers_row("attention_peers", "NVIDIA H200", "torch", record,
+                             ["library", "flash", "cudnn"], "config fixed", path=path)
+    row = path.read_text()
+    assert row.endswith(" | config fixed |\n") and row.count("\n") == 1
+    cells = [c.strip() for c in row.strip().strip("|").split("|")]
+    assert cells[1:5] == ["attention_peers", "NVIDIA H200", "torch", "abc1234"]
+    assert cells[5] == ("forward+backward a layer: library 6.5 ms (144.5 TFLOP/s), "
+                        "flash 3.4 ms (208.7 TFLOP/s), cudnn failed")
